@@ -1,0 +1,18 @@
+"""ft-prog core: models as parameter trees with pure forwards, checkpoints, tokenizers.
+
+Public API (everything else in ``ftprog.core._*`` modules is internal).
+"""
+
+from ._checkpoint import CheckpointError, as_dtype, load_pretrained, read_config, save_pretrained
+from ._config import ConfigError, ModelConfig
+from ._decoder import Decoder, KVCache, lm_head
+from ._linear import LinearOptions, linear
+from ._model import Model, from_config, param_shapes
+# TOKENIZER from ._tokenizer import Tokenizer, load_tokenizer
+from ._tree import flatten, matches, merge, partition, select, tree_map, unflatten
+
+__all__ = [
+    "CheckpointError", "ConfigError", "Decoder", "KVCache", "LinearOptions", "Model", "ModelConfig", "Tokenizer",
+    "as_dtype", "flatten", "from_config", "linear", "lm_head", "load_pretrained", "load_tokenizer", "matches",
+    "merge", "param_shapes", "partition", "read_config", "save_pretrained", "select", "tree_map", "unflatten",
+]

@@ -1,0 +1,81 @@
+"""The one linear primitive every projection of every architecture goes through.
+
+What a transform puts at a linear's place in the parameter tree decides what
+runs here, so the model code never mentions LoRA or quantization:
+
+- ``{"weight": W[, "bias": b]}``: a plain linear. ``W`` may be a torchao
+  quantized tensor (NF4, int8, int4): it implements ``F.linear`` itself.
+- ``+ {"lora_A": {"weight": A}, "lora_B": {"weight": B}}``: LoRA,
+  ``y = x W^T + b + scale * (dropout(x) A^T) B^T``, key names as PEFT saves them.
+- ``+ {"lora_magnitude_vector": m}``: DoRA, the output rescaled by
+  ``m / ||W + scale * B A||`` (row norms, treated as a constant as PEFT does).
+
+The hyper-parameters that are not tensors (scale, dropout) live in
+:class:`LinearOptions`, carried by the model's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+
+@attrs.frozen
+class LinearOptions:
+    """Static settings of the adapters in a model (one value for all its linears).
+
+    Args:
+        lora_scale: multiplier of the low-rank update (``alpha / rank``, or
+            ``alpha / sqrt(rank)`` with rsLoRA).
+        lora_dropout: dropout probability on the adapter input, training only.
+    """
+
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+
+DEFAULT_OPTIONS = LinearOptions()
+
+
+def dense_weight(node: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base weight of a linear node as a plain tensor (NF4/int8/int4 dequantized)."""
+    w = node["weight"]
+    if type(w) is not torch.Tensor and not isinstance(w, torch.nn.Parameter):
+        w = w.dequantize() if hasattr(w, "dequantize") else w.get_original_weight()
+    return w if dtype is None else w.to(dtype)
+
+
+def lora_delta(node: Mapping, scale: float) -> torch.Tensor:
+    """``scale * B @ A``: the adapter's change to the weight, ``[out, in]``."""
+    a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
+    return (b @ a) * scale
+
+
+def linear(
+    x: torch.Tensor,
+    node: Mapping,
+    options: LinearOptions = DEFAULT_OPTIONS,
+    training: bool = False,
+) -> torch.Tensor:
+    """``x [..., in] -> [..., out]`` through whatever the tree holds at this linear."""
+    weight, bias = node["weight"], node.get("bias")
+    if "lora_A" not in node:
+        return F.linear(x, weight, bias)
+    a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
+    x_drop = F.dropout(x, options.lora_dropout, training=True) if training and options.lora_dropout else x
+    lora = F.linear(F.linear(x_drop.to(a.dtype), a), b).to(x.dtype) * options.lora_scale
+    magnitude = node.get("lora_magnitude_vector")
+    if magnitude is None:
+        return F.linear(x, weight, bias) + lora
+    # DoRA, as PEFT computes it: with dropout the rescaled base path uses the dropped input.
+    with torch.no_grad():
+        w = dense_weight(node, a.dtype)
+        row_norm = (w + lora_delta(node, options.lora_scale).to(w.dtype)).norm(dim=1)
+    mag_scale = (magnitude / row_norm).to(x.dtype)
+    if x_drop is x:
+        out = mag_scale * (F.linear(x, weight) + lora)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias) + (mag_scale - 1) * F.linear(x_drop, weight) + mag_scale * lora

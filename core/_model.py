@@ -1,0 +1,119 @@
+"""The Model value: a config, a parameter tree, a pure forward and the trainable set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from . import _tree
+from ._config import ModelConfig
+from ._decoder import Decoder
+
+
+@attrs.frozen(eq=False)
+class Model:
+    """An immutable model: ``model(tokens)`` runs ``forward(params, tokens)``.
+
+    Attributes:
+        config: the architecture (:class:`ModelConfig`).
+        params: nested dict of tensors keyed like the HF checkpoint.
+        forward: pure ``forward(params, tokens, **kwargs) -> logits [batch, seq, vocab]``.
+        trainable: dotted paths of the leaves a program differentiates.
+        source: folder the weights came from (its tokenizer files travel on save).
+    """
+
+    config: ModelConfig
+    params: dict[str, Any]
+    forward: Callable
+    trainable: frozenset[str]
+    source: str | None = None
+
+    def __call__(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.forward(self.params, tokens, **kwargs)
+
+    def replace(self, **changes: Any) -> Model:
+        """A copy with some fields changed (the original stays usable)."""
+        return attrs.evolve(self, **changes)
+
+    def trainable_params(self) -> dict[str, torch.Tensor]:
+        """``{path: tensor}`` of the trainable leaves, in tree order."""
+        return {p: v for p, v in _tree.flatten(self.params).items() if p in self.trainable}
+
+    def with_params(self, flat: Mapping[str, torch.Tensor]) -> Model:
+        """A copy whose leaves at the given dotted paths are replaced."""
+        unknown = set(flat) - set(_tree.flatten(self.params))
+        if unknown:
+            raise KeyError(f"no such parameters: {sorted(unknown)[:5]}")
+        return self.replace(params=_tree.merge(self.params, _tree.unflatten(dict(flat))))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params["model"]["embed_tokens"]["weight"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params["model"]["embed_tokens"]["weight"].device
+
+    def num_params(self) -> int:
+        return _tree.num_params(self.params)
+
+
+def make_model(config: ModelConfig, params: dict[str, Any], source: str | None = None,
+               trainable: Iterable[str] | None = None) -> Model:
+    """A model with the standard decoder forward; every leaf trainable unless given."""
+    flat = _tree.flatten(params)
+    return Model(config, params, Decoder(config), frozenset(flat if trainable is None else trainable), source)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``config`` holds, ``{hf_name: shape}``, in model order."""
+    c = config
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+    for i in range(c.num_layers):
+        pre = f"model.layers.{i}."
+        shapes[pre + "input_layernorm.weight"] = (c.hidden_size,)
+        for name, out_dim in (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim)):
+            shapes[f"{pre}self_attn.{name}.weight"] = (out_dim, c.hidden_size)
+            if c.qkv_bias:
+                shapes[f"{pre}self_attn.{name}.bias"] = (out_dim,)
+        shapes[pre + "self_attn.o_proj.weight"] = (c.hidden_size, c.q_dim)
+        if c.o_bias:
+            shapes[pre + "self_attn.o_proj.bias"] = (c.hidden_size,)
+        if c.qk_norm:
+            shapes[pre + "self_attn.q_norm.weight"] = (c.head_dim,)
+            shapes[pre + "self_attn.k_norm.weight"] = (c.head_dim,)
+        shapes[pre + "post_attention_layernorm.weight"] = (c.hidden_size,)
+        for name, shape in (("gate_proj", (c.intermediate_size, c.hidden_size)),
+                            ("up_proj", (c.intermediate_size, c.hidden_size)),
+                            ("down_proj", (c.hidden_size, c.intermediate_size))):
+            shapes[f"{pre}mlp.{name}.weight"] = shape
+            if c.mlp_bias:
+                shapes[f"{pre}mlp.{name}.bias"] = shape[:1]
+    shapes["model.norm.weight"] = (c.hidden_size,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return shapes
+
+
+def from_config(config: ModelConfig | Mapping[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> Model:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
+
+    ``config`` is a :class:`ModelConfig` or a config.json-style dict.
+    """
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_hf(config, source="config")
+    generator = torch.Generator().manual_seed(seed)
+    flat = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=generator) * 0.02
+        flat[name] = t.to(dtype=dtype, device=device)
+    return make_model(config, _tree.unflatten(flat))

@@ -1,0 +1,1 @@
+"""ft-prog programs and the `ft-prog` command line."""

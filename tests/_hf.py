@@ -1,0 +1,51 @@
+"""Tiny real-format Hugging Face checkpoints, built offline with transformers."""
+
+from __future__ import annotations
+
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=96, max_position_embeddings=128, rms_norm_eps=1e-6)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+
+# name -> (transformers config class name, config overrides)
+ARCHS = {
+    "llama2": ("LlamaConfig", {}),
+    "llama3.1": ("LlamaConfig", {"rope_parameters": LLAMA3_ROPE}),
+    "llama3.2-tied": ("LlamaConfig", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
+    "llama-bias-headdim": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True, "head_dim": 24}),
+    "mistral-window": ("MistralConfig", {"sliding_window": 4}),
+    "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    "smollm2": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+}
+
+
+def hf_config(arch: str, **overrides):
+    import transformers
+
+    cls_name, extra = ARCHS[arch]
+    kw = {**TINY, **extra, **overrides}
+    return getattr(transformers, cls_name)(**kw)
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    """A random transformers model in fp32 eval mode, norms and biases randomised too."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def save_hf(arch: str, folder, seed: int = 0, **save_kwargs):
+    """Save a tiny random checkpoint of ``arch`` to ``folder``; returns the transformers model."""
+    model = hf_model(arch, seed)
+    model.save_pretrained(folder, **save_kwargs)
+    return model

@@ -1,0 +1,1 @@
+"""ft-prog transforms: Model -> Model functions that stack."""
