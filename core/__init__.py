@@ -8,11 +8,12 @@ from ._config import ConfigError, ModelConfig
 from ._decoder import Decoder, KVCache, lm_head
 from ._linear import LinearOptions, linear
 from ._model import Model, from_config, param_shapes
+from ._presets import PRESETS, preset
 # TOKENIZER from ._tokenizer import Tokenizer, load_tokenizer
 from ._tree import flatten, matches, merge, partition, select, tree_map, unflatten
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Decoder", "KVCache", "LinearOptions", "Model", "ModelConfig", "Tokenizer",
+    "CheckpointError", "ConfigError", "Decoder", "KVCache", "LinearOptions", "Model", "ModelConfig", "PRESETS", "Tokenizer",
     "as_dtype", "flatten", "from_config", "linear", "lm_head", "load_pretrained", "load_tokenizer", "matches",
-    "merge", "param_shapes", "partition", "read_config", "save_pretrained", "select", "tree_map", "unflatten",
+    "merge", "param_shapes", "partition", "preset", "read_config", "save_pretrained", "select", "tree_map", "unflatten",
 ]

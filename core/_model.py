@@ -11,6 +11,7 @@ import torch
 from . import _tree
 from ._config import ModelConfig
 from ._decoder import Decoder
+from ._presets import preset
 
 
 @attrs.frozen(eq=False)
@@ -98,12 +99,15 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def from_config(config: ModelConfig | Mapping[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32,
+def from_config(config: ModelConfig | Mapping[str, Any] | str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None) -> Model:
     """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
 
-    ``config`` is a :class:`ModelConfig` or a config.json-style dict.
+    ``config`` is a :class:`ModelConfig`, a config.json-style dict, or a preset
+    name from ``ftprog.core.PRESETS`` ("tiny", "cpu-default", "llama-3.2-1b", ...).
     """
+    if isinstance(config, str):
+        config = preset(config)
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_hf(config, source="config")
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of ft-prog against transformers + PEFT (run with `python -m benchmarks`)."""

@@ -1,0 +1,46 @@
+"""Named model shapes: config.json dicts for random-weight models (demos, tests, benchmarks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+          "max_position_embeddings": 32768}
+
+
+def _llama32(hidden, layers, heads, inter, tied=True) -> dict[str, Any]:
+    return {**_LLAMA, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": 8, "intermediate_size": inter, "vocab_size": 128256,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": _LLAMA3_ROPE,
+            "tie_word_embeddings": tied, "bos_token_id": 128000, "eos_token_id": 128001}
+
+
+def _qwen25(hidden, layers, heads, kv, inter, tied) -> dict[str, Any]:
+    return {**_QWEN2, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": 151936, "tie_word_embeddings": tied}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {**_LLAMA, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 176, "vocab_size": 512, "max_position_embeddings": 2048, "rope_theta": 10000.0},
+    "cpu-default": {**_LLAMA, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+                    "num_key_value_heads": 4, "intermediate_size": 1408, "vocab_size": 32000,
+                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "llama-3.2-1b": _llama32(2048, 16, 32, 8192),
+    "llama-3.2-3b": _llama32(3072, 28, 24, 8192),
+    "llama-3.1-8b": {**_llama32(4096, 32, 32, 14336, tied=False), "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
+    "qwen2.5-0.5b": _qwen25(896, 24, 14, 2, 4864, True),
+    "qwen2.5-1.5b": _qwen25(1536, 28, 12, 2, 8960, True),
+    "qwen2.5-3b": _qwen25(2048, 36, 16, 2, 11008, True),
+    "qwen2.5-7b": {**_qwen25(3584, 28, 28, 4, 18944, False), "vocab_size": 152064},
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The config.json dict of a named shape (a copy); KeyError lists the names."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    return {**PRESETS[name]}

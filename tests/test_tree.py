@@ -1,0 +1,40 @@
+"""Parameter-tree utilities."""
+
+import pytest
+import torch
+
+from ftprog.core import flatten, matches, merge, partition, select, tree_map, unflatten
+from ftprog.core._tree import get, num_params, tree_map_with_path
+
+
+def sample():
+    return {"model": {"layers": {"0": {"q_proj": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}},
+                                 "1": {"q_proj": {"weight": torch.ones(2, 2)}}},
+                      "norm": {"weight": torch.ones(2)}}}
+
+
+def test_flatten_unflatten_round_trip():
+    flat = flatten(sample())
+    assert list(flat) == ["model.layers.0.q_proj.weight", "model.layers.0.q_proj.bias",
+                          "model.layers.1.q_proj.weight", "model.norm.weight"]
+    assert flatten(unflatten(flat)).keys() == flat.keys()
+    with pytest.raises(ValueError, match="passes through a leaf"):
+        unflatten({"a": torch.ones(1), "a.b": torch.ones(1)})
+
+
+def test_select_partition_merge_and_map():
+    tree = sample()
+    assert matches("model.layers.0.q_proj.weight", "*.q_proj.*") and not matches("model.norm.weight", ["*q_proj*"])
+    assert list(flatten(select(tree, "*.weight"))) == ["model.layers.0.q_proj.weight",
+                                                       "model.layers.1.q_proj.weight", "model.norm.weight"]
+    hit, rest = partition(tree, "model.layers.*")
+    assert list(flatten(rest)) == ["model.norm.weight"]
+    assert flatten(merge(hit, rest)).keys() == flatten(tree).keys()
+    doubled = tree_map(lambda t: t * 2, tree)
+    assert torch.equal(doubled["model"]["norm"]["weight"], torch.full((2,), 2.0))
+    assert torch.equal(tree["model"]["norm"]["weight"], torch.ones(2))  # input untouched
+    named = tree_map_with_path(lambda p, t: p, tree)
+    assert get(named, "model.norm.weight") == "model.norm.weight"
+    assert num_params(tree) == 12
+    with pytest.raises(KeyError, match="model.nope"):
+        get(tree, "model.nope")
