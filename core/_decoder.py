@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._config import ModelConfig
-from ._linear import DEFAULT_OPTIONS, LinearOptions, linear
+from ._linear import LoraSpec, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,14 +121,14 @@ def attention_mask_4d(
 class Decoder:
     """The forward function of a model: ``decoder(params, tokens, ...) -> logits``.
 
-    Transforms change it only through these fields: ``options`` (adapter
-    settings for the linear primitive) and ``wrap_layer`` (a function
+    Transforms change it only through these fields: ``adapter`` (the
+    :class:`LoraSpec` the linear primitive needs for adapted linears) and ``wrap_layer`` (a function
     ``layer_fn -> layer_fn`` applied to every decoder layer, e.g. activation
     checkpointing).
     """
 
     config: ModelConfig
-    options: LinearOptions = DEFAULT_OPTIONS
+    adapter: LoraSpec | None = None
     wrap_layer: Callable | None = None
 
     def __call__(
@@ -185,18 +185,18 @@ class Decoder:
         for i in range(cfg.num_layers):
             x = layer_fn(
                 inner["layers"][str(i)], x, cos, sin, masks[cfg.layer_windows[i]],
-                cfg, self.options, training, cache, i,
+                cfg, self.adapter, training, cache, i,
             )
         x = rms_norm(x, inner["norm"]["weight"], cfg.rms_norm_eps)
         if cache is not None:
             cache.length = kv_len
-        return x if return_hidden else lm_head(params, x, self.config, self.options)
+        return x if return_hidden else lm_head(params, x, self.adapter, training)
 
 
-def lm_head(params: Mapping, hidden: torch.Tensor, config: ModelConfig, options: LinearOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+def lm_head(params: Mapping, hidden: torch.Tensor, adapter: LoraSpec | None = None, training: bool = False) -> torch.Tensor:
     """Logits ``[..., vocab]`` from final hidden states ``[..., hidden]`` (tied or not)."""
     if "lm_head" in params:
-        return linear(hidden, params["lm_head"], options)
+        return linear(hidden, params["lm_head"], adapter, training)
     return F.linear(hidden, params["model"]["embed_tokens"]["weight"])
 
 
@@ -207,19 +207,19 @@ def layer(
     sin: torch.Tensor,
     mask: torch.Tensor | None,
     cfg: ModelConfig,
-    options: LinearOptions,
+    adapter: LoraSpec | None,
     training: bool,
     cache: KVCache | None,
     index: int,
 ) -> torch.Tensor:
     """One pre-norm decoder layer: ``x [batch, seq, hidden] -> same``."""
     h = rms_norm(x, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
-    x = x + attention(p["self_attn"], h, cos, sin, mask, cfg, options, training, cache, index)
+    x = x + attention(p["self_attn"], h, cos, sin, mask, cfg, adapter, training, cache, index)
     h = rms_norm(x, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     mlp = p["mlp"]
-    gate = linear(h, mlp["gate_proj"], options, training)
-    up = linear(h, mlp["up_proj"], options, training)
-    return x + linear(F.silu(gate) * up, mlp["down_proj"], options, training)
+    gate = linear(h, mlp["gate_proj"], adapter, training)
+    up = linear(h, mlp["up_proj"], adapter, training)
+    return x + linear(F.silu(gate) * up, mlp["down_proj"], adapter, training)
 
 
 def attention(
@@ -229,16 +229,16 @@ def attention(
     sin: torch.Tensor,
     mask: torch.Tensor | None,
     cfg: ModelConfig,
-    options: LinearOptions,
+    adapter: LoraSpec | None,
     training: bool,
     cache: KVCache | None,
     index: int,
 ) -> torch.Tensor:
     """Grouped-query self-attention with RoPE: ``[batch, seq, hidden] -> same``."""
     batch, seq, _ = x.shape
-    q = linear(x, p["q_proj"], options, training).view(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = linear(x, p["k_proj"], options, training).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, p["v_proj"], options, training).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(x, p["q_proj"], adapter, training).view(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = linear(x, p["k_proj"], adapter, training).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, p["v_proj"], adapter, training).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
@@ -256,4 +256,4 @@ def attention(
         enable_gqa=cfg.num_kv_heads != cfg.num_heads,
     )
     out = out.transpose(1, 2).reshape(batch, seq, cfg.q_dim)
-    return linear(out, p["o_proj"], options, training)
+    return linear(out, p["o_proj"], adapter, training)

@@ -11,7 +11,7 @@ runs here, so the model code never mentions LoRA or quantization:
   ``m / ||W + scale * B A||`` (row norms, treated as a constant as PEFT does).
 
 The hyper-parameters that are not tensors (scale, dropout) live in
-:class:`LinearOptions`, carried by the model's forward.
+:class:`LoraSpec`, carried by the model's forward.
 """
 
 from __future__ import annotations
@@ -24,20 +24,28 @@ import torch.nn.functional as F
 
 
 @attrs.frozen
-class LinearOptions:
-    """Static settings of the adapters in a model (one value for all its linears).
+class LoraSpec:
+    """Static settings of a model's adapters (one value for all its adapted linears).
 
     Args:
-        lora_scale: multiplier of the low-rank update (``alpha / rank``, or
-            ``alpha / sqrt(rank)`` with rsLoRA).
-        lora_dropout: dropout probability on the adapter input, training only.
+        rank: adapter rank r (``lora_A``: ``[r, in]``, ``lora_B``: ``[out, r]``).
+        alpha: scale numerator: the update is multiplied by ``alpha / r``
+            (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: dropout probability on the adapter input, training only.
+        targets: the module names or patterns the adapters were placed on.
+        dora: weight-decomposed LoRA (a trainable magnitude per output row).
     """
 
-    lora_scale: float = 1.0
-    lora_dropout: float = 0.0
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    dora: bool = False
+    rslora: bool = False
 
-
-DEFAULT_OPTIONS = LinearOptions()
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
 
 
 def dense_weight(node: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -57,25 +65,27 @@ def lora_delta(node: Mapping, scale: float) -> torch.Tensor:
 def linear(
     x: torch.Tensor,
     node: Mapping,
-    options: LinearOptions = DEFAULT_OPTIONS,
+    lora: LoraSpec | None = None,
     training: bool = False,
 ) -> torch.Tensor:
     """``x [..., in] -> [..., out]`` through whatever the tree holds at this linear."""
     weight, bias = node["weight"], node.get("bias")
     if "lora_A" not in node:
         return F.linear(x, weight, bias)
+    if lora is None:
+        raise ValueError("the parameter tree holds LoRA weights but the forward has no LoraSpec")
     a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
-    x_drop = F.dropout(x, options.lora_dropout, training=True) if training and options.lora_dropout else x
-    lora = F.linear(F.linear(x_drop.to(a.dtype), a), b).to(x.dtype) * options.lora_scale
+    x_drop = F.dropout(x, lora.dropout, training=True) if training and lora.dropout else x
+    update = F.linear(F.linear(x_drop.to(a.dtype), a), b).to(x.dtype) * lora.scale
     magnitude = node.get("lora_magnitude_vector")
     if magnitude is None:
-        return F.linear(x, weight, bias) + lora
+        return F.linear(x, weight, bias) + update
     # DoRA, as PEFT computes it: with dropout the rescaled base path uses the dropped input.
     with torch.no_grad():
         w = dense_weight(node, a.dtype)
-        row_norm = (w + lora_delta(node, options.lora_scale).to(w.dtype)).norm(dim=1)
+        row_norm = (w + lora_delta(node, lora.scale).to(w.dtype)).norm(dim=1)
     mag_scale = (magnitude / row_norm).to(x.dtype)
     if x_drop is x:
-        out = mag_scale * (F.linear(x, weight) + lora)
+        out = mag_scale * (F.linear(x, weight) + update)
         return out if bias is None else out + bias
-    return F.linear(x, weight, bias) + (mag_scale - 1) * F.linear(x_drop, weight) + mag_scale * lora
+    return F.linear(x, weight, bias) + (mag_scale - 1) * F.linear(x_drop, weight) + mag_scale * update

@@ -99,6 +99,17 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def linear_paths(config: ModelConfig) -> list[str]:
+    """Module paths of every linear layer (``model.layers.0.self_attn.q_proj``, ..., ``lm_head``).
+
+    ``lm_head`` is listed only when it has its own weight (untied embeddings).
+    """
+    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    return paths if config.tie_word_embeddings else paths + ["lm_head"]
+
+
 def from_config(config: ModelConfig | Mapping[str, Any] | str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None) -> Model:
     """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).

@@ -1,1 +1,11 @@
-"""ft-prog transforms: Model -> Model functions that stack."""
+"""ft-prog transforms: ``Model -> Model`` functions that stack.
+
+Order that makes sense (as torchtitan's): quantize -> lora -> checkpoint -> compile.
+Each returns a new model and leaves its input usable; frozen tensors are shared.
+"""
+
+from ._lora import lora, merge, resolve_targets
+from ._runtime import Compiled, cast, checkpoint, compile
+from ._trainable import freeze, trainable
+
+__all__ = ["Compiled", "cast", "checkpoint", "compile", "freeze", "lora", "merge", "resolve_targets", "trainable"]
