@@ -1,0 +1,42 @@
+"""transformers + peft reference models holding the same weights as an ft-prog model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy ``logits [B, S, V]`` vs ``tokens [B, S]``."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def peft_reference(hf_model, adapted):
+    """A peft model over ``hf_model`` with ``adapted``'s adapter values copied in."""
+    import peft
+
+    spec = adapted.forward.adapter if hasattr(adapted.forward, "adapter") else adapted.forward.inner.adapter
+    modules = sorted({p.split(".lora_")[0] for p in adapted.trainable})
+    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, use_dora=spec.dora,
+                             use_rslora=spec.rslora, target_modules=modules)
+    ref = peft.get_peft_model(hf_model, config)
+    flat = {k: v for k, v in adapted.trainable_params().items()}
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if "lora_" not in name:
+                continue
+            key = name.removeprefix("base_model.model.").replace(".default", "")
+            if key.endswith("lora_magnitude_vector.weight"):
+                key = key.removesuffix(".weight")
+            param.copy_(flat.pop(key))
+    assert not flat, f"adapter leaves without a peft counterpart: {sorted(flat)[:3]}"
+    return ref.eval()
+
+
+def peft_grads(ref) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in ref.named_parameters():
+        if param.grad is not None:
+            key = name.removeprefix("base_model.model.").replace(".default", "")
+            out[key.removesuffix(".weight") if "magnitude" in key else key] = param.grad
+    return out
