@@ -51,6 +51,16 @@ class Model:
         return self.replace(params=_tree.merge(self.params, _tree.unflatten(dict(flat))))
 
     @property
+    def decoder(self) -> Decoder:
+        """The :class:`Decoder` under any forward wrappers (those expose ``.inner``)."""
+        forward = self.forward
+        while not isinstance(forward, Decoder):
+            if not hasattr(forward, "inner"):
+                raise TypeError(f"the model's forward {type(forward).__name__} wraps no Decoder")
+            forward = forward.inner
+        return forward
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.params["model"]["embed_tokens"]["weight"].dtype
 

@@ -15,7 +15,7 @@ def peft_reference(hf_model, adapted):
     """A peft model over ``hf_model`` with ``adapted``'s adapter values copied in."""
     import peft
 
-    spec = adapted.forward.adapter if hasattr(adapted.forward, "adapter") else adapted.forward.inner.adapter
+    spec = adapted.decoder.adapter
     modules = sorted({p.split(".lora_")[0] for p in adapted.trainable})
     config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, use_dora=spec.dora,
                              use_rslora=spec.rslora, target_modules=modules)
