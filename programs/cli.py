@@ -14,8 +14,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Programs runnable with `ft-prog run NAME` and their built-in configs; filled in as programs land.
-PROGRAMS: dict[str, str] = {}
+# Programs runnable with `ft-prog run NAME`: module (with `run(config)` and `CONFIG`), one-line summary.
+# Each program's built-in configs are the TOML files in programs/configs/NAME/.
+PROGRAMS: dict[str, tuple[str, str]] = {
+    "sft": ("ftprog.programs.sft", "supervised fine-tuning: full, LoRA, DoRA, QLoRA"),
+}
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _builtin(program: str) -> dict:
+    from ftprog.programs.config import builtin_configs
+
+    return builtin_configs(CONFIG_DIR / program)
+
+
+def _load(program: str, config: str, overrides: list[str]):
+    import importlib
+
+    from ftprog.programs.config import load_config
+
+    if program not in PROGRAMS:
+        import difflib
+
+        close = difflib.get_close_matches(program, PROGRAMS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise typer.BadParameter(f"unknown program {program!r}{hint} (programs: {', '.join(PROGRAMS)})")
+    module = importlib.import_module(PROGRAMS[program][0])
+    cfg, resolved = load_config(module.CONFIG, config, overrides, builtin_dir=CONFIG_DIR / program)
+    return module, cfg, resolved
 
 
 def _version(value: bool) -> None:
@@ -36,11 +62,11 @@ def list_programs() -> None:
     """List programs and built-in configs."""
     from ftprog.core._presets import PRESETS
 
-    typer.echo("programs:")
-    for name, summary in PROGRAMS.items():
+    typer.echo("programs (ft-prog run PROGRAM --config NAME_OR_FILE key=value ...):")
+    for name, (_, summary) in PROGRAMS.items():
         typer.echo(f"  {name:12s} {summary}")
-    if not PROGRAMS:
-        typer.echo("  (none yet)")
+        for config in _builtin(name).values():
+            typer.echo(f"      {config.name:28s} {config.description}")
     typer.echo("model presets (random weights, for demos and benchmarks):")
     for name in PRESETS:
         typer.echo(f"  {name}")
@@ -77,6 +103,82 @@ def demo(
         typer.echo(f"  prompt {prompt} -> {out}")
     total = sum(len(o) for o in outputs)
     typer.echo(f"generated {total} tokens in {seconds:.2f}s ({total / seconds:.0f} tokens/s, greedy, KV cache)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    program: str = typer.Argument(..., help="Program to run (see `ft-prog ls`)."),
+    config: str = typer.Option(..., "--config", "-c", help="Built-in config name or a .toml file."),
+) -> None:
+    """Run a program: `ft-prog run sft --config demo seq_len=256 peft.rank=16`."""
+    from ftprog.programs.config import ConfigError
+
+    try:
+        module, cfg, resolved = _load(program, config, list(ctx.args))
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    module.run(cfg, resolved)
+
+
+@app.command()
+def validate(
+    file: str = typer.Argument(..., help="Config file (or built-in name) to check."),
+    program: str = typer.Option("sft", help="Program the config is for."),
+) -> None:
+    """Check a config without running it; prints the resolved config."""
+    from ftprog.programs.config import ConfigError, to_toml
+
+    try:
+        _, _, resolved = _load(program, file, [])
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(to_toml(resolved))
+    typer.echo(f"# {file}: valid {program} config", err=True)
+
+
+@app.command("cp")
+def copy_config(
+    name: str = typer.Argument(..., help="Built-in config name (see `ft-prog ls`)."),
+    dest: Path = typer.Argument(..., help="Where to write the copy."),
+) -> None:
+    """Copy a built-in config to a file you can edit."""
+    for program in PROGRAMS:
+        found = _builtin(program).get(name)
+        if found is not None:
+            if dest.exists():
+                typer.echo(f"{dest} exists; not overwriting", err=True)
+                raise typer.Exit(1)
+            dest.write_text(Path(found.path).read_text())
+            typer.echo(f"copied {program} config {name!r} to {dest}")
+            return
+    names = [n for p in PROGRAMS for n in _builtin(p)]
+    typer.echo(f"no built-in config {name!r}; available: {', '.join(names)}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("download")
+def download_cmd(
+    repo_id: str = typer.Argument(..., help="Hub repository, e.g. meta-llama/Llama-3.2-1B-Instruct."),
+    output_dir: Path = typer.Option(None, help="Folder to place the files in (default: the Hub cache)."),
+    include: list[str] = typer.Option([], help="Only files matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option(None, help="Skip files matching this glob (default: original/*.pth)."),
+    revision: str = typer.Option(None, help="Branch, tag or commit."),
+    dataset: bool = typer.Option(False, help="The repository is a dataset."),
+) -> None:
+    """Download a model or dataset from the Hugging Face Hub (token from HF_TOKEN)."""
+    from ftprog.programs.download import DEFAULT_EXCLUDE, download
+
+    try:
+        folder = download(repo_id, output_dir=output_dir, include=include,
+                          exclude=DEFAULT_EXCLUDE if exclude is None else exclude, revision=revision,
+                          repo_type="dataset" if dataset else "model")
+    except RuntimeError as e:
+        typer.echo(f"download failed: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(folder))
 
 
 def main() -> None:
