@@ -4,8 +4,12 @@ Order that makes sense (as torchtitan's): quantize -> lora -> checkpoint -> comp
 Each returns a new model and leaves its input usable; frozen tensors are shared.
 """
 
+from ._adapter_io import load_adapter, save_adapter
 from ._lora import lora, merge, resolve_targets
 from ._runtime import Compiled, cast, checkpoint, compile
 from ._trainable import freeze, trainable
 
-__all__ = ["Compiled", "cast", "checkpoint", "compile", "freeze", "lora", "merge", "resolve_targets", "trainable"]
+__all__ = [
+    "Compiled", "cast", "checkpoint", "compile", "freeze", "load_adapter", "lora", "merge", "resolve_targets",
+    "save_adapter", "trainable",
+]

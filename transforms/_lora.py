@@ -31,11 +31,11 @@ def resolve_targets(model: Model, targets: str | Sequence[str]) -> list[str]:
     for path in candidates:
         name = path.rsplit(".", 1)[-1]
         for t in targets:
-            if (t == ALL_LINEAR and path != "lm_head") or t == name or ("*" in t or "?" in t or "[" in t) and matches(path, t):
+            if (t == ALL_LINEAR and path != "lm_head") or t in (name, path) or matches(path, t):
                 chosen.append(path)
                 break
     unknown = [t for t in targets if t != ALL_LINEAR and not any(
-        t == p.rsplit(".", 1)[-1] or matches(p, t) for p in candidates)]
+        t in (p, p.rsplit(".", 1)[-1]) or matches(p, t) for p in candidates)]
     if unknown:
         names = sorted({p.rsplit(".", 1)[-1] for p in candidates})
         hint = " (tied embeddings: lm_head has no weight of its own)" if "lm_head" in unknown else ""
