@@ -51,8 +51,10 @@ class LoraSpec:
 def dense_weight(node: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight of a linear node as a plain tensor (NF4/int8/int4 dequantized)."""
     w = node["weight"]
-    if type(w) is not torch.Tensor and not isinstance(w, torch.nn.Parameter):
-        w = w.dequantize() if hasattr(w, "dequantize") else w.get_original_weight()
+    # Exact type test: torchao subclasses wrapped by quantize_ pass isinstance(w, Parameter).
+    if type(w) not in (torch.Tensor, torch.nn.Parameter):
+        # NF4Tensor.dequantize is a static lookup helper; its full dequantization is get_original_weight.
+        w = w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()
     return w if dtype is None else w.to(dtype)
 
 

@@ -124,7 +124,7 @@ def build_sentencepiece_folder(path: Path) -> Path:
     # Llama 2's tokenizer.model trainer_spec (identity normalisation, dummy prefix, digits split, byte fallback).
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS * 3), model_prefix=str(path / "tokenizer"), model_type="bpe",
-        vocab_size=420, character_coverage=0.9995, byte_fallback=True, split_digits=True,
+        vocab_size=700, character_coverage=0.9995, byte_fallback=True, split_digits=True,
         allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
         add_dummy_prefix=True, max_sentencepiece_length=16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         hard_vocab_limit=False, minloglevel=2,
@@ -134,7 +134,8 @@ def build_sentencepiece_folder(path: Path) -> Path:
                       "special": True} for i, t in enumerate(["<unk>", "<s>", "</s>"])}
     _write_json(path / "tokenizer_config.json", {
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-        "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
+        "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False,
+                      "rstrip": False, "single_word": False},  # the dict form older transformers wrote
         "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "added_tokens_decoder": added,
         "chat_template": LLAMA2_TEMPLATE, "clean_up_tokenization_spaces": False,
     })
@@ -175,7 +176,8 @@ def build_tiktoken_folder(path: Path, *, with_config: bool = True) -> Path:
 
     ``with_config=False`` gives Meta's "original" layout (tokenizer.model only). Otherwise a tokenizer_config.json
     names the 256 special tokens (ids after the BPE ranks) the way Meta's Llama 3.1 tokenizer.py defines them, with
-    bos/eos and the Llama 3 chat template, and a generation_config.json lists the stop ids.
+    bos/eos, ``add_bos_token`` and the Llama 3 chat template, and a generation_config.json lists the stop ids
+    (end_of_text, eom, eot). transformers reads this folder by converting the ranks to a tokenizers BPE.
     """
     path.mkdir(parents=True, exist_ok=True)
     ranks = tiktoken_ranks()
@@ -189,6 +191,7 @@ def build_tiktoken_folder(path: Path, *, with_config: bool = True) -> Path:
                           "special": True} for i, t in enumerate(specials)}
     _write_json(path / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "add_bos_token": True,
         "added_tokens_decoder": added, "chat_template": LLAMA3_TEMPLATE, "clean_up_tokenization_spaces": False,
     })
     _write_json(path / "generation_config.json", {"bos_token_id": n, "eos_token_id": [n + 1, n + 8, n + 9]})

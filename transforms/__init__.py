@@ -6,10 +6,11 @@ Each returns a new model and leaves its input usable; frozen tensors are shared.
 
 from ._adapter_io import load_adapter, save_adapter
 from ._lora import lora, merge, resolve_targets
+from ._quantize import SCHEMES, param_bytes, quantize
 from ._runtime import Compiled, cast, checkpoint, compile
 from ._trainable import freeze, trainable
 
 __all__ = [
-    "Compiled", "cast", "checkpoint", "compile", "freeze", "load_adapter", "lora", "merge", "resolve_targets",
-    "save_adapter", "trainable",
+    "SCHEMES", "Compiled", "cast", "checkpoint", "compile", "freeze", "load_adapter", "lora", "merge", "param_bytes", "quantize",
+    "resolve_targets", "save_adapter", "trainable",
 ]

@@ -1,0 +1,1095 @@
+"""Training data: rows from files or the Hub -> token ids with a train mask -> deterministic, resumable batches.
+
+The pipeline::
+
+    rows = read_rows("data/train.jsonl")                         # or a folder, or a Hub dataset id "org/name"
+    data = tokenize_dataset(rows, tokenizer, "chat", seq_len=2048)
+    train, val = split_validation(data, 0.05, seed=0)
+    loader = DataLoader(train, batch_size=8, packing=True, seed=0)
+    for batch in loader:                                          # one epoch, resumable mid-epoch
+        logits = model(batch.tokens, **batch.model_kwargs())
+        loss = F.cross_entropy(logits.view(-1, V), batch.targets.view(-1), ignore_index=-100, reduction="sum")
+        loss = loss / batch.global_num_targets
+
+:func:`load_datasets` runs the first three steps from a :class:`DataConfig` (or a program's own config object);
+a program calls it before loading the model, so a bad or empty dataset fails in seconds.
+
+**Sources** (:func:`read_rows`):
+
+* ``.jsonl`` / ``.ndjson``: one JSON object per line (blank lines ignored).
+* ``.json``: an array of objects, or an object holding that array under the split name (``"train"``) or
+  ``"data"``; a ``.json`` file that is really JSON Lines is read as such.
+* ``.csv``: a header row, then one row per sample (all values are strings; a chat column may hold JSON text).
+* ``.parquet``: one row per sample (read with pyarrow; nested columns become lists / dicts).
+* ``.txt``: plain text, **one sample per paragraph**: paragraphs are separated by one or more blank (or
+  whitespace-only) lines; the lines of a paragraph are joined with ``"\\n"``. Rows have a ``text`` field.
+* a folder: every data file under it (recursively, dot-files skipped), sorted by path, filtered by split (below).
+* a Hugging Face Hub dataset id ``org/name`` (optionally ``org/name@revision``; ``hf://datasets/org/name`` works
+  too) that is not an existing local path: the repo's data files are fetched with
+  ``huggingface_hub.snapshot_download`` (cached in the usual HF cache), filtered by split; when the split has
+  files of several formats only one format is read (parquet, then jsonl, json, csv, txt) since Hub repos often
+  hold the same data twice.
+
+Split filtering (folders and the Hub): a file belongs to a split when a word of its path (split at any
+non-alphanumeric character) names it: ``train``/``training``; ``validation``/``valid``/``val``/``dev``;
+``test``/``testing``/``eval``/``evaluation``; any other split name by itself. So ``data/train-00000-of-00001.parquet``
+and ``train/part0.jsonl`` are ``train``. If no file names any split, every file is ``train``. A single file is read
+whatever the split.
+
+**Formats** (:class:`Format`), each giving ids and a mask of the tokens to train on:
+
+* ``"instruct"``: columns ``instruction``, ``input`` (optional), ``output``, ``system`` (optional); the chat
+  ``[system?, user: instruction + "\\n\\n" + input, assistant: output]`` goes through the tokenizer's chat template;
+  only the response (and the end-of-turn token after it) is trained.
+* ``"chat"``: ``messages`` (OpenAI ``[{"role", "content"}]``) or ``conversations`` (ShareGPT ``[{"from",
+  "value"}]``, from ``human``/``user``, ``gpt``/``assistant``, ``system``), detected per row; only assistant turns
+  are trained (``train_on_input=True`` trains every token).
+* ``"text"``: a ``text`` column, encoded with bos (if the tokenizer has one) and eos; every token is trained.
+* ``"auto"``: picked from the first row's columns (messages/conversations -> chat, instruction+output -> instruct,
+  text -> text).
+
+``columns`` maps these canonical names to the dataset's (``{"instruction": "prompt", "output": "completion"}``).
+
+Malformed rows raise :class:`DataError` naming the file and line (or row) and the problem, or with
+``skip_bad=True`` are skipped and counted in :attr:`TokenizedDataset.stats`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import torch
+
+IGNORE_INDEX = -100
+"""The target value of positions that are not trained (``cross_entropy(..., ignore_index=-100)``)."""
+
+DATA_EXTENSIONS = (".parquet", ".jsonl", ".ndjson", ".json", ".csv", ".txt")
+"""File types :func:`read_rows` reads, in the order of preference for Hub repos."""
+
+_META_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json", "config.json"}
+_META_STEMS = {"readme", "license", "licence", "citation", "notice", "requirements", "changelog"}
+_SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_HUB_ID = re.compile(r"(?:hf://datasets/)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: unreadable source, malformed row, or nothing left to train on."""
+
+
+class _NoSplit(DataError):
+    """A folder or Hub repo has no files for the requested split."""
+
+
+# ----------------------------------------------------------------------------------------------------- rows
+
+
+@attrs.frozen
+class Row:
+    """One record of a source and where it came from.
+
+    Attributes:
+        data: the record's fields (``{"text": ...}`` for ``.txt``); None when it could not be parsed.
+        file: the file it was read from.
+        line: 1-based line number (JSON Lines, ``.txt``: the paragraph's first line; CSV: the record's first line).
+        row: 1-based record number (CSV without the header, Parquet, JSON arrays).
+        error: why the record could not be parsed (then ``data`` is None); the tokenizing step reports or skips it.
+    """
+
+    data: dict[str, Any] | None
+    file: str
+    line: int | None = None
+    row: int | None = None
+    error: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``"data.jsonl:17"``, ``"data.csv row 3 (line 4)"`` or ``"data.parquet row 12"``."""
+        if self.row is None:
+            return f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{self.file} row {self.row}" + (f" (line {self.line})" if self.line is not None else "")
+
+
+def read_rows(source: str | Path, *, split: str = "train") -> list[Row]:
+    """Every row of ``source`` (a data file, a folder of them, or a Hub dataset id); see the module docstring.
+
+    Rows that cannot be parsed (a bad JSON line, a CSV record with the wrong number of fields, an array element
+    that is not an object) come back with ``error`` set, so that :func:`tokenize_dataset` can name or skip them.
+    A missing source, an unknown file type, an unreadable file or a source without rows raises :class:`DataError`.
+    """
+    files = data_files(source, split=split)
+    rows: list[Row] = []
+    for file in files:
+        rows.extend(read_file(file, split=split))
+    if not rows:
+        names = ", ".join(str(f) for f in files[:5])
+        raise DataError(f"{source}: no rows (split {split!r}; files: {names})")
+    return rows
+
+
+def data_files(source: str | Path, *, split: str = "train") -> list[Path]:
+    """The data files :func:`read_rows` reads for ``source`` and ``split`` (downloading Hub datasets)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if _extension(path) is None:
+            raise DataError(f"{path}: unsupported file type; expected one of {', '.join(DATA_EXTENSIONS)}")
+        return [path]
+    if path.is_dir():
+        return _split_files(path, _folder_files(path), split, one_format=False)
+    m = _HUB_ID.fullmatch(str(source))
+    if m is None or path.exists() or _extension(path) is not None:  # "data/train.jsonl" is a missing file
+        raise DataError(f"{source}: no such file or folder (and not a Hugging Face dataset id 'org/name')")
+    folder = _hub_download(m.group(1), m.group(2))
+    return _split_files(folder, _folder_files(folder), split, one_format=True, name=m.group(1))
+
+
+def _extension(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((ext for ext in DATA_EXTENSIONS if name.endswith(ext)), None)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file() or _extension(p) is None:
+            continue
+        if p.name.lower() in _META_FILES or p.name.lower().split(".")[0] in _META_STEMS:
+            continue
+        out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _split_words(rel: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", rel.lower()))
+
+
+def _split_files(folder: Path, files: list[Path], split: str, *, one_format: bool,
+                 name: str | None = None) -> list[Path]:
+    where = name or str(folder)
+    if not files:
+        raise DataError(f"{where}: no data files ({', '.join(DATA_EXTENSIONS)})")
+    aliases = set(_SPLIT_WORDS.get(split, (split.lower(),)))
+    known = set().union(*_SPLIT_WORDS.values()) | aliases
+    words = {f: _split_words(f.relative_to(folder).as_posix()) for f in files}
+    chosen = [f for f in files if words[f] & aliases]
+    if not chosen:
+        if split == "train" and not any(words[f] & known for f in files):
+            chosen = files
+        else:
+            listed = ", ".join(f.relative_to(folder).as_posix() for f in files[:8])
+            raise _NoSplit(f"{where}: no files for split {split!r} (files: {listed})")
+    if one_format:
+        exts = {_extension(f) for f in chosen}
+        best = next(ext for ext in DATA_EXTENSIONS if ext in exts)
+        chosen = [f for f in chosen if _extension(f) == best]
+    return chosen
+
+
+def _hub_download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                   allow_patterns=[f"*{ext}" for ext in DATA_EXTENSIONS])
+    except Exception as e:  # network, missing repo, gated repo...: all mean "cannot use this source"
+        raise DataError(f"{repo_id}: not a local file or folder, and could not download the Hugging Face dataset: "
+                        f"{type(e).__name__}: {e}") from e
+    return Path(folder)
+
+
+def read_file(path: str | Path, *, split: str = "train") -> list[Row]:
+    """The rows of one data file (its type from the extension); ``split`` picks the list in a JSON object."""
+    path = Path(path)
+    ext = _extension(path)
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".parquet": _read_parquet, ".txt": _read_txt}
+    if ext is None:
+        raise DataError(f"{path}: unsupported file type; expected one of {', '.join(DATA_EXTENSIONS)}")
+    try:
+        return readers[ext](path, split)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+
+
+def _json_loads(data: bytes | str) -> Any:
+    try:
+        import orjson
+
+        return orjson.loads(data)
+    except ImportError:  # pragma: no cover - orjson is a dependency
+        return json.loads(data)
+
+
+def _object_row(obj: Any, file: str, *, line: int | None = None, row: int | None = None) -> Row:
+    if isinstance(obj, dict):
+        return Row(obj, file, line=line, row=row)
+    return Row(None, file, line=line, row=row, error=f"expected a JSON object, got {_type_name(obj)}")
+
+
+def _read_jsonl(path: Path, split: str) -> list[Row]:
+    rows = []
+    file = str(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                obj = _json_loads(raw)
+            except json.JSONDecodeError as e:
+                rows.append(Row(None, file, line=lineno, error=f"invalid JSON: {e.msg}"))
+                continue
+            rows.append(_object_row(obj, file, line=lineno))
+    return rows
+
+
+def _read_json(path: Path, split: str) -> list[Row]:
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        obj = _json_loads(raw)
+    except json.JSONDecodeError as e:
+        lines = [line for line in raw.splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].lstrip().startswith(b"{"):  # JSON Lines saved as .json
+            return _read_jsonl(path, split)
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if isinstance(obj, dict):
+        key = next((k for k in (split, "data") if isinstance(obj.get(k), list)), None)
+        if key is None:
+            raise DataError(f"{path}: expected a JSON array of objects, or an object with a list under "
+                            f"{split!r} or 'data' (keys: {', '.join(map(str, list(obj)[:10]))})")
+        obj = obj[key]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {_type_name(obj)}")
+    file = str(path)
+    return [_object_row(item, file, row=i) for i, item in enumerate(obj, 1)]
+
+
+def _read_csv(path: Path, split: str) -> list[Row]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    rows = []
+    file = str(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return []
+            start = reader.line_num + 1
+            for index, record in enumerate(reader, 1):
+                line, start = start, reader.line_num + 1
+                if not record or not any(field.strip() for field in record):
+                    continue  # blank line
+                if len(record) != len(header):
+                    rows.append(Row(None, file, line=line, row=index,
+                                    error=f"has {len(record)} fields, the header has {len(header)}"))
+                    continue
+                rows.append(Row(dict(zip(header, record)), file, line=line, row=index))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from e
+    except csv.Error as e:
+        raise DataError(f"{path}: invalid CSV: {e}") from e
+    return rows
+
+
+def _read_parquet(path: Path, split: str) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    file = str(path)
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{path}: cannot read Parquet: {e}") from e
+    return [Row(record, file, row=i) for i, record in enumerate(records, 1)]
+
+
+def _read_txt(path: Path, split: str) -> list[Row]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from e
+    rows, lines, first = [], [], 0
+    file = str(path)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            if not lines:
+                first = lineno
+            lines.append(line)
+        elif lines:
+            rows.append(Row({"text": "\n".join(lines)}, file, line=first))
+            lines = []
+    if lines:
+        rows.append(Row({"text": "\n".join(lines)}, file, line=first))
+    return rows
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- formats
+
+
+class TokenizerLike(Protocol):
+    """What the data pipeline needs of :class:`ftprog.core.Tokenizer`."""
+
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    chat_template: str | None
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]: ...
+
+    def with_chat_template(self, template: str) -> TokenizerLike: ...
+
+
+FORMATS = ("auto", "instruct", "chat", "text")
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "bing": "assistant"}
+
+
+def _str_dict(value: Mapping[str, str] | None) -> dict[str, str]:
+    return dict(value or {})
+
+
+@attrs.frozen
+class Format:
+    """How rows become a chat or a text (see the module docstring).
+
+    Attributes:
+        kind: ``"auto"``, ``"instruct"``, ``"chat"`` or ``"text"``.
+        columns: canonical name -> dataset column (``instruction``, ``input``, ``output``, ``system``,
+            ``messages``, ``text``), e.g. ``{"instruction": "prompt", "output": "completion"}``.
+        system_prompt: a system message for rows that have none (instruct and chat).
+        template: None (or ``"model"``) to use the tokenizer's chat template, ``"chatml"`` for ChatML, or a Jinja
+            template string.
+        train_on_input: train on every token (prompts too), not only assistant turns.
+    """
+
+    kind: str = attrs.field(default="auto")
+    columns: dict[str, str] = attrs.field(factory=dict, converter=_str_dict, hash=False)
+    system_prompt: str | None = None
+    template: str | None = None
+    train_on_input: bool = False
+
+    @kind.validator
+    def _check_kind(self, _attribute, value):
+        if value not in FORMATS:
+            raise DataError(f"unknown data format {value!r}; choose from {', '.join(FORMATS)}")
+
+    def column(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+
+class _BadRow(Exception):
+    """A row the format cannot use (message without location)."""
+
+
+def detect_format(rows: Sequence[Row], columns: Mapping[str, str] | None = None) -> str:
+    """``"chat"``, ``"instruct"`` or ``"text"`` from the first parsed row's fields (DataError if none fits)."""
+    columns = columns or {}
+    first = next((r for r in rows if r.data is not None), None)
+    if first is None:
+        raise DataError("cannot detect the data format: no row could be parsed"
+                        + (f" (first: {rows[0].where}: {rows[0].error})" if rows else ""))
+    keys = first.data.keys()
+    if columns.get("messages", "messages") in keys or ("messages" not in columns and "conversations" in keys):
+        return "chat"
+    if columns.get("instruction", "instruction") in keys and columns.get("output", "output") in keys:
+        return "instruct"
+    if columns.get("text", "text") in keys:
+        return "text"
+    raise DataError(f"{first.where}: cannot detect the data format from columns {sorted(map(str, keys))}; expected "
+                    "'messages' or 'conversations' (chat), 'instruction' and 'output' (instruct) or 'text' (text); "
+                    "set the format and a column mapping")
+
+
+def _field(data: Mapping[str, Any], fmt: Format, name: str, *, required: bool = True) -> str | None:
+    column = fmt.column(name)
+    label = repr(column) if column == name else f"{column!r} ({name})"
+    value = data.get(column)
+    if value is None:
+        if required:
+            have = ", ".join(map(str, list(data)[:10]))
+            raise _BadRow(f"missing field {label} (the row has: {have})")
+        return None
+    if not isinstance(value, str):
+        raise _BadRow(f"field {label} should be a string, got {_type_name(value)}")
+    return value
+
+
+def _content(value: Any, index: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)  # OpenAI content parts, text only
+    raise _BadRow(f"message {index}: content should be a string, got {_type_name(value)}")
+
+
+def _messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
+    if "messages" in fmt.columns:
+        column = fmt.columns["messages"]
+    else:
+        column = "messages" if data.get("messages") is not None else "conversations"
+    conv = data.get(column)
+    if conv is None:
+        wanted = repr(column) if "messages" in fmt.columns else "'messages' or 'conversations'"
+        raise _BadRow(f"missing field {wanted} (the row has: {', '.join(map(str, list(data)[:10]))})")
+    if isinstance(conv, str):  # CSV cells hold JSON text
+        try:
+            conv = _json_loads(conv)
+        except json.JSONDecodeError as e:
+            raise _BadRow(f"field {column!r} is a string that is not JSON: {e.msg}") from e
+    if not isinstance(conv, list):
+        raise _BadRow(f"field {column!r} should be a list of messages, got {_type_name(conv)}")
+    messages = []
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise _BadRow(f"message {i} should be an object, got {_type_name(m)}")
+        if "role" in m:
+            role, content = m["role"], m.get("content")
+        elif "from" in m:
+            role, content = m["from"], m.get("value")
+        else:
+            raise _BadRow(f"message {i} has neither 'role' (OpenAI) nor 'from' (ShareGPT)")
+        if not isinstance(role, str) or role.lower() not in _ROLES:
+            raise _BadRow(f"message {i}: unsupported role {role!r} (expected system, user/human, assistant/gpt)")
+        if content is None:
+            raise _BadRow(f"message {i} ({role}) has no content")
+        messages.append({"role": _ROLES[role.lower()], "content": _content(content, i)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _BadRow("the conversation has no assistant turn")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _BadRow("every assistant turn is empty")
+    if fmt.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    return messages
+
+
+def _instruct_messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
+    instruction = _field(data, fmt, "instruction")
+    extra = _field(data, fmt, "input", required=False) or ""
+    output = _field(data, fmt, "output")
+    system = _field(data, fmt, "system", required=False) or fmt.system_prompt
+    if not output.strip():
+        raise _BadRow(f"empty field {fmt.column('output')!r}")
+    if not instruction.strip() and not extra.strip():
+        raise _BadRow(f"empty field {fmt.column('instruction')!r}")
+    if not extra.strip():
+        user = instruction
+    elif not instruction.strip():
+        user = extra
+    else:
+        user = instruction + "\n\n" + extra
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _encode_row(data: Mapping[str, Any], fmt: Format, tokenizer: TokenizerLike) -> tuple[list[int], list[bool]]:
+    if fmt.kind == "text":
+        text = _field(data, fmt, "text")
+        if not text.strip():
+            raise _BadRow(f"empty field {fmt.column('text')!r}")
+        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None, add_eos=tokenizer.eos_id is not None)
+        return ids, [True] * len(ids)
+    messages = _instruct_messages(data, fmt) if fmt.kind == "instruct" else _messages(data, fmt)
+    try:
+        ids, mask = tokenizer.encode_chat(messages)
+    except ValueError as e:
+        raise _BadRow(f"chat template: {e}") from e
+    mask = [True] * len(ids) if fmt.train_on_input else [bool(m) for m in mask]
+    return list(ids), mask
+
+
+def chat_tokenizer(tokenizer: TokenizerLike, template: str | None) -> TokenizerLike:
+    """``tokenizer`` with the chat template ``template`` selects: None / ``"model"``: its own (DataError if it has
+    none); ``"chatml"``: :data:`ftprog.core._tokenizer.CHATML_TEMPLATE`; else a Jinja template string."""
+    if template in (None, "", "model"):
+        if tokenizer.chat_template is None:
+            raise DataError(f"the tokenizer ({getattr(tokenizer, 'source', '?')}) has no chat template, needed for "
+                            "the instruct and chat formats; set template='chatml' (or a Jinja template) or use "
+                            "an instruct/chat model's tokenizer")
+        return tokenizer
+    if template.lower() == "chatml":
+        from ._tokenizer import CHATML_TEMPLATE
+
+        template = CHATML_TEMPLATE
+    elif "{{" not in template and "{%" not in template:
+        raise DataError(f"template must be 'chatml' or a Jinja chat template, got {template!r}")
+    try:
+        return tokenizer.with_chat_template(template)
+    except ValueError as e:
+        raise DataError(f"invalid chat template: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------- tokenized dataset
+
+
+@attrs.define
+class DataStats:
+    """What tokenizing a dataset kept and dropped.
+
+    Attributes:
+        rows: rows read.
+        samples: samples kept.
+        skipped: malformed rows skipped (``skip_bad=True``).
+        skipped_examples: ``"where: problem"`` for the first few skipped rows.
+        truncated: samples cut to ``seq_len`` tokens.
+        no_targets: samples dropped because no trained token was left (after truncation).
+        tokens: tokens in the kept samples.
+        trained_tokens: tokens that are targets (the sum of ``Batch.num_targets`` over an epoch).
+    """
+
+    rows: int = 0
+    samples: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = attrs.field(factory=list)
+    truncated: int = 0
+    no_targets: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def summary(self) -> str:
+        text = (f"{self.samples} samples from {self.rows} rows, {self.tokens} tokens "
+                f"({self.trained_tokens} trained)")
+        notes = [f"{n} {what}" for n, what in ((self.skipped, "bad rows skipped"),
+                                               (self.truncated, "truncated"),
+                                               (self.no_targets, "dropped with no trained tokens")) if n]
+        return text + ("; " + ", ".join(notes) if notes else "")
+
+
+@attrs.frozen(eq=False)
+class TokenizedDataset:
+    """Samples of token ids with a per-token train mask, stored flat.
+
+    Sample ``i`` is ``ids[offsets[i]:offsets[i+1]]``; ``mask`` is True for the tokens to train on (predict). The
+    first token of a sample is never trained (nothing precedes it to predict it from).
+
+    Attributes:
+        ids: ``[total_tokens]`` int64.
+        mask: ``[total_tokens]`` bool.
+        offsets: ``[num_samples + 1]`` int64.
+        seq_len: the length samples were truncated to.
+        pad_id: the id padding uses (the tokenizer's pad id, else its eos id, else 0).
+        stats: :class:`DataStats`.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    offsets: torch.Tensor
+    seq_len: int
+    pad_id: int
+    stats: DataStats = attrs.field(factory=DataStats)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)`` of sample ``index``."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"sample {index} out of range ({n} samples)")
+        index %= n
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.ids[start:end], self.mask[start:end]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[num_samples]`` int64 token counts."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.mask.sum())
+
+    def subset(self, indices: Iterable[int]) -> TokenizedDataset:
+        """The samples at ``indices`` (in that order), stats recounted for them (row counts kept)."""
+        indices = [int(i) for i in indices]
+        pieces = [self[i] for i in indices]
+        data = _pack_samples(pieces, self.seq_len, self.pad_id)
+        stats = attrs.evolve(self.stats, samples=len(data), tokens=data.num_tokens,
+                             trained_tokens=data.num_targets)
+        return attrs.evolve(data, stats=stats)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[tuple[Sequence[int], Sequence[bool]]], seq_len: int,
+                     pad_id: int = 0) -> TokenizedDataset:
+        """A dataset of ready ``(ids, mask)`` pairs (lists or tensors; the first mask entry is ignored)."""
+        data = _pack_samples(samples, seq_len, pad_id)
+        stats = DataStats(rows=len(data), samples=len(data), tokens=data.num_tokens, trained_tokens=data.num_targets)
+        return attrs.evolve(data, stats=stats)
+
+
+def _pack_samples(samples: Sequence[tuple[Any, Any]], seq_len: int, pad_id: int) -> TokenizedDataset:
+    ids = [torch.as_tensor(s[0], dtype=torch.int64).reshape(-1) for s in samples]
+    masks = [torch.as_tensor(s[1], dtype=torch.bool).reshape(-1).clone() for s in samples]
+    for i, m in zip(ids, masks):
+        if i.numel() != m.numel():
+            raise ValueError(f"ids and mask lengths differ ({i.numel()} vs {m.numel()})")
+        if m.numel():
+            m[0] = False
+    lengths = torch.tensor([0] + [i.numel() for i in ids], dtype=torch.int64)
+    return TokenizedDataset(
+        ids=torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64),
+        mask=torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool),
+        offsets=lengths.cumsum(0), seq_len=seq_len, pad_id=pad_id,
+    )
+
+
+def tokenize_dataset(
+    rows: Iterable[Row],
+    tokenizer: TokenizerLike,
+    fmt: str | Format = "auto",
+    seq_len: int = 2048,
+    *,
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    template: str | None = None,
+    train_on_input: bool = False,
+    skip_bad: bool = False,
+    allow_empty: bool = False,
+) -> TokenizedDataset:
+    """Token ids and train masks of ``rows`` in format ``fmt`` (a :class:`Format` or its kind), cut at ``seq_len``.
+
+    The keyword options build the :class:`Format` when ``fmt`` is a string. A malformed row raises
+    :class:`DataError` (``"file:line: problem"``) unless ``skip_bad``, which skips and counts it. Samples with
+    no trained token after truncation are dropped and counted. No sample left raises DataError unless
+    ``allow_empty``.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    rows = list(rows)
+    if isinstance(fmt, str):
+        fmt = Format(fmt, columns or {}, system_prompt, template, train_on_input)
+    if fmt.kind == "auto":
+        fmt = attrs.evolve(fmt, kind=detect_format(rows, fmt.columns))
+    if fmt.kind in ("instruct", "chat"):
+        tokenizer = chat_tokenizer(tokenizer, fmt.template)
+    stats = DataStats(rows=len(rows))
+    samples: list[tuple[list[int], list[bool]]] = []
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise _BadRow(row.error)
+            ids, mask = _encode_row(row.data, fmt, tokenizer)
+        except _BadRow as e:
+            if not skip_bad:
+                raise DataError(f"{row.where}: {e} (set skip_bad to skip bad rows)") from None
+            stats.skipped += 1
+            if len(stats.skipped_examples) < 10:
+                stats.skipped_examples.append(f"{row.where}: {e}")
+            continue
+        if len(ids) > seq_len:
+            stats.truncated += 1
+            ids, mask = ids[:seq_len], mask[:seq_len]
+        if not any(mask[1:]):
+            stats.no_targets += 1
+            continue
+        samples.append((ids, mask))
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    data = _pack_samples(samples, seq_len, pad_id)
+    stats.samples, stats.tokens, stats.trained_tokens = len(data), data.num_tokens, data.num_targets
+    data = attrs.evolve(data, stats=stats)
+    if not len(data) and not allow_empty:
+        where = rows[0].file if rows else "the dataset"
+        detail = f"; first skipped: {stats.skipped_examples[0]}" if stats.skipped_examples else ""
+        raise DataError(f"{where}: no usable samples ({stats.summary()}){detail}")
+    return data
+
+
+def split_validation(data: TokenizedDataset | Sequence[Row], fraction: float, seed: int = 0):
+    """``(train, val)``: a deterministic random ``fraction`` (or, if >= 1, that many samples) held out.
+
+    Works on a :class:`TokenizedDataset` or a list of rows; both parts keep the original order. At least one
+    sample is held out for a positive fraction, and at least one is left to train on (else DataError).
+    """
+    n = len(data)
+    if fraction <= 0:
+        raise DataError(f"validation fraction must be positive, got {fraction}")
+    k = int(fraction) if fraction >= 1 else max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"cannot hold out {k} of {n} samples for validation and still train")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(perm[:k]), sorted(perm[k:])
+    if isinstance(data, TokenizedDataset):
+        return data.subset(train_idx), data.subset(val_idx)
+    return [data[i] for i in train_idx], [data[i] for i in val_idx]
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@attrs.frozen
+class DataConfig:
+    """Everything :func:`load_datasets` needs (mirrors the ``[data]`` section of the sft program's config).
+
+    Attributes:
+        path: a file, folder or Hub dataset id (see :func:`read_rows`).
+        format: ``"auto"``, ``"instruct"``, ``"chat"`` or ``"text"``.
+        split: the split to read from folders / Hub repos.
+        columns: canonical -> dataset column names (see :class:`Format`).
+        template: ``"model"`` (or None / ""): the tokenizer's chat template; ``"chatml"``; or a Jinja template.
+        system_prompt: system message for instruct/chat rows that have none ("" for none).
+        train_on_input: train on prompts too.
+        val_path: a separate validation source ("" or None: none).
+        val_split: without ``val_path``, the validation split of ``path`` (or of ``val_path``), used when the
+            source is a folder or Hub repo that has files for it.
+        val_fraction: otherwise hold out this fraction (or count, if >= 1) of the training samples (0: none).
+        skip_bad: skip malformed rows instead of failing.
+        seq_len: tokens per sample (longer samples are truncated) and per packed row.
+        seed: seed of the validation hold-out.
+    """
+
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    columns: dict[str, str] = attrs.field(factory=dict, converter=_str_dict, hash=False)
+    template: str | None = "model"
+    system_prompt: str | None = None
+    train_on_input: bool = False
+    val_path: str | None = None
+    val_split: str | None = "validation"
+    val_fraction: float = 0.0
+    skip_bad: bool = False
+    seq_len: int = 2048
+    seed: int = 0
+
+
+def format_of(config: Any) -> Format:
+    """The :class:`Format` of a data config (:class:`DataConfig` or any object with its attributes)."""
+    template = getattr(config, "template", None)
+    if template in ("", "model"):
+        template = None
+    return Format(getattr(config, "format", "auto"), getattr(config, "columns", None) or {},
+                  getattr(config, "system_prompt", None) or None, template,
+                  bool(getattr(config, "train_on_input", False)))
+
+
+def load_datasets(config: Any, tokenizer: TokenizerLike, *, seq_len: int | None = None,
+                  seed: int | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """``(train, val or None)``: read, tokenize and hold out; raises :class:`DataError` early on bad data.
+
+    ``config`` is a :class:`DataConfig` or any object with its attributes (``seq_len`` / ``seed`` may instead
+    be given here; the arguments win). Validation data, first match: ``val_path`` (its ``val_split`` for
+    folders / Hub repos, else all of it); the ``val_split`` files of a folder or Hub ``path``; a
+    ``val_fraction`` hold-out of the training samples; none.
+    """
+    seq_len = seq_len if seq_len is not None else getattr(config, "seq_len", 2048)
+    seed = seed if seed is not None else getattr(config, "seed", 0)
+    skip_bad = bool(getattr(config, "skip_bad", False))
+    fmt = format_of(config)
+    path = str(config.path)
+    train = tokenize_dataset(read_rows(path, split=getattr(config, "split", "train") or "train"), tokenizer, fmt,
+                             seq_len, skip_bad=skip_bad)
+    val_path = getattr(config, "val_path", None) or None
+    val_split = getattr(config, "val_split", None) or None
+    rows = None
+    if val_path is not None:
+        try:
+            rows = read_rows(val_path, split=val_split or "validation")
+        except _NoSplit:
+            rows = read_rows(val_path, split="train")  # a folder without split names: all of it
+    elif val_split is not None and not Path(path).is_file():
+        try:
+            rows = read_rows(path, split=val_split)
+        except _NoSplit:
+            rows = None
+    if rows is not None:
+        return train, tokenize_dataset(rows, tokenizer, fmt, seq_len, skip_bad=skip_bad)
+    fraction = float(getattr(config, "val_fraction", 0.0) or 0.0)
+    if fraction > 0:
+        return split_validation(train, fraction, seed)
+    return train, None
+
+
+# ----------------------------------------------------------------------------------------------------- batches
+
+
+@attrs.frozen(eq=False)
+class Batch:
+    """One (micro-)batch, ready for ``model(tokens, **batch.model_kwargs())``.
+
+    Attributes:
+        tokens: ``[B, S]`` int64 input ids (padding: the dataset's pad id).
+        targets: ``[B, S]`` int64, the id each position should predict (the next token), ``-100`` where not
+            trained (prompt, padding, the last token of every sample). The sum loss is
+            ``cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100, reduction="sum")``.
+        attention_mask: ``[B, S]`` int64, 1 on real tokens, 0 on padding (padded mode), else None.
+        position_ids: ``[B, S]`` int64, restarting at 0 for every packed sample (packed mode; the padded tail of
+            a row counts from 0 too), else None. Position 0 after the first column starts a new document: the
+            model applies document-causal masking.
+        num_targets: targets that are not ``-100`` in this batch.
+        num_tokens: real (non-padding) tokens in this batch.
+        global_num_targets: ``num_targets`` summed over every rank's slice of the global batch (equal to
+            ``num_targets`` with one rank): divide a rank's summed loss by it, then sum gradients across ranks,
+            for the exact mean over the global batch.
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    num_targets: int
+    num_tokens: int
+    global_num_targets: int
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """``{"attention_mask": ...}`` or ``{"position_ids": ...}``, whichever this batch has."""
+        out = {}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return attrs.evolve(self, tokens=move(self.tokens), targets=move(self.targets),
+                            attention_mask=move(self.attention_mask), position_ids=move(self.position_ids))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)
+
+
+def _targets_of(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[len]`` targets of one sample: ``ids[i+1]`` where ``mask[i+1]``, else -100; the last is -100."""
+    out = torch.full_like(ids, IGNORE_INDEX)
+    out[:-1] = torch.where(mask[1:], ids[1:], IGNORE_INDEX)
+    return out
+
+
+def collate_padded(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int, *,
+                   pad_to_multiple_of: int = 1, max_len: int | None = None) -> Batch:
+    """A right-padded batch of ``(ids, mask)`` samples: length = the longest, rounded up to
+    ``pad_to_multiple_of`` (but not past ``max_len`` when the longest fits it)."""
+    longest = max((len(ids) for ids, _ in samples), default=1)
+    width = math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+    if max_len is not None:
+        width = min(width, max(max_len, longest))
+    batch = len(samples)
+    tokens = torch.full((batch, width), pad_id, dtype=torch.int64)
+    targets = torch.full((batch, width), IGNORE_INDEX, dtype=torch.int64)
+    attention = torch.zeros((batch, width), dtype=torch.int64)
+    for r, (ids, mask) in enumerate(samples):
+        n = len(ids)
+        tokens[r, :n] = ids
+        targets[r, :n] = _targets_of(ids, mask)
+        attention[r, :n] = 1
+    count = int((targets != IGNORE_INDEX).sum())
+    return Batch(tokens, targets, attention, None, count, int(attention.sum()), count)
+
+
+def collate_packed(rows: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], pad_id: int, seq_len: int) -> Batch:
+    """A packed batch: each row holds the samples listed for it back to back, padded to ``seq_len``."""
+    batch = len(rows)
+    tokens = torch.full((batch, seq_len), pad_id, dtype=torch.int64)
+    targets = torch.full((batch, seq_len), IGNORE_INDEX, dtype=torch.int64)
+    positions = torch.zeros((batch, seq_len), dtype=torch.int64)
+    real = 0
+    for r, row in enumerate(rows):
+        col = 0
+        for ids, mask in row:
+            n = len(ids)
+            if col + n > seq_len:
+                raise ValueError(f"samples of {col + n} tokens do not fit a row of {seq_len}")
+            tokens[r, col : col + n] = ids
+            targets[r, col : col + n] = _targets_of(ids, mask)
+            positions[r, col : col + n] = torch.arange(n)
+            col += n
+        positions[r, col:] = torch.arange(seq_len - col)
+        real += col
+    count = int((targets != IGNORE_INDEX).sum())
+    return Batch(tokens, targets, None, positions, count, real, count)
+
+
+def pack_rows(lengths: Sequence[int], order: Iterable[int], seq_len: int) -> list[list[int]]:
+    """Greedy (next-fit) packing: sample indices in ``order`` fill a row until the next one does not fit."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        n = lengths[i]
+        if n > seq_len:
+            raise ValueError(f"sample {i} has {n} tokens, more than seq_len={seq_len}")
+        if current and used + n > seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+class DataLoader:
+    """Deterministic, resumable batches of a :class:`TokenizedDataset`.
+
+    Each epoch's order is ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))`` (or the
+    dataset order without ``shuffle``): a function of ``(seed, epoch)`` only. Padded mode takes ``batch_size``
+    samples per batch; packed mode packs the samples in that order greedily into rows of exactly ``seq_len``
+    tokens and takes ``batch_size`` rows per batch (so its batches per epoch vary a little with the epoch).
+
+    Iterating yields the rest of the current epoch and then moves to the next one; :meth:`forever` runs across
+    epochs. :meth:`state_dict` after consuming a batch resumes with the batch after it, in a fresh loader too.
+
+    Data parallel: every rank builds the same global batch of ``batch_size`` samples (rows) and keeps rows
+    ``rank::world_size`` of it (``batch_size`` must be a multiple of ``world_size``), so the global batch does not
+    depend on the number of ranks. The last, partial batch of an epoch (``drop_last=False``) may leave a rank
+    with no rows: it gets a batch of zero rows (``[0, S]``; the model runs on it and the summed loss is 0, so
+    run the step anyway and collectives stay matched; or use ``drop_last=True``).
+    ``Batch.global_num_targets`` counts the targets of the whole global batch.
+    """
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        batch_size: int,
+        *,
+        packing: bool = False,
+        seq_len: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_to_multiple_of: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.packing = packing
+        self.seq_len = seq_len or dataset.seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.epoch = 0
+        self.batch_index = 0
+        self._lengths = dataset.lengths.tolist()
+        if packing and self._lengths and max(self._lengths) > self.seq_len:
+            raise ValueError(f"the dataset has samples of {max(self._lengths)} tokens, more than seq_len="
+                             f"{self.seq_len}; tokenize with seq_len <= {self.seq_len}")
+        self._plan_cache: tuple[int, list[list[Any]]] | None = None
+
+    # ---- plan ------------------------------------------------------------------------------------------------
+    def order(self, epoch: int) -> list[int]:
+        """Sample indices in the order of ``epoch``."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def _plan(self, epoch: int) -> list[list[Any]]:
+        """Global batches of ``epoch``: lists of sample indices (padded) or of rows of sample indices (packed)."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        units: list[Any] = self.order(epoch)
+        if self.packing:
+            units = pack_rows(self._lengths, units, self.seq_len)
+        batches = [units[i : i + self.batch_size] for i in range(0, len(units), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        self._plan_cache = (epoch, batches)
+        return batches
+
+    def num_batches(self, epoch: int | None = None) -> int:
+        """Batches in ``epoch`` (default: the current one)."""
+        return len(self._plan(self.epoch if epoch is None else epoch))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in the current epoch (constant in padded mode; packed mode varies slightly by epoch)."""
+        return self.num_batches()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def total_batches(self, epochs: int) -> int:
+        """Batches in epochs ``0 .. epochs-1`` (for a learning-rate schedule)."""
+        return sum(self.num_batches(e) for e in range(epochs))
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        """This rank's slice of global batch ``index`` of ``epoch`` (random access; no state change)."""
+        units = self._plan(epoch)[index]
+        if self.packing:
+            rows = [[self.dataset[i] for i in row] for row in units]
+            mine = collate_packed(rows[self.rank :: self.world_size], self.dataset.pad_id, self.seq_len)
+            if self.world_size == 1:
+                return mine
+            whole = collate_packed(rows, self.dataset.pad_id, self.seq_len)
+        else:
+            samples = [self.dataset[i] for i in units]
+            kwargs = {"pad_to_multiple_of": self.pad_to_multiple_of, "max_len": self.seq_len}
+            mine = collate_padded(samples[self.rank :: self.world_size], self.dataset.pad_id, **kwargs)
+            if self.world_size == 1:
+                return mine
+            whole = collate_padded(samples, self.dataset.pad_id, **kwargs)
+        return attrs.evolve(mine, global_num_targets=whole.num_targets)
+
+    # ---- iteration -------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining batches of the current epoch; afterwards the loader is at the start of the next."""
+        self._normalize()
+        epoch = self.epoch
+        n = self.num_batches(epoch)
+        while self.epoch == epoch and self.batch_index < n:
+            index = self.batch_index
+            self.batch_index += 1
+            yield self.batch(epoch, index)
+        if self.epoch == epoch:
+            self.epoch, self.batch_index = epoch + 1, 0
+
+    def forever(self) -> Iterator[Batch]:
+        """Batches across epochs without end (a step-based loop takes what it needs)."""
+        if not len(self.dataset) or self.num_batches() == 0:
+            raise DataError("the data loader has no batches (dataset smaller than one batch with drop_last?)")
+        while True:
+            yield from self
+
+    def _normalize(self) -> None:
+        if self.batch_index >= self.num_batches(self.epoch):
+            self.epoch, self.batch_index = self.epoch + 1, 0
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batch_index"}``: the next batch to yield."""
+        self._normalize()
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume at ``state`` (from :meth:`state_dict` of a loader with the same data, seed and sizes)."""
+        epoch, index = int(state["epoch"]), int(state["batch_index"])
+        if epoch < 0 or index < 0 or index > self.num_batches(epoch):
+            raise ValueError(f"invalid data loader state {dict(state)} ({self.num_batches(epoch)} batches in "
+                             f"epoch {epoch})")
+        self.epoch, self.batch_index = epoch, index

@@ -1,0 +1,622 @@
+"""Functional optimizers over flat parameter dicts, in the style of optax.
+
+Parameters and gradients are flat ``{dotted.path: tensor}`` dicts (what
+``Model.trainable_params()`` and ``value_and_grad`` give). An optimizer is an
+immutable value with two methods::
+
+    opt = adamw(cosine(3e-4, total_steps=1000, warmup_steps=100), weight_decay=0.1)
+    state = opt.init(params)
+    for batch in batches:
+        loss, grads = value_and_grad(loss_fn)(model, batch)
+        grads, norm = clip_by_global_norm(grads, 1.0)
+        params, state = opt.update(grads, state, params)
+        model = model.with_params(params)
+
+``state`` is an attrs value holding the step count (a Python int: the number
+of updates applied so far) and dicts of fp32 tensors keyed like the params.
+:func:`state_dict` flattens it to ``{str: Tensor}`` (safetensors-ready, the
+count as a 0-d int64 tensor) and :func:`load_state_dict` rebuilds it, so a run
+resumed from a checkpoint continues bit for bit.
+
+Memory and mutation contract
+----------------------------
+* **Params** are never mutated by default: ``update`` returns new tensors. For
+  AdamW the new tensors are a clone of the params that the fused kernel then
+  updates in place (the foreach path folds the clone into the weight-decay
+  multiply). The cost is one extra params-sized allocation for as long as the
+  caller holds both the old and the new params (drop the old ones, as
+  ``model = model.with_params(params)`` does, and it is transient) plus one
+  extra read+write pass over the params. ``update(..., inplace=True)``
+  updates the given tensors in place instead and returns them: no extra
+  memory, as fast as ``torch.optim.AdamW``, but any other holder of those
+  tensors sees the change.
+* **State** is donated, as with ``jax.jit(donate_argnums=...)``: its buffers
+  are updated in place and shared by the returned state. Treat the state
+  passed to ``update`` as consumed; :func:`state_dict` the *returned* state
+  if you want to save it.
+* **Grads** are never mutated.
+
+Precision
+---------
+Optimizer state is fp32 for fp32/bf16/fp16 params (fp64 for fp64 params); no
+fp32 master copy of the params is kept. For low-precision params each update
+upcasts the params (and grads) to fp32, runs exactly the fp32 AdamW/SGD step
+of ``torch.optim`` on them with the fp32 state, and rounds the result to the
+param dtype once (round to nearest even). This equals ``torch.optim.AdamW``
+run on fp32 copies of the params with the params rounded back to bf16 after
+every step, bit for bit; compared with ``torch.optim.AdamW`` on bf16 params
+(which keeps bf16 state and rounds after every elementary op) it is more
+accurate. The upcast happens in buckets of at most ``_BUCKET_NUMEL`` elements,
+so the transient fp32 copies are bounded (2 x 256 MiB) whatever the model
+size. Updates smaller than half a bf16 ulp of a weight are lost, as they
+always are without master weights: use fp32 params (or LoRA, whose adapter
+weights are usually fp32) when that matters.
+
+Schedules
+---------
+A schedule is any callable ``step -> lr`` where ``step`` is the number of
+updates already applied (0 for the first update), the convention of
+``torch.optim.lr_scheduler.LambdaLR`` stepped after each optimizer step, i.e.
+of the ``transformers`` training loop. The built-in ones warm up linearly
+from 0 (``lr * step / warmup_steps``, so the very first update has lr 0,
+exactly as transformers' ``get_*_schedule_with_warmup``) and then hold
+(:func:`constant`) or decay to ``final_lr`` at ``step == total_steps``
+(:func:`linear`, :func:`cosine`); past ``total_steps`` they stay at
+``final_lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, Union
+
+import attrs
+import torch
+
+Tensor = torch.Tensor
+Params = Mapping[str, Tensor]
+Schedule = Callable[[int], float]
+LearningRate = Union[float, Schedule]
+
+__all__ = [
+    "AdamW", "AdamWState", "Optimizer", "SGD", "SGDState", "Schedule", "adamw", "clip_by_global_norm", "constant",
+    "cosine", "linear", "load_state_dict", "schedule_by_name", "sgd", "state_dict",
+]
+
+# Largest number of elements upcast to fp32 at once for low-precision params
+# (and largest chunk handed to one foreach call, which bounds the foreach
+# path's temporaries). Elementwise math, so bucketing never changes a result.
+_BUCKET_NUMEL = 1 << 26
+
+
+class Optimizer(Protocol):
+    """What :func:`adamw` and :func:`sgd` return."""
+
+    def init(self, params: Params) -> Any: ...
+
+    def update(self, grads: Params, state: Any, params: Params, *,
+               inplace: bool = False) -> tuple[dict[str, Tensor], Any]: ...
+
+    def lr_at(self, count: int) -> float: ...
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None,
+                  low_open: bool = False, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    bad = not math.isfinite(value) or value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = f"{high:g}{')' if high_open else ']'}" if high is not None else "inf)"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
+    return value
+
+
+def _check_lr(lr: Any) -> LearningRate:
+    if callable(lr):
+        return lr
+    return _check_number("lr", lr)
+
+
+def _lr_at(lr: LearningRate, step: int) -> float:
+    if not callable(lr):
+        return lr
+    value = lr(step)
+    if isinstance(value, Tensor):
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"the learning-rate schedule returned {value!r} at step {step}; it must be finite and >= 0")
+    return value
+
+
+def _check_int(name: str, value: Any, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _lists(grads: Params, params: Params) -> tuple[list[str], list[Tensor], list[Tensor]]:
+    """Params and grads as aligned lists (params order), with clear errors on mismatch."""
+    keys = list(params)
+    if grads.keys() != params.keys():
+        missing = [k for k in keys if k not in grads]
+        extra = [k for k in grads if k not in params]
+        raise ValueError(f"grads and params have different paths: missing grads {missing[:5]}, "
+                         f"unexpected grads {extra[:5]}")
+    ps = [params[k] for k in keys]
+    gs = [grads[k] for k in keys]
+    for k, p, g in zip(keys, ps, gs):
+        if p.shape != g.shape:
+            raise ValueError(f"grad of {k!r} has shape {tuple(g.shape)}, param has {tuple(p.shape)}")
+    return keys, ps, gs
+
+
+def _state_list(name: str, bufs: Mapping[str, Tensor], keys: list[str], ps: list[Tensor]) -> list[Tensor]:
+    if bufs.keys() != set(keys):
+        missing = [k for k in keys if k not in bufs]
+        extra = [k for k in bufs if k not in set(keys)]
+        raise ValueError(f"optimizer state {name!r} does not match the params: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]} (was the state made by init() on these params?)")
+    out = [bufs[k] for k in keys]
+    for k, p, s in zip(keys, ps, out):
+        if s.shape != p.shape:
+            raise ValueError(f"optimizer state {name}[{k!r}] has shape {tuple(s.shape)}, param has {tuple(p.shape)}")
+    return out
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 state for fp32 and narrower floats, fp64 for fp64."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"optimizers need floating-point params, got {dtype}")
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _zeros(params: Params) -> dict[str, Tensor]:
+    return {k: torch.zeros(p.shape, dtype=_state_dtype(p.dtype), device=p.device) for k, p in params.items()}
+
+
+def _clone(ts: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    out = [torch.empty_like(t, dtype=dtype) for t in ts]
+    if out:
+        torch._foreach_copy_(out, ts)
+    return out
+
+
+def _groups(ps: list[Tensor], gs: list[Tensor]) -> Iterator[list[int]]:
+    """Indices grouped by (device, param dtype, grad dtype), each group cut into buckets."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        groups.setdefault((p.device, p.dtype, g.dtype, g.device), []).append(i)
+    for idx in groups.values():
+        bucket: list[int] = []
+        size = 0
+        for i in idx:
+            n = ps[i].numel()
+            if bucket and size + n > _BUCKET_NUMEL:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(i)
+            size += n
+        if bucket:
+            yield bucket
+
+
+# kernel(params, grads, states, inplace) -> updated params; params, grads and
+# states all in the state dtype; states are updated in place.
+Kernel = Callable[[list[Tensor], list[Tensor], list[list[Tensor]], bool], list[Tensor]]
+
+
+def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list[Tensor]],
+           inplace: bool) -> list[Tensor]:
+    """Run ``kernel`` group by group, upcasting low-precision params and grads to the state dtype."""
+    out: list[Tensor | None] = [None] * len(ps)
+    for idx in _groups(ps, gs):
+        p_in = [ps[i] for i in idx]
+        g_in = [gs[i] for i in idx]
+        s_in = [[s[i] for i in idx] for s in states]
+        compute = _state_dtype(p_in[0].dtype)
+        if g_in[0].device != p_in[0].device:
+            raise ValueError(f"grads on {g_in[0].device} but params on {p_in[0].device}")
+        g_c = g_in if g_in[0].dtype == compute else _clone(g_in, compute)
+        if p_in[0].dtype == compute:
+            res = kernel(p_in, g_c, s_in, inplace)
+        else:
+            p_c = _clone(p_in, compute)
+            kernel(p_c, g_c, s_in, True)
+            res = p_in if inplace else [torch.empty_like(p) for p in p_in]
+            torch._foreach_copy_(res, p_c)  # one rounding to the param dtype
+            del p_c
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- AdamW
+
+
+def _fused_devices() -> tuple[str, ...]:
+    if not hasattr(torch, "_fused_adamw_"):
+        return ()
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        return tuple(_get_fused_kernels_supported_devices())
+    except Exception:  # private helper moved: CUDA has had the kernel since torch 2.0
+        return ("cuda",)
+
+
+@attrs.frozen
+class AdamWState:
+    """AdamW state: ``count`` updates applied so far, fp32 first and second moments."""
+
+    count: int
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+
+
+@attrs.frozen
+class AdamW:
+    """AdamW (decoupled weight decay), numerically the update of ``torch.optim.AdamW``.
+
+    Built by :func:`adamw`, which validates the hyper-parameters.
+    """
+
+    lr: LearningRate
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    fused: bool | None = None
+
+    def init(self, params: Params) -> AdamWState:
+        """Zero fp32 moments shaped like ``params``, count 0."""
+        return AdamWState(0, _zeros(params), _zeros(params))
+
+    def lr_at(self, count: int) -> float:
+        """The learning rate of the update applied when ``state.count == count``."""
+        return _lr_at(self.lr, count)
+
+    @torch.no_grad()
+    def update(self, grads: Params, state: AdamWState, params: Params, *,
+               inplace: bool = False) -> tuple[dict[str, Tensor], AdamWState]:
+        """One AdamW step: ``(new_params, new_state)``; see the module docstring for what is mutated."""
+        keys, ps, gs = _lists(grads, params)
+        ms = _state_list("exp_avg", state.exp_avg, keys, ps)
+        vs = _state_list("exp_avg_sq", state.exp_avg_sq, keys, ps)
+        lr = self.lr_at(state.count)
+        t = state.count + 1
+        beta1, beta2 = self.betas
+        wd, eps = self.weight_decay, self.eps
+        fused_devices = _fused_devices()
+        steps: dict[torch.device, Tensor] = {}
+
+        def kernel(p: list[Tensor], g: list[Tensor], s: list[list[Tensor]], in_place: bool) -> list[Tensor]:
+            m, v = s
+            device = p[0].device
+            use_fused = self.fused
+            contiguous = all(x.is_contiguous() for x in (*p, *g, *m, *v))
+            if use_fused is None:
+                use_fused = device.type in fused_devices and contiguous
+            elif use_fused and device.type not in fused_devices:
+                raise RuntimeError(f"fused AdamW is not available for {device.type} tensors in torch "
+                                   f"{torch.__version__} (supported: {list(fused_devices)}); use fused=None or False")
+            if use_fused:
+                out = p if in_place else _clone(p)
+                if device not in steps:  # the kernel reads the step (fp32) from a tensor on the device;
+                    # torch.full is a fill kernel, not a host-to-device copy
+                    steps[device] = torch.full((), float(t), dtype=torch.float32, device=device)
+                torch._fused_adamw_(out, g, m, v, [], [steps[device]] * len(out), lr=lr, beta1=beta1,
+                                    beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                return out
+            return _adamw_foreach(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd, t=t,
+                                  inplace=in_place)
+
+        new = _apply(kernel, ps, gs, [ms, vs], inplace)
+        return dict(zip(keys, new)), AdamWState(t, dict(state.exp_avg), dict(state.exp_avg_sq))
+
+
+def _adamw_foreach(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor], *, lr: float,
+                   beta1: float, beta2: float, eps: float, wd: float, t: int, inplace: bool) -> list[Tensor]:
+    """The same sequence of foreach ops as ``torch.optim.AdamW(foreach=True)``, so results match bit for bit."""
+    if inplace:
+        out = p
+        if wd != 0:
+            torch._foreach_mul_(out, 1 - lr * wd)
+    else:  # the clone and the decoupled weight decay in one pass
+        out = torch._foreach_mul(p, 1 - lr * wd) if wd != 0 else _clone(p)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    bias_correction1 = 1 - beta1 ** float(t)
+    bias_correction2 = 1 - beta2 ** float(t)
+    step_size = (lr / bias_correction1) * -1
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [bias_correction2 ** 0.5] * len(denom))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(out, m, denom, [step_size] * len(out))
+    return out
+
+
+def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: float = 0.0, fused: bool | None = None) -> AdamW:
+    """AdamW with decoupled weight decay (``p *= 1 - lr * weight_decay`` before the Adam step).
+
+    ``lr`` is a float or a schedule ``step -> lr``. ``fused=None`` uses torch's
+    fused kernel (``torch._fused_adamw_``) where it exists for the device
+    (CUDA and CPU in recent torch) and the foreach ops otherwise; ``True``
+    insists on the kernel (an error where it is missing), ``False`` always
+    uses the foreach ops. Both reproduce ``torch.optim.AdamW`` with the same
+    setting bit for bit on fp32 params; they differ from each other by
+    rounding only.
+    """
+    lr = _check_lr(lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    b1 = _check_number("betas[0]", betas[0], low=0.0, high=1.0)
+    b2 = _check_number("betas[1]", betas[1], low=0.0, high=1.0)
+    eps = _check_number("eps", eps)
+    weight_decay = _check_number("weight_decay", weight_decay)
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be None, True or False, got {fused!r}")
+    return AdamW(lr, (b1, b2), eps, weight_decay, fused)
+
+
+# --------------------------------------------------------------------------- SGD
+
+
+@attrs.frozen
+class SGDState:
+    """SGD state: ``count`` updates applied so far and fp32 momentum buffers (empty without momentum)."""
+
+    count: int
+    momentum: dict[str, Tensor]
+
+
+@attrs.frozen
+class SGD:
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD`` (dampening 0).
+
+    Built by :func:`sgd`, which validates the hyper-parameters.
+    """
+
+    lr: LearningRate
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def init(self, params: Params) -> SGDState:
+        """Zero fp32 momentum buffers (none when ``momentum == 0``), count 0.
+
+        A zero buffer makes the first step ``buf = 0 * momentum + grad = grad``,
+        exactly torch's "buffer starts as a copy of the first gradient".
+        """
+        return SGDState(0, _zeros(params) if self.momentum != 0 else {})
+
+    def lr_at(self, count: int) -> float:
+        """The learning rate of the update applied when ``state.count == count``."""
+        return _lr_at(self.lr, count)
+
+    @torch.no_grad()
+    def update(self, grads: Params, state: SGDState, params: Params, *,
+               inplace: bool = False) -> tuple[dict[str, Tensor], SGDState]:
+        """One SGD step: ``(new_params, new_state)``; see the module docstring for what is mutated."""
+        keys, ps, gs = _lists(grads, params)
+        bufs = _state_list("momentum", state.momentum, keys, ps) if self.momentum != 0 else None
+        lr = self.lr_at(state.count)
+        mu, wd, nesterov = self.momentum, self.weight_decay, self.nesterov
+
+        def kernel(p: list[Tensor], g: list[Tensor], s: list[list[Tensor]], in_place: bool) -> list[Tensor]:
+            d = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+            if s:
+                (b,) = s
+                torch._foreach_mul_(b, mu)
+                torch._foreach_add_(b, d, alpha=1)
+                d = torch._foreach_add(d, b, alpha=mu) if nesterov else b
+            if in_place:
+                torch._foreach_add_(p, d, alpha=-lr)
+                return p
+            return torch._foreach_add(p, d, alpha=-lr)
+
+        new = _apply(kernel, ps, gs, [bufs] if bufs is not None else [], inplace)
+        return dict(zip(keys, new)), SGDState(state.count + 1, dict(state.momentum))
+
+
+def sgd(lr: LearningRate, *, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> SGD:
+    """Stochastic gradient descent; ``weight_decay`` is L2 (added to the gradient), as in ``torch.optim.SGD``."""
+    lr = _check_lr(lr)
+    momentum = _check_number("momentum", momentum, low=0.0, high=1.0, high_open=False)
+    weight_decay = _check_number("weight_decay", weight_decay)
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    return SGD(lr, momentum, weight_decay, bool(nesterov))
+
+
+# --------------------------------------------------------------------------- gradient clipping
+
+
+@torch.no_grad()
+def clip_by_global_norm(grads: Params, max_norm: float, *,
+                        inplace: bool = False) -> tuple[dict[str, Tensor], Tensor]:
+    """Scale ``grads`` so their joint L2 norm is at most ``max_norm``: ``(clipped, total_norm)``.
+
+    Same math as ``torch.nn.utils.clip_grad_norm_`` (per-tensor foreach norms,
+    the norm of those, scale ``min(1, max_norm / (total_norm + 1e-6))``) but it
+    returns new tensors unless ``inplace=True``. ``total_norm`` is a 0-d fp32
+    tensor on the device of the first grad (norms of bf16/fp16 grads are
+    accumulated in fp32). Nothing here synchronises with the device: a
+    non-finite ``total_norm`` is returned as it is (and the clipped grads are
+    then non-finite too), so check ``torch.isfinite(total_norm)`` and skip the
+    update if you need to.
+    """
+    max_norm = _check_number("max_norm", max_norm, low=0.0, low_open=True)
+    keys = list(grads)
+    gs = [grads[k] for k in keys]
+    if not gs:
+        return {}, torch.zeros((), dtype=torch.float32)
+    first = gs[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(gs):
+        groups.setdefault((g.device, g.dtype), []).append(i)
+    norms: list[Tensor] = []
+    for (_, dtype), idx in groups.items():
+        low = dtype not in (torch.float32, torch.float64)
+        group_norms = torch._foreach_norm([gs[i] for i in idx], 2.0, dtype=torch.float32 if low else None)
+        norms.extend(n.to(first) for n in group_norms)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0).to(torch.float32)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    out: list[Tensor | None] = [None] * len(gs)
+    for (device, _), idx in groups.items():
+        group = [gs[i] for i in idx]
+        c = coef.to(device)
+        if inplace:
+            torch._foreach_mul_(group, c)
+            res = group
+        else:  # 0-d low-precision grads would promote to fp32: keep each grad's dtype
+            res = [r if r.dtype == g.dtype else r.to(g.dtype) for r, g in zip(torch._foreach_mul(group, c), group)]
+        for i, r in zip(idx, res):
+            out[i] = r
+    return dict(zip(keys, out)), total  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- state (de)serialisation
+
+
+def _buffer_fields(state: Any) -> list[str]:
+    if not attrs.has(type(state)):
+        raise TypeError(f"expected an optimizer state (AdamWState, SGDState, ...), got {type(state).__name__}")
+    names = [f.name for f in attrs.fields(type(state))]
+    if "count" not in names:
+        raise TypeError(f"{type(state).__name__} has no 'count' field")
+    return [n for n in names if n != "count"]
+
+
+def state_dict(state: Any) -> dict[str, Tensor]:
+    """Flat ``{"count": int64 0-d, "<buffer>.<param path>": tensor}`` view of an optimizer state.
+
+    The tensors are the state's own buffers (no copy): save them (e.g. with
+    ``safetensors.torch.save_file``) before the next ``update``.
+    """
+    out = {"count": torch.tensor(state.count, dtype=torch.int64)}
+    for name in _buffer_fields(state):
+        for path, t in getattr(state, name).items():
+            out[f"{name}.{path}"] = t
+    return out
+
+
+def load_state_dict(opt: Optimizer, params: Params, d: Mapping[str, Tensor]) -> Any:
+    """Rebuild the state of ``opt`` for ``params`` from :func:`state_dict` output.
+
+    The buffers are copied into fresh tensors on the params' devices (``d`` is
+    not kept); missing, unexpected, mis-shaped or wrongly typed entries are
+    errors, so a resumed run continues exactly where the saved one stopped.
+    """
+    template = opt.init(params)
+    if "count" not in d:
+        raise ValueError("optimizer state dict has no 'count' entry")
+    count = d["count"]
+    if not isinstance(count, Tensor) or count.dim() != 0 or count.dtype.is_floating_point or count.item() < 0:
+        raise ValueError(f"optimizer state 'count' must be a 0-d non-negative integer tensor, got {count!r}")
+    expected = {f"{name}.{path}": t for name in _buffer_fields(template) for path, t in getattr(template, name).items()}
+    missing = [k for k in expected if k not in d]
+    extra = [k for k in d if k != "count" and k not in expected]
+    if missing or extra:
+        raise ValueError(f"optimizer state dict does not match {type(opt).__name__} on these params: "
+                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for key, dst in expected.items():
+        src = d[key]
+        if src.shape != dst.shape or src.dtype != dst.dtype:
+            raise ValueError(f"optimizer state {key!r} is {src.dtype}{list(src.shape)}, "
+                             f"expected {dst.dtype}{list(dst.shape)}")
+        dst.copy_(src)
+    return attrs.evolve(template, count=int(count.item()))
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@attrs.frozen
+class _WarmupSchedule:
+    """Linear warmup from 0, then constant / linear / cosine decay to ``final_lr`` (transformers' formulas)."""
+
+    kind: str
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    final_lr: float
+
+    def __call__(self, step: int) -> float:
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"schedule step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return self.lr * (float(step) / float(max(1, self.warmup_steps)))
+        if self.kind == "constant":
+            return self.lr * 1.0
+        span = float(max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "linear":
+            factor = max(0.0, float(self.total_steps - step) / span)
+        else:
+            progress = min(1.0, float(step - self.warmup_steps) / span)
+            factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+        if self.final_lr == 0.0 or self.lr == 0.0:
+            return self.lr * factor
+        # as transformers' get_cosine_with_min_lr_schedule_with_warmup(min_lr=final_lr)
+        rate = self.final_lr / self.lr
+        return self.lr * (factor * (1 - rate) + rate)
+
+
+def _schedule(kind: str, lr: float, total_steps: int, warmup_steps: int, final_lr: float) -> Schedule:
+    lr = _check_number("lr", lr)
+    warmup_steps = _check_int("warmup_steps", warmup_steps)
+    final_lr = _check_number("final_lr", final_lr)
+    if kind != "constant":
+        total_steps = _check_int("total_steps", total_steps, low=1)
+        if warmup_steps > total_steps:
+            raise ValueError(f"warmup_steps ({warmup_steps}) must be <= total_steps ({total_steps})")
+        if final_lr > lr:
+            raise ValueError(f"final_lr ({final_lr}) must be <= lr ({lr})")
+    return _WarmupSchedule(kind, lr, total_steps, warmup_steps, final_lr)
+
+
+def constant(lr: float, warmup_steps: int = 0) -> Schedule:
+    """``lr`` after a linear warmup from 0 (transformers' ``get_constant_schedule_with_warmup``)."""
+    return _schedule("constant", lr, 0, warmup_steps, 0.0)
+
+
+def linear(lr: float, total_steps: int, warmup_steps: int = 0, final_lr: float = 0.0) -> Schedule:
+    """Warmup from 0 to ``lr``, then linear decay to ``final_lr`` at ``total_steps``
+    (transformers' ``get_linear_schedule_with_warmup`` when ``final_lr == 0``)."""
+    return _schedule("linear", lr, total_steps, warmup_steps, final_lr)
+
+
+def cosine(lr: float, total_steps: int, warmup_steps: int = 0, final_lr: float = 0.0) -> Schedule:
+    """Warmup from 0 to ``lr``, then half-cosine decay to ``final_lr`` at ``total_steps``
+    (transformers' ``get_cosine_schedule_with_warmup``, or ``get_cosine_with_min_lr_schedule_with_warmup``
+    with ``min_lr=final_lr``); unlike transformers it stays at ``final_lr`` after ``total_steps``."""
+    return _schedule("cosine", lr, total_steps, warmup_steps, final_lr)
+
+
+_SCHEDULES: dict[str, Callable[..., Schedule]] = {"constant": constant, "linear": linear, "cosine": cosine}
+
+
+def schedule_by_name(name: str, lr: float, total_steps: int, warmup_steps: int = 0,
+                     final_lr: float = 0.0) -> Schedule:
+    """The schedule called ``name`` (``"constant"``, ``"linear"``, ``"cosine"``), for configs.
+
+    ``constant`` ignores ``total_steps`` and ``final_lr``.
+    """
+    if name not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(sorted(_SCHEDULES))}")
+    if name == "constant":
+        return constant(lr, warmup_steps)
+    return _SCHEDULES[name](lr, total_steps, warmup_steps, final_lr)

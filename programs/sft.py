@@ -1,0 +1,234 @@
+"""`ft-prog run sft`: supervised fine-tuning, full or with LoRA / DoRA / QLoRA adapters.
+
+Read it top to bottom: data, model and its transforms, optimizer, resume, the
+loop, the final save. The loop never branches on the method: the transforms
+decided what the parameter tree holds and which leaves are trainable.
+
+Features: response-only loss (prompt and padding masked), chunked fused
+cross-entropy, packing or padding, gradient accumulation normalised by the
+number of target tokens, global-norm clipping, AdamW/SGD with constant,
+linear or cosine schedules and warmup, validation loss, exact-match scoring
+of greedy answers, metrics.jsonl / TensorBoard / W&B, atomic resumable
+checkpoints every ``save_every`` steps, exact resume after a crash (same
+command), Ctrl-C saves and exits.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftprog.core import Model, as_dtype, load_pretrained, load_tokenizer, optim, token_loss_sum, value_and_grad
+from ftprog.core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
+from ftprog.programs import run_state
+from ftprog.programs.config import to_toml
+from ftprog.programs.demo_assets import resolve
+from ftprog.programs.generate import generate
+from ftprog.programs.metrics import MetricsLog, plot_losses
+from ftprog.programs.sft_config import SFTConfig
+from ftprog.transforms import checkpoint, compile, lora, merge, quantize, save_adapter, trainable
+
+CONFIG = SFTConfig
+
+
+def build_model(cfg: SFTConfig, device: torch.device) -> tuple[Model, Model]:
+    """``(base, model)``: the loaded (and for QLoRA quantized) base, and the model to train."""
+    base = load_pretrained(resolve(cfg.model.path), dtype=as_dtype(cfg.dtype), device=device)
+    method = cfg.peft.method
+    if method == "qlora":
+        base = quantize(base, "nf4")
+    if method == "none":
+        model = trainable(base)
+    else:
+        model = lora(base, rank=cfg.peft.rank, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+                     targets=tuple(cfg.peft.targets), dora=method == "dora", rslora=cfg.peft.rslora, seed=cfg.seed)
+    if cfg.activation_checkpointing:
+        model = checkpoint(model)
+    if cfg.compile:
+        model = compile(model)
+    return base, model
+
+
+def build_optimizer(cfg: SFTConfig, total_steps: int) -> Any:
+    o = cfg.optimizer
+    schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, o.warmup_steps)
+    if o.name == "sgd":
+        return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay)
+    return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def step_loss(model: Model, batches: list, num_targets: int) -> torch.Tensor:
+    """Mean loss over the targets of all micro-batches of a step (this micro-batch's share)."""
+    batch = batches[0]
+    return token_loss_sum(model, batch.tokens, batch.targets, **batch.model_kwargs()) / num_targets
+
+
+@torch.no_grad()
+def validation_loss(model: Model, loader: DataLoader, device: torch.device) -> float:
+    total, count = 0.0, 0
+    for epoch_batch in DataLoader(loader.dataset, loader.batch_size, packing=loader.packing,
+                                  seq_len=loader.seq_len, shuffle=False):
+        b = epoch_batch.to(device)
+        total += token_loss_sum(model, b.tokens, b.targets, training=False, **b.model_kwargs()).item()
+        count += b.num_targets
+    return total / max(count, 1)
+
+
+def exact_match(model: Model, data: TokenizedDataset, samples: int, max_new_tokens: int, stop_ids, pad_id) -> float:
+    """Share of the first ``samples`` samples whose greedy answer equals the reference tokens exactly."""
+    prompts, answers = [], []
+    for i in range(min(samples, len(data))):
+        ids, mask = data[i]
+        start = int(mask.int().argmax())
+        end = start + int(mask[start:].int().argmin()) if not mask[start:].all() else len(mask)
+        prompts.append(ids[:start].tolist())
+        answers.append(ids[start:end].tolist())
+    outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+    return sum(o == a for o, a in zip(outputs, answers)) / max(len(prompts), 1)
+
+
+def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
+    out = Path(cfg.output_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+
+    # 1. Data first: a bad file fails before any weights load.
+    model_path = resolve(cfg.model.path)
+    tokenizer = load_tokenizer(model_path)
+    d = cfg.data
+    data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
+                          template=d.template, system_prompt=d.system_prompt or None,
+                          train_on_input=d.train_on_input, val_path=d.val_path or None, val_split=d.val_split,
+                          val_fraction=d.val_fraction, skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
+    train_data, val_data = load_datasets(data_cfg, tokenizer)
+    loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed)
+    total_steps = cfg.max_steps or math.ceil(loader.total_batches(cfg.epochs) / cfg.grad_accum)
+    print(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size}"
+          f"{' packed' if cfg.packing else ''} rows", flush=True)
+
+    # 2. Model and transforms; 3. optimizer over the trainable leaves.
+    base, model = build_model(cfg, device)
+    opt = build_optimizer(cfg, total_steps)
+    opt_state = opt.init(model.trainable_params())
+    stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
+
+    # 4. Resume from the newest complete checkpoint (same command, same config).
+    state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
+    found = run_state.checkpoints(out) if cfg.resume else []
+    if found:
+        model, saved_opt, state = run_state.load_checkpoint(found[-1], model, base)
+        opt_state = optim.load_state_dict(opt, model.trainable_params(), saved_opt)
+        loader.load_state_dict(state["loader"])
+        print(f"resumed from {found[-1]} (step {state['step']})", flush=True)
+    log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
+                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                     config=resolved)
+    if cfg.exact_match_samples and val_data is not None and "exact_match_before" not in state["extra"]:
+        state["extra"]["exact_match_before"] = exact_match(model, val_data, cfg.exact_match_samples,
+                                                           cfg.max_new_tokens, stop_ids, pad_id)
+        log.write(f"exact match before training: {state['extra']['exact_match_before']:.1%}")
+
+    def save(step: int) -> Path:
+        return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
+                                         to_toml(resolved), cfg.keep_last)
+
+    # 5. The loop.
+    grad_fn = value_and_grad(step_loss)
+    batches = loader.forever()
+    start_time, start_tokens = time.perf_counter(), state["tokens"]
+    step = state["step"]
+    try:
+        while step < total_steps:
+            loader_before = loader.state_dict()
+            micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
+            num_targets = max(sum(b.num_targets for b in micro), 1)
+            loss, grads = torch.zeros(()), None
+            for b in micro:
+                part, g = grad_fn(model, [b], num_targets)
+                loss = loss + part.cpu()
+                grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+            if not torch.isfinite(loss):
+                last = run_state.checkpoints(out)
+                raise RuntimeError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopped. Last good "
+                                   f"checkpoint: {last[-1] if last else 'none'} (lower optimizer.lr?)")
+            if cfg.optimizer.max_grad_norm > 0:
+                grads, grad_norm = optim.clip_by_global_norm(grads, cfg.optimizer.max_grad_norm)
+            else:
+                grad_norm = torch.zeros(())
+            lr = opt.lr_at(opt_state.count)
+            params, opt_state = opt.update(grads, opt_state, model.trainable_params())
+            model = model.with_params(params)
+            step += 1
+            state.update(step=step, tokens=state["tokens"] + sum(b.num_tokens for b in micro),
+                         loader=loader.state_dict())
+            if step % cfg.log.every == 0 or step == total_steps:
+                speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
+                log.log({"step": step, "loss": loss.item(), "lr": lr, "tokens": state["tokens"],
+                         "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(), "epoch": loader.epoch})
+                log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
+            if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save(step)
+    except KeyboardInterrupt:
+        state["loader"] = loader_before if state["step"] < step else state["loader"]
+        where = save(state["step"])
+        log.close()
+        print(f"\ninterrupted: saved {where}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+
+    # 6. Final evaluation and outputs.
+    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1)}
+    if val_data is not None:
+        summary["val_loss"] = validation_loss(model, _val_loader(val_data, cfg), device)
+        log.log({"step": step, "val_loss": summary["val_loss"]})
+    if cfg.exact_match_samples and val_data is not None:
+        summary["exact_match_before"] = state["extra"]["exact_match_before"]
+        summary["exact_match_after"] = exact_match(model, val_data, cfg.exact_match_samples, cfg.max_new_tokens,
+                                                   stop_ids, pad_id)
+    final = save_final(cfg, out, model, state, resolved)
+    log.close()
+    if cfg.log.plot:
+        plot_losses(log.records, out / "loss_curve.png")
+    _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id)
+    return final
+
+
+def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:
+    return DataLoader(val_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, shuffle=False)
+
+
+def save_final(cfg: SFTConfig, out: Path, model: Model, state: dict, resolved: dict) -> Path:
+    """``out/final``: the HF model (full) or the PEFT adapter (+ ``merged/`` when asked)."""
+    final = out / "final"
+    run_state.save_model(model, final)
+    (final / "ft-prog-config.toml").write_text(to_toml(resolved))
+    if cfg.peft.method != "none" and cfg.peft.merge_at_end:
+        from ftprog.core import save_pretrained
+
+        save_pretrained(merge(model), final / "merged")
+    return final
+
+
+def _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id) -> None:
+    lines = [f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']} s"]
+    if "val_loss" in summary:
+        lines.append(f"validation loss: {summary['val_loss']:.4f}")
+    if "exact_match_after" in summary:
+        lines.append(f"exact match on {cfg.exact_match_samples} held-out samples: "
+                     f"{summary['exact_match_before']:.1%} before -> {summary['exact_match_after']:.1%} after")
+    if val_data is not None and len(val_data):
+        ids, mask = val_data[0]
+        prompt = ids[: int(mask.int().argmax())].tolist()
+        answer = generate(model, [prompt], max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)[0]
+        lines.append(f"sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(answer)!r}")
+    lines.append(f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
+    print("\n".join(lines), flush=True)
+    import orjson
+
+    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))

@@ -1,0 +1,365 @@
+"""Functional optimizers, gradient clipping and schedules against torch.optim / transformers."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ftprog.core import _tree
+from ftprog.core._optim import (AdamW, AdamWState, SGDState, adamw, clip_by_global_norm, constant, cosine, linear,
+                                load_state_dict, schedule_by_name, sgd, state_dict)
+
+SHAPES = {"model.embed.weight": (37, 16), "model.layers.0.proj.weight": (16, 16), "model.layers.0.proj.bias": (16,),
+          "model.norm.weight": (7,), "model.scale": ()}
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g).to(dtype) for k, s in SHAPES.items()}
+
+
+def make_grads(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + step)
+    return {k: (torch.randn(s, generator=g) * (0.1 + step)).to(dtype) for k, s in SHAPES.items()}
+
+
+def torch_run(opt_cls, params, steps, *, scheduler=None, round_to=None, **kw):
+    """Run a torch.optim optimizer on copies of ``params`` with make_grads(step) as gradients."""
+    ps = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = opt_cls(ps.values(), **kw)
+    sched = scheduler(opt) if scheduler else None
+    for step in range(steps):
+        for k, p in ps.items():
+            p.grad = make_grads(step)[k].to(p.dtype) if round_to is None else \
+                make_grads(step, round_to)[k].to(p.dtype)
+        opt.step()
+        if sched:
+            sched.step()
+        if round_to is not None:  # no master weights: params live in round_to between steps
+            with torch.no_grad():
+                for p in ps.values():
+                    p.copy_(p.to(round_to))
+    return {k: p.detach() for k, p in ps.items()}
+
+
+def ours_run(opt, params, steps, *, grad_dtype=None, inplace=False, state=None, start=0):
+    state = opt.init(params) if state is None else state
+    for step in range(start, start + steps):
+        params, state = opt.update(make_grads(step, grad_dtype or next(iter(params.values())).dtype), state, params,
+                                   inplace=inplace)
+    return params, state
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), (k, (a[k].float() - b[k].float()).abs().max())
+
+
+# --------------------------------------------------------------------------- AdamW
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_adamw_matches_torch_bitwise(fused, inplace):
+    params = make_params()
+    kw = dict(betas=(0.85, 0.99), eps=1e-7, weight_decay=0.1)
+    ref = torch_run(torch.optim.AdamW, params, 6, lr=3e-2, foreach=not fused, fused=fused, **kw)
+    ours, state = ours_run(adamw(3e-2, fused=fused, **kw), params, 6, inplace=inplace)
+    assert_bitwise(ours, ref)
+    assert state.count == 6 and all(v.dtype == torch.float32 for v in state.exp_avg.values())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_schedule_matches_torch_with_transformers_scheduler(fused):
+    from transformers import get_cosine_schedule_with_warmup
+    params = make_params()
+    ref = torch_run(torch.optim.AdamW, params, 8, lr=1e-2, weight_decay=0.01, foreach=not fused, fused=fused,
+                    scheduler=lambda o: get_cosine_schedule_with_warmup(o, 3, 8))
+    opt = adamw(cosine(1e-2, total_steps=8, warmup_steps=3), weight_decay=0.01, fused=fused)
+    ours, _ = ours_run(opt, params, 8)
+    assert_bitwise(ours, ref)
+
+
+def test_adamw_fused_and_foreach_agree():
+    params = make_params()
+    a, _ = ours_run(adamw(1e-2, weight_decay=0.1, fused=True), params, 5)
+    b, _ = ours_run(adamw(1e-2, weight_decay=0.1, fused=False), params, 5)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_adamw_bf16_params_fp32_state(fused):
+    params = make_params(torch.bfloat16)
+    opt = adamw(1e-2, weight_decay=0.1, fused=fused)
+    ours, state = ours_run(opt, params, 6)
+    assert all(v.dtype == torch.bfloat16 for v in ours.values())
+    assert all(v.dtype == torch.float32 for v in (*state.exp_avg.values(), *state.exp_avg_sq.values()))
+    # Exactly torch.optim.AdamW on fp32 copies whose params are rounded to bf16 after every step.
+    f32 = {k: v.float() for k, v in params.items()}
+    emulated = torch_run(torch.optim.AdamW, f32, 6, lr=1e-2, weight_decay=0.1, round_to=torch.bfloat16,
+                         foreach=fused is False, fused=fused is None)
+    assert_bitwise(ours, {k: v.to(torch.bfloat16) for k, v in emulated.items()})
+    # And within bf16 rounding of torch.optim.AdamW run on the bf16 params themselves (bf16 state).
+    native = torch_run(torch.optim.AdamW, params, 6, lr=1e-2, weight_decay=0.1, round_to=torch.bfloat16)
+    for k in ours:
+        torch.testing.assert_close(ours[k].float(), native[k].float(), rtol=2e-2, atol=2e-2)
+    # The update really happened (not lost to rounding at this learning rate).
+    assert any(not torch.equal(ours[k], params[k]) for k in ours)
+
+
+def test_update_does_not_mutate_inputs_unless_inplace():
+    params = make_params()
+    before = {k: v.clone() for k, v in params.items()}
+    grads = make_grads(0)
+    grads_before = {k: v.clone() for k, v in grads.items()}
+    for opt in (adamw(0.1, weight_decay=0.1, fused=True), adamw(0.1, weight_decay=0.1, fused=False),
+                adamw(0.1), sgd(0.1, momentum=0.9, nesterov=True), sgd(0.1, weight_decay=0.1)):
+        new, _ = opt.update(grads, opt.init(params), params)
+        assert_bitwise(params, before)
+        assert_bitwise(grads, grads_before)
+        assert all(new[k] is not params[k] and not torch.equal(new[k], params[k]) for k in params if params[k].dim())
+    bf16 = make_params(torch.bfloat16)
+    bf16_before = {k: v.clone() for k, v in bf16.items()}
+    new, _ = adamw(0.1).update(make_grads(0, torch.bfloat16), adamw(0.1).init(bf16), bf16)
+    assert_bitwise(bf16, bf16_before)
+    # params that require grad (autograd leaves) are fine too: no graph is recorded
+    leaves = {k: v.clone().requires_grad_(True) for k, v in make_params().items()}
+    new, _ = adamw(0.1).update(make_grads(0), adamw(0.1).init(leaves), leaves)
+    assert not any(v.requires_grad for v in new.values())
+    # inplace=True updates the given tensors and returns them.
+    for p in (params, bf16):
+        opt = adamw(0.1)
+        functional, _ = opt.update(make_grads(0, p["model.scale"].dtype), opt.init(p), p)
+        new, _ = opt.update(make_grads(0, p["model.scale"].dtype), opt.init(p), p, inplace=True)
+        assert all(new[k] is p[k] for k in p)
+        assert_bitwise(new, functional)
+
+
+# --------------------------------------------------------------------------- SGD
+
+
+@pytest.mark.parametrize("momentum,nesterov,weight_decay", [(0.0, False, 0.0), (0.0, False, 0.05), (0.9, False, 0.0),
+                                                            (0.9, True, 0.0), (0.8, True, 0.05), (0.8, False, 0.05)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sgd_matches_torch_bitwise(momentum, nesterov, weight_decay, inplace):
+    params = make_params()
+    ref = torch_run(torch.optim.SGD, params, 5, lr=0.05, momentum=momentum, nesterov=nesterov,
+                    weight_decay=weight_decay, foreach=True)
+    ours, state = ours_run(sgd(0.05, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), params, 5,
+                           inplace=inplace)
+    assert_bitwise(ours, ref)
+    assert state.count == 5 and (len(state.momentum) == (len(SHAPES) if momentum else 0))
+
+
+def test_sgd_schedule_and_bf16():
+    from transformers import get_linear_schedule_with_warmup
+    params = make_params()
+    ref = torch_run(torch.optim.SGD, params, 6, lr=0.05, momentum=0.9, foreach=True,
+                    scheduler=lambda o: get_linear_schedule_with_warmup(o, 2, 6))
+    ours, _ = ours_run(sgd(linear(0.05, 6, 2), momentum=0.9), params, 6)
+    assert_bitwise(ours, ref)
+    bf16 = make_params(torch.bfloat16)
+    ours, state = ours_run(sgd(0.05, momentum=0.9, weight_decay=0.01), bf16, 4)
+    emulated = torch_run(torch.optim.SGD, {k: v.float() for k, v in bf16.items()}, 4, lr=0.05, momentum=0.9,
+                         weight_decay=0.01, foreach=True, round_to=torch.bfloat16)
+    assert_bitwise(ours, {k: v.to(torch.bfloat16) for k, v in emulated.items()})
+    assert all(v.dtype == torch.float32 for v in state.momentum.values())
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])
+def test_clip_matches_torch(max_norm):
+    grads = make_grads(2)
+    before = {k: v.clone() for k, v in grads.items()}
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES.values()]
+    for p, g in zip(ps, grads.values()):
+        p.grad = g.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
+    clipped, norm = clip_by_global_norm(grads, max_norm)
+    assert norm.dtype == torch.float32 and norm.dim() == 0 and torch.equal(norm, ref_norm)
+    assert_bitwise(clipped, {k: p.grad for k, p in zip(grads, ps)})
+    assert_bitwise(grads, before)  # not mutated
+    if max_norm > norm:
+        assert_bitwise(clipped, grads)
+    else:
+        total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in clipped.values()]))
+        assert abs(total.item() - max_norm) < 1e-5
+    same, _ = clip_by_global_norm(before, max_norm, inplace=True)
+    assert all(same[k] is before[k] for k in before) and all(torch.equal(same[k], clipped[k]) for k in same)
+
+
+def test_clip_bf16_and_nonfinite():
+    grads = make_grads(1, torch.bfloat16)
+    clipped, norm = clip_by_global_norm(grads, 1.0)
+    exact = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads.values()]))
+    assert norm.dtype == torch.float32 and abs(norm.item() - exact.item()) < 1e-5 * exact.item()
+    assert all(v.dtype == torch.bfloat16 for v in clipped.values())
+    for bad in (float("inf"), float("nan")):
+        g = make_grads(1)
+        g["model.scale"] = torch.tensor(bad)
+        _, norm = clip_by_global_norm(g, 1.0)
+        assert not torch.isfinite(norm) and (math.isnan(bad) == bool(norm.isnan()))
+    assert clip_by_global_norm({}, 1.0)[0] == {}
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_by_global_norm(grads, 0.0)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def hf_lrs(factory, lr, steps, **kw):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = factory(opt, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()  # no grads: a no-op that keeps LambdaLR from warning
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("total,warmup", [(10, 0), (10, 3), (7, 7), (1, 0)])
+def test_schedules_match_transformers(total, warmup):
+    import transformers as tf
+    lr = 3e-4
+    ours = {"constant": constant(lr, warmup), "linear": linear(lr, total, warmup), "cosine": cosine(lr, total, warmup)}
+    refs = {"constant": hf_lrs(tf.get_constant_schedule_with_warmup, lr, total + 1, num_warmup_steps=warmup),
+            "linear": hf_lrs(tf.get_linear_schedule_with_warmup, lr, total + 1, num_warmup_steps=warmup,
+                             num_training_steps=total),
+            "cosine": hf_lrs(tf.get_cosine_schedule_with_warmup, lr, total + 1, num_warmup_steps=warmup,
+                             num_training_steps=total)}
+    for name, fn in ours.items():
+        assert [fn(s) for s in range(total + 1)] == refs[name], name
+        assert [schedule_by_name(name, lr, total, warmup)(s) for s in range(total + 1)] == refs[name]
+    # with a floor
+    ref = hf_lrs(tf.get_cosine_with_min_lr_schedule_with_warmup, lr, total + 1, num_warmup_steps=warmup,
+                 num_training_steps=total, min_lr=3e-5)
+    assert [cosine(lr, total, warmup, final_lr=3e-5)(s) for s in range(total + 1)] == ref
+    if warmup < total:  # (transformers divides by zero otherwise)
+        ref = hf_lrs(tf.get_polynomial_decay_schedule_with_warmup, lr, total + 1, num_warmup_steps=warmup,
+                     num_training_steps=total, lr_end=3e-5, power=1.0)
+        assert [linear(lr, total, warmup, final_lr=3e-5)(s) for s in range(total + 1)] == pytest.approx(ref, rel=1e-12)
+    # past the end they hold the final value
+    assert cosine(lr, total, warmup, final_lr=3e-5)(total + 5) == pytest.approx(3e-5)
+    assert linear(lr, total, warmup)(total + 5) == 0.0
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="constant, cosine, linear"):
+        schedule_by_name("exponential", 1e-3, 10)
+    with pytest.raises(ValueError, match="lr"):
+        cosine(-1e-3, 10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        linear(1e-3, 10, warmup_steps=11)
+    with pytest.raises(ValueError, match="total_steps"):
+        cosine(1e-3, 0)
+    with pytest.raises(ValueError, match="final_lr"):
+        cosine(1e-3, 10, final_lr=1e-2)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        constant(1e-3, -1)
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+@pytest.mark.parametrize("make_opt", [lambda: adamw(cosine(1e-2, 8, 2), weight_decay=0.1),
+                                      lambda: adamw(1e-2, fused=False),
+                                      lambda: sgd(linear(0.05, 8), momentum=0.9, nesterov=True),
+                                      lambda: sgd(0.05)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_resumes_bitwise(make_opt, dtype):
+    opt = make_opt()
+    params = make_params(dtype)
+    straight, straight_state = ours_run(opt, params, 8)
+    half, state = ours_run(opt, params, 4)
+    blob = st_save(state_dict(state))  # safetensors bytes: no pickle involved
+    saved_params = st_save(dict(half))
+    # a fresh process: new optimizer object, params and state from the bytes only
+    opt2 = make_opt()
+    params2 = st_load(saved_params)
+    state2 = load_state_dict(opt2, params2, st_load(blob))
+    assert type(state2) is type(state) and state2.count == 4
+    resumed, resumed_state = ours_run(opt2, params2, 4, state=state2, start=4)
+    assert_bitwise(resumed, straight)
+    assert_bitwise(state_dict(resumed_state), state_dict(straight_state))
+    d = state_dict(straight_state)
+    assert d["count"].dtype == torch.int64 and d["count"].dim() == 0 and int(d["count"]) == 8
+
+
+def test_load_state_dict_errors():
+    params = make_params()
+    opt = adamw(1e-3)
+    d = state_dict(opt.init(params))
+    with pytest.raises(ValueError, match="missing"):
+        load_state_dict(opt, params, {k: v for k, v in d.items() if k != "exp_avg.model.scale"})
+    with pytest.raises(ValueError, match="unexpected"):
+        load_state_dict(opt, params, {**d, "momentum.model.scale": torch.zeros(())})
+    with pytest.raises(ValueError, match="count"):
+        load_state_dict(opt, params, {k: v for k, v in d.items() if k != "count"})
+    with pytest.raises(ValueError, match="expected torch.float32"):
+        load_state_dict(opt, params, {**d, "exp_avg.model.norm.weight": torch.zeros(8)})
+    with pytest.raises(ValueError, match="unexpected"):  # SGD state into AdamW
+        load_state_dict(opt, params, state_dict(sgd(0.1, momentum=0.9).init(params)))
+    # update with a state or grads for other params
+    with pytest.raises(ValueError, match="missing grads"):
+        opt.update({k: v for k, v in make_grads(0).items() if k != "model.scale"}, opt.init(params), params)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.update(make_grads(0), opt.init({"x": torch.zeros(2)}), params)
+
+
+# --------------------------------------------------------------------------- arguments and integration
+
+
+def test_bad_arguments():
+    for bad in (dict(lr=-1e-3), dict(lr=float("nan")), dict(lr=1e-3, betas=(1.0, 0.999)),
+                dict(lr=1e-3, betas=(0.9, -0.1)), dict(lr=1e-3, betas=(0.9,)), dict(lr=1e-3, eps=-1.0),
+                dict(lr=1e-3, weight_decay=-0.1), dict(lr=1e-3, fused="yes")):
+        with pytest.raises(ValueError):
+            adamw(**bad)
+    with pytest.raises(TypeError, match="lr"):
+        adamw("1e-3")
+    for bad in (dict(lr=-0.1), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, momentum=1.5),
+                dict(lr=0.1, nesterov=True), dict(lr=0.1, weight_decay=-1.0)):
+        with pytest.raises(ValueError):
+            sgd(**bad)
+    params = make_params()
+    opt = adamw(lambda step: -1.0)
+    with pytest.raises(ValueError, match="schedule returned -1.0 at step 0"):
+        opt.update(make_grads(0), opt.init(params), params)
+    meta = {"w": torch.zeros(3, device="meta")}  # fused=True where torch has no kernel: a clear error
+    opt = adamw(1e-3, fused=True)
+    with pytest.raises(RuntimeError, match="fused AdamW is not available"):
+        opt.update(meta, opt.init(meta), meta)
+    assert isinstance(adamw(1e-3), AdamW) and isinstance(adamw(1e-3).init(params), AdamWState)
+    assert isinstance(sgd(1e-3).init(params), SGDState)
+
+
+def test_trains_a_tiny_model():
+    from ftprog.core import from_config, value_and_grad
+    model = from_config("tiny", seed=0)
+    model = model.replace(trainable=frozenset(_tree.flatten(model.params)))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, toks):
+        logits = m(toks[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), toks[:, 1:].flatten())
+
+    step = value_and_grad(loss_fn)
+    opt = adamw(constant(3e-3, warmup_steps=1), weight_decay=0.01)
+    params = model.trainable_params()
+    state = opt.init(params)
+    losses = []
+    for _ in range(6):
+        loss, grads = step(model, tokens)
+        grads, _ = clip_by_global_norm(grads, 1.0)
+        params, state = opt.update(grads, state, params)
+        model = model.with_params(params)
+        losses.append(loss.item())
+    assert losses[-1] < losses[1] - 0.05, losses
