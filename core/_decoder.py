@@ -193,6 +193,11 @@ class Decoder:
         return x if return_hidden else lm_head(params, x, self.adapter, training)
 
 
+    def output_layer(self, params: Mapping) -> Mapping:
+        """The linear node that maps hidden states to logits (the embeddings when tied)."""
+        return params["lm_head"] if "lm_head" in params else params["model"]["embed_tokens"]
+
+
 def lm_head(params: Mapping, hidden: torch.Tensor, adapter: LoraSpec | None = None, training: bool = False) -> torch.Tensor:
     """Logits ``[..., vocab]`` from final hidden states ``[..., hidden]`` (tied or not)."""
     if "lm_head" in params:

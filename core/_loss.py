@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._decoder import lm_head
-from ._linear import dense_weight
+from ._linear import dense_weight, linear
 from ._model import Model
 
 IGNORE = -100
@@ -64,8 +63,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
-def _head_loss_chunk(params: Any, hidden: torch.Tensor, targets: torch.Tensor, adapter, training: bool) -> torch.Tensor:
-    logits = lm_head(params, hidden, adapter, training).float()
+def _head_loss_chunk(head: Any, hidden: torch.Tensor, targets: torch.Tensor, adapter, training: bool) -> torch.Tensor:
+    logits = linear(hidden, head, adapter, training).float()
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -93,8 +92,7 @@ def token_loss_sum(
     keep = targets.reshape(-1) != IGNORE
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets.reshape(-1)[keep]
-    params = model.params
-    head = params.get("lm_head", params["model"]["embed_tokens"])
+    head = model.forward.output_layer(model.params)
     grad = torch.is_grad_enabled()
     if "lora_A" not in head:  # a plain weight, or a quantized (frozen) one used dequantized chunk-free
         weight = head["weight"]
@@ -105,6 +103,6 @@ def token_loss_sum(
     adapter = model.decoder.adapter
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        total = total + checkpoint(_head_loss_chunk, params, hidden[start : start + chunk_size],
+        total = total + checkpoint(_head_loss_chunk, head, hidden[start : start + chunk_size],
                                    targets[start : start + chunk_size], adapter, training, use_reentrant=False)
     return total

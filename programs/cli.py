@@ -113,10 +113,23 @@ def run(
     ctx: typer.Context,
     program: str = typer.Argument(..., help="Program to run (see `ft-prog ls`)."),
     config: str = typer.Option(..., "--config", "-c", help="Built-in config name or a .toml file."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes per node (torchrun); one per GPU."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Number of nodes (multi-node runs)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0 .. nnodes-1."),
+    rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node)."),
 ) -> None:
-    """Run a program: `ft-prog run sft --config demo seq_len=256 peft.rank=16`."""
-    from ftprog.programs.config import ConfigError
+    """Run a program: `ft-prog run sft --config demo seq_len=256 peft.rank=16`.
 
+    With --nproc N (and --nnodes/--node-rank/--rdzv-endpoint for several
+    nodes) the program runs on N processes per node through torchrun.
+    """
+    from ftprog.programs.config import ConfigError
+    from ftprog.programs.distributed import launch, under_torchrun
+
+    if (nproc > 1 or nnodes > 1) and not under_torchrun():
+        code = launch(["run", program, "--config", config, *ctx.args], nproc=nproc, nnodes=nnodes,
+                      node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        raise typer.Exit(code)
     try:
         module, cfg, resolved = _load(program, config, list(ctx.args))
     except ConfigError as e:

@@ -8,9 +8,10 @@ from ._adapter_io import load_adapter, save_adapter
 from ._lora import lora, merge, resolve_targets
 from ._quantize import SCHEMES, param_bytes, quantize
 from ._runtime import Compiled, cast, checkpoint, compile
+from ._shard import Sharded, gather, shard
 from ._trainable import freeze, trainable
 
 __all__ = [
     "SCHEMES", "Compiled", "cast", "checkpoint", "compile", "freeze", "load_adapter", "lora", "merge", "param_bytes", "quantize",
-    "resolve_targets", "save_adapter", "trainable",
+    "resolve_targets", "save_adapter", "shard", "Sharded", "trainable",
 ]

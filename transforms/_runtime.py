@@ -50,6 +50,9 @@ class Compiled:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.compiled(*args, **kwargs)
 
+    def output_layer(self, params: Any) -> Any:
+        return self.inner.output_layer(params)
+
 
 def compile(model: Model, **compile_kwargs: Any) -> Model:  # noqa: A001 - the transform's public name
     """``torch.compile`` the whole forward (the outermost call, so it really compiles).

@@ -1,0 +1,92 @@
+"""Running programs on several processes with PyTorch's own stack (torchrun, torch.distributed).
+
+``ft-prog run --nproc N PROGRAM ...`` re-launches itself through
+``torch.distributed.run`` (torchrun); each process then calls :func:`setup`,
+which joins the process group (NCCL on GPUs, gloo on CPUs) with a bounded
+timeout, so a rank that dies or hangs makes the whole job exit non-zero
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import attrs
+
+TIMEOUT_ENV = "FTPROG_DIST_TIMEOUT"
+"""Seconds a collective may wait for the other ranks before the job fails (default 600)."""
+
+
+@attrs.frozen
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup() -> DistInfo:
+    """Join the process group when started by torchrun with more than one process; else a single-process info."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo()
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (dist.get_world_size(),))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, mesh)
+
+
+def teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_command(args: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0,
+                     rdzv_endpoint: str | None = None) -> list[str]:
+    """The torchrun command line that runs ``ft-prog <args>`` on ``nproc`` processes per node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
+           "--max-restarts=0"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise ValueError("multi-node runs need --rdzv-endpoint HOST:PORT (the same on every node)")
+        cmd += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    elif rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "ftprog.programs.cli", *args]
+
+
+def launch(args: list[str], **kwargs) -> int:
+    """Run ``ft-prog <args>`` under torchrun and return its exit code (it names a failed rank)."""
+    import subprocess
+
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(torchrun_command(args, **kwargs), env=env)

@@ -1,0 +1,60 @@
+"""Run under torchrun by tests/test_shard.py: sharded vs unsharded loss, grads and an optimizer step."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from ftprog.core import flatten, from_config, optim, preset, token_loss_sum, value_and_grad
+from ftprog.transforms import checkpoint, lora, quantize, shard, trainable
+
+method, out = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+config = {**preset("tiny"), "hidden_size": 128, "intermediate_size": 256, "vocab_size": 256}
+base = from_config(config, seed=0)
+if method == "qlora":
+    base = quantize(base, "nf4", skip_unsupported=True)
+model = trainable(base) if method == "full" else lora(base, rank=4, alpha=8, targets="all-linear")
+model = model.with_params({p: t + 0.02 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+                           for p, t in model.trainable_params().items()})
+model = checkpoint(model) if method == "lora" else model
+g = torch.Generator().manual_seed(5)
+tokens = torch.randint(0, 256, (4, 16), generator=g)
+targets = torch.roll(tokens, -1, 1)
+targets[:, -1] = -100
+total = int((targets != -100).sum())
+
+
+def loss_fn(m, t, y):
+    return token_loss_sum(m, t, y) / total
+
+
+# reference: the whole batch on one process
+ref_loss, ref_grads = value_and_grad(loss_fn)(model, tokens, targets)
+sharded = shard(model)
+mine = slice(rank * 2, rank * 2 + 2)
+loss, grads = value_and_grad(loss_fn)(sharded, tokens[mine], targets[mine])
+dist.all_reduce(loss)
+opt = optim.adamw(1e-2)
+clipped, norm = optim.clip_by_global_norm(grads, 0.1)
+params, _ = opt.update(clipped, opt.init(sharded.trainable_params()), sharded.trainable_params())
+ref_clipped, ref_norm = optim.clip_by_global_norm(ref_grads, 0.1)
+ref_params, _ = opt.update(ref_clipped, opt.init(model.trainable_params()), model.trainable_params())
+local_bytes = sum(t.to_local().numel() * t.element_size() for t in params.values())
+full_bytes = sum(t.numel() * t.element_size() for t in ref_params.values())
+result = {
+    "loss": loss.reshape(1), "ref_loss": ref_loss.reshape(1), "norm": norm.full_tensor().reshape(1)
+    if hasattr(norm, "full_tensor") else norm.reshape(1), "ref_norm": ref_norm.reshape(1),
+    "bytes": torch.tensor([local_bytes, full_bytes]),
+}
+for p, t in grads.items():
+    result[f"grad.{p}"] = t.full_tensor()
+    result[f"ref_grad.{p}"] = ref_grads[p]
+for p, t in params.items():
+    result[f"param.{p}"] = t.full_tensor()
+    result[f"ref_param.{p}"] = ref_params[p]
+if rank == 0:
+    save_file({k: v.contiguous() for k, v in result.items()}, out)
+dist.destroy_process_group()
