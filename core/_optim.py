@@ -46,11 +46,12 @@ param dtype once (round to nearest even). This equals ``torch.optim.AdamW``
 run on fp32 copies of the params with the params rounded back to bf16 after
 every step, bit for bit; compared with ``torch.optim.AdamW`` on bf16 params
 (which keeps bf16 state and rounds after every elementary op) it is more
-accurate. The upcast happens in buckets of at most ``_BUCKET_NUMEL`` elements,
-so the transient fp32 copies are bounded (2 x 256 MiB) whatever the model
-size. Updates smaller than half a bf16 ulp of a weight are lost, as they
-always are without master weights: use fp32 params (or LoRA, whose adapter
-weights are usually fp32) when that matters.
+accurate. The upcast happens in pieces of at most ``_UPCAST_NUMEL`` elements
+(large tensors are cut into flat ranges), so the transient fp32 copies stay
+under 2 x 64 MiB whatever the model size. Updates smaller than half a bf16
+ulp of a weight are lost, as they always are without master weights: use
+fp32 params (or LoRA, whose adapter weights are usually fp32) when that
+matters.
 
 Schedules
 ---------
@@ -67,6 +68,7 @@ exactly as transformers' ``get_*_schedule_with_warmup``) and then hold
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, Union
@@ -84,10 +86,14 @@ __all__ = [
     "cosine", "linear", "load_state_dict", "schedule_by_name", "sgd", "state_dict",
 ]
 
-# Largest number of elements upcast to fp32 at once for low-precision params
-# (and largest chunk handed to one foreach call, which bounds the foreach
-# path's temporaries). Elementwise math, so bucketing never changes a result.
+# Most elements handed to one kernel call (bounds the foreach path's
+# temporaries; a single larger tensor still goes whole) and most elements
+# upcast to fp32 at once for low-precision params or grads (large contiguous
+# tensors are cut into flat ranges at multiples of _SPLIT_ALIGN). The math is
+# elementwise and the cuts aligned, so bucketing never changes a result.
 _BUCKET_NUMEL = 1 << 26
+_UPCAST_NUMEL = 1 << 24
+_SPLIT_ALIGN = 1 << 12
 
 
 class Optimizer(Protocol):
@@ -193,23 +199,48 @@ def _clone(ts: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     return out
 
 
-def _groups(ps: list[Tensor], gs: list[Tensor]) -> Iterator[list[int]]:
-    """Indices grouped by (device, param dtype, grad dtype), each group cut into buckets."""
+def _groups(ps: list[Tensor], gs: list[Tensor]) -> list[list[int]]:
+    """Indices grouped by (param device, param dtype, grad device, grad dtype)."""
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(ps, gs)):
-        groups.setdefault((p.device, p.dtype, g.dtype, g.device), []).append(i)
-    for idx in groups.values():
-        bucket: list[int] = []
-        size = 0
-        for i in idx:
-            n = ps[i].numel()
-            if bucket and size + n > _BUCKET_NUMEL:
+        groups.setdefault((p.device, p.dtype, g.device, g.dtype), []).append(i)
+    return list(groups.values())
+
+
+Piece = tuple[int, Union[slice, None]]  # tensor index, flat range of it (None: all of it)
+
+
+def _buckets(idx: list[int], ts: list[list[Tensor]], limit: int, split: bool) -> Iterator[list[Piece]]:
+    """Runs of pieces of at most ``limit`` elements (a lone tensor may exceed it unless ``split``).
+
+    With ``split``, tensors bigger than ``limit`` that are contiguous in every
+    list of ``ts`` are cut into flat ranges.
+    """
+    bucket: list[Piece] = []
+    size = 0
+    # Cut points on multiples of _SPLIT_ALIGN elements: CPU kernels run a
+    # vector body and a scalar tail that may round differently, and aligned
+    # cuts keep every element in the part of the loop it has in one call.
+    step = max(_SPLIT_ALIGN, limit // _SPLIT_ALIGN * _SPLIT_ALIGN)
+    for i in idx:
+        n = ts[0][i].numel()
+        if split and n > step and all(t[i].is_contiguous() for t in ts):
+            parts: list[tuple[Piece, int]] = [((i, slice(a, min(a + step, n))), min(step, n - a))
+                                              for a in range(0, n, step)]
+        else:
+            parts = [((i, None), n)]
+        for piece, m in parts:
+            if bucket and size + m > limit:
                 yield bucket
                 bucket, size = [], 0
-            bucket.append(i)
-            size += n
-        if bucket:
-            yield bucket
+            bucket.append(piece)
+            size += m
+    if bucket:
+        yield bucket
+
+
+def _piece(t: Tensor, sl: slice | None) -> Tensor:
+    return t if sl is None else t.view(-1)[sl]
 
 
 # kernel(params, grads, states, inplace) -> updated params; params, grads and
@@ -217,34 +248,62 @@ def _groups(ps: list[Tensor], gs: list[Tensor]) -> Iterator[list[int]]:
 Kernel = Callable[[list[Tensor], list[Tensor], list[list[Tensor]], bool], list[Tensor]]
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list[Tensor]],
            inplace: bool) -> list[Tensor]:
-    """Run ``kernel`` group by group, upcasting low-precision params and grads to the state dtype."""
+    """Run ``kernel`` bucket by bucket, upcasting low-precision params and grads to the state dtype.
+
+    Sharded (DTensor) params, grads and states are updated shard by shard: the
+    update is elementwise, so each rank runs it on its local shards (which
+    share storage with the DTensors) and the new params are wrapped back.
+    """
+    if any(_is_dtensor(t) for t in ps):
+        local = lambda ts: [t.to_local() if _is_dtensor(t) else t for t in ts]  # noqa: E731
+        new = _apply(kernel, local(ps), local(gs), [local(s) for s in states], inplace)
+        return [type(p).from_local(n, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                if _is_dtensor(p) else n for n, p in zip(new, ps)]
     out: list[Tensor | None] = [None] * len(ps)
     for idx in _groups(ps, gs):
-        p_in = [ps[i] for i in idx]
-        g_in = [gs[i] for i in idx]
-        s_in = [[s[i] for i in idx] for s in states]
-        compute = _state_dtype(p_in[0].dtype)
-        if g_in[0].device != p_in[0].device:
-            raise ValueError(f"grads on {g_in[0].device} but params on {p_in[0].device}")
-        g_c = g_in if g_in[0].dtype == compute else _clone(g_in, compute)
-        if p_in[0].dtype == compute:
-            res = kernel(p_in, g_c, s_in, inplace)
-        else:
-            p_c = _clone(p_in, compute)
-            kernel(p_c, g_c, s_in, True)
-            res = p_in if inplace else [torch.empty_like(p) for p in p_in]
-            torch._foreach_copy_(res, p_c)  # one rounding to the param dtype
-            del p_c
-        for i, r in zip(idx, res):
-            out[i] = r
+        p0, g0 = ps[idx[0]], gs[idx[0]]
+        if g0.device != p0.device:
+            raise ValueError(f"grads on {g0.device} but params on {p0.device}")
+        compute = _state_dtype(p0.dtype)
+        if p0.dtype == compute and g0.dtype == compute:  # the kernel works on the tensors themselves
+            for bucket in _buckets(idx, [ps], _BUCKET_NUMEL, split=False):
+                ids = [i for i, _ in bucket]
+                res = kernel([ps[i] for i in ids], [gs[i] for i in ids], [[s[i] for i in ids] for s in states],
+                             inplace)
+                for i, r in zip(ids, res):
+                    out[i] = r
+            continue
+        # Upcast piece by piece into bounded fp32 temporaries, write back with one rounding.
+        for i in idx:
+            out[i] = ps[i] if inplace else torch.empty_like(ps[i])
+        for bucket in _buckets(idx, [ps, gs, out, *states], _UPCAST_NUMEL, split=True):  # type: ignore[list-item]
+            p_v = [_piece(ps[i], sl) for i, sl in bucket]
+            r_v = [_piece(out[i], sl) for i, sl in bucket]  # type: ignore[arg-type]
+            s_v = [[_piece(s[i], sl) for i, sl in bucket] for s in states]
+            g_v = [_piece(gs[i], sl) for i, sl in bucket]
+            g_c = g_v if g0.dtype == compute else _clone(g_v, compute)
+            if p0.dtype == compute:
+                if not inplace:
+                    torch._foreach_copy_(r_v, p_v)
+                kernel(r_v, g_c, s_v, True)
+            else:
+                p_c = _clone(p_v, compute)
+                kernel(p_c, g_c, s_v, True)
+                torch._foreach_copy_(r_v, p_c)  # one rounding to the param dtype
+            del g_c
     return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- AdamW
 
 
+@functools.cache
 def _fused_devices() -> tuple[str, ...]:
     if not hasattr(torch, "_fused_adamw_"):
         return ()
@@ -466,6 +525,20 @@ def clip_by_global_norm(grads: Params, max_norm: float, *,
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, g in enumerate(gs):
         groups.setdefault((g.device, g.dtype), []).append(i)
+    sharded = [g for g in gs if _is_dtensor(g)]
+    if sharded:  # norms of the local shards, combined over the ranks: sqrt(all_reduce(sum of squares))
+        import torch.distributed as dist
+
+        squares = sum(g.to_local().float().pow(2).sum() for g in sharded)
+        dist.all_reduce(squares, group=sharded[0].device_mesh.get_group())
+        plain = [g for g in gs if not _is_dtensor(g)]
+        squares = squares + sum(g.float().pow(2).sum() for g in plain)
+        total = squares.sqrt().to(torch.float32)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        out = {k: type(g).from_local(g.to_local() * coef.to(g.dtype), g.device_mesh, g.placements, shape=g.shape,
+                                     stride=g.stride()) if _is_dtensor(g) else g * coef.to(g.dtype)
+               for k, g in zip(keys, gs)}
+        return out, total
     norms: list[Tensor] = []
     for (_, dtype), idx in groups.items():
         low = dtype not in (torch.float32, torch.float64)

@@ -1,0 +1,32 @@
+"""shard(): 2 gloo processes with half the batch each equal one process with the whole batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).parent / "_shard_worker.py"
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_two_ranks_equal_one(method, tmp_path):
+    out = tmp_path / "result.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+           method, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = load_file(out)
+    assert abs(r["loss"].item() - r["ref_loss"].item()) <= 1e-5 * abs(r["ref_loss"].item())
+    assert abs(r["norm"].item() - r["ref_norm"].item()) <= 1e-5 * r["ref_norm"].item()
+    grads = [k for k in r if k.startswith("grad.")]
+    assert grads
+    for k in grads:
+        assert (r[k] - r["ref_" + k]).norm() <= 1e-5 * r["ref_" + k].norm(), k
+    for k in (k for k in r if k.startswith("param.")):
+        assert (r[k] - r["ref_" + k]).abs().max() <= 2e-5, k
+    local, full = r["bytes"].tolist()
+    assert local == full // 2  # each rank holds half of the trainable parameters (and their optimizer state)
