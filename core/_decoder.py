@@ -257,7 +257,7 @@ def attention(
         cache.values[index][:, :, start : start + seq] = v
         k, v = cache.keys[index][:, :, : start + seq], cache.values[index][:, :, : start + seq]
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+        q, k, v, attn_mask=mask, is_causal=bool(mask is None and seq > 1),
         enable_gqa=cfg.num_kv_heads != cfg.num_heads,
     )
     out = out.transpose(1, 2).reshape(batch, seq, cfg.q_dim)

@@ -197,6 +197,26 @@ def download_cmd(
     typer.echo(str(folder))
 
 
+@app.command("export")
+def export_cmd(
+    model_path: str = typer.Argument(..., help="Model folder (HF, or an ft-prog quantized one)."),
+    output: Path = typer.Argument(..., help="Output folder (hf, peft) or file prefix (gguf, executorch)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="hf | peft | gguf | executorch"),
+    adapter: str = typer.Option(None, help="PEFT adapter folder to merge (hf, gguf, executorch) or export (peft)."),
+    dtype: str = typer.Option(None, help="fp32 | fp16 | bf16 tensors in the output."),
+    max_seq_len: int = typer.Option(None, help="executorch: longest sequence the program accepts."),
+) -> None:
+    """Export a (fine-tuned) model: Hugging Face, PEFT, GGUF (llama.cpp) or ExecuTorch."""
+    from ftprog.programs.export import ExportError, export
+
+    try:
+        path = export(model_path, output, fmt, adapter=adapter, dtype=dtype, max_seq_len=max_seq_len)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"export failed: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(path))
+
+
 def main() -> None:
     app()
 

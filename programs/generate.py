@@ -162,11 +162,20 @@ def generate(
 
 
 def build_model(path: str, *, dtype: str, quantize: str = "", adapter: str = "", device=None) -> Model:
-    """Load ``path``, quantize its linears (``""``: no), put the PEFT ``adapter`` folder on it (``""``: none)."""
+    """Load ``path``, quantize its linears (``""``: no), put the PEFT ``adapter`` folder on it (``""``: none).
+
+    ``path`` may also be a checkpoint written by `ft-prog run quantize` (loaded as it is, quantized).
+    """
+    from ftprog.programs.quantize import is_quantized_checkpoint, load_quantized
     from ftprog.transforms import load_adapter
     from ftprog.transforms import quantize as quantize_model
 
-    model = load_pretrained(path, dtype=as_dtype(dtype), device=device)
+    if is_quantized_checkpoint(path):
+        if quantize:
+            raise ValueError(f"{path} is already quantized; leave quantize empty")
+        model = load_quantized(path, device=device)
+    else:
+        model = load_pretrained(path, dtype=as_dtype(dtype), device=device)
     if quantize:
         model = quantize_model(model, quantize, skip_unsupported=True)
     if adapter:

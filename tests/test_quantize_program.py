@@ -1,0 +1,220 @@
+"""`ft-prog run quantize`: size and perplexity before/after, the on-disk format, load_quantized, refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ftprog.core import CheckpointError, flatten, from_config, load_pretrained, save_pretrained
+from ftprog.programs.quantize import (
+    CONFIG, QUANT_FILE, WEIGHTS_FILE, _pack_int4, _unpack_int4, is_quantized_checkpoint, load_quantized, perplexity,
+    quantized_model, run,
+)
+from ftprog.transforms import load_adapter, lora, merge, quantize, save_adapter
+
+# Every linear fits nf4 (element count divisible by 64 * 256) and int4 (in_features divisible by 32).
+CONFIG_JSON = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 256, "intermediate_size": 512,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 640,
+               "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+TEXT = ("The quick brown fox jumps over the lazy dog. Hello, world! Fine-tuning language models needs data, "
+        "patience and a good tokenizer. What is the capital of France? The capital of France is Paris. ") * 3
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(model folder with a BPE tokenizer, adapter folder, eval text file)."""
+    from _tokfixtures import build_bpe_folder
+
+    root = tmp_path_factory.mktemp("qprog")
+    tok = build_bpe_folder(root / "tok")
+    model = from_config(CONFIG_JSON, seed=3).replace(source=str(tok))
+    folder = save_pretrained(model, root / "model")
+    adapted = lora(load_pretrained(folder), rank=4, alpha=8, targets=("q_proj", "down_proj"))
+    g = torch.Generator().manual_seed(4)
+    adapted = adapted.with_params({p: torch.randn(t.shape, generator=g) * 0.05
+                                   for p, t in adapted.trainable_params().items()})
+    adapter = save_adapter(adapted, root / "adapter")
+    text = root / "eval.txt"
+    text.write_text(TEXT)
+    return folder, adapter, text
+
+
+def _cfg(overrides):
+    from ftprog.programs.config import from_dict
+
+    data = {"model": {"path": str(overrides.pop("model_path"))}, **overrides}
+    return from_dict(CONFIG, data, source="test")
+
+
+@pytest.mark.parametrize("scheme, max_ratio", [("int8", 0.62), ("int4", 0.42), ("nf4", 0.40)])
+def test_run_reports_size_and_perplexity_and_reloads_exactly(folders, tmp_path, scheme, max_ratio, capsys):
+    folder, _, text = folders
+    out = tmp_path / f"q-{scheme}"
+    cfg = _cfg({"model_path": folder, "scheme": scheme, "dtype": "bf16", "output_dir": str(out),
+                "eval_text": str(text), "max_length": 32})
+    report = run(cfg, {"scheme": scheme})
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "on disk" in printed
+    saved = json.loads((out / "quantize_report.json").read_text())
+    assert saved["scheme"] == scheme and saved["perplexity_after"] == report["perplexity_after"]
+    # Sizes: float bf16 model vs the weights file written.
+    assert report["float_bytes"] == sum(t.numel() * 2 for t in flatten(load_pretrained(folder).params).values())
+    assert report["quantized_disk_bytes"] == (out / WEIGHTS_FILE).stat().st_size
+    assert report["disk_ratio"] < max_ratio, report["disk_ratio"]
+    assert report["unquantized_linears"] == []
+    # Perplexity: windows of 32 tokens over the whole text; quantization changes it only a little.
+    assert report["eval_tokens"] > 64
+    assert math.isfinite(report["perplexity_before"]) and report["perplexity_before"] > 1
+    rel = abs(report["perplexity_delta"]) / report["perplexity_before"]
+    assert rel < (0.01 if scheme == "int8" else 0.05), report
+
+    # The folder on disk: format file, config, tokenizer, never a model.safetensors.
+    assert is_quantized_checkpoint(out) and (out / "tokenizer.json").is_file()
+    assert not (out / "model.safetensors").exists()
+    meta = json.loads((out / QUANT_FILE).read_text())
+    assert meta["scheme"] == scheme and meta["format_version"] == 1 and len(meta["quantized"]) == 14
+    if scheme == "int4":
+        assert meta["group_size"] == 32
+
+    # Loading it back gives the in-memory quantized model's logits exactly.
+    _, qmodel = quantized_model(cfg)
+    loaded = load_quantized(out)
+    tokens = torch.randint(0, 640, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(tokens), qmodel(tokens))
+    assert loaded.trainable == qmodel.trainable
+    q_flat, l_flat = flatten(qmodel.params), flatten(loaded.params)
+    assert {p: type(t) for p, t in q_flat.items()} == {p: type(t) for p, t in l_flat.items()}
+
+
+def test_adapter_is_merged_before_quantizing(folders, tmp_path):
+    folder, adapter, text = folders
+    out = tmp_path / "q"
+    cfg = _cfg({"model_path": folder, "adapter": str(adapter), "scheme": "int8", "dtype": "fp32",
+                "output_dir": str(out), "eval_text": str(text), "max_length": 64})
+    report = run(cfg, {})
+    base = load_pretrained(folder)
+    merged = merge(load_adapter(base, adapter))
+    tokens = torch.randint(0, 640, (1, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(load_quantized(out)(tokens), quantize(merged, "int8")(tokens))
+    # The reported "before" is the adapted model's perplexity, not the base's.
+    from ftprog.core import load_tokenizer
+
+    text_ids = load_tokenizer(folder).encode(text.read_text())
+    assert report["perplexity_before"] == pytest.approx(perplexity(merged, text_ids, 64)[0], rel=1e-6)
+    assert report["perplexity_before"] != pytest.approx(perplexity(base, text_ids, 64)[0], rel=1e-6)
+
+
+def test_perplexity_windows_predict_every_token_once(folders):
+    folder, _, _ = folders
+    model = load_pretrained(folder)
+    ids = list(range(1, 71))
+    ppl, count = perplexity(model, ids, 32)
+    assert count == 69
+    # Same as summing the cross-entropy of three separate windows by hand.
+    total = 0.0
+    for start in range(0, 69, 32):
+        window = torch.tensor(ids[start:start + 33])
+        logits = model(window[:-1][None]).float()
+        total += torch.nn.functional.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    assert ppl == pytest.approx(math.exp(total / 69), rel=1e-5)
+
+
+def test_int4_packing_round_trip():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    packed = _pack_int4(q, "w")
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(_unpack_int4(packed), q)
+    with pytest.raises(ValueError, match="outside"):
+        _pack_int4(torch.tensor([[8, 0]], dtype=torch.int8), "w")
+
+
+def test_refusals_come_before_loading(folders, tmp_path):
+    folder, _, text = folders
+    with pytest.raises(FileNotFoundError, match="adapter folder"):
+        run(_cfg({"model_path": folder, "adapter": str(tmp_path / "nope"), "output_dir": str(tmp_path / "o")}), {})
+    with pytest.raises(FileNotFoundError, match="eval_text"):
+        run(_cfg({"model_path": folder, "eval_text": str(tmp_path / "missing.txt"),
+                  "output_dir": str(tmp_path / "o")}), {})
+    with pytest.raises(ValueError, match="max_length"):
+        run(_cfg({"model_path": folder, "eval_text": str(text), "max_length": 4096,
+                  "output_dir": str(tmp_path / "o")}), {})
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_shapes_are_listed_or_refused(tmp_path):
+    folder = save_pretrained(from_config({**CONFIG_JSON, "intermediate_size": 200}, seed=0), tmp_path / "m")
+    report = run(_cfg({"model_path": folder, "scheme": "nf4", "output_dir": str(tmp_path / "q")}), {})
+    assert report["unquantized_linears"] and all("mlp" in p for p in report["unquantized_linears"])
+    tokens = torch.tensor([[1, 2, 3]])
+    assert load_quantized(tmp_path / "q")(tokens).shape == (1, 3, 640)
+    with pytest.raises(ValueError, match="skip_unsupported"):
+        run(_cfg({"model_path": folder, "scheme": "nf4", "skip_unsupported": False,
+                  "output_dir": str(tmp_path / "q2")}), {})
+
+
+def test_quantized_folder_is_refused_by_other_loaders_and_checked_by_ours(folders, tmp_path):
+    folder, _, _ = folders
+    out = tmp_path / "q"
+    run(_cfg({"model_path": folder, "scheme": "int4", "output_dir": str(out)}), {})
+    with pytest.raises((FileNotFoundError, CheckpointError)):
+        load_pretrained(out)
+    with pytest.raises(ValueError, match="already quantized"):
+        run(_cfg({"model_path": out, "output_dir": str(tmp_path / "again")}), {})
+    with pytest.raises(CheckpointError, match="not a quantized"):
+        load_quantized(folder)
+
+    # A tampered file: a component missing, then an unexpected tensor.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / WEIGHTS_FILE)
+    victim = "model.layers.1.mlp.up_proj.weight.scale"
+    save_file({k: v for k, v in tensors.items() if k != victim}, out / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="up_proj.weight.scale"):
+        load_quantized(out)
+    save_file({**tensors, "model.extra.weight": torch.zeros(2)}, out / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.extra.weight'"):
+        load_quantized(out)
+
+
+def test_transformers_refuses_the_quantized_folder(folders, tmp_path):
+    import transformers
+
+    folder, _, _ = folders
+    out = tmp_path / "q"
+    run(_cfg({"model_path": folder, "scheme": "int8", "output_dir": str(out)}), {})
+    with pytest.raises(OSError):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_generate_runs_on_the_loaded_quantized_model(folders, tmp_path):
+    from ftprog.programs.generate import generate
+
+    folder, _, _ = folders
+    out = tmp_path / "q"
+    run(_cfg({"model_path": folder, "scheme": "nf4", "dtype": "bf16", "output_dir": str(out)}), {})
+    loaded = load_quantized(out)
+    tokens = [[5, 6, 7, 8]]
+    new = generate(loaded, tokens, max_new_tokens=4)[0]
+    assert len(new) == 4
+    # Greedy with the cache equals greedy over the full sequence.
+    seq = torch.tensor(tokens)
+    for token in new:
+        assert loaded(seq)[0, -1].argmax().item() == token
+        seq = torch.cat([seq, torch.tensor([[token]])], 1)
+
+
+def test_cli_demo_config(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ftprog.programs.cli import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, this is a small text for the demo model. " * 4)
+    out = tmp_path / "demo-q"
+    result = CliRunner().invoke(app, ["run", "quantize", "--config", "demo", f"output_dir={out}",
+                                      f"eval_text={text}", "scheme=int4"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output and (out / QUANT_FILE).is_file()
+    assert json.loads((out / "quantize_report.json").read_text())["scheme"] == "int4"
