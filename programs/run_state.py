@@ -58,9 +58,13 @@ def save_checkpoint(output_dir: Path, step: int, model: Model, optimizer_state: 
         (tmp / "state.json").write_text(json.dumps(state))
         (tmp / "config.toml").write_text(config_toml)
         _replace_dir(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
+            raise
+        kept = checkpoints(output_dir)
+        raise RuntimeError(f"could not save checkpoint {target} ({type(e).__name__}: {e}); the earlier checkpoint "
+                           f"{kept[-1] if kept else '(none)'} is untouched") from e
     for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -10,17 +10,23 @@ number of target tokens, global-norm clipping, AdamW/SGD with constant,
 linear or cosine schedules and warmup, validation loss, exact-match scoring
 of greedy answers, metrics.jsonl / TensorBoard / W&B, atomic resumable
 checkpoints every ``save_every`` steps, exact resume after a crash (same
-command), Ctrl-C saves and exits.
+command), Ctrl-C saves at the end of the step and exits (code 130).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from ftprog.core import Model, as_dtype, load_pretrained, load_tokenizer, optim, token_loss_sum, value_and_grad
@@ -31,7 +37,7 @@ from ftprog.programs.demo_assets import resolve
 from ftprog.programs.generate import generate
 from ftprog.programs.metrics import MetricsLog, plot_losses
 from ftprog.programs.sft_config import SFTConfig
-from ftprog.transforms import checkpoint, compile, lora, merge, quantize, save_adapter, trainable
+from ftprog.transforms import checkpoint, compile, lora, merge, quantize, trainable
 
 CONFIG = SFTConfig
 
@@ -60,6 +66,13 @@ def build_optimizer(cfg: SFTConfig, total_steps: int) -> Any:
     if o.name == "sgd":
         return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay)
     return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, torch.Tensor]:
+    """``(grads clipped to global norm max_norm (0: not clipped), their global norm before clipping)``."""
+    if max_norm > 0:
+        return optim.clip_by_global_norm(grads, max_norm)
+    return grads, torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads.values()]))
 
 
 def step_loss(model: Model, batches: list, num_targets: int) -> torch.Tensor:
@@ -117,9 +130,14 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     opt_state = opt.init(model.trainable_params())
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
 
-    # 4. Resume from the newest complete checkpoint (same command, same config).
+    # 4. Resume from the newest complete checkpoint (same command, same config); resume=false starts over.
     state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
-    found = run_state.checkpoints(out) if cfg.resume else []
+    found = run_state.checkpoints(out)
+    if found and not cfg.resume:
+        print(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in found)}", flush=True)
+        for old in found:  # else they would outrank this run's in pruning and on the next resume
+            shutil.rmtree(old)
+        found = []
     if found:
         model, saved_opt, state = run_state.load_checkpoint(found[-1], model, base)
         opt_state = optim.load_state_dict(opt, model.trainable_params(), saved_opt)
@@ -137,14 +155,13 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
         return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
                                          to_toml(resolved), cfg.keep_last)
 
-    # 5. The loop.
+    # 5. The loop. Ctrl-C is acted on between steps, so the checkpoint it saves is a consistent one.
     grad_fn = value_and_grad(step_loss)
     batches = loader.forever()
     start_time, start_tokens = time.perf_counter(), state["tokens"]
     step = state["step"]
-    try:
+    with _interrupt_between_steps() as interrupted:
         while step < total_steps:
-            loader_before = loader.state_dict()
             micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
             num_targets = max(sum(b.num_targets for b in micro), 1)
             loss, grads = torch.zeros(()), None
@@ -152,14 +169,12 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                 part, g = grad_fn(model, [b], num_targets)
                 loss = loss + part.cpu()
                 grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-            if not torch.isfinite(loss):
+            grads, grad_norm = clip_gradients(grads, cfg.optimizer.max_grad_norm)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 last = run_state.checkpoints(out)
-                raise RuntimeError(f"non-finite loss ({loss.item()}) at step {step + 1}; stopped. Last good "
-                                   f"checkpoint: {last[-1] if last else 'none'} (lower optimizer.lr?)")
-            if cfg.optimizer.max_grad_norm > 0:
-                grads, grad_norm = optim.clip_by_global_norm(grads, cfg.optimizer.max_grad_norm)
-            else:
-                grad_norm = torch.zeros(())
+                raise RuntimeError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step "
+                                   f"{step + 1}; stopped before updating. Last good checkpoint: "
+                                   f"{last[-1] if last else 'none'} (lower optimizer.lr?)")
             lr = opt.lr_at(opt_state.count)
             params, opt_state = opt.update(grads, opt_state, model.trainable_params())
             model = model.with_params(params)
@@ -173,17 +188,17 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                 log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save(step)
-    except KeyboardInterrupt:
-        state["loader"] = loader_before if state["step"] < step else state["loader"]
-        where = save(state["step"])
-        log.close()
-        print(f"\ninterrupted: saved {where}; run the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
+            stop = interrupted() and step < total_steps
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps or stop:
+                where = save(step)
+            if stop:
+                log.close()
+                print(f"\ninterrupted: saved {where} (step {step}); run the same command to resume", file=sys.stderr)
+                raise SystemExit(130)
 
     # 6. Final evaluation and outputs.
-    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1)}
+    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
+               "data": attrs.asdict(train_data.stats)}
     if val_data is not None:
         summary["val_loss"] = validation_loss(model, _val_loader(val_data, cfg), device)
         log.log({"step": step, "val_loss": summary["val_loss"]})
@@ -197,6 +212,32 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
         plot_losses(log.records, out / "loss_curve.png")
     _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id)
     return final
+
+
+@contextlib.contextmanager
+def _interrupt_between_steps():
+    """Within: Ctrl-C only sets a flag (``interrupted()``) the loop checks after each step; a second one aborts.
+
+    Acting on it between steps keeps model, optimizer state, data position and RNG consistent in the checkpoint
+    (a KeyboardInterrupt raised mid-step could leave the optimizer moments half-updated).
+    """
+    flag = []
+
+    def handle(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+        with contextlib.suppress(Exception):  # os.write: printing from a handler can re-enter sys.stderr's buffer
+            os.write(sys.stderr.fileno(), b"\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)\n")
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:

@@ -92,6 +92,7 @@ class SFTConfig:
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     resume: bool = True
+    """Continue from the newest ``step_N`` checkpoint in ``output_dir``; false: start over (removing them)."""
     eval_every: int = 0
     """Validation loss every N steps (0: only at the end, if there is validation data)."""
     exact_match_samples: int = 0

@@ -1,0 +1,470 @@
+"""`ft-prog run sft` end to end: every method trains and its output loads in transformers / peft, exact resume
+after SIGKILL and Ctrl-C, gradient accumulation, bad data and failures, config errors, the offline demo.
+
+Everything is built offline (tests/_sft_fixtures.py): a 1.3M-parameter Llama with a ChatML BPE tokenizer and a
+few dozen "reverse the word" rows. Runs are in-process (``sft.run``) where that is enough, subprocesses of the
+real command line where a signal or an exit code is the point.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from _sft_fixtures import build_model_folder, reverse_rows, write_config, write_jsonl
+from ftprog.core import DataError, load_pretrained, save_pretrained
+from ftprog.programs import run_state, sft
+from ftprog.programs.cli import CONFIG_DIR, app
+from ftprog.programs.config import load_config
+from ftprog.transforms import load_adapter, quantize
+
+CLI = [sys.executable, "-c", "from ftprog.programs.cli import main; main()"]
+# The same command, each micro-batch slowed by a sleep after its forward (numerics untouched), so that a signal
+# sent when a checkpoint appears surely lands before the run ends; the number of forwards done so far is written
+# to $SFT_TEST_CALLS, so a signal can be aimed at the middle of a step.
+SLOW_CLI = [sys.executable, "-c", """
+import os, time
+from ftprog.programs import sft
+from ftprog.programs.cli import main
+fast, calls = sft.step_loss, [0]
+def slow(*args, **kwargs):
+    loss = fast(*args, **kwargs)  # the forward has drawn this micro-batch's dropout masks
+    calls[0] += 1
+    with open(os.environ["SFT_TEST_CALLS"], "w") as f:
+        f.write(str(calls[0]))
+    time.sleep(0.25)
+    return loss
+sft.step_loss = slow
+main()
+"""]
+TIMEOUT = 600  # generous: the machine may be shared; the runs themselves take seconds
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread in-process and in the subprocesses (same count, so their results compare bit for bit):
+    on a shared 2-core machine, OpenMP threads spinning against other jobs made this file 6x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("sft-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("sft-data") / "train.jsonl", reverse_rows(48))
+
+
+@pytest.fixture
+def config(tmp_path, model_dir, train_file):
+    """A small fp32 config file (output_dir = tmp_path/out)."""
+    return write_config(tmp_path / "sft.toml", model_dir, train_file, tmp_path / "out")
+
+
+def run_sft(config_file: Path, *overrides: str) -> Path:
+    cfg, resolved = load_config(sft.CONFIG, config_file, list(overrides), builtin_dir=CONFIG_DIR / "sft")
+    return sft.run(cfg, resolved)
+
+
+def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, **ONE_THREAD, **(env or {})}, **kwargs)
+
+
+def start_cli(*args: str, calls: Path) -> subprocess.Popen:
+    """The command, slowed (see SLOW_CLI), in the background; it counts its forwards in file ``calls``."""
+    return subprocess.Popen([*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD, "SFT_TEST_CALLS": str(calls)})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT, *, at_least: int | None = None) -> None:
+    """Until ``path`` exists (and, with ``at_least``, holds a number >= it), failing if ``proc`` ends first."""
+
+    def ready() -> bool:
+        if at_least is None:
+            return path.exists()
+        try:
+            return int(path.read_text() or 0) >= at_least
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {path.name} appeared:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    """``(step, loss)`` in the order metrics.jsonl has them (a resumed run's file must read as one run)."""
+    return [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved model or adapter folder."""
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no safetensors in {folder}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ------------------------------------------------------------------------------ 1. every method, end to end
+
+METHODS = {  # method -> overrides
+    "none": ["optimizer.lr=1e-3"],
+    "lora": ["optimizer.lr=1e-2"],
+    "dora": ["optimizer.lr=1e-2", "peft.merge_at_end=true"],
+    "qlora": ["optimizer.lr=1e-2", "peft.merge_at_end=true"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_final_loads(method, config, model_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    final = run_sft(config, f"peft.method={method}", "max_steps=8", *METHODS[method])
+    assert final == out / "final"
+
+    logged = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    for r in logged:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0
+    assert [r["tokens"] for r in logged] == sorted({r["tokens"] for r in logged})  # strictly increasing
+    first, last = logged[0]["loss"], logged[-1]["loss"]
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["tokens"] == logged[-1]["tokens"]
+
+    x = tokens()
+    if method == "none":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+        ours = load_pretrained(final)
+        with torch.no_grad():
+            assert gap(ours(x), hf(x).logits) <= 1e-4
+            assert gap(ours(x), load_pretrained(model_dir)(x)) > 1e-3, "final holds the untrained weights"
+        assert (final / "tokenizer.json").is_file()
+        return
+
+    peft = pytest.importorskip("peft")
+    base = load_pretrained(model_dir)
+    reference_base = model_dir
+    if method == "qlora":  # PEFT on the dequantized NF4 weights is the reference
+        base = quantize(base, "nf4")
+        reference_base = save_pretrained(base, tmp_path / "dequantized")
+    ours = load_adapter(base, final)
+    cfg = json.loads((final / "adapter_config.json").read_text())
+    assert cfg["use_dora"] == (method == "dora") and cfg["r"] == 4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(reference_base, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, final).eval()
+    with torch.no_grad():
+        assert gap(ours(x), pm(x).logits) <= 1e-4
+        assert gap(ours(x), base(x)) > 1e-3, "the adapter did not change the model"
+    if "peft.merge_at_end=true" in METHODS[method]:  # final/merged: a plain HF model with the same logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(final / "merged", dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert gap(ours(x), merged(x).logits) <= 1e-4
+        assert (final / "merged" / "tokenizer.json").is_file()
+    else:
+        assert not (final / "merged").exists()
+
+
+# ------------------------------------------------------------------------------- 2. exact resume after SIGKILL
+
+RESUME = ["max_steps=8", "save_every=2", "packing=true", "seq_len=128", "log.plot=false"]
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_resume_after_sigkill_is_exact(method, config, tmp_path):
+    overrides = [*RESUME, f"peft.method={method}",
+                 *(["peft.dropout=0.1", "optimizer.lr=1e-2"] if method == "lora" else [])]
+    run_sft(config, *overrides, f"output_dir={tmp_path / 'a'}")
+    out = tmp_path / "b"
+    args = ["run", "sft", "--config", str(config), *overrides, f"output_dir={out}"]
+
+    proc = start_cli(*args, calls=tmp_path / "calls")
+    wait_for(out / "step_4", proc)
+    wait_for(tmp_path / "calls", proc, at_least=5)  # mid step 5
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists()
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    resumed = [line for line in done.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed and ("(step 4)" in resumed[0] or "(step 6)" in resumed[0]), done.stdout
+    assert_bitwise_equal(weights(out / "final"), weights(tmp_path / "a" / "final"))
+    assert losses(out) == losses(tmp_path / "a")  # every step, the ones after the resume point included
+    assert [step for step, _ in losses(out)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("method,dtype", [("none", "bf16"), ("qlora", "fp32")])
+def test_rerun_resumes_exactly(method, dtype, config, tmp_path, capsys):
+    """In-process: the same run resumed from its last checkpoint (final/ removed) ends bit for bit the same, with
+    grad accumulation, validation and exact-match scoring on."""
+    out = tmp_path / "out"
+    overrides = [f"peft.method={method}", f"dtype={dtype}", "max_steps=6", "save_every=2", "grad_accum=2",
+                 "batch_size=2", "packing=true", "seq_len=128", "peft.dropout=0.1", "data.val_fraction=4",
+                 "exact_match_samples=4", "eval_every=2", "log.plot=false"]
+    run_sft(config, *overrides)
+    first, first_losses = weights(out / "final"), losses(out)
+    first_summary = json.loads((out / "summary.json").read_text())
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+    run_sft(config, *overrides)
+    assert f"resumed from {out / 'step_4'} (step 4)" in capsys.readouterr().out
+    assert_bitwise_equal(weights(out / "final"), first)
+    assert losses(out) == first_losses
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("val_loss", "exact_match_before", "exact_match_after", "tokens"):
+        assert summary[key] == first_summary[key], key
+    assert [r["step"] for r in records(out) if "val_loss" in r] == [2, 4, 6]
+
+
+def test_resume_false_starts_over(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_sft(config, "max_steps=6", "save_every=4", "log.plot=false")  # leaves step_4
+    capsys.readouterr()
+    run_sft(config, "max_steps=3", "save_every=1", "resume=false", "log.plot=false")
+    assert "resumed" not in capsys.readouterr().out
+    assert [p.name for p in run_state.checkpoints(out)] == ["step_1", "step_2"]  # the earlier run's step_4 is gone
+    assert [step for step, _ in losses(out)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- 3. gradient accumulation
+
+
+def test_grad_accum_equals_bigger_batch(config, model_dir, train_file, tmp_path):
+    """4 micro-batches of 1 sample == 1 batch of 4 (same samples: the loader's order depends on the seed only):
+    the loss is the mean over all the step's target tokens, not a mean of per-micro-batch means."""
+    from ftprog.core import DataConfig, DataLoader, load_datasets, load_tokenizer
+
+    data, _ = load_datasets(DataConfig(path=str(train_file), format="instruct", seq_len=64),
+                            load_tokenizer(model_dir))
+    counts = [b.num_targets for b, _ in zip(DataLoader(data, 1, seed=0), range(4))]
+    assert len(set(counts)) > 1, f"the first step's samples all have {counts[0]} targets: nothing to test"
+    # SGD: the update is linear in the gradient (Adam's first steps are ~sign(g), which turns rounding noise in
+    # near-zero gradients into lr-sized differences).
+    common = ["max_steps=3", "packing=false", "log.plot=false", "optimizer.name=sgd", "optimizer.lr=0.1"]
+    run_sft(config, *common, "batch_size=1", "grad_accum=4", f"output_dir={tmp_path / 'accum'}")
+    run_sft(config, *common, "batch_size=4", "grad_accum=1", f"output_dir={tmp_path / 'batch'}")
+    a, b = weights(tmp_path / "accum" / "final"), weights(tmp_path / "batch" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+    la, lb = losses(tmp_path / "accum"), losses(tmp_path / "batch")
+    assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
+    assert [loss for _, loss in la] == pytest.approx([loss for _, loss in lb], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ 4. bad input
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Data errors must come before any weights load."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_pretrained called before the data was checked")
+
+    monkeypatch.setattr(sft, "load_pretrained", refuse)
+
+
+def test_malformed_row_names_file_and_line(config, tmp_path, no_model_load):
+    rows = [json.dumps(r) for r in reverse_rows(12)]
+    rows[6] = '{"instruction": "abc", "output": '  # line 7: cut off
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl:7: invalid JSON.*skip_bad"):
+        run_sft(config, f"data.path={bad}")
+
+
+def test_skip_bad_counts_skipped_rows(config, tmp_path, capsys):
+    rows = [json.dumps(r) for r in reverse_rows(24)]
+    rows[3] = "not json"
+    rows[10] = json.dumps({"instruction": "abc"})  # no output
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    run_sft(config, f"data.path={bad}", "data.skip_bad=true", "max_steps=2", "log.plot=false")
+    printed = capsys.readouterr().out
+    assert "22 samples from 24 rows" in printed and "2 bad rows skipped" in printed, printed
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data"]["skipped"] == 2 and summary["data"]["samples"] == 22
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", '{"instruction": "abc"}\n'])
+def test_empty_dataset_fails_before_the_model_loads(config, tmp_path, no_model_load, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    with pytest.raises(DataError, match=r"empty\.jsonl: no (rows|usable samples)"):
+        run_sft(config, f"data.path={empty}", "data.skip_bad=true")
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(config, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"non-finite loss .* at step (\d+);") as e:
+        run_sft(config, "optimizer.lr=1e30", "save_every=1", "max_steps=8")
+    bad = int(re.search(r"at step (\d+);", str(e.value)).group(1))
+    assert 1 < bad < 8 and "optimizer.lr" in str(e.value)
+    last = run_state.checkpoints(out)[-1]
+    assert last.name == f"step_{bad - 1}" and f"checkpoint: {last} " in str(e.value)
+    assert json.loads((last / "state.json").read_text())["step"] == bad - 1
+    assert all(torch.isfinite(t).all() for t in weights(last / "model").values())
+    assert all(torch.isfinite(t).all() for t in load_file(last / "optimizer.safetensors").values())
+    assert not (out / "final").exists()
+    assert [step for step, _ in losses(out)] == list(range(1, bad))
+
+
+def test_failed_save_keeps_previous_checkpoint(config, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_save_file = run_state.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if "step_4" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(run_state, "save_file", full_disk)
+    with pytest.raises(Exception, match=r"step_4.*No space left on device") as e:
+        run_sft(config, "save_every=2", "max_steps=6", "log.plot=false")
+    assert isinstance(e.value, OSError) or isinstance(e.value.__cause__, OSError)
+    assert f"{out / 'step_2'} is untouched" in str(e.value)
+    assert [p.name for p in out.iterdir() if p.name.startswith((".step", "step"))] == ["step_2"]
+    assert json.loads((out / "step_2" / "state.json").read_text())["step"] == 2
+    assert (out / "step_2" / "optimizer.safetensors").is_file() and (out / "step_2" / "model").is_dir()
+
+    monkeypatch.setattr(run_state, "save_file", real_save_file)  # the disk has room again: resume
+    capsys.readouterr()
+    run_sft(config, "save_every=2", "max_steps=6", "log.plot=false")
+    assert "(step 2)" in capsys.readouterr().out
+    assert [step for step, _ in losses(out)] == list(range(1, 7))
+
+
+def test_ctrl_c_saves_exits_130_and_resumes_exactly(config, tmp_path):
+    overrides = ["max_steps=8", "save_every=3", "peft.method=lora", "peft.dropout=0.1", "optimizer.lr=1e-2",
+                 "log.plot=false"]
+    run_sft(config, *overrides, f"output_dir={tmp_path / 'a'}")
+    out = tmp_path / "b"
+    args = ["run", "sft", "--config", str(config), *overrides, f"output_dir={out}"]
+
+    proc = start_cli(*args, calls=tmp_path / "calls")
+    wait_for(out / "step_3", proc)
+    wait_for(tmp_path / "calls", proc, at_least=4)  # step 4's forward is done (its dropout masks drawn)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    saved = run_state.checkpoints(out)[-1]
+    step = json.loads((saved / "state.json").read_text())["step"]
+    assert 3 <= step < 8 and saved.name == f"step_{step}" and str(saved) in err
+    assert not (out / "final").exists()
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"(step {step})" in done.stdout
+    assert_bitwise_equal(weights(out / "final"), weights(tmp_path / "a" / "final"))
+    assert losses(out) == losses(tmp_path / "a")
+
+
+# ------------------------------------------------------------------------------------- 5. config errors
+
+
+def test_config_errors_exit_2_with_message(tmp_path):
+    done = cli("run", "sft", "--config", "demo", "optimizer.lrr=1", f"output_dir={tmp_path / 'out'}")
+    assert done.returncode == 2
+    assert "unknown key 'optimizer.lrr'" in done.stderr and "did you mean 'optimizer.lr'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+    runner = CliRunner()
+    for override, expected in [("batch_size=four", "'batch_size'"), ("peft.method=lorra", "did you mean 'lora'"),
+                               ("optimizer.lr=[1]", "'optimizer.lr'")]:
+        result = runner.invoke(app, ["run", "sft", "--config", "demo", override])
+        assert result.exit_code == 2, (override, result.output)
+        assert "config error" in result.stderr and expected in result.stderr, (override, result.stderr)
+
+
+def test_validate_cp_and_ls(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["validate", "demo"])
+    assert result.exit_code == 0, result.output
+    assert 'path = "builtin:demo-model"' in result.stdout and "valid sft config" in result.stderr
+
+    copy = tmp_path / "x.toml"
+    result = runner.invoke(app, ["cp", "demo", str(copy)])
+    assert result.exit_code == 0 and copy.is_file()
+    copy.write_text(copy.read_text().replace("max_steps = 300", "max_steps = 7"))
+    result = runner.invoke(app, ["validate", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "max_steps = 7" in result.stdout
+    assert runner.invoke(app, ["cp", "demo", str(copy)]).exit_code == 1  # never overwrites
+
+    result = runner.invoke(app, ["ls"])
+    assert result.exit_code == 0
+    listed = result.stdout.split("model presets")[0]
+    for name in ("demo", "llama3_2_1b_lora", "qwen2_5_0_5b_lora", "llama3_1_8b_qlora"):
+        assert f" {name} " in listed, listed
+
+
+# ------------------------------------------------------------------------------------------------ 6. demo
+
+
+def test_demo_runs_offline(tmp_path):
+    out = tmp_path / "demo"
+    done = cli("run", "sft", "--config", "demo", "max_steps=40", f"output_dir={out}", "log.progress=false",
+               env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "exact match before training: 0.0%" in done.stdout
+    assert "exact match on 100 held-out samples: 0.0% before -> " in done.stdout, done.stdout
+    logged = losses(out)
+    assert [step for step, _ in logged] == [10, 20, 30, 40]
+    assert logged[-1][1] < logged[0][1] - 0.5, logged
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and "exact_match_after" in summary and summary["val_loss"] < 4.0
+    assert (tmp_path / "cache" / "ft-prog" / "demo" / "model" / "model.safetensors").is_file()
