@@ -189,7 +189,9 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _zeros(params: Params) -> dict[str, Tensor]:
-    return {k: torch.zeros(p.shape, dtype=_state_dtype(p.dtype), device=p.device) for k, p in params.items()}
+    """Zero state buffers like the params (sharded like them when they are DTensors)."""
+    return {k: torch.zeros_like(p, dtype=_state_dtype(p.dtype), memory_format=torch.contiguous_format)
+            for k, p in params.items()}
 
 
 def _clone(ts: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:

@@ -39,11 +39,16 @@ loss, grads = value_and_grad(loss_fn)(sharded, tokens[mine], targets[mine])
 dist.all_reduce(loss)
 opt = optim.adamw(1e-2)
 clipped, norm = optim.clip_by_global_norm(grads, 0.1)
-params, _ = opt.update(clipped, opt.init(sharded.trainable_params()), sharded.trainable_params())
 ref_clipped, ref_norm = optim.clip_by_global_norm(ref_grads, 0.1)
-ref_params, _ = opt.update(ref_clipped, opt.init(model.trainable_params()), model.trainable_params())
-local_bytes = sum(t.to_local().numel() * t.element_size() for t in params.values())
-full_bytes = sum(t.numel() * t.element_size() for t in ref_params.values())
+state, ref_state = opt.init(sharded.trainable_params()), opt.init(model.trainable_params())
+params, ref_params = sharded.trainable_params(), model.trainable_params()
+for _ in range(3):  # several steps, so the moments matter
+    params, state = opt.update(clipped, state, params)
+    ref_params, ref_state = opt.update(ref_clipped, ref_state, ref_params)
+buffers = [*params.values(), *state.exp_avg.values(), *state.exp_avg_sq.values()]
+local_bytes = sum(t.to_local().numel() * t.element_size() for t in buffers)
+full_bytes = sum(t.numel() * t.element_size() for t in [*ref_params.values(), *ref_state.exp_avg.values(),
+                                                          *ref_state.exp_avg_sq.values()])
 result = {
     "loss": loss.reshape(1), "ref_loss": ref_loss.reshape(1), "norm": norm.full_tensor().reshape(1)
     if hasattr(norm, "full_tensor") else norm.reshape(1), "ref_norm": ref_norm.reshape(1),
