@@ -612,6 +612,10 @@ def load_state_dict(opt: Optimizer, params: Params, d: Mapping[str, Tensor]) -> 
         if src.shape != dst.shape or src.dtype != dst.dtype:
             raise ValueError(f"optimizer state {key!r} is {src.dtype}{list(src.shape)}, "
                              f"expected {dst.dtype}{list(dst.shape)}")
+        if _is_dtensor(dst):  # a full tensor from a checkpoint: keep this rank's shard of it
+            from torch.distributed.tensor import distribute_tensor
+
+            src = distribute_tensor(src, dst.device_mesh, dst.placements)
         dst.copy_(src)
     return attrs.evolve(template, count=int(count.item()))
 

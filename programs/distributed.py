@@ -90,3 +90,34 @@ def launch(args: list[str], **kwargs) -> int:
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(torchrun_command(args, **kwargs), env=env)
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_sum(value):
+    """The sum of a tensor (or number) over the ranks; the value itself in a single process."""
+    if not _initialized():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    total = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    dist.all_reduce(total)
+    return total if isinstance(value, torch.Tensor) else type(value)(total.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is True on any rank (so every rank takes the same branch)."""
+    return bool(all_sum(int(flag))) if _initialized() else flag

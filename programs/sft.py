@@ -31,19 +31,22 @@ import torch
 
 from ftprog.core import Model, as_dtype, load_pretrained, load_tokenizer, optim, token_loss_sum, value_and_grad
 from ftprog.core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
-from ftprog.programs import run_state
+from ftprog.programs import distributed, run_state
 from ftprog.programs.config import to_toml
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.generate import generate
 from ftprog.programs.metrics import MetricsLog, plot_losses
 from ftprog.programs.sft_config import SFTConfig
-from ftprog.transforms import checkpoint, compile, lora, merge, quantize, trainable
+from ftprog.transforms import checkpoint, compile, lora, merge, quantize, shard, trainable
 
 CONFIG = SFTConfig
 
 
-def build_model(cfg: SFTConfig, device: torch.device) -> tuple[Model, Model]:
-    """``(base, model)``: the loaded (and for QLoRA quantized) base, and the model to train."""
+def build_model(cfg: SFTConfig, device: torch.device, mesh: Any = None) -> tuple[Model, Model]:
+    """``(base, model)``: the loaded (and for QLoRA quantized) base, and the model to train.
+
+    Transform order: quantize -> lora -> checkpoint -> shard (over ``mesh``, several processes) -> compile.
+    """
     base = load_pretrained(resolve(cfg.model.path), dtype=as_dtype(cfg.dtype), device=device)
     method = cfg.peft.method
     if method == "qlora":
@@ -55,6 +58,8 @@ def build_model(cfg: SFTConfig, device: torch.device) -> tuple[Model, Model]:
                      targets=tuple(cfg.peft.targets), dora=method == "dora", rslora=cfg.peft.rslora, seed=cfg.seed)
     if cfg.activation_checkpointing:
         model = checkpoint(model)
+    if mesh is not None:
+        model = shard(model, mesh)
     if cfg.compile:
         model = compile(model)
     return base, model
@@ -107,8 +112,10 @@ def exact_match(model: Model, data: TokenizedDataset, samples: int, max_new_toke
 
 def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     out = Path(cfg.output_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
+    dist = distributed.setup()  # one process, or one rank of a torchrun job (`ft-prog run --nproc N`)
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed + dist.rank)
+    say = print if dist.is_main else (lambda *args, **kwargs: None)
 
     # 1. Data first: a bad file fails before any weights load.
     model_path = resolve(cfg.model.path)
@@ -119,13 +126,14 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                           train_on_input=d.train_on_input, val_path=d.val_path or None, val_split=d.val_split,
                           val_fraction=d.val_fraction, skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
     train_data, val_data = load_datasets(data_cfg, tokenizer)
-    loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed)
+    loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed,
+                        rank=dist.rank, world_size=dist.world_size)
     total_steps = cfg.max_steps or math.ceil(loader.total_batches(cfg.epochs) / cfg.grad_accum)
-    print(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size}"
+    say(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size}"
           f"{' packed' if cfg.packing else ''} rows", flush=True)
 
     # 2. Model and transforms; 3. optimizer over the trainable leaves.
-    base, model = build_model(cfg, device)
+    base, model = build_model(cfg, device, dist.mesh)
     opt = build_optimizer(cfg, total_steps)
     opt_state = opt.init(model.trainable_params())
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
@@ -134,18 +142,19 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
     found = run_state.checkpoints(out)
     if found and not cfg.resume:
-        print(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in found)}", flush=True)
-        for old in found:  # else they would outrank this run's in pruning and on the next resume
+        say(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in found)}", flush=True)
+        for old in found if dist.is_main else []:  # else they would outrank this run's checkpoints
             shutil.rmtree(old)
+        distributed.barrier()
         found = []
     if found:
         model, saved_opt, state = run_state.load_checkpoint(found[-1], model, base)
         opt_state = optim.load_state_dict(opt, model.trainable_params(), saved_opt)
         loader.load_state_dict(state["loader"])
-        print(f"resumed from {found[-1]} (step {state['step']})", flush=True)
+        say(f"resumed from {found[-1]} (step {state['step']})", flush=True)
     log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
                      tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     config=resolved)
+                     config=resolved, enabled=dist.is_main)
     if cfg.exact_match_samples and val_data is not None and "exact_match_before" not in state["extra"]:
         state["extra"]["exact_match_before"] = exact_match(model, val_data, cfg.exact_match_samples,
                                                            cfg.max_new_tokens, stop_ids, pad_id)
@@ -163,12 +172,13 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     with _interrupt_between_steps() as interrupted:
         while step < total_steps:
             micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
-            num_targets = max(sum(b.num_targets for b in micro), 1)
+            num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
             loss, grads = torch.zeros(()), None
             for b in micro:
                 part, g = grad_fn(model, [b], num_targets)
                 loss = loss + part.cpu()
                 grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+            loss = distributed.all_sum(loss)  # each rank holds its share of the global mean
             grads, grad_norm = clip_gradients(grads, cfg.optimizer.max_grad_norm)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 last = run_state.checkpoints(out)
@@ -179,7 +189,7 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
             params, opt_state = opt.update(grads, opt_state, model.trainable_params())
             model = model.with_params(params)
             step += 1
-            state.update(step=step, tokens=state["tokens"] + sum(b.num_tokens for b in micro),
+            state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
                          loader=loader.state_dict())
             if step % cfg.log.every == 0 or step == total_steps:
                 speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
@@ -188,17 +198,21 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                 log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})
-            stop = interrupted() and step < total_steps
+            stop = distributed.any_rank(interrupted()) and step < total_steps
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps or stop:
                 where = save(step)
             if stop:
                 log.close()
-                print(f"\ninterrupted: saved {where} (step {step}); run the same command to resume", file=sys.stderr)
+                say(f"\ninterrupted: saved {where} (step {step}); run the same command to resume", file=sys.stderr)
                 raise SystemExit(130)
 
-    # 6. Final evaluation and outputs.
+    # 6. Final evaluation and outputs (rank 0, on the gathered model).
+    model = run_state.consolidate(model)
+    if not dist.is_main:
+        distributed.teardown()
+        return out / "final"
     summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
-               "data": attrs.asdict(train_data.stats)}
+               "data": attrs.asdict(train_data.stats), "processes": dist.world_size}
     if val_data is not None:
         summary["val_loss"] = validation_loss(model, _val_loader(val_data, cfg), device)
         log.log({"step": step, "val_loss": summary["val_loss"]})
@@ -211,6 +225,7 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     if cfg.log.plot:
         plot_losses(log.records, out / "loss_curve.png")
     _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id)
+    distributed.teardown()
     return final
 
 
