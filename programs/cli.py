@@ -112,7 +112,7 @@ def demo(
 def run(
     ctx: typer.Context,
     program: str = typer.Argument(..., help="Program to run (see `ft-prog ls`)."),
-    config: str = typer.Option(..., "--config", "-c", help="Built-in config name or a .toml file."),
+    config: str = typer.Option("default", "--config", "-c", help="Built-in config name or a .toml file."),
     nproc: int = typer.Option(1, "--nproc", help="Processes per node (torchrun); one per GPU."),
     nnodes: int = typer.Option(1, "--nnodes", help="Number of nodes (multi-node runs)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0 .. nnodes-1."),

@@ -186,7 +186,8 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                                    f"{step + 1}; stopped before updating. Last good checkpoint: "
                                    f"{last[-1] if last else 'none'} (lower optimizer.lr?)")
             lr = opt.lr_at(opt_state.count)
-            params, opt_state = opt.update(grads, opt_state, model.trainable_params())
+            # in place: the program owns these tensors, and a functional copy would cost params-sized memory
+            params, opt_state = opt.update(grads, opt_state, model.trainable_params(), inplace=True)
             model = model.with_params(params)
             step += 1
             state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),

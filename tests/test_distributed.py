@@ -99,7 +99,7 @@ def test_failed_rank_ends_the_job(fault, tmp_path, assets):
     args = [*CLI, "run", "--nproc", "2", "sft", "--config", str(cfg), "peft.method=lora", "max_steps=100000",
             "save_every=1"]
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**ENV, "FTPROG_DIST_TIMEOUT": "15"})
+                                env={**ENV, "FTPROG_DIST_TIMEOUT": "8"})
     deadline = time.time() + 240
     while not list((tmp_path / "out").glob("step_*")) and time.time() < deadline and launcher.poll() is None:
         time.sleep(0.5)
