@@ -33,13 +33,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            logits = (h @ weight.T).float()
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)
+            total -= logp.gather(1, t[:, None]).sum()
             if grad_hidden is None:
                 continue
-            # d(sum CE)/d logits = softmax - one_hot(target)
-            probs = (logits - lse[:, None]).exp_()
+            # d(sum CE)/d logits = softmax - one_hot(target), computed in place over the log-probabilities
+            probs = logp.exp_()
             probs[torch.arange(len(t), device=t.device), t] -= 1
             probs = probs.to(weight.dtype)
             if hidden_grad:
