@@ -236,8 +236,13 @@ def save_pretrained(model: Model, path: str | os.PathLike, *, max_shard_size: in
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move folder ``new`` to ``target``; an old ``target`` is removed only after the swap."""
+    """Move folder ``new`` to ``target``; an old ``target`` is removed only after the swap.
+
+    Files get the usual 0644 / folders 0755 (temporary folders and some writers create 0600 / 0700).
+    """
     os.chmod(new, 0o755)
+    for path in new.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
     if not target.exists():
         os.replace(new, target)
         return
