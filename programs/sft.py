@@ -115,6 +115,8 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     dist = distributed.setup()  # one process, or one rank of a torchrun job (`ft-prog run --nproc N`)
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed + dist.rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     say = print if dist.is_main else (lambda *args, **kwargs: None)
 
     # 1. Data first: a bad file fails before any weights load.

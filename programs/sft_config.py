@@ -87,6 +87,8 @@ class SFTConfig:
     packing: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
+    threads: int = 0
+    """CPU threads for torch (0: torch's default). Small models often run faster on 1."""
     output_dir: str = "runs/sft"
     save_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
