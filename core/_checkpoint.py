@@ -7,11 +7,12 @@ corrupt is an error that names the file and the tensor. Saving is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -194,7 +195,6 @@ def save_pretrained(model: Model, path: str | os.PathLike, *, max_shard_size: in
     an existing folder is replaced only once the new one is whole.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model)
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -207,8 +207,7 @@ def save_pretrained(model: Model, path: str | os.PathLike, *, max_shard_size: in
         shards[-1][name] = t
         size += nbytes
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         config = model.config.to_hf()
         config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -223,16 +222,36 @@ def save_pretrained(model: Model, path: str | os.PathLike, *, max_shard_size: in
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if model.source:
-            for name in TOKENIZER_FILES:
-                src = Path(model.source) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+        copy_tokenizer_files(model.source, tmp)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Fill a temporary sibling folder that replaces ``path`` only when the block succeeds.
+
+    An interrupted or failed write leaves no complete-looking folder and the
+    previous ``path`` (if any) untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def copy_tokenizer_files(source: str | os.PathLike | None, folder: Path) -> None:
+    """Copy the tokenizer / generation files of model folder ``source`` (if any) into ``folder``."""
+    if not source:
+        return
+    for name in TOKENIZER_FILES:
+        src = Path(source) / name
+        if src.is_file():
+            shutil.copy2(src, folder / name)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -50,7 +49,7 @@ from typing import Any
 import torch
 
 from ftprog.core import Model, as_dtype, dense_weight, flatten, load_pretrained, load_tokenizer, unflatten
-from ftprog.core._checkpoint import TOKENIZER_FILES
+from ftprog.core._checkpoint import copy_tokenizer_files
 from ftprog.programs.demo_assets import resolve
 
 FORMATS = ("hf", "peft", "gguf", "executorch")
@@ -102,13 +101,6 @@ def load_merged(model_path: str | os.PathLike, *, adapter: str | os.PathLike | N
                                                 for p, t in flat.items()}),
                               trainable=frozenset(flat))
     return model
-
-
-def _copy_tokenizer_files(source: str | os.PathLike, target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        src = Path(source) / name
-        if src.is_file():
-            shutil.copy2(src, target / name)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -179,7 +171,7 @@ def export_peft(model_path: str, adapter: str | os.PathLike | None, output: Path
     base = _load_base(model_path, dtype)
     adapted = load_adapter(base, adapter, dtype=dtype or torch.float32)
     folder = save_adapter(adapted, output)
-    _copy_tokenizer_files(model_path, folder)
+    copy_tokenizer_files(model_path, folder)
     return folder
 
 

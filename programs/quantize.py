@@ -40,8 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,7 +52,7 @@ from ftprog.core import (
     CheckpointError, Model, as_dtype, flatten, load_pretrained, load_tokenizer, make_model, param_shapes, read_config,
     token_loss_sum, unflatten,
 )
-from ftprog.core._checkpoint import TOKENIZER_FILES, _replace_dir
+from ftprog.core._checkpoint import atomic_folder, copy_tokenizer_files
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.sft_config import ModelSection
 
@@ -234,23 +232,13 @@ def save_quantized(model: Model, path: str | os.PathLike, *, extra: Mapping[str,
     }
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         config = model.config.to_hf()
         config["dtype"] = config["torch_dtype"] = header["dtype"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "ft-prog": FORMAT, "scheme": scheme})
         (tmp / QUANT_FILE).write_text(json.dumps(header, indent=2) + "\n")
-        if model.source:
-            for name in TOKENIZER_FILES:
-                src = Path(model.source) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_tokenizer_files(model.source, tmp)
     return target
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from ftprog.core import flatten, from_config, optim, preset, token_loss_sum, value_and_grad
+from ftprog.core import from_config, optim, preset, token_loss_sum, value_and_grad
 from ftprog.transforms import checkpoint, lora, quantize, shard, trainable
 
 method, out = sys.argv[1], sys.argv[2]

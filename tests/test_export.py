@@ -15,7 +15,7 @@ from ftprog.programs import export as export_module
 from ftprog.programs.export import (
     ExportError, export, export_program, gguf_tensor_name, llama3_rope_factors, load_merged,
 )
-from ftprog.transforms import load_adapter, lora, merge, quantize, save_adapter
+from ftprog.transforms import load_adapter, lora, quantize, save_adapter
 
 gguf = pytest.importorskip("gguf")
 

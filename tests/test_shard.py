@@ -26,7 +26,7 @@ def test_two_ranks_equal_one(method, tmp_path):
     assert grads
     for k in grads:
         assert (r[k] - r["ref_" + k]).norm() <= 1e-5 * r["ref_" + k].norm(), k
-    for k in (k for k in r if k.startswith("param.")):
-        assert (r[k] - r["ref_" + k]).abs().max() <= 2e-5, k
+    for k in (k for k in r if k.startswith("param.")):  # after 3 AdamW steps (sign-sensitive on tiny grads)
+        assert (r[k] - r["ref_" + k]).norm() <= 2e-5 * r["ref_" + k].norm(), k
     local, full = r["bytes"].tolist()
     assert local == full // 2  # each rank holds half of the trainable parameters (and their optimizer state)

@@ -8,7 +8,7 @@ from ._adapter_io import load_adapter, save_adapter
 from ._lora import lora, merge, resolve_targets
 from ._quantize import SCHEMES, param_bytes, quantize
 from ._runtime import Compiled, cast, checkpoint, compile
-from ._shard import Sharded, gather, shard
+from ._shard import Sharded, shard
 from ._trainable import freeze, trainable
 
 __all__ = [

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ftprog.core import Model, flatten, linear_paths
-from ftprog.core._checkpoint import _replace_dir
+from ftprog.core._checkpoint import atomic_folder
 
 from ._base import decoder_of, is_quantized
 from ._lora import ALL_LINEAR, lora, resolve_targets
@@ -111,16 +109,10 @@ def save_adapter(model: Model, path: str | os.PathLike) -> Path:
         "inference_mode": True,
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({PREFIX + p: t.detach().contiguous() for p, t in tensors.items()},
                   str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
