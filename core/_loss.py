@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if hidden_grad:
                 grad_hidden[start : start + chunk_size] = probs @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(probs.T.float(), h.float())
+                grad_weight += (probs.T @ h).float()  # matmul in the weight's dtype, accumulated in fp32
         return total, grad_hidden, grad_weight
 
     @staticmethod

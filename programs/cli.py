@@ -217,6 +217,28 @@ def export_cmd(
     typer.echo(str(path))
 
 
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan_cmd(
+    ctx: typer.Context,
+    config: str = typer.Argument(..., help="sft config (built-in name or .toml), then key=value overrides."),
+    memory: str = typer.Option(None, "--memory", help="Device memory to fit in, e.g. 24GiB."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes the run is sharded over."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Predict the peak training memory of an sft config before loading anything."""
+    from ftprog.programs.config import ConfigError
+    from ftprog.programs.plan import PlanError, format_plan, plan
+
+    try:
+        result = plan(config, list(ctx.args), memory=memory, nproc=nproc, device=device)
+    except (ConfigError, PlanError) as e:
+        typer.echo(f"plan error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_plan(result))
+    if result.fits is False:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

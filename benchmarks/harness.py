@@ -1,0 +1,497 @@
+"""The benchmark harness: cases, fresh-process workers run round-robin, aggregation, comparisons.
+
+    python -m benchmarks --preset quick                 # smoke test, under a minute
+    python -m benchmarks --preset cpu-target            # the CPU comparison (about 20-30 min on 2 cores)
+    python -m benchmarks --preset gpu                   # Llama 3.2 1B shape on one GPU (benchmarks/gpu.sh)
+    python -m benchmarks --preset cpu-target --list     # print the cases only
+
+Every measurement runs in its own fresh interpreter (:mod:`benchmarks.worker`), so peak memory belongs to
+one configuration; the cases of a round run one after the other and rounds are rotated (round ``r`` starts
+at case ``r``), so slow drifts of a shared machine spread over all systems. Outputs go to
+``benchmarks/results/<name>/``: ``results.json`` (everything, raw step times included), ``results.md``
+and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine
+from benchmarks.flops import train_step_flops
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Loss agreement between the systems at step 0 (same weights, same batch): relative tolerance by dtype.
+LOSS_TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def _train(system, method, stack=(), **kw) -> dict[str, Any]:
+    return {"kind": "train", "system": system, "method": method, "stack": list(stack), **kw}
+
+
+def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(settings, cases)`` of a preset; command-line options narrow or change them."""
+    if name == "quick":
+        s = dict(shape="tiny", device="cpu", dtypes=["bf16"], threads=[1], batch=2, seq=64, rank=8,
+                 targets=["q_proj", "v_proj"], warmup=1, steps=2, rounds=1, methods=["lora"],
+                 extras=[("ftprog", "full", ()), ("ftprog", "lora", ("checkpoint",))],
+                 sft_settings={"ftprog": ["default", "best"], "hf": ["default"]},
+                 sft=dict(n=16, seed=0, seq_len=64, median=24, sigma=0.6, min_len=6, prompt_frac=0.4, batch=4,
+                          warmup=1),
+                 generate=dict(prompt_len=8, new_tokens=8, repeats=1), peak_dtypes=["bf16"], help_repeats=2,
+                 demo=False)
+    elif name == "cpu-target":
+        s = dict(shape="cpu-default", device="cpu", dtypes=["bf16"], threads=[1, 2], batch=4, seq=256, rank=8,
+                 targets=["q_proj", "v_proj"], warmup=2, steps=8, rounds=2, methods=["lora", "full"],
+                 extras=[("ftprog", "lora", ("checkpoint",)), ("hf", "lora", ("checkpoint",)),
+                         ("ftprog", "full", ("checkpoint",)), ("hf", "full", ("checkpoint",)),
+                         ("ftprog", "dora", ()), ("hf", "dora", ()), ("ftprog", "qlora", ()), ("hf", "qlora", ()),
+                         ("ftprog", "lora", ("compile",)), ("hf", "lora", ("compile",))],
+                 sft=dict(n=96, seed=0, seq_len=512, median=160, sigma=0.6, min_len=16, prompt_frac=0.4, batch=4,
+                          warmup=2),
+                 generate=dict(prompt_len=32, new_tokens=64, repeats=3), peak_dtypes=["bf16", "fp32"],
+                 help_repeats=5, demo=True)
+    elif name == "gpu":
+        s = dict(shape="llama-3.2-1b", device="cuda", dtypes=["bf16"], threads=[None], batch=4, seq=2048, rank=8,
+                 targets=["q_proj", "v_proj"], warmup=3, steps=10, rounds=1, methods=["lora"],
+                 extras=[("ftprog", "lora", ("checkpoint",)), ("hf", "lora", ("checkpoint",)),
+                         ("ftprog", "full", ()), ("hf", "full", ()), ("ftprog", "qlora", ())],
+                 sft=dict(n=192, seed=0, seq_len=2048, median=300, sigma=0.7, min_len=16, prompt_frac=0.4, batch=4,
+                          warmup=2),
+                 generate=dict(prompt_len=64, new_tokens=128, repeats=2), peak_dtypes=["bf16"], help_repeats=3,
+                 demo=False)
+    else:
+        raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu")
+
+    for key in ("shape", "device", "batch", "seq", "rank", "warmup", "steps", "rounds"):
+        value = getattr(args, key, None)
+        if value is not None:
+            s[key] = value
+    if args.threads:
+        s["threads"] = [int(t) for t in args.threads.split(",")]
+    if args.dtypes:
+        s["dtypes"] = args.dtypes.split(",")
+    if args.methods:
+        s["methods"] = args.methods.split(",")
+    skip = set(args.skip.split(",")) if args.skip else set()
+    if args.demo is not None:
+        s["demo"] = args.demo
+    s["skip"] = sorted(skip)
+
+    common = dict(shape=s["shape"], device=s["device"], batch=s["batch"], seq=s["seq"], rank=s["rank"],
+                  targets=s["targets"], warmup=s["warmup"], steps=s["steps"])
+    systems = [x for x in ("ftprog", "hf") if x not in skip]
+    cases: list[dict[str, Any]] = []
+    for dtype in s["dtypes"]:
+        for threads in s["threads"]:
+            for method in s["methods"]:
+                for system in systems:
+                    cases.append(_train(system, method, dtype=dtype, threads=threads, **common))
+        if "extras" not in skip:
+            for system, method, stack in s["extras"]:
+                if system not in systems or any(x in skip for x in stack) or method in skip:
+                    continue
+                cases.append(_train(system, method, stack, dtype=dtype, threads=s["threads"][-1], **common))
+    dtype, threads = s["dtypes"][0], s["threads"][-1]
+    if "sft" not in skip:
+        w = dict(s["sft"])
+        batch, warmup = w.pop("batch"), w.pop("warmup")
+        for system in systems:
+            for setting in s.get("sft_settings", {}).get(system, ("default", "best")):
+                cases.append({"kind": "sft", "system": system, "setting": setting, "method": "lora",
+                              "shape": s["shape"], "device": s["device"], "dtype": dtype, "threads": threads,
+                              "batch": batch, "warmup": warmup, "rank": s["rank"], "targets": s["targets"],
+                              "workload": w})
+    if "generate" not in skip:
+        for system in systems:
+            cases.append({"kind": "generate", "system": system, "shape": s["shape"], "device": s["device"],
+                          "dtype": dtype, "threads": threads, **s["generate"]})
+    return s, cases
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+class Runner:
+    """Starts workers in fresh interpreters and keeps their logs."""
+
+    def __init__(self, out: Path, timeout: float, verbose: bool = True):
+        self.out = out
+        self.timeout = timeout
+        self.verbose = verbose
+        self.count = 0
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def env(self, threads: int | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if threads:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[var] = str(threads)
+        return env
+
+    def run(self, case: dict[str, Any], label: str) -> dict[str, Any]:
+        self.count += 1
+        stem = f"{self.count:03d}-{label}"
+        case_file = self.out / "logs" / f"{stem}.case.json"
+        result_file = self.out / "logs" / f"{stem}.result.json"
+        case_file.write_text(json.dumps(case, indent=1))
+        start = time.perf_counter()
+        with open(self.out / "logs" / f"{stem}.log", "w") as log:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(case_file), str(result_file)],
+                                      cwd=ROOT, env=self.env(case.get("threads")), stdout=log, stderr=log,
+                                      timeout=self.timeout)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        elapsed = time.perf_counter() - start
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+        else:
+            result = {"ok": False, "error": f"worker exited with {rc} and no result (log: logs/{stem}.log)"}
+        result["process_s"] = elapsed
+        if self.verbose:
+            status = "ok" if result.get("ok") else f"FAILED: {result.get('error', '')[:160]}"
+            print(f"  [{elapsed:6.1f}s] {label}: {status}", flush=True)
+        return result
+
+
+def case_label(c: dict[str, Any]) -> str:
+    if c["kind"] == "train":
+        stack = "+".join(c["stack"]) or "base"
+        return f"train-{c['system']}-{c['method']}-{stack}-{c['dtype']}-t{c['threads'] or 'default'}"
+    if c["kind"] == "sft":
+        return f"sft-{c['system']}-{c['setting']}-{c['dtype']}-t{c['threads'] or 'default'}"
+    if c["kind"] == "generate":
+        return f"generate-{c['system']}-{c['dtype']}-t{c['threads'] or 'default'}"
+    return c["kind"]
+
+
+def time_startup(repeats: int, demo: bool, out: Path) -> dict[str, Any]:
+    """``ft-prog --help`` wall time, and the demo's time to its first training step."""
+    exe = Path(sys.executable).parent / "ft-prog"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "ftprog.programs.cli"]
+    help_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd + ["--help"], capture_output=True, timeout=120)
+        help_times.append(time.perf_counter() - t0)
+    res: dict[str, Any] = {"help_s": help_times, "help_median_s": statistics.median(help_times) if help_times else None}
+    if not demo:
+        return res
+    runs = []
+    for attempt in range(2):  # the first run may build the cached demo assets; the second is warm
+        folder = Path(tempfile.mkdtemp(prefix="ftprog-demo-", dir=out))
+        args = cmd + ["run", "sft", "--config", "demo", "max_steps=1", "log.every=1", "log.progress=false",
+                      "log.plot=false", "eval_every=0", "exact_match_samples=0", "save_every=0", "optimizer.warmup_steps=0",
+                      f"output_dir={folder / 'run'}"]
+        metrics = folder / "run" / "metrics.jsonl"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        first = None
+        while proc.poll() is None and time.perf_counter() - t0 < 600:
+            if first is None and metrics.is_file() and b'"loss"' in metrics.read_bytes():
+                first = time.perf_counter() - t0
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+        total = time.perf_counter() - t0
+        if first is None and metrics.is_file() and b'"loss"' in metrics.read_bytes():
+            first = total
+        last = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+        runs.append({"first_step_s": first, "total_s": total, "returncode": proc.returncode,
+                     "error": (last[-1] if last else "no output")[:300] if proc.returncode else None})
+        shutil.rmtree(folder, ignore_errors=True)
+    res["demo"] = runs
+    return res
+
+
+def probe_torchtune(extra_path: str | None) -> dict[str, Any]:
+    """Whether torchtune imports here (its LoRA Llama builder); the reason when it does not."""
+    env = dict(os.environ)
+    if extra_path:
+        env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import torchtune; from torchtune.models.llama3_2 import lora_llama3_2_1b; print(torchtune.__version__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode == 0:
+        return {"available": True, "version": proc.stdout.strip().splitlines()[-1]}
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    reason = lines[-1] if lines else f"exit {proc.returncode}"
+    note = ("torchtune 0.6.1 (pip install --no-deps) fails to import with torchao 0.18: "
+            "No module named 'torchao.dtypes.nf4tensor' (checked on the development VM)")
+    return {"available": False, "reason": f"unavailable: {reason}", "note": note}
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize_times(times: list[float]) -> dict[str, float]:
+    med = statistics.median(times) if times else float("nan")
+    p10, p90 = _quantile(times, 0.1), _quantile(times, 0.9)
+    return {"median_s": med, "p10_s": p10, "p90_s": p90, "min_s": min(times, default=float("nan")),
+            "max_s": max(times, default=float("nan")), "spread": (p90 - p10) / med if times and med else float("nan"),
+            "n": len(times)}
+
+
+def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: dict, configs: dict) -> dict:
+    """Per-case summaries plus the cross-system comparisons."""
+    rows = []
+    for case, results in zip(cases, runs):
+        ok = [r for r in results if r.get("ok")]
+        row: dict[str, Any] = {"case": case, "label": case_label(case), "runs": len(results), "ok_runs": len(ok)}
+        if not ok:
+            row["error"] = next((r.get("error") for r in results if r.get("error")), "no result")
+            rows.append(row)
+            continue
+        first = ok[0]
+        mem_key = "cuda_max_allocated" if case["device"].startswith("cuda") else "rss_peak"
+        mems = [r.get(mem_key) for r in ok if r.get(mem_key)]
+        row["peak_memory"] = max(mems) if mems else None
+        row["peak_memory_kind"] = "max_memory_allocated" if mem_key.startswith("cuda") else "peak RSS (VmHWM)"
+        row["rss_baseline"] = first.get("rss_baseline")
+        if case["kind"] == "train":
+            times = [t for r in ok for t in r["step_times"]]
+            row["time"] = summarize_times(times)
+            row["round_medians_s"] = [statistics.median(r["step_times"]) for r in ok if r["step_times"]]
+            row["first_step_s"] = first["warmup_times"][0] if first.get("warmup_times") else None
+            row["tokens_per_s"] = first["tokens_per_step"] / row["time"]["median_s"]
+            row["losses"] = first["losses"]
+            row["params"], row["trainable_params"] = first.get("params"), first.get("trainable_params")
+            cfg = configs[(case["shape"], case["dtype"])]
+            fl = train_step_flops(cfg, method=case["method"], batch=case["batch"], seq=case["seq"], rank=case["rank"],
+                                  lora_targets=case["targets"], logits_all_positions=case["system"] == "hf")
+            row["flops_per_step"] = fl["total"]
+            row["flops_per_s"] = fl["total"] / row["time"]["median_s"]
+            peak = peaks.get((case["dtype"], case.get("threads")))
+            row["utilisation"] = row["flops_per_s"] / peak if peak else None
+        elif case["kind"] == "sft":
+            best = max(ok, key=lambda r: r["effective_tokens_per_s"])
+            row.update({k: best[k] for k in ("description", "batches", "epoch_s", "trained_tokens", "real_tokens",
+                                             "batch_cells", "padding_share", "effective_tokens_per_s",
+                                             "real_tokens_per_s")})
+            row["effective_tokens_per_s_runs"] = [r["effective_tokens_per_s"] for r in ok]
+            row["time"] = summarize_times(best["step_times"])
+            row["first_loss"] = first.get("first_loss")
+        elif case["kind"] == "generate":
+            best = max(ok, key=lambda r: r["tokens_per_s"])
+            row.update({k: best[k] for k in ("prompt_len", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
+                                             "decode_tokens_per_s", "output")})
+        if first.get("plan"):
+            plan = first["plan"]
+            row["plan"] = plan
+            if row.get("peak_memory"):
+                predicted = plan["tensor_peak"] if case["device"].startswith("cuda") else plan["peak"]
+                row["plan_error"] = predicted / row["peak_memory"] - 1
+        rows.append(row)
+    return {"rows": rows, "loss_checks": loss_checks(rows), "speedups": speedups(rows)}
+
+
+def _key(row: dict, *fields: str) -> tuple:
+    c = row["case"]
+    return tuple(tuple(c.get(f)) if isinstance(c.get(f), list) else c.get(f) for f in fields)
+
+
+def loss_checks(rows: list[dict]) -> list[dict]:
+    """Step-0 loss of ft-prog against transformers on the same weights and batch."""
+    out = []
+    fields = ("kind", "method", "stack", "dtype", "threads", "batch", "seq", "setting")
+    ours = {_key(r, *fields): r for r in rows if r["case"]["system"] == "ftprog" and "error" not in r}
+    for r in rows:
+        if r["case"]["system"] != "hf" or "error" in r or r["case"]["kind"] not in ("train", "sft"):
+            continue
+        if r["case"]["kind"] == "sft" and r["case"]["setting"] != "default":
+            continue  # the best settings batch differently
+        mine = ours.get(_key(r, *fields))
+        if mine is None:
+            continue
+        a = mine["losses"][0] if r["case"]["kind"] == "train" else mine.get("first_loss")
+        b = r["losses"][0] if r["case"]["kind"] == "train" else r.get("first_loss")
+        if a is None or b is None:
+            continue
+        rel = abs(a - b) / max(abs(b), 1e-12)
+        check = {"label": mine["label"], "ftprog_loss": a, "hf_loss": b, "abs_diff": abs(a - b), "rel_diff": rel,
+                 "tolerance": LOSS_TOL[r["case"]["dtype"]], "ok": rel <= LOSS_TOL[r["case"]["dtype"]]}
+        if r["case"]["kind"] == "train" and len(mine["losses"]) > 1 and len(r["losses"]) > 1:
+            check["ftprog_loss_step1"], check["hf_loss_step1"] = mine["losses"][1], r["losses"][1]
+        out.append(check)
+    return out
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """ft-prog tokens/s over transformers' for the same case."""
+    out = []
+    fields = ("kind", "method", "stack", "dtype", "threads", "batch", "seq", "setting")
+    theirs = {_key(r, *fields): r for r in rows if r["case"]["system"] == "hf" and "error" not in r}
+    for r in rows:
+        if r["case"]["system"] != "ftprog" or "error" in r:
+            continue
+        other = theirs.get(_key(r, *fields))
+        if other is None:
+            continue
+        metric = {"train": "tokens_per_s", "sft": "effective_tokens_per_s", "generate": "tokens_per_s"}[r["case"]["kind"]]
+        entry = {"label": r["label"], "metric": metric, "ftprog": r[metric], "hf": other[metric],
+                 "speedup": r[metric] / other[metric]}
+        if r.get("peak_memory") and other.get("peak_memory"):
+            entry["memory_ratio"] = r["peak_memory"] / other["peak_memory"]
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", help="quick | cpu-target | gpu (default: quick)")
+    ap.add_argument("--name", help="results folder name (default: <preset>-<timestamp>)")
+    ap.add_argument("--out-dir", help="write results here instead of benchmarks/results/<name>")
+    ap.add_argument("--shape", help="model shape preset (ftprog.core.PRESETS), e.g. tiny, cpu-default")
+    ap.add_argument("--device", help="cpu or cuda")
+    ap.add_argument("--dtypes", help="comma-separated: bf16,fp32")
+    ap.add_argument("--threads", help="comma-separated CPU thread counts, e.g. 1,2")
+    ap.add_argument("--methods", help="comma-separated core methods: lora,full (extras keep their own)")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--warmup", type=int, help="untimed steps per run")
+    ap.add_argument("--steps", type=int, help="timed steps per run")
+    ap.add_argument("--rounds", type=int, help="round-robin repetitions of every case")
+    ap.add_argument("--skip", help="comma-separated: hf, ftprog, extras, compile, checkpoint, dora, qlora, sft, "
+                                   "generate, startup, peak, torchtune")
+    ap.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the demo's first training step")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    ap.add_argument("--budget", type=float, help="seconds for the whole run: cases that would start later are "
+                                                  "skipped (and reported as such); outputs are always written")
+    ap.add_argument("--torchtune-path", help="extra PYTHONPATH where torchtune is installed (probe only)")
+    ap.add_argument("--keep-weights", action="store_true", help="keep the random-weight checkpoints")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = build_parser().parse_args(argv)
+    settings, cases = preset_cases(args.preset, args)
+    if args.list:
+        for c in cases:
+            print(case_label(c))
+        return None
+    name = args.name or f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out_dir) if args.out_dir else RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"benchmark {args.preset!r}: {len(cases)} cases x {settings['rounds']} rounds -> {out}", flush=True)
+    info = machine.describe()
+    print(f"machine: {info.get('cpu')} ({info.get('cores_usable')} cores usable), torch {info.get('torch')}, "
+          f"{info.get('gpu') or 'no GPU'}, load {info.get('load_average')}", flush=True)
+    if settings["device"].startswith("cuda") and not info.get("cuda"):
+        raise SystemExit("preset needs CUDA but torch sees no GPU")
+    runner = Runner(out, args.timeout)
+    skip = set(settings["skip"])
+
+    # 1. One random-weight checkpoint per (shape, dtype), loaded by every system.
+    weights_dir = Path(tempfile.mkdtemp(prefix="weights-", dir=out))
+    configs: dict[tuple[str, str], dict] = {}
+    for shape, dtype in sorted({(c["shape"], c["dtype"]) for c in cases}):
+        path = weights_dir / f"{shape}-{dtype}"
+        res = runner.run({"kind": "weights", "config": shape, "dtype": dtype, "path": str(path), "seed": 0,
+                          "threads": None}, f"weights-{shape}-{dtype}")
+        if not res.get("ok"):
+            raise SystemExit(f"could not build the {shape} checkpoint: {res.get('error')}\n{res.get('traceback', '')}")
+        configs[(shape, dtype)] = json.loads((path / "config.json").read_text())
+        for c in cases:
+            if (c["shape"], c["dtype"]) == (shape, dtype):
+                c["checkpoint"] = str(path)
+                if c["kind"] == "sft":
+                    c["workload"] = {**c["workload"], "vocab": configs[(shape, dtype)]["vocab_size"]}
+
+    # 2. The matmul peak of each (dtype, threads) the cases use.
+    peaks: dict[tuple[str, int | None], float] = {}
+    peak_rows = []
+    if "peak" not in skip:
+        for dtype in sorted({c["dtype"] for c in cases} | set(settings["peak_dtypes"])):
+            for threads in settings["threads"]:
+                res = runner.run({"kind": "peak", "device": settings["device"], "dtype": dtype, "threads": threads},
+                                 f"peak-{dtype}-t{threads}")
+                if res.get("ok"):
+                    peaks[(dtype, threads)] = res["flops_per_s"]
+                    peak_rows.append({"dtype": dtype, "threads": threads, "flops_per_s": res["flops_per_s"],
+                                      "n": res["n"], "small_linear_s": res["small_linear_median_s"]})
+
+    # 3. Baselines that may be missing, start-up time.
+    torchtune = probe_torchtune(args.torchtune_path) if "torchtune" not in skip else {"skipped": True}
+    startup = time_startup(settings["help_repeats"], settings["demo"], out) if "startup" not in skip else {}
+
+    # 4. The cases, round-robin, each in a fresh process.
+    runs: list[list[dict]] = [[] for _ in cases]
+    for r in range(settings["rounds"]):
+        print(f"round {r + 1}/{settings['rounds']}", flush=True)
+        shift = r % max(len(cases), 1)
+        for i in list(range(shift, len(cases))) + list(range(shift)):
+            longest = max((x.get("process_s", 0) for rs in runs for x in rs), default=0.0)
+            if args.budget and time.time() - started + longest > args.budget:
+                runs[i].append({"ok": False, "error": f"skipped: the run's time budget ({args.budget:.0f} s) was "
+                                                      "spent", "round": r})
+                print(f"  skipped (budget): {case_label(cases[i])}", flush=True)
+                continue
+            res = runner.run(cases[i], case_label(cases[i]))
+            res["round"] = r
+            runs[i].append(res)
+
+    # 5. The same small-op probe at the end: a busy machine shows up as millisecond latencies.
+    if "peak" not in skip:
+        for row in peak_rows:
+            res = runner.run({"kind": "peak", "device": settings["device"], "dtype": row["dtype"],
+                              "threads": row["threads"], "seconds": 0.3}, f"peak-end-{row['dtype']}-t{row['threads']}")
+            if res.get("ok"):
+                row["small_linear_end_s"] = res["small_linear_median_s"]
+                row["flops_per_s_end"] = res["flops_per_s"]
+
+    summary = aggregate(settings, cases, runs, peaks, configs)
+    results = {
+        "preset": args.preset, "name": name, "settings": settings, "machine": info,
+        "load_average_end": machine.load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                                 time.localtime(started)),
+        "wall_s": time.time() - started, "matmul_peak": peak_rows, "torchtune": torchtune, "startup": startup,
+        "model_configs": {f"{k[0]}-{k[1]}": v for k, v in configs.items()}, **summary,
+        "raw_runs": [{"label": case_label(c), "results": rs} for c, rs in zip(cases, runs)],
+    }
+    from benchmarks import report
+
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    markdown = report.markdown(results)
+    (out / "results.md").write_text(markdown)
+    chart = report.chart(results, out / "results.png")
+    if not args.keep_weights:
+        shutil.rmtree(weights_dir, ignore_errors=True)
+    print(markdown)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {chart}" if chart else ""), flush=True)
+    return out

@@ -1,0 +1,259 @@
+"""Markdown table and PNG chart of a benchmark's ``results.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _mib(n: float | None) -> str:
+    return "-" if not n else f"{n / 2**20:,.0f}"
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 100:+.1f}%" if signed else f"{x * 100:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ",.0f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _what(case: dict[str, Any]) -> str:
+    stack = "+".join(case.get("stack") or []) or "-"
+    return f"{case['method']} | {stack}"  # two table cells
+
+
+def machine_lines(r: dict[str, Any]) -> list[str]:
+    m = r["machine"]
+    gpu = f"{m['gpu']} ({m.get('gpu_memory_bytes', 0) / 2**30:.0f} GiB, CUDA {m.get('cuda_version')})" if m.get("gpu") \
+        else "none"
+    return [
+        f"- CPU: {m.get('cpu')} ({m.get('cpu_flags') or 'no flags read'}), {m.get('cores')} cores "
+        f"({m.get('cores_usable')} usable), {(m.get('memory_bytes') or 0) / 2**30:.0f} GiB RAM",
+        f"- GPU: {gpu}",
+        f"- torch {m.get('torch')} (default {m.get('threads_default')} threads), transformers {m.get('transformers')}, "
+        f"peft {m.get('peft')}, torchao {m.get('torchao')}; Python {m.get('python')}; {m.get('platform')}",
+        f"- ft-prog commit {m.get('git')}; started {r['started']}, {r['wall_s'] / 60:.1f} min; load average "
+        f"{m.get('load_average')} at start, {r.get('load_average_end')} at the end (above the core count = a busy "
+        "machine: treat timings as noisy)",
+    ]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["settings"]
+    rows = r["rows"]
+    lines = [f"# ft-prog benchmark `{r['name']}` (preset {r['preset']})", "", "## Machine", ""]
+    lines += machine_lines(r)
+    lines += ["", f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
+              f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in both systems. Each case: a fresh "
+              f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; step "
+              "time = median over all timed steps, spread = (p90 - p10) / median.", ""]
+
+    if r.get("matmul_peak"):
+        lines += ["## Matmul peak (torch.mm, measured in this run)", "",
+                  "| dtype | threads | n | TFLOP/s (start / end) | 1x512x1408 linear us (start / end) |",
+                  "| --- | --- | --- | --- | --- |"]
+        busy = False
+        for p in r["matmul_peak"]:
+            end = p.get("flops_per_s_end")
+            lat = [p.get("small_linear_s"), p.get("small_linear_end_s")]
+            busy |= any(x and x > 1e-3 for x in lat)
+            lines.append(f"| {p['dtype']} | {p['threads'] or 'default'} | {p['n']} | {p['flops_per_s'] / 1e12:.3f} / "
+                         f"{'-' if end is None else format(end / 1e12, '.3f')} | "
+                         + " / ".join("-" if x is None else f"{x * 1e6:,.0f}" for x in lat) + " |")
+        if busy:
+            lines += ["", "**Busy machine**: a tiny linear took over a millisecond (normally ~0.1 ms): other processes "
+                      "deschedule this run's threads, and every multi-threaded op then waits a scheduler quantum. "
+                      "Timings at those thread counts are not valid; rerun on a quiet machine."]
+        lines.append("")
+
+    train = [x for x in rows if x["case"]["kind"] == "train"]
+    if train:
+        lines += ["## Training step (fixed shape)", "",
+                  "| system | method | stack | dtype | threads | step ms (median) | spread | tokens/s | "
+                  "matmul util. | peak mem MiB | planned MiB | plan err | step-0 loss | first step s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in train:
+            c = x["case"]
+            if "error" in x:
+                lines.append(f"| {c['system']} | {_what(c)} | {c['dtype']} | {c['threads'] or '-'} | "
+                             f"{x['error'][:90]} |" + " |" * 8)
+                continue
+            plan = x.get("plan") or {}
+            planned = plan.get("peak") if not c["device"].startswith("cuda") else plan.get("tensor_peak")
+            err = _pct(x.get("plan_error"), signed=True) + (" (approx.)" if plan.get("approximate") else "") \
+                if plan else "-"
+            lines.append(
+                f"| {c['system']} | {_what(c)} | {c['dtype']} | {c['threads'] or '-'} | "
+                f"{x['time']['median_s'] * 1e3:,.0f} | {_pct(x['time']['spread'])} | {x['tokens_per_s']:,.0f} | "
+                f"{_pct(x.get('utilisation'))} | {_mib(x.get('peak_memory'))} | {_mib(planned)} | {err} | "
+                f"{x['losses'][0]:.4f} | {_num(x.get('first_step_s'), '.2f')} |")
+        errors = [x["plan_error"] for x in train if x.get("plan_error") is not None
+                  and not (x.get("plan") or {}).get("approximate")]
+        if errors:
+            worst = max(errors, key=abs)
+            lines += ["", f"Memory planner: predicted vs measured peak over {len(errors)} ft-prog cases (compile "
+                      f"excluded): mean |error| {sum(abs(e) for e in errors) / len(errors):.1%}, worst {worst:+.1%} "
+                      f"(goal: within 15%): {'met' if abs(worst) <= 0.15 else 'NOT met'}. The plan's fixed runtime overhead "
+                      "(370 MiB on CPU, measured on the cpu-default shape) over-counts tiny shapes."]
+        kind = train[0].get("peak_memory_kind", "")
+        lines += ["", f"Peak memory: {kind} of the worker during the timed steps (weights and optimizer state "
+                  "included; the load is excluded). Planned: `ftprog.programs.plan.estimate` for the same case "
+                  "(CPU: + runtime overhead). Matmul utilisation: analytic matmul FLOPs of the step (ft-prog: "
+                  "output layer on target positions only; transformers: every position) / median step time / "
+                  "the torch.mm peak at the same dtype and threads.", ""]
+
+    if r.get("speedups"):
+        lines += ["## ft-prog vs transformers + PEFT (same case)", "",
+                  "| case | metric | ft-prog | transformers | speed-up | memory ratio |", "| --- | --- | --- | --- | --- | --- |"]
+        for sp in r["speedups"]:
+            lines.append(f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {sp['hf']:,.1f} | "
+                         f"{sp['speedup']:.2f}x | {_num(sp.get('memory_ratio'), '.2f')} |")
+        lines.append("")
+
+    if r.get("loss_checks"):
+        lines += ["## Same work? Step-0 loss, same weights and batch", "",
+                  "| case | ft-prog | transformers | abs diff | rel diff | ok (tol) | step-1 ft-prog / transformers |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for ck in r["loss_checks"]:
+            step1 = (f"{ck['ftprog_loss_step1']:.4f} / {ck['hf_loss_step1']:.4f}" if "ftprog_loss_step1" in ck
+                     else "-")
+            lines.append(f"| {ck['label']} | {ck['ftprog_loss']:.5f} | {ck['hf_loss']:.5f} | {ck['abs_diff']:.2e} | "
+                         f"{ck['rel_diff']:.2e} | {'yes' if ck['ok'] else 'NO'} ({ck['tolerance']:g}) | {step1} |")
+        lines.append("")
+
+    sft = [x for x in rows if x["case"]["kind"] == "sft"]
+    if sft:
+        w = sft[0]["case"]["workload"]
+        lines += ["## Realistic SFT workload", "",
+                  f"{w['n']} instruction samples, log-normal lengths (median {w['median']}, sigma {w['sigma']}, cut "
+                  f"to [{w['min_len']}, {w['seq_len']}]), prompt ~{w['prompt_frac']:.0%} of each sample (masked), "
+                  f"batch {sft[0]['case']['batch']}, LoRA; one epoch timed after {sft[0]['case']['warmup']} warm-up "
+                  "batches. Effective tokens = trained (non-padding, non-prompt) tokens.", "",
+                  "| system | setting | how | batches | padding | effective tokens/s | real tokens/s | peak mem MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for x in sft:
+            c = x["case"]
+            if "error" in x:
+                lines.append(f"| {c['system']} | {c['setting']} | {x['error'][:90]} | | | | | |")
+                continue
+            lines.append(f"| {c['system']} | {c['setting']} | {x['description']} | {x['batches']} | "
+                         f"{_pct(x['padding_share'])} | {x['effective_tokens_per_s']:,.0f} | "
+                         f"{x['real_tokens_per_s']:,.0f} | {_mib(x.get('peak_memory'))} |")
+        best = {c: max((x["effective_tokens_per_s"] for x in sft if x["case"]["system"] == c and "error" not in x
+                        and x["case"]["setting"] == "best"), default=None) for c in ("ftprog", "hf")}
+        if best["ftprog"] and best["hf"]:
+            lines += ["", f"Best setting against best setting: ft-prog {best['ftprog'] / best['hf']:.2f}x "
+                      "transformers in effective tokens/s."]
+        lines.append("")
+
+    gen = [x for x in rows if x["case"]["kind"] == "generate"]
+    if gen:
+        lines += ["## Generation (greedy, batch 1, same prompt and length, KV cache)", "",
+                  "| system | prompt | new tokens | tokens/s | decode tokens/s | prefill ms |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        outs = {}
+        for x in gen:
+            c = x["case"]
+            if "error" in x:
+                lines.append(f"| {c['system']} | {x['error'][:90]} | | | | |")
+                continue
+            outs[c["system"]] = x["output"]
+            lines.append(f"| {c['system']} | {x['prompt_len']} | {x['new_tokens']} | {x['tokens_per_s']:,.1f} | "
+                         f"{x['decode_tokens_per_s']:,.1f} | {x['prefill_s'] * 1e3:,.1f} |")
+        if len(outs) == 2:
+            a, b = outs["ftprog"], outs["hf"]
+            same = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+            lines += ["", f"Greedy outputs agree on the first {same} of {len(b)} tokens."]
+        lines.append("")
+
+    st = r.get("startup") or {}
+    if st:
+        lines += ["## Start-up", "", f"- `ft-prog --help`: {_num(st.get('help_median_s'), '.2f')} s (median of "
+                  f"{len(st.get('help_s', []))})"]
+        for i, d in enumerate(st.get("demo") or []):
+            lines.append(f"- demo (`ft-prog run sft --config demo max_steps=1`), run {i + 1}: first training step "
+                         f"after {_num(d['first_step_s'], '.2f')} s, process done after {d['total_s']:.2f} s"
+                         + (f" (exit {d['returncode']}: {d['error']})" if d.get("returncode") else ""))
+        lines.append("")
+
+    tt = r.get("torchtune") or {}
+    lines += ["## Baselines", "", "- transformers + PEFT: measured above.",
+              "- torchtune: " + (f"available ({tt.get('version')}), not yet wired" if tt.get("available")
+                                 else ("skipped" if tt.get("skipped") else f"{tt.get('reason')}. {tt.get('note', '')}")),
+              "- transformers QLoRA: unavailable (needs bitsandbytes 4-bit layers: not installed, no CPU kernels)."
+              if any(x["case"].get("method") == "qlora" and x["case"]["system"] == "hf" for x in rows) else "", ""]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def chart(r: dict[str, Any], path: Path) -> Path | None:
+    """Bars: training tokens/s, peak memory (measured vs planned), SFT effective tokens/s, generation tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [x for x in r["rows"] if "error" not in x]
+    train = [x for x in rows if x["case"]["kind"] == "train"]
+    sft = [x for x in rows if x["case"]["kind"] == "sft"]
+    gen = [x for x in rows if x["case"]["kind"] == "generate"]
+    colors = {"ftprog": "#1f77b4", "hf": "#ff7f0e"}
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+
+    def label(x: dict) -> str:
+        c = x["case"]
+        if c["kind"] == "train":
+            return f"{c['method']}{'+' + '+'.join(c['stack']) if c['stack'] else ''}\n{c['dtype']} t{c['threads'] or '-'}"
+        if c["kind"] == "sft":
+            return f"{c['setting']}"
+        return c["system"]
+
+    ax = axes[0][0]
+    if train:
+        ys = [x["tokens_per_s"] for x in train]
+        lo = [x["tokens_per_s"] - x["tokens_per_s"] * x["time"]["median_s"] / x["time"]["p90_s"] for x in train]
+        hi = [x["tokens_per_s"] * x["time"]["median_s"] / x["time"]["p10_s"] - x["tokens_per_s"] for x in train]
+        ax.bar(range(len(train)), ys, color=[colors[x["case"]["system"]] for x in train], yerr=[lo, hi], capsize=3)
+        ax.set_xticks(range(len(train)), [label(x) for x in train], fontsize=7, rotation=45, ha="right")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=colors["ftprog"], label="ft-prog"), Patch(color=colors["hf"], label="transformers + PEFT")],
+              fontsize=8)
+    ax.set_title("training tokens/s (whiskers: p10-p90 of step time)")
+    ax.set_ylabel("tokens/s")
+
+    ax = axes[0][1]
+    if train:
+        xs = range(len(train))
+        ax.bar([i - 0.2 for i in xs], [(x.get("peak_memory") or 0) / 2**20 for x in train], width=0.4,
+               color=[colors[x["case"]["system"]] for x in train], label="measured")
+        cuda = r["settings"]["device"].startswith("cuda")
+        planned = [((x.get("plan") or {}).get("tensor_peak" if cuda else "peak") or 0) / 2**20 for x in train]
+        ax.bar([i + 0.2 for i in xs], planned, width=0.4, color="#2ca02c", label="planned (ft-prog)")
+        ax.set_xticks(list(xs), [label(x) for x in train], fontsize=7, rotation=45, ha="right")
+        ax.legend(fontsize=8)
+    ax.set_title("peak memory, MiB " + ("(max_memory_allocated)" if r["settings"]["device"].startswith("cuda")
+                                        else "(peak RSS)"))
+
+    ax = axes[1][0]
+    if sft:
+        ax.bar(range(len(sft)), [x["effective_tokens_per_s"] for x in sft],
+               color=[colors[x["case"]["system"]] for x in sft])
+        ax.set_xticks(range(len(sft)), [f"{x['case']['system']}\n{x['case']['setting']}" for x in sft], fontsize=8)
+    ax.set_title("realistic SFT: effective (trained) tokens/s")
+
+    ax = axes[1][1]
+    if gen:
+        ax.bar(range(len(gen)), [x["tokens_per_s"] for x in gen], color=[colors[x["case"]["system"]] for x in gen])
+        ax.set_xticks(range(len(gen)), [x["case"]["system"] for x in gen])
+    ax.set_title("greedy generation tokens/s (batch 1)")
+
+    m = r["machine"]
+    fig.suptitle(f"ft-prog benchmark {r['name']}: {r['settings']['shape']} on {m.get('gpu') or m.get('cpu')} "
+                 f"(torch {m.get('torch')}, load {m.get('load_average')})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,107 @@
+"""The benchmark harness end to end (the "quick" preset in a subprocess) and its FLOP / workload helpers.
+
+No assertion here depends on how fast anything ran.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import workload  # noqa: E402
+from benchmarks.flops import train_step_flops  # noqa: E402
+
+TINY = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "quick", "--out-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_preset_writes_json_markdown_and_chart(quick_run):
+    out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text())
+    for key in ("machine", "settings", "rows", "loss_checks", "speedups", "matmul_peak", "startup", "torchtune",
+                "raw_runs"):
+        assert key in results, key
+    m = results["machine"]
+    assert m["cpu"] and m["cores"] and m["torch"]
+    assert results["matmul_peak"][0]["flops_per_s"] > 0
+
+    rows = {r["label"]: r for r in results["rows"]}
+    failed = {label: r["error"] for label, r in rows.items() if "error" in r}
+    assert not failed, failed
+    train = [r for r in results["rows"] if r["case"]["kind"] == "train"]
+    assert {r["case"]["system"] for r in train} == {"ftprog", "hf"}
+    for r in train:
+        assert r["time"]["median_s"] > 0 and r["time"]["n"] == results["settings"]["steps"]
+        assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["utilisation"] > 0
+        assert r["peak_memory"] > 0 and len(r["losses"]) == results["settings"]["warmup"] + results["settings"]["steps"]
+        if r["case"]["system"] == "ftprog":
+            assert r["plan"]["peak"] > 0 and "plan_error" in r
+
+    # The same weights and batch give the same step-0 loss in both systems.
+    assert results["loss_checks"] and all(c["ok"] for c in results["loss_checks"]), results["loss_checks"]
+    sft = [r for r in results["rows"] if r["case"]["kind"] == "sft"]
+    assert {(r["case"]["system"], r["case"]["setting"]) for r in sft} >= {("ftprog", "default"), ("ftprog", "best"),
+                                                                           ("hf", "default")}
+    for r in sft:
+        assert 0 < r["trained_tokens"] < r["real_tokens"] <= r["batch_cells"]
+        assert r["effective_tokens_per_s"] > 0
+    packed = next(r for r in sft if r["case"]["system"] == "ftprog" and r["case"]["setting"] == "best")
+    padded = next(r for r in sft if r["case"]["system"] == "ftprog" and r["case"]["setting"] == "default")
+    assert packed["trained_tokens"] == padded["trained_tokens"]  # same samples, batched differently
+    gen = {r["case"]["system"]: r for r in results["rows"] if r["case"]["kind"] == "generate"}
+    assert set(gen) == {"ftprog", "hf"} and all(len(g["output"]) == g["new_tokens"] for g in gen.values())
+    assert results["startup"]["help_median_s"] > 0
+    assert results["torchtune"].get("available") or results["torchtune"]["reason"].startswith("unavailable")
+
+    md = (out / "results.md").read_text()
+    for heading in ("## Machine", "## Training step", "## Same work?", "## Realistic SFT workload", "## Generation",
+                    "## Start-up", "## Baselines"):
+        assert heading in md, heading
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results.md" in stdout
+
+
+def test_flops_count_trained_and_frozen_weights():
+    b, s = 2, 16
+    full = train_step_flops(TINY, method="full", batch=b, seq=s)
+    lora = train_step_flops(TINY, method="lora", batch=b, seq=s, rank=8)
+    t = b * s
+    h, i, v, layers = 64, 176, 512, 2
+    q, kv = 64, 32
+    per_token = 2 * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    attention = 2 * t * q * (s + 1)
+    head = 2 * b * (s - 1) * h * v
+    assert full["forward"] == pytest.approx(layers * (t * per_token + attention) + head)
+    # Full fine-tuning: every weight gets a gradient and every input one, except the embedding output.
+    assert full["backward"] == pytest.approx(2 * layers * (t * per_token + attention) + 2 * head)
+    assert lora["forward"] > full["forward"] - 1  # adapters add work
+    assert lora["backward"] < full["backward"]  # frozen weights: no weight gradients
+    hf = train_step_flops(TINY, method="lora", batch=b, seq=s, rank=8, logits_all_positions=True)
+    assert hf["forward"] - lora["forward"] == pytest.approx(2 * b * h * v)  # logits of every last position too
+
+
+def test_workload_is_deterministic_and_masks_prompts():
+    spec = {"n": 50, "seed": 3, "seq_len": 128, "median": 40, "sigma": 0.6, "min_len": 8, "prompt_frac": 0.4,
+            "vocab": 100}
+    a, b = workload.samples(spec), workload.samples(spec)
+    assert a == b
+    stats = workload.summary(a)
+    assert stats["samples"] == 50 and 8 <= min(len(x) for x, _ in a) and stats["max_len"] <= 128
+    assert 0.25 < stats["prompt_share"] < 0.55
+    for ids, mask in a:
+        assert len(ids) == len(mask) and not mask[0] and mask[-1]
+        assert mask == sorted(mask)  # prompt first, then the response
