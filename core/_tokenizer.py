@@ -20,6 +20,7 @@ render in a sandboxed Jinja environment configured like transformers' ``apply_ch
 
 from __future__ import annotations
 
+import abc
 import base64
 import json
 import re
@@ -349,7 +350,7 @@ class _TokenizersBackend:
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-class _SplitBackend:
+class _SplitBackend(abc.ABC):
     """Base for sentencepiece and tiktoken: added tokens are cut out of the text first, the rest is encoded by the
     library chunk by chunk, and decoding joins each token's bytes (so it needs no library call)."""
 
@@ -402,10 +403,10 @@ class _SplitBackend:
                 pos = m.end()
         return ids, spans
 
+    @abc.abstractmethod
     def _encode_chunk(self, chunk: str, at_start: bool, offsets: bool) -> tuple[list[int], list[Span]]:
         """Ids of a text without added tokens (``at_start``: it begins the whole text), and char spans in it
         if ``offsets`` (else an empty list)."""
-        raise NotImplementedError
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:

@@ -16,8 +16,8 @@ from ftprog.programs.cli import app
 from ftprog.programs.evaluate import EvalConfig, FtProgLM, perplexity, perplexity_windows, run, task_manager
 from ftprog.programs.sft_config import ModelSection
 
-transformers = pytest.importorskip("transformers")
-lm_eval = pytest.importorskip("lm_eval")
+import transformers
+import lm_eval
 
 MAX_LENGTH = 48
 TASKS = ["ftp_mc", "ftp_gen", "ftp_ll", "ftp_ppl"]

@@ -17,7 +17,7 @@ from ftprog.programs.export import (
 )
 from ftprog.transforms import load_adapter, lora, quantize, save_adapter
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 
 def _adapter(folder, path, targets=("q_proj", "k_proj", "v_proj", "down_proj"), dora=False, seed=1):
