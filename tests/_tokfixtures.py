@@ -15,6 +15,8 @@ import base64
 import json
 from pathlib import Path
 
+from ftprog.programs.export import _bytes_to_unicode as bytes_to_unicode
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away!",
     "Hello, world! Hello there, how are you doing today? I'm fine, thanks. You're welcome.",
@@ -152,23 +154,10 @@ def tiktoken_ranks() -> dict[bytes, int]:
 
     tok = _train_byte_level_bpe(700, [])
     # ByteLevel maps each byte to one printable char; invert that to get the token's bytes.
-    byte_of = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     assert set(byte_of) == set(pre_tokenizers.ByteLevel.alphabet())
     by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     return {bytes(byte_of[c] for c in token): rank for rank, (token, _) in enumerate(by_id)}
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable char table, indexed by byte value."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
 
 
 def build_tiktoken_folder(path: Path, *, with_config: bool = True) -> Path:
