@@ -205,6 +205,15 @@ def build_hf(case: dict[str, Any]):
     return model, forward
 
 
+def optimizer_state_dtype(case: dict[str, Any]):
+    """ft-prog's AdamW moments: for full fine-tuning in the params' dtype, as ``torch.optim.AdamW`` keeps them
+    for the baseline's bf16 params (identical work; stack ``fp32-state`` keeps fp32 moments instead); LoRA
+    adapters are fp32 in both systems, and so are their moments."""
+    if case["method"] != "full" or "fp32-state" in case.get("stack", []):
+        return None
+    return torch_dtype(case["dtype"])
+
+
 def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: int, mask: bool,
                  targets_fraction: float) -> dict[str, Any]:
     """What ``ftprog.programs.plan.estimate`` predicts for this case (compared with the measured peak)."""
@@ -212,6 +221,7 @@ def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: 
 
     p = estimate(cfg, method=case["method"], dtype=case["dtype"], batch_size=batch, seq_len=seq,
                  rank=case.get("rank", 8), targets=tuple(case.get("targets", ("q_proj", "v_proj"))),
+                 state_dtype=str(optimizer_state_dtype(case) or "fp32").replace("torch.", ""),
                  checkpoint="checkpoint" in case.get("stack", []), mask=mask, targets_fraction=targets_fraction,
                  device=case["device"], max_grad_norm=MAX_GRAD_NORM)
     return {"peak": p.peak, "tensor_peak": p.tensor_peak, "overhead": p.overhead, "phase": p.peak_phase,
@@ -284,7 +294,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
         model = state["model"]
         out["params"] = model.num_params()
         out["trainable_params"] = sum(t.numel() for t in model.trainable_params().values())
-        opt = optim.adamw(LR)
+        opt = optim.adamw(LR, state_dtype=optimizer_state_dtype(case))
         state["opt"] = opt.init(model.trainable_params())
 
         def loss_fn(m, tok, tgt):
@@ -295,7 +305,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
         def step():
             m = state["model"]
             loss, grads = grad_fn(m, tokens, targets)
-            grads, _ = optim.clip_by_global_norm(grads, MAX_GRAD_NORM)
+            grads, _ = optim.clip_by_global_norm(grads, MAX_GRAD_NORM, inplace=True)
             params, state["opt"] = opt.update(grads, state["opt"], m.trainable_params(), inplace=True)
             del grads
             state["model"] = m.with_params(params)
@@ -347,10 +357,13 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         from ftprog.core import DataLoader, TokenizedDataset, optim, token_loss_sum, value_and_grad
 
         dataset = TokenizedDataset.from_samples(data, spec["seq_len"], pad_id=0)
-        loader = DataLoader(dataset, B, packing=setting == "best", seq_len=spec["seq_len"], seed=spec.get("seed", 0))
+        # sft's defaults: packed rows (best-fit), document masks, target-only chunked loss; best: + compile
+        loader = DataLoader(dataset, B, packing=True, seq_len=spec["seq_len"], seed=spec.get("seed", 0))
         n_batches = loader.num_batches(0)
-        out["description"] = ("packed rows of seq_len, document masks, target-only chunked loss" if setting == "best"
-                              else "padded batches (default), target-only chunked loss")
+        out["description"] = ("packed rows of seq_len (default), document masks, target-only chunked loss"
+                              + (", compiled forward" if setting == "best" else ""))
+        if setting == "best":
+            case = {**case, "stack": [*case.get("stack", []), "compile"]}
         state = {"model": build_ftprog(case)}
         opt = optim.adamw(LR)
         state["opt"] = opt.init(state["model"].trainable_params())
@@ -364,7 +377,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
             batch = loader.batch(0, i).to(device)
             m = state["model"]
             loss, grads = grad_fn(m, batch)
-            grads, _ = optim.clip_by_global_norm(grads, MAX_GRAD_NORM)
+            grads, _ = optim.clip_by_global_norm(grads, MAX_GRAD_NORM, inplace=True)
             params, state["opt"] = opt.update(grads, state["opt"], m.trainable_params(), inplace=True)
             state["model"] = m.with_params(params)
             return loss, batch.num_targets, batch.num_tokens, batch.tokens.numel()

@@ -22,29 +22,47 @@ from ._model import Model
 IGNORE = -100
 
 
+# Rows of a logits chunk whose softmax is taken at once: 32 x 32k-vocab fp32 rows = 4 MiB stay in cache,
+# where one pass over a whole chunk of fp32 logits would stream through memory several times.
+_SOFTMAX_ROWS = 32
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum_i CE(h_i W^T, t_i)`` with grads for ``h`` (and ``W``) computed chunk by chunk in the forward."""
 
     @staticmethod
     def forward(hidden, weight, targets, chunk_size, hidden_grad, weight_grad):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if hidden_grad or weight_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad else None
+        need_grad = hidden_grad or weight_grad
+        grad_hidden = torch.empty_like(hidden) if hidden_grad else None
+        grad_weight = None  # one chunk: in the weight's dtype; several: accumulated in fp32
+        single = hidden.shape[0] <= chunk_size
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)
-            total -= logp.gather(1, t[:, None]).sum()
-            if grad_hidden is None:
+            logits = h @ weight.T
+            # log-softmax, loss and d(sum CE)/d logits = softmax - one_hot(target), a few rows at a time;
+            # the gradient overwrites the logits it came from
+            for r in range(0, len(t), _SOFTMAX_ROWS):
+                rows, tr = logits[r : r + _SOFTMAX_ROWS], t[r : r + _SOFTMAX_ROWS]
+                logp = torch.log_softmax(rows.float(), dim=-1)
+                total -= logp.gather(1, tr[:, None]).sum()
+                if need_grad:
+                    probs = logp.exp_()
+                    probs[torch.arange(len(tr), device=tr.device), tr] -= 1
+                    rows.copy_(probs)
+            if not need_grad:
                 continue
-            # d(sum CE)/d logits = softmax - one_hot(target), computed in place over the log-probabilities
-            probs = logp.exp_()
-            probs[torch.arange(len(t), device=t.device), t] -= 1
-            probs = probs.to(weight.dtype)
             if hidden_grad:
-                grad_hidden[start : start + chunk_size] = probs @ weight
-            if grad_weight is not None:
-                grad_weight += (probs.T @ h).float()  # matmul in the weight's dtype, accumulated in fp32
+                grad_hidden[start : start + chunk_size] = logits @ weight
+            if weight_grad:
+                part = logits.T @ h  # matmul in the weight's dtype (fp32 accumulation inside)
+                if single:
+                    grad_weight = part
+                elif grad_weight is None:
+                    grad_weight = part.float()
+                else:
+                    grad_weight += part
         return total, grad_hidden, grad_weight
 
     @staticmethod
@@ -57,8 +75,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _gh, _gw):
         grad_hidden, grad_weight = ctx.saved_tensors
-        dh = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        # a 0-d fp32 factor keeps the gradient's dtype and rounds once
+        dh = grad_hidden * grad_total if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # scaled and rounded to the weight's dtype in one pass
+            dw = torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device)
+            torch.mul(grad_weight, grad_total, out=dw)
         return dh, dw, None, None, None, None
 
 

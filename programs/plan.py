@@ -75,7 +75,7 @@ CHECKPOINT_IMPORT_OVERHEAD = 75 * 2**20
 QUANTIZE_IMPORT_OVERHEAD = 80 * 2**20
 """Host memory importing torchao adds on CPU (QLoRA): +81 MiB of resident set measured (torchao 0.18)."""
 
-_UPCAST_NUMEL = 1 << 24  # ftprog.core._optim upcasts low-precision params in pieces of at most this many elements
+_UPCAST_NUMEL = 1 << 20  # ftprog.core._optim upcasts low-precision params in pieces of at most this many elements
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -359,8 +359,9 @@ def activation_bytes(shape: Shape, setup: Setup) -> dict[str, int]:
         if not head_adapted:
             loss += targets * H * b  # d loss / d hidden, computed in the forward by the fused loss
     head_trained = full
-    if head_trained:
-        loss += s.vocab_size * H * 4  # fp32 output-weight gradient, computed in the forward
+    if head_trained:  # the output-weight gradient, computed in the forward: in the weight's dtype when the
+        # targets fit one chunk, else accumulated in fp32
+        loss += s.vocab_size * H * (b if targets <= u.chunk_size else 4)
     if head_adapted:  # adapted output layer: checkpointed chunks keep their inputs and targets
         loss += targets * (H * b + 8)
     total = layers + shared + final.total() + loss
@@ -402,6 +403,7 @@ class Plan:
     overhead: int
     memory: int | None = None
     notes: tuple[str, ...] = ()
+    state_dtype: str = "fp32"
 
     @property
     def peak(self) -> int:
@@ -425,10 +427,10 @@ class Plan:
             ("adapters", self.adapters, f"rank {u.rank} on {', '.join(u.targets)}, {u.adapter_dtype}"
              if u.method != "full" else "none (full fine-tuning)"),
             ("gradients", self.gradients, f"{self.trainable_params / 1e6:,.2f}M trainable" + shard),
-            ("optimizer", self.optimizer, f"{self.optimizer_name}, fp32 state" + shard),
+            ("optimizer", self.optimizer, f"{self.optimizer_name}, {self.state_dtype} state" + shard),
             ("activations", self.activations, act_note),
-            ("loss chunk", self.loss_chunk, f"fp32 logits of {min(u.chunk_size, u.batch_size * u.seq_len)} "
-             "target positions"),
+            ("loss chunk", self.loss_chunk, f"{u.dtype} logits of {min(u.chunk_size, u.batch_size * u.seq_len)} "
+             "target positions (+ fp32 softmax of 32 rows at a time)"),
             ("runtime", self.overhead, f"{self.device} process / context (fixed)"),
         ]
 
@@ -446,6 +448,7 @@ def estimate(
     grad_accum: int = 1,
     optimizer: str = "adamw",
     momentum: float = 0.0,
+    state_dtype: str = "fp32",
     max_grad_norm: float = 1.0,
     inplace_update: bool = True,
     device: str = "cpu",
@@ -458,7 +461,7 @@ def estimate(
 
     ``setup`` (or its fields as keywords: ``method``, ``dtype``, ``batch_size``, ``seq_len``, ``rank``,
     ``targets``, ``dropout``, ``checkpoint``, ``mask``, ...) describes the step as :mod:`ftprog.programs.sft`
-    runs it: ``value_and_grad`` of :func:`token_loss_sum`, ``clip_by_global_norm`` (new tensors), then the
+    runs it: ``value_and_grad`` of :func:`token_loss_sum`, ``clip_by_global_norm`` (in place), then the
     optimizer update in place (``inplace_update=False``: a functional update, new params while the old ones
     are still held).
 
@@ -469,8 +472,9 @@ def estimate(
       workspace (+ the recomputed layer under checkpointing);
     - ``backward end``: static + all gradients + workspace;
     - ``grad accumulation``: static + 3 x gradients (the sum, the new part and the running total);
-    - ``clip``: static + 2 x gradients; ``update``: static + gradients + the fp32 upcast pieces of
-      low-precision params (+ the new trainable params of a functional update).
+    - ``clip``: static + gradients + the fp32 pieces their norms are taken of; ``update``: static +
+      gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
+      of a functional update). ``state_dtype``: the optimizer moments' dtype.
     """
     shape = Shape.of(config)
     if setup is None:
@@ -509,7 +513,10 @@ def estimate(
     trainable_bytes = trainable * (b if u.method == "full" else ab)
     adapters = adapter_params * ab
     grads = trainable_bytes
-    state_per_param = {"adamw": 8, "sgd": 4 if momentum else 0}[optimizer]
+    if state_dtype not in DTYPE_BYTES:
+        raise PlanError(f"unknown optimizer state dtype {state_dtype!r} ({', '.join(DTYPE_BYTES)})")
+    state_bytes = DTYPE_BYTES[state_dtype]
+    state_per_param = {"adamw": 2, "sgd": 1 if momentum else 0}[optimizer] * state_bytes
     opt_state = trainable * state_per_param
 
     weights, adapters_s, grads_s, opt_s = (x / nproc for x in (weights, adapters, grads, opt_state))
@@ -522,26 +529,28 @@ def estimate(
     acts_full = activation_bytes(s, attrs.evolve(u, checkpoint=False))
     chunk = min(u.chunk_size, max(1, int(round(T * u.targets_fraction))))
     head_trained = u.method == "full"
-    # [chunk, vocab] tensors alive at once: the fp32 logits and their log-softmax (8 bytes per element); for a
-    # trained low-precision output weight later the fp32 log-probabilities, their cast to the weight dtype
-    # and its fp32 transpose (8 + b).
-    low = b < 4
-    loss_chunk = chunk * V * (8 + b * (head_trained and low)) + chunk * H * 4 * head_trained * low
+    # A chunk's [chunk, vocab] logits in the weight dtype (overwritten by their gradient), the fp32 copy and
+    # log-softmax of 32 of its rows at a time, and for a trained output weight the chunk's [vocab, hidden]
+    # weight-gradient product (plus the fp32 running sum when the targets span several chunks).
+    targets_n = max(1, int(round(T * u.targets_fraction)))
+    loss_chunk = chunk * V * b + min(chunk, 32) * V * 8
+    if head_trained and targets_n > u.chunk_size:
+        loss_chunk += V * H * (b + 4)
     # Backward workspace of one layer: the residual-stream gradient (twice, in flight), the MLP's
     # intermediate gradients, fp32 norm gradients; a sharded layer's gathered weights.
     I = s.intermediate_size
     workspace = T * (2 * H * b + 3 * I * b + 2 * H * 4) + (lin + other) * b * (nproc > 1)
-    head_cast = V * H * (4 + b) if head_trained else 0  # (fp32 grad * scale).to(dtype) at the backward start
+    head_cast = V * H * b if head_trained else 0  # the scaled output-weight gradient at the backward start
     accum = grads_s if grad_accum > 1 else 0
-    low_precision = b < 4 and u.method == "full"
-    upcast = min(trainable, _UPCAST_NUMEL) * 4 * 2 if low_precision else 0
+    upcast = min(trainable, _UPCAST_NUMEL) * state_bytes * 2 if u.method == "full" and b < state_bytes else 0
+    norm_pieces = min(trainable, _UPCAST_NUMEL) * 4 if u.method == "full" and b < 4 else 0
     if u.method == "qlora":  # an NF4 linear is dequantized whole for its matmul (forward and backward)
         workspace += max(a * c for a, c in s.linears().values()) * b
     phases = {
         "forward": static + acts["total"] + loss_chunk + accum,
         "backward start": static + acts["total"] + head_cast + workspace + acts["recompute"] + accum,
         "backward end": static + grads_s + workspace + acts["shared"] + accum,
-        "clip": static + 2 * grads_s if max_grad_norm > 0 else 0,
+        "clip": static + grads_s + norm_pieces if max_grad_norm > 0 else 0,
         "update": static + grads_s + (0 if inplace_update else trainable_bytes / nproc) + upcast,
     }
     if grad_accum > 1:
@@ -558,7 +567,7 @@ def estimate(
         weights=int(weights), adapters=int(adapters_s), gradients=int(grads_s), optimizer=int(opt_s),
         activations=acts["total"], activations_checkpointed=acts_ck["total"], activations_full=acts_full["total"],
         loss_chunk=int(loss_chunk), phases=phases, peak_phase=peak_phase, tensor_peak=phases[peak_phase],
-        overhead=int(overhead), memory=parse_memory(memory), notes=tuple(notes),
+        overhead=int(overhead), memory=parse_memory(memory), notes=tuple(notes), state_dtype=state_dtype,
     )
 
 
@@ -625,7 +634,7 @@ def plan(config_name_or_path: str, overrides: Iterable[str] | Mapping[str, Any] 
                   checkpoint=cfg.activation_checkpointing, mask=True)
     opt = cfg.optimizer
     result = estimate(raw, setup, nproc=nproc, grad_accum=cfg.grad_accum, optimizer=opt.name,
-                      momentum=opt.momentum, max_grad_norm=opt.max_grad_norm, device=device, memory=memory,
+                      momentum=opt.momentum, state_dtype=opt.state_dtype, max_grad_norm=opt.max_grad_norm, device=device, memory=memory,
                       model_name=source)
     notes = (note,) if note else ()
     if cfg.packing:

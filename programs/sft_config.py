@@ -56,6 +56,8 @@ class OptimizerSection:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     """Clip gradients to this global norm; 0 disables clipping."""
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params)."""
 
 
 @attrs.frozen
@@ -84,7 +86,8 @@ class SFTConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run ``epochs`` epochs)."""
     epochs: int = 1
-    packing: bool = False
+    packing: bool = True
+    """Pack samples into rows of ``seq_len`` (document masks keep them apart): no compute spent on padding."""
     activation_checkpointing: bool = False
     compile: bool = False
     threads: int = 0

@@ -76,6 +76,32 @@ def test_adamw_matches_torch_bitwise(fused, inplace):
     assert state.count == 6 and all(v.dtype == torch.float32 for v in state.exp_avg.values())
 
 
+def test_adamw_bf16_state_matches_torch_on_bf16_params():
+    """state_dtype=bf16: moments stored in bf16, as torch.optim.AdamW keeps them for bf16 params."""
+    params = make_params(torch.bfloat16)
+    kw = dict(betas=(0.85, 0.99), eps=1e-7, weight_decay=0.1)
+    ref = torch_run(torch.optim.AdamW, params, 6, lr=3e-2, fused=True, **kw)
+    ours, state = ours_run(adamw(3e-2, fused=True, state_dtype="bfloat16", **kw), params, 6, inplace=True)
+    assert_bitwise(ours, ref)
+    assert all(v.dtype == torch.bfloat16 for v in (*state.exp_avg.values(), *state.exp_avg_sq.values()))
+    # the state round-trips through state_dict / load_state_dict in its dtype
+    opt = adamw(3e-2, fused=True, state_dtype=torch.bfloat16, **kw)
+    loaded = load_state_dict(opt, ours, st_load(st_save({k: v.contiguous() for k, v in state_dict(state).items()})))
+    assert_bitwise(loaded.exp_avg_sq, state.exp_avg_sq)
+    with pytest.raises(ValueError, match="expected torch.float32"):
+        load_state_dict(adamw(3e-2), ours, state_dict(state))  # fp32 state expected, bf16 saved
+    with pytest.raises(ValueError, match="state_dtype must be a floating-point dtype"):
+        adamw(1e-3, state_dtype=torch.int8)
+
+
+def test_sgd_state_dtype():
+    params = make_params(torch.bfloat16)
+    ref = torch_run(torch.optim.SGD, params, 4, lr=1e-2, momentum=0.9, foreach=True)
+    ours, state = ours_run(sgd(1e-2, momentum=0.9, state_dtype="bfloat16"), params, 4)
+    assert all(v.dtype == torch.bfloat16 for v in state.momentum.values())
+    assert_bitwise(ours, ref)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_adamw_schedule_matches_torch_with_transformers_scheduler(fused):
     from transformers import get_cosine_schedule_with_warmup

@@ -468,3 +468,14 @@ def test_demo_runs_offline(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40 and "exact_match_after" in summary and summary["val_loss"] < 4.0
     assert (tmp_path / "cache" / "ft-prog" / "demo" / "model" / "model.safetensors").is_file()
+
+
+def test_cli_bad_data_is_a_message_not_a_traceback(config, tmp_path):
+    rows = [json.dumps(r) for r in reverse_rows(12)]
+    rows[2] = "not json"
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = cli("run", "sft", "--config", str(config), f"data.path={bad}")
+    assert result.returncode == 1, result.stderr
+    assert "bad.jsonl:3: invalid JSON" in result.stderr and "Traceback" not in result.stderr
+    result = cli("run", "sft", "--config", str(config), f"model.path={tmp_path / 'no-such-model'}")
+    assert result.returncode == 1 and "no-such-model" in result.stderr and "Traceback" not in result.stderr
