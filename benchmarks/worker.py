@@ -340,6 +340,31 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def padded_first_batch_loss(model, data, batch_size: int, seed: int, device: str) -> float:
+    """The model's mean loss on the baseline's first (padded) batch, before training: the same-work check of
+    the model and loss (ft-prog's own first batch is packed, so it holds other samples)."""
+    import torch
+
+    from benchmarks import workload
+    from ftprog.core import token_loss_sum
+
+    idx = workload.order(len(data), seed)[:batch_size]
+    width = max(len(data[i][0]) for i in idx)
+    tokens = torch.zeros(len(idx), width, dtype=torch.long)
+    targets = torch.full((len(idx), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(idx), width, dtype=torch.long)
+    for r, i in enumerate(idx):
+        ids, trained = data[i]
+        tokens[r, : len(ids)] = torch.tensor(ids)
+        mask[r, : len(ids)] = 1
+        # position t predicts token t + 1 where that token is trained (the baseline's shifted labels)
+        targets[r, : len(ids) - 1] = torch.where(torch.tensor(trained[1:]), torch.tensor(ids[1:]), -100)
+    with torch.no_grad():
+        total = token_loss_sum(model, tokens.to(device), targets.to(device), attention_mask=mask.to(device),
+                               training=False)
+    return float(total) / int((targets != -100).sum())
+
+
 def run_sft(case: dict[str, Any]) -> dict[str, Any]:
     """One epoch of the realistic workload (after ``warmup`` untimed batches): effective tokens/s."""
     import torch
@@ -365,6 +390,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         if setting == "best":
             case = {**case, "stack": [*case.get("stack", []), "compile"]}
         state = {"model": build_ftprog(case)}
+        out["check_loss"] = padded_first_batch_loss(state["model"], data, B, spec.get("seed", 0), device)
         opt = optim.adamw(LR)
         state["opt"] = opt.init(state["model"].trainable_params())
 
@@ -468,7 +494,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
     if case["system"] == "ftprog":  # padded batches: the plan's worst case (every row seq_len long)
         out["plan"] = plan_summary(case, _config(case), batch=B, seq=spec["seq_len"], mask=True,
                                    targets_fraction=1.0)
-    out.update(first_loss=warm_losses[0] if warm_losses else None, batches=n_batches, epoch_s=total, step_times=times,
+    out.update(first_loss=out.get("check_loss", warm_losses[0] if warm_losses else None), batches=n_batches, epoch_s=total, step_times=times,
                trained_tokens=targets, real_tokens=real, batch_cells=cells, padding_share=1 - real / max(cells, 1),
                effective_tokens_per_s=targets / total, real_tokens_per_s=real / total)
     return out

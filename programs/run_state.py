@@ -2,16 +2,29 @@
 
 A checkpoint folder holds:
 
-- ``model/``: the trained weights: a Hugging Face folder for full fine-tuning,
-  a PEFT adapter folder for LoRA / DoRA / QLoRA;
-- ``optimizer.safetensors``: the optimizer state (fp32 moments and step);
-- ``rng_<rank>.safetensors``: each process's CPU (and CUDA) generator states;
 - ``state.json``: step, data-loader position, tokens seen, and the metrics so far;
-- ``config.toml``: the resolved config of the run.
+- ``config.toml``: the resolved config of the run;
+- ``rng_<rank>.safetensors``: each process's CPU (and CUDA) generator states;
 
-The folder is filled under a temporary name and renamed when complete, so a
-``step_N`` folder that exists is whole; older ones beyond ``keep_last`` are
-removed only afterwards.
+and the trained leaves with the optimizer state, in one of two formats:
+
+- one process (plain leaves): ``model/``, a Hugging Face folder for full
+  fine-tuning or a PEFT adapter folder for LoRA / DoRA / QLoRA, and
+  ``optimizer.safetensors`` (the flat ``optim.state_dict``: moments and step);
+- several processes (sharded DTensor leaves, see ``transforms.shard``):
+  ``distributed/``, a ``torch.distributed.checkpoint`` folder: ``.metadata``
+  (every tensor's global shape, dtype and where its pieces are) and one
+  ``__<rank>_0.distcp`` file per rank with that rank's shards. Keys:
+  ``model.<leaf path>`` for the trainable leaves and ``optimizer.<key>`` for
+  the ``optim.state_dict`` entries. Each rank writes only its own shards.
+
+Either format resumes a run with any number of processes: a ``distributed/``
+checkpoint is re-sharded on load (each rank reads the pieces overlapping its
+shards; one process reads them all), a ``model/`` one is split by each rank.
+
+The folder is filled under a temporary name and renamed when every rank has
+written its part, so a ``step_N`` folder that exists is whole; older ones
+beyond ``keep_last`` are removed only afterwards.
 """
 
 from __future__ import annotations
@@ -19,18 +32,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftprog.core import Model, flatten, load_pretrained, save_pretrained, unflatten
+from ftprog.core import CheckpointError, Model, flatten, load_pretrained, save_pretrained, unflatten
 from ftprog.core._checkpoint import _replace_dir
 from ftprog.programs import distributed
 from ftprog.transforms import load_adapter, save_adapter
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+SHARDED_DIR = "distributed"
+"""The ``torch.distributed.checkpoint`` subfolder of a checkpoint written by sharded runs."""
 
 
 def save_model(model: Model, folder: Path) -> None:
@@ -50,6 +66,11 @@ def consolidate(model: Model) -> Model:
     return model.replace(params=unflatten(full), forward=model.decoder)
 
 
+def _is_sharded(model: Model) -> bool:
+    """True when a trainable leaf is a DTensor: checkpoints are then written sharded (``distributed/``)."""
+    return any(_is_dtensor(t) for t in model.trainable_params().values())
+
+
 def _is_dtensor(t: Any) -> bool:
     return type(t).__name__ == "DTensor"
 
@@ -64,47 +85,90 @@ def save_checkpoint(output_dir: Path, step: int, model: Model, optimizer_state: 
                     state: dict[str, Any], config_toml: str, keep_last: int) -> Path:
     """Write ``output_dir/step_{step}`` atomically, then prune to the newest ``keep_last``.
 
-    Under torchrun every rank calls it: sharded weights and optimizer state are
-    gathered (so any number of processes can resume), each rank writes its RNG
-    state, and rank 0 writes the rest and renames the folder into place.
+    Under torchrun every rank calls it: each writes its RNG state and, when
+    the model is sharded, its own shards of the trainable leaves and of
+    ``optimizer_state`` (``optim.state_dict``); rank 0 writes the rest and
+    renames the folder into place once all ranks are done. A failure on any
+    rank removes the partial folder and raises on every rank.
     """
-    model = consolidate(model)
-    optimizer_state = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in optimizer_state.items()}
-    rank = _rank()
+    rank, sharded = _rank(), _is_sharded(model)
     target = output_dir / f"step_{step}"
     tmp = output_dir / f".step_{step}.tmp"
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    distributed.barrier()
-    error = None
-    try:
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / f"rng_{rank}.safetensors"))
-        distributed.barrier()
+
+    def start() -> None:
         if rank == 0:
-            save_model(model, tmp / "model")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+
+    def weights() -> None:
+        if sharded:  # a collective: DCP re-raises one rank's failure on all of them
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_sharded_state(model.trainable_params(), optimizer_state), checkpoint_id=tmp / SHARDED_DIR)
+        elif rank == 0:
+            save_model(consolidate(model), tmp / "model")
             save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(tmp / "optimizer.safetensors"))
+
+    def finish() -> None:
+        if rank == 0:
             (tmp / "state.json").write_text(json.dumps(state))
             (tmp / "config.toml").write_text(config_toml)
             _replace_dir(tmp, target)
-    except Exception as e:  # KeyboardInterrupt / SystemExit pass through
-        error = e
-    if distributed.any_rank(error is not None):
+
+    error = _run_stages([start, lambda: _save_rng(tmp / f"rng_{rank}.safetensors"), weights, finish])
+    if error is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoints(output_dir)
-        reason = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+        cause = error if isinstance(error, BaseException) else None
+        reason = _describe(cause) if cause is not None else "failed on another rank"
         raise RuntimeError(f"could not save checkpoint {target} ({reason}); the earlier checkpoint "
-                           f"{kept[-1] if kept else '(none)'} is untouched") from error
+                           f"{kept[-1] if kept else '(none)'} is untouched") from cause
     if rank == 0:
         for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return target
+
+
+def _run_stages(stages: list[Callable[[], None]]) -> BaseException | bool | None:
+    """Run the stages in order on every rank, stopping all ranks after the first stage that failed on any
+    (the ranks wait for each other after every stage).
+
+    Returns None when all succeeded, this rank's exception, or True when only another rank failed.
+    """
+    for stage in stages:
+        error = None
+        try:
+            stage()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            error = e
+        if distributed.any_rank(error is not None):
+            return error or True
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``; for a CheckpointException, that of each failed rank (without the tracebacks)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {rank}: {_describe(exc)}" for rank, (exc, _) in sorted(failures.items()))
+    return f"{type(error).__name__}: {error}"
+
+
+def _save_rng(path: Path) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(path))
+
+
+def _sharded_state(params: dict[str, torch.Tensor], optimizer_state: dict[str, torch.Tensor]) -> dict:
+    """The flat DCP state: ``model.<path>`` trainable leaves and ``optimizer.<key>`` state entries."""
+    return {**{f"model.{p}": t for p, t in params.items()}, **{f"optimizer.{k}": t for k, t in optimizer_state.items()}}
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -115,25 +179,71 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(folder: Path, model: Model, base: Model) -> tuple[Model, dict[str, torch.Tensor], dict]:
-    """``(model, optimizer_state, state)`` from a checkpoint; restores the RNG states too.
+def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: dict[str, torch.Tensor]
+                    ) -> tuple[Model, dict[str, torch.Tensor], dict]:
+    """``(model, optimizer_state, state)`` from a checkpoint of either format; restores the RNG states too.
 
-    ``model`` is the model as the program built it (all transforms applied);
-    ``base`` the same before adapters were added. The checkpoint's trained
-    leaves (adapter or full weights) replace ``model``'s, bit for bit.
+    ``model`` is the model as the program built it (all transforms applied,
+    sharded or not); ``base`` the same before adapters were added;
+    ``optimizer_state`` a fresh ``optim.state_dict`` of this run (it gives the
+    keys, shapes, dtypes and sharding to load into; its tensors are not
+    changed). The checkpoint's trained leaves (adapter or full weights) replace
+    ``model``'s bit for bit, sharded as ``model``'s are; the returned optimizer
+    state is in the same form (for ``optim.load_state_dict``).
     """
-    if model.decoder.adapter is not None:
-        saved = flatten(load_adapter(base, folder / "model").params)
+    sharded = (folder / SHARDED_DIR / ".metadata").is_file()
+    if not sharded and not ((folder / "model").is_dir() and (folder / "optimizer.safetensors").is_file()):
+        raise CheckpointError(f"checkpoint {folder} is incomplete: it holds neither {SHARDED_DIR}/.metadata "
+                              "(several processes) nor model/ and optimizer.safetensors (one process); "
+                              "remove it to resume from the one before")
+    if not (folder / "state.json").is_file():
+        raise CheckpointError(f"checkpoint {folder} has no state.json; remove it to resume from the one before")
+    if sharded:
+        model, optimizer_state = _load_sharded(folder / SHARDED_DIR, model, optimizer_state)
     else:
-        saved = flatten(load_pretrained(folder / "model", device=model.device).params)
-    model = model.with_params({p: _like(saved[p].to(t.dtype), t) for p, t in model.trainable_params().items()})
+        if model.decoder.adapter is not None:
+            saved = flatten(load_adapter(base, folder / "model").params)
+        else:
+            saved = flatten(load_pretrained(folder / "model", device=model.device).params)
+        model = model.with_params({p: _like(saved[p].to(t.dtype), t) for p, t in model.trainable_params().items()})
+        optimizer_state = load_file(str(folder / "optimizer.safetensors"))
     rank_file = folder / f"rng_{_rank()}.safetensors"
     rng = load_file(str(rank_file if rank_file.is_file() else folder / "rng_0.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
     state = json.loads((folder / "state.json").read_text())
-    return model, load_file(str(folder / "optimizer.safetensors")), state
+    return model, optimizer_state, state
+
+
+def _load_sharded(path: Path, model: Model, optimizer_state: dict[str, torch.Tensor]
+                  ) -> tuple[Model, dict[str, torch.Tensor]]:
+    """Trainable leaves and optimizer state from a DCP folder, re-sharded to this run's layout (any process count)."""
+    import torch.distributed
+    import torch.distributed.checkpoint as dcp
+
+    params = {p: torch.empty_like(t) for p, t in model.trainable_params().items()}
+    opt = {k: torch.empty_like(v) for k, v in optimizer_state.items()}
+    target = _sharded_state(params, opt)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in target if k not in saved]
+    unexpected = [k for k in saved if k not in target]
+    wrong = [f"{k} is {saved[k].properties.dtype}{list(saved[k].size)}, this run has {t.dtype}{list(t.shape)}"
+             for k, t in target.items()
+             if k in saved and (saved[k].size != t.shape or saved[k].properties.dtype != t.dtype)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint {path} does not match this run's model and optimizer (another method, "
+                              f"model or optimizer?): missing {missing[:5]}, unexpected {unexpected[:5]}"
+                              f"{''.join('; ' + w for w in wrong[:5])}")
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as asked
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(target, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a CheckpointException on every rank when any rank failed to read
+        raise CheckpointError(f"could not read checkpoint {path}: {_describe(e)}") from e
+    return model.with_params(params), opt
 
 
 def _like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -69,14 +69,18 @@ def build_optimizer(cfg: SFTConfig, total_steps: int) -> Any:
     o = cfg.optimizer
     schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, o.warmup_steps)
     if o.name == "sgd":
-        return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay)
-    return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay, state_dtype=o.state_dtype)
+    return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                       state_dtype=o.state_dtype)
 
 
 def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, torch.Tensor]:
-    """``(grads clipped to global norm max_norm (0: not clipped), their global norm before clipping)``."""
+    """``(grads clipped to global norm max_norm (0: not clipped), their global norm before clipping)``.
+
+    The grads are scaled in place: they are this step's own tensors from ``value_and_grad``.
+    """
     if max_norm > 0:
-        return optim.clip_by_global_norm(grads, max_norm)
+        return optim.clip_by_global_norm(grads, max_norm, inplace=True)
     return grads, torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads.values()]))
 
 
@@ -150,7 +154,7 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
         distributed.barrier()
         found = []
     if found:
-        model, saved_opt, state = run_state.load_checkpoint(found[-1], model, base)
+        model, saved_opt, state = run_state.load_checkpoint(found[-1], model, base, optim.state_dict(opt_state))
         opt_state = optim.load_state_dict(opt, model.trainable_params(), saved_opt)
         loader.load_state_dict(state["loader"])
         say(f"resumed from {found[-1]} (step {state['step']})", flush=True)

@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_shard.py: sharded vs unsharded loss, grads and an optimizer step."""
+"""Run under torchrun by tests/test_shard.py: sharded vs unsharded loss, grads and an optimizer step, or
+compiled sharded vs eager sharded loss and grads."""
 
 import sys
 
@@ -7,9 +8,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from ftprog.core import from_config, optim, preset, token_loss_sum, value_and_grad
-from ftprog.transforms import checkpoint, lora, quantize, shard, trainable
+from ftprog.transforms import checkpoint, compile, lora, quantize, shard, trainable
 
-method, out = sys.argv[1], sys.argv[2]
+method, out = sys.argv[1], sys.argv[2]  # method: full, lora, qlora, or compile-<backend> (LoRA, checkpointed)
+compiled, backend = method.startswith("compile-"), method.removeprefix("compile-")
+method = "lora" if compiled else method
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 config = {**preset("tiny"), "hidden_size": 128, "intermediate_size": 256, "vocab_size": 256}
@@ -31,10 +34,28 @@ def loss_fn(m, t, y):
     return token_loss_sum(m, t, y) / total
 
 
+mine = slice(rank * 2, rank * 2 + 2)
+if compiled:  # compile(shard(model)) against shard(model), both on this rank's half of the batch
+    sharded = shard(model)
+    ref_loss, ref_grads = value_and_grad(loss_fn)(sharded, tokens[mine], targets[mine])
+    loss, grads = value_and_grad(loss_fn)(compile(sharded, backend=backend), tokens[mine], targets[mine])
+    result = {"loss": loss.reshape(1), "ref_loss": ref_loss.reshape(1)}
+    for p, t in grads.items():
+        assert type(t).__name__ == "DTensor", p
+        result[f"grad.{p}"], result[f"ref_grad.{p}"] = t.full_tensor(), ref_grads[p].full_tensor()
+    try:  # shard(reshard_after_forward=False) keeps checkpoint()'s recomputation, which does not compile: refused
+        compile(shard(model, reshard_after_forward=False))
+        raise AssertionError("compile accepted shard(checkpoint(model), reshard_after_forward=False)")
+    except ValueError as e:
+        assert "reshard_after_forward=True" in str(e), e
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in result.items()}, out)
+    dist.destroy_process_group()
+    sys.exit()
+
 # reference: the whole batch on one process
 ref_loss, ref_grads = value_and_grad(loss_fn)(model, tokens, targets)
 sharded = shard(model)
-mine = slice(rank * 2, rank * 2 + 2)
 loss, grads = value_and_grad(loss_fn)(sharded, tokens[mine], targets[mine])
 dist.all_reduce(loss)
 opt = optim.adamw(1e-2)

@@ -1,4 +1,6 @@
-"""`ft-prog run --nproc 2 sft`: 2 gloo processes against 1, re-sharded resume, and a rank that dies or hangs."""
+"""`ft-prog run --nproc 2 sft`: 2 gloo processes against 1; sharded (torch.distributed.checkpoint) checkpoints:
+bitwise exact resume with 2 processes, re-sharded resume with 1 (and the reverse), clear errors for damaged ones
+and for a save that fails on one rank; a rank that dies or hangs."""
 
 import os
 import shutil
@@ -55,29 +57,130 @@ def assert_close(a, b, rtol=1e-5):
         assert (a[k].float() - b[k].float()).norm() <= rtol * b[k].float().norm() + 1e-7, k
 
 
+COMMON = ["max_steps=4", "save_every=2", "keep_last=5", "batch_size=4", "packing=true"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, assets):
+    """``get(method, nproc, *overrides) -> (output folder, stdout)`` of an uninterrupted 4-step run (checkpoint at
+    step 2), run once per module and shared by the tests that compare against it."""
+    done = {}
+
+    def get(method: str, nproc: int, *overrides: str) -> tuple[Path, str]:
+        if (method, nproc, overrides) not in done:
+            root = tmp_path_factory.mktemp(f"{method}-{nproc}")
+            result = run(config(root, assets), f"peft.method={method}", *COMMON, *overrides, nproc=nproc)
+            done[method, nproc, overrides] = root / "out", result.stdout
+        return done[method, nproc, overrides]
+
+    return get
+
+
+def resume_copy(tmp_path, assets, checkpoint: Path, method: str, nproc: int, *overrides: str) -> Path:
+    """Re-run to the end in a fresh folder holding only ``checkpoint`` (what a run killed after saving it leaves)."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(checkpoint, out / checkpoint.name)
+    result = run(config(tmp_path, assets, "resumed"), f"peft.method={method}", *COMMON, *overrides, nproc=nproc)
+    assert f"resumed from {out / checkpoint.name} (step 2)" in result.stdout, result.stdout
+    return out
+
+
 @pytest.mark.parametrize("method", ["none", "lora", "qlora"])
-def test_two_processes_equal_one(method, tmp_path, assets):
-    overrides = [f"peft.method={method}", "max_steps=3", "batch_size=4", "packing=true"]
-    one = run(config(tmp_path, assets, "one"), *overrides)
-    two = run(config(tmp_path, assets, "two"), *overrides, nproc=2)
-    assert "resumed" not in one.stdout + two.stdout
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 3
+def test_two_processes_equal_one(method, finished):
+    (one, one_log), (two, two_log) = finished(method, 1), finished(method, 2)
+    assert "resumed" not in one_log + two_log
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 4
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
-    assert_close(final_tensors(tmp_path / "two"), final_tensors(tmp_path / "one"))
-    assert orjson.loads((tmp_path / "two" / "summary.json").read_bytes())["processes"] == 2
+    assert_close(final_tensors(two), final_tensors(one))  # the final output is consolidated: full tensors
+    assert orjson.loads((two / "summary.json").read_bytes())["processes"] == 2
+
+
+@pytest.mark.parametrize("method,overrides", [("none", ()), ("lora", ("peft.dropout=0.1",))])
+def test_two_process_resume_is_bitwise_exact(method, overrides, tmp_path, assets, finished):
+    """Each rank's RNG (LoRA dropout masks), the moments and the shards come back exactly."""
+    whole, _ = finished(method, 2, *overrides)
+    resumed = resume_copy(tmp_path, assets, whole / "step_2", method, 2, *overrides)
+    assert losses(resumed) == losses(whole)[2:]
+    a, b = final_tensors(resumed), final_tensors(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resume_with_another_process_count(first, second, tmp_path, assets):
-    overrides = ["peft.method=lora", "max_steps=4", "save_every=2", "keep_last=5"]
-    run(config(tmp_path, assets, "whole"), *overrides, nproc=first)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "whole" / "step_2", resumed / "step_2")
-    result = run(config(tmp_path, assets, "resumed"), *overrides, nproc=second)
-    assert "resumed from" in result.stdout
-    assert_close(final_tensors(resumed), final_tensors(tmp_path / "whole"))
+def test_resume_with_another_process_count(first, second, tmp_path, assets, finished):
+    """A sharded (DCP) checkpoint re-shards into one process; a one-process checkpoint splits over two."""
+    whole, _ = finished("lora", first)
+    assert (whole / "step_2" / ("distributed" if first > 1 else "model")).is_dir()
+    resumed = resume_copy(tmp_path, assets, whole / "step_2", "lora", nproc=second)
+    assert_close(final_tensors(resumed), final_tensors(whole))
+    assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(losses(resumed), losses(whole)[2:]))
+
+
+def test_two_process_checkpoint_is_sharded_by_both_ranks(finished):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out, _ = finished("lora", 2)
+    step = out / "step_2"
+    assert sorted(p.name for p in step.iterdir()) == [
+        "config.toml", "distributed", "rng_0.safetensors", "rng_1.safetensors", "state.json"]
+    assert sorted(p.name for p in (step / "distributed").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    metadata = FileSystemReader(str(step / "distributed")).read_metadata()
+    files: dict[str, set] = {}
+    for index, info in metadata.storage_data.items():
+        files.setdefault(index.fqn, set()).add(info.relative_path)
+    adapter = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
+    moments = {k for k in metadata.state_dict_metadata if k.startswith("optimizer.exp_avg")}
+    assert adapter and moments and "optimizer.count" in metadata.state_dict_metadata
+    assert all(".lora_" in k for k in adapter)  # only the trained leaves
+    for key in adapter | moments:  # every leaf and moment is split: half written by each rank
+        assert files[key] == {"__0_0.distcp", "__1_0.distcp"}, key
+        shape = metadata.state_dict_metadata[key].size
+        assert [c.sizes[0] for c in metadata.state_dict_metadata[key].chunks] == [shape[0] // 2] * 2, key
+
+
+def run_in_process(cfg: Path, *overrides: str) -> None:
+    from ftprog.programs import sft
+    from ftprog.programs.cli import CONFIG_DIR
+    from ftprog.programs.config import load_config
+
+    sft.run(*load_config(sft.CONFIG, cfg, list(overrides), builtin_dir=CONFIG_DIR / "sft"))
+
+
+@pytest.mark.parametrize("damage,error", [pytest.param(d, e, id=d) for d, e in [
+    ("no shard", r"could not read checkpoint .*step_2/distributed: rank 0: FileNotFoundError.*__1_0.distcp"),
+    ("no metadata", r"checkpoint .*step_2 is incomplete"),
+    ("other method", r"checkpoint .*step_2/distributed does not match .*missing \['model\.model\.embed_tokens"),
+    ("other rank", r"checkpoint .*step_2/distributed does not match .*lora_A.weight is torch.float32\[4, 256\], "
+                   r"this run has torch.float32\[8, 256\]"),
+]])
+def test_bad_sharded_checkpoint_names_the_folder(damage, error, tmp_path, assets, finished):
+    from ftprog.core import CheckpointError
+
+    out = tmp_path / "out"
+    shutil.copytree(finished("lora", 2)[0] / "step_2", out / "step_2")
+    if damage in ("no shard", "no metadata"):
+        (out / "step_2" / "distributed" / ("__1_0.distcp" if damage == "no shard" else ".metadata")).unlink()
+    overrides = {"other method": ["peft.method=none"], "other rank": ["peft.method=lora", "peft.rank=8"]}
+    with pytest.raises(CheckpointError, match=error):
+        run_in_process(config(tmp_path, assets), *overrides.get(damage, ["peft.method=lora"]), *COMMON)
+
+
+FAILING_SAVE = Path(__file__).parent / "_failing_save.py"
+
+
+def test_failed_save_on_one_rank_keeps_previous_checkpoint(tmp_path, assets):
+    """Rank 1's disk is full when step_4's shards are written: both ranks stop with an error, step_2 stays whole."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=0",
+           str(FAILING_SAVE), "step_4", "run", "sft", "--config", str(config(tmp_path, assets)),
+           "peft.method=lora", "max_steps=6", "save_every=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode != 0
+    assert f"could not save checkpoint {out / 'step_4'}" in result.stderr, result.stderr[-3000:]
+    assert "rank 1: OSError: [Errno 28] No space left on device" in result.stderr and f"{out / 'step_2'} is untouched" in result.stderr
+    assert sorted(p.name for p in out.iterdir() if "step" in p.name) == ["step_2"]
+    assert (out / "step_2" / "distributed" / ".metadata").is_file()
 
 
 def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:

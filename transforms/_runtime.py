@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 from ftprog.core import Model, as_dtype, tree_map
 
 from ._base import decoder_of, is_quantized, with_decoder
+from ._shard import Sharded
 
 
 def checkpoint(model: Model, *, every: int = 1) -> Model:
@@ -60,10 +61,15 @@ def compile(model: Model, **compile_kwargs: Any) -> Model:  # noqa: A001 - the t
     Gradients come from ``torch.autograd.grad`` over the compiled graph
     (AOTAutograd compiles forward and backward). Apply it last: transforms
     that change the forward refuse a compiled model. Tree and trainable set
-    unchanged; results equal the eager model's within float tolerance.
+    unchanged; results equal the eager model's within float tolerance. A
+    sharded model (``shard``) compiles with its gathers in the graph.
     """
-    decoder = decoder_of(model, "compile")
-    return model.replace(forward=Compiled(decoder, torch.compile(decoder, **compile_kwargs)))
+    forward = model.forward
+    if not isinstance(forward, Sharded):
+        forward = decoder_of(model, "compile")
+    elif forward.compile_error:
+        raise ValueError(f"compile: {forward.compile_error}")
+    return model.replace(forward=Compiled(forward, torch.compile(forward, **compile_kwargs)))
 
 
 def cast(model: Model, dtype: torch.dtype | str) -> Model:

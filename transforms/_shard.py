@@ -11,9 +11,17 @@ because the model stays a parameter tree: the optimizer, checkpoints
 ``value_and_grad`` differentiates sharded and unsharded models.
 
 ``reshard_after_forward=True`` recomputes each layer's gather (and forward)
-in the backward, as activation checkpointing does, so only one layer's full
-parameters are alive at a time; ``False`` keeps the gathered parameters of
-every layer from the forward to the backward (faster, more memory).
+in the backward, as activation checkpointing does (so it subsumes the
+``checkpoint`` transform), so only one layer's full parameters are alive at a
+time; ``False`` keeps the gathered parameters of every layer from the forward
+to the backward (faster, more memory).
+
+``compile`` goes after ``shard``. Under torch.compile the recomputed layers
+save the outputs of their random ops (attention, dropout) instead of
+replaying them: torch 2.13's partitioner misplaces the saved RNG states of
+replayed random ops when the graph also saves a DeviceMesh (as every graph
+with DTensor inputs does), and the compiled forward then fails with
+"expected all tensors_saved_with_vc_check to be Tensors".
 
 Quantized weights (NF4/int8/int4) stay replicated: each rank holds the whole
 (already 4x smaller) quantized base; adapters and other leaves are sharded.
@@ -49,11 +57,33 @@ def gather(tree: Any) -> Any:
     return tree_map(full, tree) if isinstance(tree, Mapping) else full(tree)
 
 
+def _save_random_ops(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective-checkpoint policy: keep the outputs of random ops (SDPA, dropout), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_context() -> Any:
+    """``context_fn`` of the per-layer checkpoint: plain recomputation eagerly, ``_save_random_ops`` compiled."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts, noop_context_fn
+
+    if torch.compiler.is_compiling():
+        return create_selective_checkpoint_contexts(_save_random_ops)
+    return noop_context_fn()
+
+
 @attrs.frozen(eq=False)
 class Sharded:
-    """A forward over a sharded tree: non-layer leaves gathered up front, layers gathered one at a time."""
+    """A forward over a sharded tree: non-layer leaves gathered up front, layers gathered one at a time.
+
+    ``compile_error``: why ``compile`` must refuse this forward (None: it compiles).
+    """
 
     inner: Decoder
+    compile_error: str | None = None
 
     def __call__(self, params: Mapping, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         # the output layer is gathered only when logits are asked for (the loss gathers it itself)
@@ -108,18 +138,21 @@ def shard(model: Model, mesh: Any = None, *, reshard_after_forward: bool = True,
                 full = tree_map(lambda t: t.to(cast) if t.is_floating_point() and not is_quantized(t) else t, full)
             return layer_fn(full, x, *rest)
 
-        if inner_wrap is not None:  # activation checkpointing already recomputes the gather in the backward
-            return inner_wrap(gathered)
-        if not reshard_after_forward:
-            return gathered
+        if not reshard_after_forward:  # a checkpointed model recomputes its layers' gathers in the backward
+            return gathered if inner_wrap is None else inner_wrap(gathered)
 
         def resharded(p, x, cos, sin, mask, cfg, adapter, training, cache, index):
             if not torch.is_grad_enabled() or cache is not None:
                 return gathered(p, x, cos, sin, mask, cfg, adapter, training, cache, index)
             return _torch_checkpoint(gathered, p, x, cos, sin, mask, cfg, adapter, training, cache, index,
-                                     use_reentrant=False)
+                                     use_reentrant=False, context_fn=_recompute_context)
 
         return resharded
 
     sharded = attrs.evolve(decoder, wrap_layer=wrap)
-    return model.replace(params=tree_map(to_shard, model.params), forward=Sharded(sharded))
+    error = None
+    if inner_wrap is not None and not reshard_after_forward:
+        error = ("a model checkpointed before shard(reshard_after_forward=False) does not compile in torch 2.13 "
+                 "(its recomputed random ops save RNG states that the partitioner misplaces next to the saved "
+                 "DeviceMesh); use reshard_after_forward=True, which recomputes every layer itself")
+    return model.replace(params=tree_map(to_shard, model.params), forward=Sharded(sharded, error))
