@@ -1078,8 +1078,8 @@ class DataLoader:
         return self.batches_per_epoch
 
     def total_batches(self, epochs: int) -> int:
-        """Batches in epochs ``0 .. epochs-1`` (for a learning-rate schedule)."""
-        return sum(self.num_batches(e) for e in range(epochs))
+        """Batches in epochs ``0 .. epochs-1`` (for a learning-rate schedule; every epoch has as many)."""
+        return epochs * self.num_batches(0) if epochs > 0 else 0
 
     def batch(self, epoch: int, index: int) -> Batch:
         """This rank's slice of global batch ``index`` of ``epoch`` (random access; no state change)."""
