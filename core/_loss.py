@@ -63,6 +63,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight = part.float()
                 else:
                     grad_weight += part
+        if weight_grad and grad_weight is None:  # no target positions (e.g. an empty data-parallel slice)
+            grad_weight = torch.zeros_like(weight)
         return total, grad_hidden, grad_weight
 
     @staticmethod

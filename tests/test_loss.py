@@ -28,9 +28,10 @@ def perturb(model):
 
 
 # (a tied model has no lm_head of its own to adapt)
+@pytest.mark.parametrize("chunk_size", [7, 1024])  # several chunks (fp32 weight-grad sum) / one chunk
 @pytest.mark.parametrize("tied,method", [(False, "full"), (True, "full"), (False, "lora"), (True, "lora"),
                                          (False, "lora-lm_head")])
-def test_matches_full_logits_loss_and_grads(tied, method):
+def test_matches_full_logits_loss_and_grads(tied, method, chunk_size):
     model = from_config({**preset("tiny"), "tie_word_embeddings": tied}, seed=1)
     if method == "lora":
         model = perturb(lora(model, rank=4, alpha=8, targets="all-linear"))
@@ -38,7 +39,7 @@ def test_matches_full_logits_loss_and_grads(tied, method):
         model = perturb(lora(model, rank=4, alpha=8, targets=["q_proj", "lm_head"]))
     tokens, targets = batch(model.config.vocab_size)
     ref_loss, ref_grads = value_and_grad(reference_sum)(model, tokens, targets)
-    loss, grads = value_and_grad(lambda m, a, b: token_loss_sum(m, a, b, chunk_size=7))(model, tokens, targets)
+    loss, grads = value_and_grad(lambda m, a, b: token_loss_sum(m, a, b, chunk_size=chunk_size))(model, tokens, targets)
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     for path, g in grads.items():
         assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
@@ -53,3 +54,24 @@ def test_bf16_close_to_fp32_and_no_grad_path():
     assert loss.dtype == torch.float32 and torch.allclose(loss, ref, rtol=1e-3)
     _, grads = value_and_grad(lambda m, a, b: token_loss_sum(m, a, b))(model, tokens, targets)
     assert grads["lm_head.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1024])
+def test_no_targets_gives_zero_loss_and_grads(chunk_size):
+    """A batch without a single target (an empty data-parallel slice, all prompt) still differentiates."""
+    model = from_config("tiny", seed=3)
+    tokens, targets = batch(model.config.vocab_size)
+    loss, grads = value_and_grad(lambda m, a, b: token_loss_sum(m, a, b, chunk_size=chunk_size))(
+        model, tokens, torch.full_like(targets, -100))
+    assert loss.item() == 0.0 and all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_bf16_one_chunk_and_several_chunks_agree():
+    model = cast(from_config("tiny", seed=4), "bf16")
+    tokens, targets = batch(model.config.vocab_size)
+    (l1, g1), (l7, g7) = (value_and_grad(lambda m, a, b, c=c: token_loss_sum(m, a, b, chunk_size=c))(
+        model, tokens, targets) for c in (1024, 7))
+    assert torch.allclose(l1, l7, rtol=1e-6)
+    for path in g1:
+        assert g1[path].dtype == torch.bfloat16
+        assert (g1[path].float() - g7[path].float()).norm() <= 1e-2 * g7[path].float().norm(), path
