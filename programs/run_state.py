@@ -45,6 +45,7 @@ from ftprog.programs import distributed
 from ftprog.transforms import load_adapter, save_adapter
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_PARTIAL_DIR = re.compile(r"^\.step_(\d+)\.tmp$")
 SHARDED_DIR = "distributed"
 """The ``torch.distributed.checkpoint`` subfolder of a checkpoint written by sharded runs."""
 
@@ -169,6 +170,16 @@ def _save_rng(path: Path) -> None:
 def _sharded_state(params: dict[str, torch.Tensor], optimizer_state: dict[str, torch.Tensor]) -> dict:
     """The flat DCP state: ``model.<path>`` trainable leaves and ``optimizer.<key>`` state entries."""
     return {**{f"model.{p}": t for p, t in params.items()}, **{f"optimizer.{k}": t for k, t in optimizer_state.items()}}
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    """Remove ``.step_N.tmp`` folders a killed save left behind (never complete: a whole one was renamed)."""
+    if not output_dir.is_dir():
+        return []
+    partial = [p for p in output_dir.iterdir() if p.is_dir() and _PARTIAL_DIR.match(p.name)]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -147,6 +147,10 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     # 4. Resume from the newest complete checkpoint (same command, same config); resume=false starts over.
     state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
     found = run_state.checkpoints(out)
+    if dist.is_main:
+        for partial in run_state.remove_partial(out):
+            say(f"removed {partial.name}: an incomplete checkpoint of an interrupted save", flush=True)
+    distributed.barrier()
     if found and not cfg.resume:
         say(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in found)}", flush=True)
         for old in found if dist.is_main else []:  # else they would outrank this run's checkpoints

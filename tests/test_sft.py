@@ -257,9 +257,12 @@ def test_rerun_resumes_exactly(method, dtype, config, tmp_path, capsys):
     first, first_losses = weights(out / "final"), losses(out)
     first_summary = json.loads((out / "summary.json").read_text())
     shutil.rmtree(out / "final")
+    (out / ".step_8.tmp" / "model").mkdir(parents=True)  # what a save killed midway leaves
     capsys.readouterr()
     run_sft(config, *overrides)
-    assert f"resumed from {out / 'step_4'} (step 4)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'step_4'} (step 4)" in printed
+    assert "removed .step_8.tmp" in printed and not (out / ".step_8.tmp").exists()
     assert_bitwise_equal(weights(out / "final"), first)
     assert losses(out) == first_losses
     summary = json.loads((out / "summary.json").read_text())
