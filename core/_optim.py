@@ -38,8 +38,10 @@ Memory and mutation contract
 
 Precision
 ---------
-Optimizer state is fp32 for fp32/bf16/fp16 params (fp64 for fp64 params); no
-fp32 master copy of the params is kept. For low-precision params each update
+Optimizer state is fp32 for fp32/bf16/fp16 params (fp64 for fp64 params) unless
+``state_dtype`` says otherwise (bf16 moments: the fused kernel updates bf16
+params and moments directly, as ``torch.optim.AdamW`` does); no fp32 master
+copy of the params is kept. For low-precision params each update
 upcasts the params (and grads) to fp32, runs exactly the fp32 AdamW/SGD step
 of ``torch.optim`` on them with the fp32 state, and rounds the result to the
 param dtype once (round to nearest even). This equals ``torch.optim.AdamW``

@@ -8,15 +8,17 @@ sft config. It adds up, per rank:
   factor per 256 scalers);
 - **adapters**: LoRA ``A``/``B`` (and DoRA magnitudes), fp32 as ``lora`` keeps them;
 - **gradients**: one tensor per trainable leaf, in the leaf's dtype;
-- **optimizer**: AdamW's two fp32 moments per trainable leaf (SGD with momentum: one);
+- **optimizer**: AdamW's two moments per trainable leaf (SGD with momentum: one), fp32 or
+  ``optimizer.state_dtype``;
 - **activations**: the tensors autograd saves for the backward, derived op by op
   from the decoder (:mod:`ftprog.core._decoder`): which tensor each op saves depends
   on which of its inputs need a gradient, so full fine-tuning, LoRA on some
   projections and a frozen base differ; activation checkpointing keeps each
   layer's input and recomputes one layer at a time in the backward;
 - **loss**: :func:`ftprog.core.token_loss_sum` keeps the gradient of the hidden
-  states of the target positions (and for a trainable output layer its fp32
-  weight gradient) from the forward, plus the fp32 logits of one chunk;
+  states of the target positions (and for a trainable output layer its weight
+  gradient) from the forward, plus the logits of one chunk and the fp32
+  softmax of 32 of its rows;
 - a fixed **runtime overhead** (the process / CUDA context), measured once.
 
 Sharding over ``nproc`` ranks divides weights, gradients and optimizer state.

@@ -140,7 +140,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("stack,dtype", [("lora", "bf16"), ("full", "bf16"), ("lora+checkpoint", "fp32"), ("qlora", "bf16"),
-                                         ("full", "fp32")])
+                                         ("full", "fp32"), ("full+bf16state", "bf16")])
 def test_step_peak_matches_live_tensors(stack, dtype):
     """The whole step (value_and_grad, clip, in-place AdamW), as programs/sft.py runs it."""
     config = {**CONFIG, "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8,
@@ -151,19 +151,20 @@ def test_step_peak_matches_live_tensors(stack, dtype):
     tokens, targets, kwargs = batch(config, packed=True, b=4, s=128)
     n = int((targets != -100).sum())
     grad_fn = value_and_grad(lambda m: token_loss_sum(m, tokens, targets, **kwargs) / n)
-    opt = optim.adamw(1e-4)
+    state_dtype = "bf16" if "bf16state" in stack else "fp32"
+    opt = optim.adamw(1e-4, state_dtype=state_dtype)
     with tracker:
         state = opt.init(model.trainable_params())
         gc.collect()
         for _ in range(2):
             _, grads = grad_fn(model)
-            grads, _ = optim.clip_by_global_norm(grads, 1.0)
-            params, state = opt.update(grads, state, model.trainable_params(), inplace=True)  # as sft does
+            grads, _ = optim.clip_by_global_norm(grads, 1.0, inplace=True)  # as sft does
+            params, state = opt.update(grads, state, model.trainable_params(), inplace=True)
             model = model.with_params(params)
             del grads, params
     method, *rest = stack.split("+")
     p = estimate(config, method=method, dtype=dtype, batch_size=4, seq_len=128, checkpoint="checkpoint" in rest,
-                 mask=True, targets_fraction=127 / 128)
+                 mask=True, targets_fraction=127 / 128, state_dtype=state_dtype)
     assert p.tensor_peak == pytest.approx(tracker.peak, rel=0.15), (p.peak_phase, p.phases, tracker.peak)
 
 
@@ -172,6 +173,10 @@ def test_weights_gradients_optimizer_by_method():
     n = shape.num_params()
     full = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128)
     assert full.weights == 2 * n and full.gradients == 2 * n and full.optimizer == 8 * n
+    bf16_state = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128, state_dtype="bf16")
+    assert bf16_state.optimizer == 4 * n and "bf16 state" in str(bf16_state.breakdown())
+    with pytest.raises(PlanError, match="optimizer state dtype"):
+        estimate(shape, method="full", state_dtype="int8")
     adapted = estimate(shape, method="lora", dtype="bf16", batch_size=1, seq_len=128, rank=16,
                        targets=("all-linear",))
     per_layer = sum(16 * (a + b) for a, b in shape.linears().values())
