@@ -4,6 +4,7 @@
     python -m benchmarks --preset cpu-target            # the CPU comparison (about 20-30 min on 2 cores)
     python -m benchmarks --preset gpu                   # Llama 3.2 1B shape on one GPU (benchmarks/gpu.sh)
     python -m benchmarks --preset cpu-target --list     # print the cases only
+    python -m benchmarks --preset cpu-target --torchtune-python tt/bin/python   # + torchtune (benchmarks/README.md)
 
 Every measurement runs in its own fresh interpreter (:mod:`benchmarks.worker`), so peak memory belongs to
 one configuration; the cases of a round run one after the other and rounds are rotated (round ``r`` starts
@@ -31,6 +32,12 @@ from benchmarks.flops import train_step_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py).
+TORCHTUNE_METHODS = ("lora", "full")
+TORCHTUNE_STACKS = ((), ("checkpoint",))
+# Baselines ft-prog is compared against, in table order.
+BASELINES = ("hf", "torchtune")
 
 # Loss agreement between the systems at step 0 (same weights, same batch): relative tolerance by dtype.
 LOSS_TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
@@ -96,15 +103,24 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     common = dict(shape=s["shape"], device=s["device"], batch=s["batch"], seq=s["seq"], rank=s["rank"],
                   targets=s["targets"], warmup=s["warmup"], steps=s["steps"])
     systems = [x for x in ("ftprog", "hf") if x not in skip]
+    # torchtune: a third system for the fixed-shape train cases (lora, full; stack - or checkpoint), run by the
+    # torchtune environment's interpreter; only when one is given (main drops these cases if its probe fails)
+    torchtune = bool(getattr(args, "torchtune_python", None)) and "torchtune" not in skip
+    s["torchtune_cases"] = torchtune
+    extras = list(s["extras"])
+    if torchtune:
+        extras += [("torchtune", m, st) for sy, m, st in s["extras"]
+                   if sy == "hf" and m in TORCHTUNE_METHODS and tuple(st) in TORCHTUNE_STACKS]
     cases: list[dict[str, Any]] = []
     for dtype in s["dtypes"]:
         for threads in s["threads"]:
             for method in s["methods"]:
-                for system in systems:
+                for system in systems + (["torchtune"] if torchtune and method in TORCHTUNE_METHODS else []):
                     cases.append(_train(system, method, dtype=dtype, threads=threads, **common))
         if "extras" not in skip:
-            for system, method, stack in s["extras"]:
-                if system not in systems or any(x in skip for x in stack) or method in skip:
+            for system, method, stack in extras:
+                if (system not in systems and system != "torchtune") or any(x in skip for x in stack) \
+                        or method in skip:
                     continue
                 cases.append(_train(system, method, stack, dtype=dtype, threads=s["threads"][-1], **common))
     dtype, threads = s["dtypes"][0], s["threads"][-1]
@@ -130,8 +146,9 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
 class Runner:
     """Starts workers in fresh interpreters and keeps their logs."""
 
-    def __init__(self, out: Path, timeout: float, verbose: bool = True):
+    def __init__(self, out: Path, timeout: float, verbose: bool = True, pythons: dict[str, str] | None = None):
         self.out = out
+        self.pythons = pythons or {}  # system -> interpreter (torchtune: its own environment)
         self.timeout = timeout
         self.verbose = verbose
         self.count = 0
@@ -156,7 +173,8 @@ class Runner:
         start = time.perf_counter()
         with open(self.out / "logs" / f"{stem}.log", "w") as log:
             try:
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(case_file), str(result_file)],
+                python = self.pythons.get(case.get("system"), sys.executable)
+                proc = subprocess.run([python, "-m", "benchmarks.worker", str(case_file), str(result_file)],
                                       cwd=ROOT, env=self.env(case.get("threads")), stdout=log, stderr=log,
                                       timeout=self.timeout)
                 rc = proc.returncode
@@ -225,15 +243,31 @@ def time_startup(repeats: int, demo: bool, out: Path) -> dict[str, Any]:
     return res
 
 
-def probe_torchtune(extra_path: str | None) -> dict[str, Any]:
-    """Whether torchtune imports here (its LoRA Llama builder); the reason when it does not."""
+def probe_torchtune(extra_path: str | None, python: str | None = None) -> dict[str, Any]:
+    """Whether torchtune imports (its Llama builders and chunked loss, and the benchmark's torchtune worker),
+    here or in the interpreter ``python`` (``--torchtune-python``); the reason when it does not."""
     env = dict(os.environ)
     if extra_path:
         env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import torchtune; from torchtune.models.llama3_2 import lora_llama3_2_1b; print(torchtune.__version__)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if python:
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = ("import torch, torchtune, safetensors; from torchtune.models.llama3_2 import lora_llama3_2_1b; "
+            "from torchtune.models.llama3 import lora_llama3; "
+            "from torchtune.modules.loss import CEWithChunkedOutputLoss; "
+            + ("import benchmarks.torchtune_worker; " if python else "")
+            + "print(torchtune.__version__, torch.__version__)")
+    try:
+        proc = subprocess.run([python or sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"available": False, "reason": f"unavailable: {python}: {type(e).__name__}: {e}",
+                "note": "--torchtune-python must be the interpreter of an environment with torchtune"}
     if proc.returncode == 0:
-        return {"available": True, "version": proc.stdout.strip().splitlines()[-1]}
+        version, torch_version = (proc.stdout.strip().splitlines()[-1].split() + ["?"])[:2]
+        res = {"available": True, "version": version, "torch": torch_version}
+        if python:
+            res["python"] = python
+        return res
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     reason = lines[-1] if lines else f"exit {proc.returncode}"
     note = ("torchtune 0.6.1 (pip install --no-deps) fails to import with torchao 0.18: "
@@ -285,9 +319,11 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row["tokens_per_s"] = first["tokens_per_step"] / row["time"]["median_s"]
             row["losses"] = first["losses"]
             row["params"], row["trainable_params"] = first.get("params"), first.get("trainable_params")
+            if first.get("adapter_dtype"):  # torchtune: LoRA adapters in the model dtype
+                row["adapter_dtype"] = first["adapter_dtype"]
             cfg = configs[(case["shape"], case["dtype"])]
             fl = train_step_flops(cfg, method=case["method"], batch=case["batch"], seq=case["seq"], rank=case["rank"],
-                                  lora_targets=case["targets"], logits_all_positions=case["system"] == "hf")
+                                  lora_targets=case["targets"], logits_all_positions=case["system"] != "ftprog")
             row["flops_per_step"] = fl["total"]
             row["flops_per_s"] = fl["total"] / row["time"]["median_s"]
             peak = peaks.get((case["dtype"], case.get("threads")))
@@ -320,12 +356,12 @@ def _key(row: dict, *fields: str) -> tuple:
 
 
 def loss_checks(rows: list[dict]) -> list[dict]:
-    """Step-0 loss of ft-prog against transformers on the same weights and batch."""
+    """Step-0 loss of ft-prog against each baseline (transformers, torchtune) on the same weights and batch."""
     out = []
     fields = ("kind", "method", "stack", "dtype", "threads", "batch", "seq", "setting")
     ours = {_key(r, *fields): r for r in rows if r["case"]["system"] == "ftprog" and "error" not in r}
     for r in rows:
-        if r["case"]["system"] != "hf" or "error" in r or r["case"]["kind"] not in ("train", "sft"):
+        if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft"):
             continue
         if r["case"]["kind"] == "sft" and r["case"]["setting"] != "default":
             continue  # the best settings batch differently
@@ -337,31 +373,40 @@ def loss_checks(rows: list[dict]) -> list[dict]:
         if a is None or b is None:
             continue
         rel = abs(a - b) / max(abs(b), 1e-12)
-        check = {"label": mine["label"], "ftprog_loss": a, "hf_loss": b, "abs_diff": abs(a - b), "rel_diff": rel,
-                 "tolerance": LOSS_TOL[r["case"]["dtype"]], "ok": rel <= LOSS_TOL[r["case"]["dtype"]]}
+        check = {"label": mine["label"], "baseline": r["case"]["system"], "ftprog_loss": a, "baseline_loss": b,
+                 "abs_diff": abs(a - b), "rel_diff": rel, "tolerance": LOSS_TOL[r["case"]["dtype"]],
+                 "ok": rel <= LOSS_TOL[r["case"]["dtype"]]}
         if r["case"]["kind"] == "train" and len(mine["losses"]) > 1 and len(r["losses"]) > 1:
-            check["ftprog_loss_step1"], check["hf_loss_step1"] = mine["losses"][1], r["losses"][1]
+            check["ftprog_loss_step1"], check["baseline_loss_step1"] = mine["losses"][1], r["losses"][1]
         out.append(check)
     return out
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """ft-prog tokens/s over transformers' for the same case."""
+    """ft-prog tokens/s over each baseline's for the same case, and ft-prog's peak memory over theirs.
+
+    Transformers under ``hf``, ``speedup``, ``memory_ratio``; torchtune under ``torchtune``,
+    ``speedup_torchtune``, ``memory_ratio_torchtune`` (absent where that baseline has no such case)."""
     out = []
     fields = ("kind", "method", "stack", "dtype", "threads", "batch", "seq", "setting")
-    theirs = {_key(r, *fields): r for r in rows if r["case"]["system"] == "hf" and "error" not in r}
+    theirs = {b: {_key(r, *fields): r for r in rows if r["case"]["system"] == b and "error" not in r}
+              for b in BASELINES}
     for r in rows:
         if r["case"]["system"] != "ftprog" or "error" in r:
             continue
-        other = theirs.get(_key(r, *fields))
-        if other is None:
-            continue
         metric = {"train": "tokens_per_s", "sft": "effective_tokens_per_s", "generate": "tokens_per_s"}[r["case"]["kind"]]
-        entry = {"label": r["label"], "metric": metric, "ftprog": r[metric], "hf": other[metric],
-                 "speedup": r[metric] / other[metric]}
-        if r.get("peak_memory") and other.get("peak_memory"):
-            entry["memory_ratio"] = r["peak_memory"] / other["peak_memory"]
-        out.append(entry)
+        entry: dict[str, Any] = {"label": r["label"], "metric": metric, "ftprog": r[metric]}
+        for b in BASELINES:
+            other = theirs[b].get(_key(r, *fields))
+            if other is None:
+                continue
+            suffix = "" if b == "hf" else f"_{b}"
+            entry[b] = other[metric]
+            entry["speedup" + suffix] = r[metric] / other[metric]
+            if r.get("peak_memory") and other.get("peak_memory"):
+                entry["memory_ratio" + suffix] = r["peak_memory"] / other["peak_memory"]
+        if len(entry) > 3:
+            out.append(entry)
     return out
 
 
@@ -393,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", type=float, help="seconds for the whole run: cases that would start later are "
                                                   "skipped (and reported as such); outputs are always written")
     ap.add_argument("--torchtune-path", help="extra PYTHONPATH where torchtune is installed (probe only)")
+    ap.add_argument("--torchtune-python", metavar="PATH",
+                    help="interpreter of an environment with torchtune (benchmarks/README.md): adds torchtune as a "
+                         "third system of the fixed-shape train cases (lora, full; base and checkpoint stacks)")
     ap.add_argument("--keep-weights", action="store_true", help="keep the random-weight checkpoints")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     return ap
@@ -415,8 +463,19 @@ def main(argv: list[str] | None = None) -> Path | None:
           f"{info.get('gpu') or 'no GPU'}, load {info.get('load_average')}", flush=True)
     if settings["device"].startswith("cuda") and not info.get("cuda"):
         raise SystemExit("preset needs CUDA but torch sees no GPU")
-    runner = Runner(out, args.timeout)
+    runner = Runner(out, args.timeout, pythons={"torchtune": args.torchtune_python} if args.torchtune_python else None)
     skip = set(settings["skip"])
+    # torchtune first: without it the torchtune cases are dropped (recorded unavailable, as without the option)
+    torchtune = (probe_torchtune(args.torchtune_path, args.torchtune_python) if "torchtune" not in skip
+                 else {"skipped": True})
+    if any(c["system"] == "torchtune" for c in cases):
+        n_tt = sum(c["system"] == "torchtune" for c in cases)
+        if torchtune.get("available"):
+            torchtune["cases"] = n_tt
+            print(f"torchtune {torchtune.get('version')} ({args.torchtune_python}): {n_tt} train cases", flush=True)
+        else:
+            cases = [c for c in cases if c["system"] != "torchtune"]
+            print(f"torchtune: {torchtune.get('reason')}: its {n_tt} cases dropped", flush=True)
 
     # 1. One random-weight checkpoint per (shape, dtype), loaded by every system.
     weights_dir = Path(tempfile.mkdtemp(prefix="weights-", dir=out))
@@ -448,7 +507,6 @@ def main(argv: list[str] | None = None) -> Path | None:
                                       "n": res["n"], "small_linear_s": res["small_linear_median_s"]})
 
     # 3. Baselines that may be missing, start-up time.
-    torchtune = probe_torchtune(args.torchtune_path) if "torchtune" not in skip else {"skipped": True}
     startup = time_startup(settings["help_repeats"], settings["demo"], out) if "startup" not in skip else {}
 
     # 4. The cases, round-robin, each in a fresh process.

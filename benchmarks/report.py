@@ -20,6 +20,13 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+NAMES = {"ftprog": "ft-prog", "hf": "transformers", "torchtune": "torchtune"}
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def _what(case: dict[str, Any]) -> str:
     stack = "+".join(case.get("stack") or []) or "-"
     return f"{case['method']} | {stack}"  # two table cells
@@ -47,7 +54,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# ft-prog benchmark `{r['name']}` (preset {r['preset']})", "", "## Machine", ""]
     lines += machine_lines(r)
     lines += ["", f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
-              f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in both systems. Each case: a fresh "
+              f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
               f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; step "
               "time = median over all timed steps, spread = (p90 - p10) / median.", ""]
 
@@ -102,25 +109,37 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Peak memory: {kind} of the worker during the timed steps (weights and optimizer state "
                   "included; the load is excluded). Planned: `ftprog.programs.plan.estimate` for the same case "
                   "(CPU: + runtime overhead). Matmul utilisation: analytic matmul FLOPs of the step (ft-prog: "
-                  "output layer on target positions only; transformers: every position) / median step time / "
-                  "the torch.mm peak at the same dtype and threads.", ""]
+                  "output layer on target positions only; transformers, torchtune: every position) / median step "
+                  "time / the torch.mm peak at the same dtype and threads.", ""]
 
     if r.get("speedups"):
-        lines += ["## ft-prog vs transformers + PEFT (same case)", "",
-                  "| case | metric | ft-prog | transformers | speed-up | memory ratio |", "| --- | --- | --- | --- | --- | --- |"]
+        tt = any("torchtune" in sp for sp in r["speedups"])
+        head = "| case | metric | ft-prog | transformers | speed-up | memory ratio |"
+        if tt:
+            head += " torchtune | speed-up vs torchtune | memory ratio vs torchtune |"
+        lines += ["## ft-prog vs transformers + PEFT" + (" and torchtune" if tt else "") + " (same case)", "",
+                  head, "|" + " --- |" * (9 if tt else 6)]
         for sp in r["speedups"]:
-            lines.append(f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {sp['hf']:,.1f} | "
-                         f"{sp['speedup']:.2f}x | {_num(sp.get('memory_ratio'), '.2f')} |")
-        lines.append("")
+            line = (f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {_num(sp.get('hf'), ',.1f')} | "
+                    f"{_times(sp.get('speedup'))} | {_num(sp.get('memory_ratio'), '.2f')} |")
+            if tt:
+                line += (f" {_num(sp.get('torchtune'), ',.1f')} | {_times(sp.get('speedup_torchtune'))} | "
+                         f"{_num(sp.get('memory_ratio_torchtune'), '.2f')} |")
+            lines.append(line)
+        lines += ["", "Speed-up: ft-prog's metric over the baseline's (above 1 = ft-prog faster); memory ratio: "
+                  "ft-prog's peak over the baseline's (below 1 = ft-prog uses less).", ""]
 
     if r.get("loss_checks"):
         lines += ["## Same work? Step-0 loss, same weights and batch", "",
-                  "| case | ft-prog | transformers | abs diff | rel diff | ok (tol) | step-1 ft-prog / transformers |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| case | baseline | ft-prog | baseline loss | abs diff | rel diff | ok (tol) | "
+                  "step-1 ft-prog / baseline |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for ck in r["loss_checks"]:
-            step1 = (f"{ck['ftprog_loss_step1']:.4f} / {ck['hf_loss_step1']:.4f}" if "ftprog_loss_step1" in ck
-                     else "-")
-            lines.append(f"| {ck['label']} | {ck['ftprog_loss']:.5f} | {ck['hf_loss']:.5f} | {ck['abs_diff']:.2e} | "
+            other = ck.get("baseline_loss", ck.get("hf_loss"))
+            other1 = ck.get("baseline_loss_step1", ck.get("hf_loss_step1"))
+            step1 = (f"{ck['ftprog_loss_step1']:.4f} / {other1:.4f}" if "ftprog_loss_step1" in ck else "-")
+            lines.append(f"| {ck['label']} | {NAMES.get(ck.get('baseline', 'hf'), ck.get('baseline'))} | "
+                         f"{ck['ftprog_loss']:.5f} | {other:.5f} | {ck['abs_diff']:.2e} | "
                          f"{ck['rel_diff']:.2e} | {'yes' if ck['ok'] else 'NO'} ({ck['tolerance']:g}) | {step1} |")
         lines.append("")
 
@@ -180,9 +199,26 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append("")
 
     tt = r.get("torchtune") or {}
+    tt_rows = [x for x in rows if x["case"]["system"] == "torchtune" and "error" not in x]
+    adapter = next((x.get("adapter_dtype") for x in tt_rows if x.get("adapter_dtype")), None)
+    if tt_rows:
+        tt_line = (f"measured above: torchtune {tt.get('version')} (torch {tt.get('torch')}, interpreter "
+                   f"`{tt.get('python')}`), fixed-shape train cases only (lora, full; base and checkpoint "
+                   "stacks), built as its single-device recipes build the model: `llama3` / `lora_llama3` "
+                   "component builders in the model dtype, `hf_to_tune` weights from the same checkpoint, "
+                   "`set_num_output_chunks(8)` + `CEWithChunkedOutputLoss`, `set_activation_checkpointing` "
+                   "on `TransformerSelfAttentionLayer`; `torch.optim.AdamW(fused=True)` + `clip_grad_norm_` as "
+                   "for transformers. Its output layer computes every position's logits (in 8 chunks).")
+        if adapter:
+            tt_line += (f" torchtune keeps LoRA adapters (and so their gradients and AdamW moments) in the model "
+                        f"dtype ({adapter}); PEFT and ft-prog keep them in fp32.")
+    elif tt.get("available"):
+        tt_line = (f"available ({tt.get('version')}), not measured" + (": run with --torchtune-python PATH"
+                                                                          if not tt.get("cases") else ""))
+    else:
+        tt_line = "skipped" if tt.get("skipped") else f"{tt.get('reason')}. {tt.get('note', '')}"
     lines += ["## Baselines", "", "- transformers + PEFT: measured above.",
-              "- torchtune: " + (f"available ({tt.get('version')}), not yet wired" if tt.get("available")
-                                 else ("skipped" if tt.get("skipped") else f"{tt.get('reason')}. {tt.get('note', '')}")),
+              "- torchtune: " + tt_line,
               "- transformers QLoRA: unavailable (needs bitsandbytes 4-bit layers: not installed, no CPU kernels)."
               if any(x["case"].get("method") == "qlora" and x["case"]["system"] == "hf" for x in rows) else "", ""]
     return "\n".join(line for line in lines if line is not None)
@@ -199,7 +235,7 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
     train = [x for x in rows if x["case"]["kind"] == "train"]
     sft = [x for x in rows if x["case"]["kind"] == "sft"]
     gen = [x for x in rows if x["case"]["kind"] == "generate"]
-    colors = {"ftprog": "#1f77b4", "hf": "#ff7f0e"}
+    colors = {"ftprog": "#1f77b4", "hf": "#ff7f0e", "torchtune": "#9467bd"}
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
 
     def label(x: dict) -> str:
@@ -219,8 +255,10 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
         ax.set_xticks(range(len(train)), [label(x) for x in train], fontsize=7, rotation=45, ha="right")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=colors["ftprog"], label="ft-prog"), Patch(color=colors["hf"], label="transformers + PEFT")],
-              fontsize=8)
+    handles = [Patch(color=colors["ftprog"], label="ft-prog"), Patch(color=colors["hf"], label="transformers + PEFT")]
+    if any(x["case"]["system"] == "torchtune" for x in train):
+        handles.append(Patch(color=colors["torchtune"], label="torchtune"))
+    ax.legend(handles=handles, fontsize=8)
     ax.set_title("training tokens/s (whiskers: p10-p90 of step time)")
     ax.set_ylabel("tokens/s")
 

@@ -9,7 +9,9 @@ Systems: ``ftprog`` (this library, as ``programs/sft.py`` runs a step: ``value_a
 target-only loss, ``clip_by_global_norm``, AdamW updating in place) and ``hf`` (transformers + PEFT, as the
 ``Trainer`` runs a step: ``model(input_ids, labels=...)`` with full-vocabulary logits, ``loss.backward()``,
 ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``, its default optimizer). Both load the same
-safetensors checkpoint; LoRA ``A`` matrices are initialised identically, ``B`` is zero.
+safetensors checkpoint; LoRA ``A`` matrices are initialised identically, ``B`` is zero. The fixed-shape
+``train`` cases have a third system, ``torchtune`` (:mod:`benchmarks.torchtune_worker`), run by the torchtune
+environment's interpreter.
 """
 
 from __future__ import annotations
@@ -277,6 +279,9 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
 
     if case["system"] == "hf":  # imported before the baseline RSS is read, as the model needs them
         _import_hf()
+    elif case["system"] == "torchtune":  # runs in the torchtune environment: no ftprog, transformers or peft
+        import benchmarks.torchtune_worker  # noqa: F401
+        import torchtune.models.llama3  # noqa: F401
     device, B, S = case["device"], case["batch"], case["seq"]
     mem = Memory(device)
     cfg = _config(case)
@@ -311,6 +316,11 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
             state["model"] = m.with_params(params)
             return loss
         del model
+    elif case["system"] == "torchtune":
+        from benchmarks.torchtune_worker import train_step
+
+        step, facts = train_step(case, tokens)
+        out.update(facts)
     else:
         model, forward = build_hf(case)
         out["params"] = sum(p.numel() for p in model.parameters())

@@ -105,3 +105,47 @@ def test_workload_is_deterministic_and_masks_prompts():
     for ids, mask in a:
         assert len(ids) == len(mask) and not mask[0] and mask[-1]
         assert mask == sorted(mask)  # prompt first, then the response
+
+
+def test_torchtune_baseline_is_optional():
+    """``--torchtune-python`` adds torchtune train cases; an interpreter that is not there is recorded as
+    unavailable (the harness then drops those cases). Needs no torchtune environment."""
+    from benchmarks import harness
+
+    res = harness.probe_torchtune(None, str(ROOT / "no-such-env" / "bin" / "python"))
+    assert res["available"] is False and res["reason"].startswith("unavailable")
+
+    def labels(*argv):
+        args = harness.build_parser().parse_args(["--preset", "cpu-target", "--threads", "1", *argv])
+        return [harness.case_label(c) for c in harness.preset_cases("cpu-target", args)[1]]
+
+    assert not any("torchtune" in x for x in labels())
+    tt = [x for x in labels("--torchtune-python", "/nowhere/python") if "torchtune" in x]
+    assert sorted(tt) == sorted(f"train-torchtune-{m}-{s}-bf16-t1" for m in ("lora", "full")
+                                for s in ("base", "checkpoint"))
+    assert not any("torchtune" in x for x in labels("--torchtune-python", "/nowhere/python", "--skip", "torchtune"))
+
+
+def test_comparisons_cover_each_baseline():
+    from benchmarks import harness, report
+
+    def row(system, tps, loss, mem):
+        case = {"kind": "train", "system": system, "method": "lora", "stack": [], "dtype": "bf16", "threads": 1,
+                "batch": 2, "seq": 8}
+        return {"case": case, "label": harness.case_label(case), "tokens_per_s": tps, "losses": [loss, loss],
+                "peak_memory": mem}
+
+    rows = [row("ftprog", 200.0, 5.0, 100), row("hf", 100.0, 5.001, 200), row("torchtune", 50.0, 5.2, 400)]
+    (sp,) = harness.speedups(rows)
+    assert sp["speedup"] == pytest.approx(2) and sp["speedup_torchtune"] == pytest.approx(4)
+    assert sp["memory_ratio"] == pytest.approx(0.5) and sp["memory_ratio_torchtune"] == pytest.approx(0.25)
+    checks = {c["baseline"]: c for c in harness.loss_checks(rows)}
+    assert checks["hf"]["ok"] and not checks["torchtune"]["ok"]  # 4% off: over the bf16 tolerance
+    (sp,) = harness.speedups(rows[:2])  # no torchtune: the transformers comparison alone
+    assert "speedup_torchtune" not in sp and sp["speedup"] == pytest.approx(2)
+    md = report.markdown({"name": "t", "preset": "quick", "settings": {"shape": "tiny", "batch": 2, "seq": 8,
+                          "rank": 8, "targets": ["q_proj"], "warmup": 1, "steps": 1, "rounds": 1},
+                          "machine": {}, "started": "-", "wall_s": 1.0, "rows": [], "speedups": harness.speedups(rows),
+                          "loss_checks": harness.loss_checks(rows), "torchtune": {"available": False,
+                                                                                   "reason": "unavailable: x"}})
+    assert "speed-up vs torchtune" in md and "| torchtune |" in md
