@@ -350,6 +350,23 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def padded_batch(data, idx: list[int]):
+    """``(input ids, labels, attention mask)`` ``[len(idx), longest]`` of samples ``idx``, right-padded with 0;
+    labels are the ids where the sample trains them, else -100 (unshifted, as transformers takes them)."""
+    import torch
+
+    width = max(len(data[i][0]) for i in idx)
+    ids = torch.zeros(len(idx), width, dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(idx), width, dtype=torch.long)
+    for r, i in enumerate(idx):
+        tok, trained = data[i]
+        ids[r, : len(tok)] = torch.tensor(tok)
+        labels[r, : len(tok)] = torch.where(torch.tensor(trained), torch.tensor(tok), -100)
+        mask[r, : len(tok)] = 1
+    return ids, labels, mask
+
+
 def padded_first_batch_loss(model, data, batch_size: int, seed: int, device: str) -> float:
     """The model's mean loss on the baseline's first (padded) batch, before training: the same-work check of
     the model and loss (ft-prog's own first batch is packed, so it holds other samples)."""
@@ -358,17 +375,9 @@ def padded_first_batch_loss(model, data, batch_size: int, seed: int, device: str
     from benchmarks import workload
     from ftprog.core import token_loss_sum
 
-    idx = workload.order(len(data), seed)[:batch_size]
-    width = max(len(data[i][0]) for i in idx)
-    tokens = torch.zeros(len(idx), width, dtype=torch.long)
-    targets = torch.full((len(idx), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(idx), width, dtype=torch.long)
-    for r, i in enumerate(idx):
-        ids, trained = data[i]
-        tokens[r, : len(ids)] = torch.tensor(ids)
-        mask[r, : len(ids)] = 1
-        # position t predicts token t + 1 where that token is trained (the baseline's shifted labels)
-        targets[r, : len(ids) - 1] = torch.where(torch.tensor(trained[1:]), torch.tensor(ids[1:]), -100)
+    tokens, labels, mask = padded_batch(data, workload.order(len(data), seed)[:batch_size])
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t + 1 (the baseline shifts its labels so)
     with torch.no_grad():
         total = token_loss_sum(model, tokens.to(device), targets.to(device), attention_mask=mask.to(device),
                                training=False)
@@ -458,15 +467,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
                                        for j, (t, m) in enumerate(zip(*data[i]))])[None]
                 pos = torch.cat([torch.arange(len(data[i][0])) for i in idx])[None]
                 return {"input_ids": ids, "labels": labels, "position_ids": pos}, ids.numel()
-            width = max(len(data[i][0]) for i in idx)
-            ids = torch.zeros(len(idx), width, dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            for r, i in enumerate(idx):
-                tok, m = data[i]
-                ids[r, : len(tok)] = torch.tensor(tok)
-                labels[r, : len(tok)] = torch.where(torch.tensor(m), torch.tensor(tok), -100)
-                mask[r, : len(tok)] = 1
+            ids, labels, mask = padded_batch(data, idx)
             return {"input_ids": ids, "labels": labels, "attention_mask": mask}, ids.numel()
 
         def step(i: int):
