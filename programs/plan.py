@@ -44,12 +44,16 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from ftprog.core import ModelConfig
 
 # Bytes of one element of each training dtype.
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -108,69 +112,46 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-@attrs.frozen
-class Shape:
-    """What the planner needs of a model's config.json."""
+def model_config(config: Any) -> ModelConfig:
+    """The :class:`ftprog.core.ModelConfig` of ``config``: a ModelConfig, a config.json dict or a preset name."""
+    from ftprog.core import ModelConfig, preset
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @classmethod
-    def of(cls, config: Any) -> Shape:
-        """From a :class:`ftprog.core.ModelConfig`, a config.json dict or a preset name."""
-        if isinstance(config, Shape):
-            return config
-        from ftprog.core import ModelConfig, preset
-
-        if isinstance(config, str):
-            config = preset(config)
-        if isinstance(config, Mapping):
-            config = ModelConfig.from_hf(config, source="config")
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"expected a ModelConfig, a config dict or a preset name, got {type(config).__name__}")
-        return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers,
-                   config.num_heads, config.num_kv_heads, config.head_dim, config.tie_word_embeddings,
-                   config.qkv_bias, config.o_bias, config.mlp_bias, config.qk_norm)
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """``{name: (in_features, out_features)}`` of one layer's projections."""
-        h, q, kv, i = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def layer_params(self) -> tuple[int, int]:
-        """``(linear weights, other leaves)`` element counts of one layer."""
-        lin = sum(a * b for a, b in self.linears().values())
-        other = 2 * self.hidden_size
-        other += (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + self.hidden_size * self.o_bias
-        other += (2 * self.intermediate_size + self.hidden_size) * self.mlp_bias + 2 * self.head_dim * self.qk_norm
-        return lin, other
-
-    def num_params(self) -> int:
-        lin, other = self.layer_params()
-        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        return self.vocab_size * self.hidden_size + self.num_layers * (lin + other) + self.hidden_size + head
+    if isinstance(config, str):
+        config = preset(config)
+    if isinstance(config, Mapping):
+        config = ModelConfig.from_hf(config, source="config")
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"expected a ModelConfig, a config dict or a preset name, got {type(config).__name__}")
+    return config
 
 
-def resolve_targets(shape: Shape, targets: str | Sequence[str]) -> tuple[set[str], bool]:
+def projections(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``{name: (in_features, out_features)}`` of one layer's projections (``q_proj`` ... ``down_proj``)."""
+    from ftprog.core import param_shapes
+
+    shapes = param_shapes(attrs.evolve(config, num_layers=1))
+    return {name: shapes[f"model.layers.0.{'self_attn' if name in _ATTENTION else 'mlp'}.{name}.weight"][::-1]
+            for name in _ATTENTION + _MLP}
+
+
+def layer_params(config: ModelConfig) -> tuple[int, int]:
+    """``(projection weights, other leaves)`` element counts of one decoder layer."""
+    from ftprog.core import param_shapes
+
+    shapes = param_shapes(attrs.evolve(config, num_layers=1))
+    layer = {k: math.prod(v) for k, v in shapes.items() if k.startswith("model.layers.0.")}
+    linear = sum(n for k, n in layer.items() if k.endswith("_proj.weight"))
+    return linear, sum(layer.values()) - linear
+
+
+def num_params(config: ModelConfig) -> int:
+    """Element count of every tensor a checkpoint of ``config`` holds."""
+    from ftprog.core import param_shapes
+
+    return sum(math.prod(shape) for shape in param_shapes(config).values())
+
+
+def resolve_targets(config: ModelConfig, targets: str | Sequence[str]) -> tuple[set[str], bool]:
     """``(layer projection names, lm_head?)`` that LoRA ``targets`` select (as ``transforms.lora`` reads them).
 
     Patterns are matched against the name of the projection in layer 0; a glob over layer numbers is taken
@@ -186,7 +167,7 @@ def resolve_targets(shape: Shape, targets: str | Sequence[str]) -> tuple[set[str
             names |= set(_ATTENTION + _MLP)
             continue
         if t == "lm_head":
-            if shape.tie_word_embeddings:
+            if config.tie_word_embeddings:
                 raise PlanError("lora target 'lm_head': the model ties its embeddings, lm_head has no weight")
             head = True
             continue
@@ -244,7 +225,7 @@ class _Saved:
         return sum(v for k, v in self.items.items() if k.startswith(prefix))
 
 
-def activation_bytes(shape: Shape, setup: Setup) -> dict[str, int]:
+def activation_bytes(config: ModelConfig, setup: Setup) -> dict[str, int]:
     """Bytes autograd keeps from the forward to the backward of one micro-batch, derived op by op.
 
     Returns ``{"layers", "shared", "final_norm", "loss", "total", "layer_max", "recompute"}``:
@@ -262,7 +243,7 @@ def activation_bytes(shape: Shape, setup: Setup) -> dict[str, int]:
     keeps only the cos/sin tables; SDPA keeps q, k, v, the output and the log-sum-exp (GQA keys and values
     unexpanded); SwiGLU keeps gate, silu(gate), up, and the product when ``down_proj`` is trained.
     """
-    s, u = shape, setup
+    s, u = config, setup
     b = DTYPE_BYTES[u.dtype]
     ab = DTYPE_BYTES[u.adapter_dtype]
     B, S = u.batch_size, u.seq_len
@@ -282,7 +263,7 @@ def activation_bytes(shape: Shape, setup: Setup) -> dict[str, int]:
         return x_rg or w_rg
 
     def linear(pre: str, name: str, x: str, x_rg: bool) -> bool:
-        fan_in, fan_out = s.linears()[name]
+        fan_in, fan_out = projections(s)[name]
         if full:
             saved.add(pre + x, T * fan_in * b)
             return True
@@ -459,7 +440,7 @@ def estimate(
     model_name: str | None = None,
     **setup_fields: Any,
 ) -> Plan:
-    """The memory plan of training ``config`` (a ModelConfig, config.json dict, preset name or :class:`Shape`).
+    """The memory plan of training ``config`` (a ModelConfig, config.json dict, or preset name).
 
     ``setup`` (or its fields as keywords: ``method``, ``dtype``, ``batch_size``, ``seq_len``, ``rank``,
     ``targets``, ``dropout``, ``checkpoint``, ``mask``, ...) describes the step as :mod:`ftprog.programs.sft`
@@ -478,7 +459,7 @@ def estimate(
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
       of a functional update). ``state_dtype``: the optimizer moments' dtype.
     """
-    shape = Shape.of(config)
+    shape = model_config(config)
     if setup is None:
         setup = Setup(**{k: (tuple(v) if k == "targets" else v) for k, v in setup_fields.items()})
     elif setup_fields:
@@ -493,8 +474,8 @@ def estimate(
     ab = DTYPE_BYTES[u.adapter_dtype]
     H, V = s.hidden_size, s.vocab_size
     T = u.batch_size * u.seq_len
-    lin, other = s.layer_params()
-    total_params = s.num_params()
+    lin, other = layer_params(s)
+    total_params = num_params(s)
     linear_params = s.num_layers * lin
     notes = []
 
@@ -507,7 +488,7 @@ def estimate(
     if u.method != "full":
         names, head = resolve_targets(s, u.targets)
         for name in names:
-            fan_in, fan_out = s.linears()[name]
+            fan_in, fan_out = projections(s)[name]
             adapter_params += s.num_layers * (u.rank * (fan_in + fan_out) + (fan_out if u.method == "dora" else 0))
         if head:
             adapter_params += u.rank * (H + V) + (V if u.method == "dora" else 0)
@@ -547,7 +528,7 @@ def estimate(
     upcast = min(trainable, _UPCAST_NUMEL) * state_bytes * 2 if u.method == "full" and b < state_bytes else 0
     norm_pieces = min(trainable, _UPCAST_NUMEL) * 4 if u.method == "full" and b < 4 else 0
     if u.method == "qlora":  # an NF4 linear is dequantized whole for its matmul (forward and backward)
-        workspace += max(a * c for a, c in s.linears().values()) * b
+        workspace += max(a * c for a, c in projections(s).values()) * b
     phases = {
         "forward": static + acts["total"] + loss_chunk + accum,
         "backward start": static + acts["total"] + head_cast + workspace + acts["recompute"] + accum,

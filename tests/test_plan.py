@@ -10,7 +10,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ftprog.core import flatten, from_config, optim, token_loss_sum, value_and_grad
 from ftprog.programs.plan import (
-    NF4_BYTES_PER_PARAM, PlanError, Setup, Shape, activation_bytes, estimate, format_plan, parse_memory, plan,
+    NF4_BYTES_PER_PARAM, PlanError, Setup, activation_bytes, estimate, format_plan, layer_params, model_config,
+    num_params, parse_memory, plan, projections,
 )
 from ftprog.transforms import checkpoint, lora, quantize, trainable
 
@@ -91,12 +92,12 @@ def test_activation_bytes_match_saved_tensors(stack, dtype, packed):
                   targets=("all-linear",) if "all" in rest else ("q_proj", "v_proj"),
                   dropout=0.1 if "dropout" in rest else 0.0, checkpoint="checkpoint" in rest, mask=packed,
                   targets_fraction=31 / 32)
-    predicted = activation_bytes(Shape.of(config), setup)["total"]
+    predicted = activation_bytes(model_config(config), setup)["total"]
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
 
 
 def test_checkpointing_shrinks_activations_and_lora_keeps_less_than_full():
-    shape = Shape.of("cpu-default")
+    shape = model_config("cpu-default")
     full = activation_bytes(shape, Setup(method="full", batch_size=4, seq_len=256))
     adapted = activation_bytes(shape, Setup(method="lora", batch_size=4, seq_len=256))
     ck = activation_bytes(shape, Setup(method="lora", batch_size=4, seq_len=256, checkpoint=True))
@@ -168,9 +169,28 @@ def test_step_peak_matches_live_tensors(stack, dtype):
     assert p.tensor_peak == pytest.approx(tracker.peak, rel=0.15), (p.peak_phase, p.phases, tracker.peak)
 
 
+@pytest.mark.parametrize("config", [CONFIG, {**CONFIG, "tie_word_embeddings": True, "attention_bias": True,
+                                              "model_type": "qwen2"}, "tiny"])
+def test_parameter_counts_match_a_built_model(config):
+    """The planner's counts come from the model's own parameter shapes: they match a model built from the config."""
+    model = from_config(config)
+    leaves = flatten(model.params)
+    cfg = model_config(config)
+    assert num_params(cfg) == model.num_params()
+    linear, other = layer_params(cfg)
+    layer0 = {k: v.numel() for k, v in leaves.items() if k.startswith("model.layers.0.")}
+    assert linear == sum(n for k, n in layer0.items() if k.endswith("_proj.weight"))
+    assert linear + other == sum(layer0.values())
+    for name, (fan_in, fan_out) in projections(cfg).items():
+        part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        assert leaves[f"model.layers.0.{part}.{name}.weight"].shape == (fan_out, fan_in)
+    with pytest.raises(TypeError, match="ModelConfig"):
+        model_config(3)
+
+
 def test_weights_gradients_optimizer_by_method():
-    shape = Shape.of("llama-3.2-1b")
-    n = shape.num_params()
+    shape = model_config("llama-3.2-1b")
+    n = num_params(shape)
     full = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128)
     assert full.weights == 2 * n and full.gradients == 2 * n and full.optimizer == 8 * n
     bf16_state = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128, state_dtype="bf16")
@@ -179,11 +199,11 @@ def test_weights_gradients_optimizer_by_method():
         estimate(shape, method="full", state_dtype="int8")
     adapted = estimate(shape, method="lora", dtype="bf16", batch_size=1, seq_len=128, rank=16,
                        targets=("all-linear",))
-    per_layer = sum(16 * (a + b) for a, b in shape.linears().values())
+    per_layer = sum(16 * (a + b) for a, b in projections(shape).values())
     assert adapted.trainable_params == shape.num_layers * per_layer
     assert adapted.adapters == 4 * adapted.trainable_params and adapted.optimizer == 8 * adapted.trainable_params
     q = estimate(shape, method="qlora", dtype="bf16", batch_size=1, seq_len=128)
-    linear = shape.num_layers * shape.layer_params()[0]
+    linear = shape.num_layers * layer_params(shape)[0]
     assert q.weights == int(linear * NF4_BYTES_PER_PARAM + (n - linear) * 2)
     assert 0.51 < NF4_BYTES_PER_PARAM < 0.52
 
