@@ -41,14 +41,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             logits = h @ weight.T
-            # log-softmax, loss and d(sum CE)/d logits = softmax - one_hot(target), a few rows at a time;
-            # the gradient overwrites the logits it came from
+            # softmax, loss and d(sum CE)/d logits = softmax - one_hot(target), a few rows at a time; the
+            # gradient overwrites the logits it came from. One fp32 softmax pass serves loss and gradient:
+            # -log p_target = (max - x_target) - log p_max, where p_max >= 1 / vocab never underflows.
             for r in range(0, len(t), _SOFTMAX_ROWS):
                 rows, tr = logits[r : r + _SOFTMAX_ROWS], t[r : r + _SOFTMAX_ROWS]
-                logp = torch.log_softmax(rows.float(), dim=-1)
-                total -= logp.gather(1, tr[:, None]).sum()
+                x = rows.float()
+                probs = torch.softmax(x, dim=-1)
+                total += (x.amax(-1) - x.gather(1, tr[:, None]).squeeze(1) - probs.amax(-1).log()).sum()
                 if need_grad:
-                    probs = logp.exp_()
                     probs[torch.arange(len(tr), device=tr.device), tr] -= 1
                     rows.copy_(probs)
             if not need_grad:
@@ -73,16 +74,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.mark_non_differentiable(*(t for t in (grad_hidden, grad_weight) if t is not None))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = inputs[1].dtype
+        # the gradient outputs are never differentiated: no [vocab, hidden] zeros for their incoming grads
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_total, _gh, _gw):
+        if grad_total is None:
+            return None, None, None, None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
         # a 0-d fp32 factor keeps the gradient's dtype and rounds once
         dh = grad_hidden * grad_total if ctx.needs_input_grad[0] else None
         dw = None
-        if ctx.needs_input_grad[1]:  # scaled and rounded to the weight's dtype in one pass
-            dw = torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device)
-            torch.mul(grad_weight, grad_total, out=dw)
+        if ctx.needs_input_grad[1]:
+            if grad_weight.dtype == ctx.weight_dtype:
+                # used by this backward only: scaled in place instead of into a fresh [vocab, hidden] tensor
+                # (a second backward through the same graph fails autograd's saved-tensor version check)
+                dw = grad_weight.mul_(grad_total)
+            else:  # the fp32 sum of several chunks: scaled and rounded to the weight's dtype in one pass
+                dw = torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device)
+                torch.mul(grad_weight, grad_total, out=dw)
         return dh, dw, None, None, None, None
 
 

@@ -75,3 +75,31 @@ def test_bf16_one_chunk_and_several_chunks_agree():
     for path in g1:
         assert g1[path].dtype == torch.bfloat16
         assert (g1[path].float() - g7[path].float()).norm() <= 1e-2 * g7[path].float().norm(), path
+
+
+def test_exact_for_targets_far_below_the_top_logit():
+    """Per-token losses past fp32's exp range (p_target < 1e-38) stay exact: no -log(0) = inf."""
+    model = from_config("tiny", seed=5)
+    head = model.params["lm_head"]["weight"]
+    model = model.with_params({"lm_head.weight": head * 400})
+    tokens, targets = batch(model.config.vocab_size)
+    with torch.no_grad():
+        loss, ref = token_loss_sum(model, tokens, targets), reference_sum(model, tokens, targets)
+    per_token = F.cross_entropy(model(tokens).float().flatten(0, 1), targets.flatten(), reduction="none")
+    assert per_token.max() > 150  # the case being tested
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, rtol=1e-6)
+
+
+def test_second_backward_through_the_same_loss_fails_loudly():
+    """The output-weight gradient is scaled in place by the one backward: a second backward through the same
+    graph (``retain_graph``) raises instead of returning a twice-scaled gradient."""
+    model = from_config("tiny", seed=6)
+    params = {k: v.detach().requires_grad_() for k, v in model.trainable_params().items()}
+    tokens, targets = batch(model.config.vocab_size)
+    loss = token_loss_sum(model.with_params(params), tokens, targets) / 10
+    weight = params["lm_head.weight"]
+    (grad,) = torch.autograd.grad(loss, weight, retain_graph=True)
+    ref = torch.autograd.grad(reference_sum(model.with_params(params), tokens, targets) / 10, weight)[0]
+    assert (grad - ref).norm() <= 1e-5 * ref.norm()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, weight)
