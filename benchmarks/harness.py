@@ -33,7 +33,7 @@ from benchmarks.flops import train_step_flops
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py).
+# The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py); it runs the sft workload too.
 TORCHTUNE_METHODS = ("lora", "full")
 TORCHTUNE_STACKS = ((), ("checkpoint",))
 # Baselines ft-prog is compared against, in table order.
@@ -103,8 +103,9 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     common = dict(shape=s["shape"], device=s["device"], batch=s["batch"], seq=s["seq"], rank=s["rank"],
                   targets=s["targets"], warmup=s["warmup"], steps=s["steps"])
     systems = [x for x in ("ftprog", "hf") if x not in skip]
-    # torchtune: a third system for the fixed-shape train cases (lora, full; stack - or checkpoint), run by the
-    # torchtune environment's interpreter; only when one is given (main drops these cases if its probe fails)
+    # torchtune: a third system for the fixed-shape train cases (lora, full; stack - or checkpoint) and the sft
+    # workload, run by the torchtune environment's interpreter; only when one is given (main drops these cases if
+    # its probe fails)
     torchtune = bool(getattr(args, "torchtune_python", None)) and "torchtune" not in skip
     s["torchtune_cases"] = torchtune
     extras = list(s["extras"])
@@ -127,7 +128,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     if "sft" not in skip:
         w = dict(s["sft"])
         batch, warmup = w.pop("batch"), w.pop("warmup")
-        for system in systems:
+        for system in systems + (["torchtune"] if torchtune else []):
             for setting in s.get("sft_settings", {}).get(system, ("default", "best")):
                 cases.append({"kind": "sft", "system": system, "setting": setting, "method": "lora",
                               "shape": s["shape"], "device": s["device"], "dtype": dtype, "threads": threads,
@@ -336,6 +337,7 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row["effective_tokens_per_s_runs"] = [r["effective_tokens_per_s"] for r in ok]
             row["time"] = summarize_times(best["step_times"])
             row["first_loss"] = first.get("first_loss")
+            row["check_loss"] = first.get("check_loss")  # on the baseline's first padded batch, if measured
         elif case["kind"] == "generate":
             best = max(ok, key=lambda r: r["tokens_per_s"])
             row.update({k: best[k] for k in ("prompt_len", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
@@ -363,8 +365,8 @@ def loss_checks(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft"):
             continue
-        if r["case"]["kind"] == "sft" and r["case"]["setting"] != "default":
-            continue  # the best settings batch differently
+        if r["case"]["kind"] == "sft" and r["case"]["setting"] != "default" and r.get("check_loss") is None:
+            continue  # a best setting batches differently: comparable only where it measured the check loss
         mine = ours.get(_key(r, *fields))
         if mine is None:
             continue
@@ -440,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--torchtune-path", help="extra PYTHONPATH where torchtune is installed (probe only)")
     ap.add_argument("--torchtune-python", metavar="PATH",
                     help="interpreter of an environment with torchtune (benchmarks/README.md): adds torchtune as a "
-                         "third system of the fixed-shape train cases (lora, full; base and checkpoint stacks)")
+                         "third system of the fixed-shape train cases (lora, full; base and checkpoint stacks) and "
+                         "of the realistic SFT workload (default and best)")
     ap.add_argument("--keep-weights", action="store_true", help="keep the random-weight checkpoints")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     return ap
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         n_tt = sum(c["system"] == "torchtune" for c in cases)
         if torchtune.get("available"):
             torchtune["cases"] = n_tt
-            print(f"torchtune {torchtune.get('version')} ({args.torchtune_python}): {n_tt} train cases", flush=True)
+            print(f"torchtune {torchtune.get('version')} ({args.torchtune_python}): {n_tt} cases", flush=True)
         else:
             cases = [c for c in cases if c["system"] != "torchtune"]
             print(f"torchtune: {torchtune.get('reason')}: its {n_tt} cases dropped", flush=True)

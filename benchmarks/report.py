@@ -151,21 +151,25 @@ def markdown(r: dict[str, Any]) -> str:
                   f"to [{w['min_len']}, {w['seq_len']}]), prompt ~{w['prompt_frac']:.0%} of each sample (masked), "
                   f"batch {sft[0]['case']['batch']}, LoRA; one epoch timed after {sft[0]['case']['warmup']} warm-up "
                   "batches. Effective tokens = trained (non-padding, non-prompt) tokens.", "",
-                  "| system | setting | how | batches | padding | effective tokens/s | real tokens/s | peak mem MiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| system | setting | how | batches | padding | effective tokens/s | real tokens/s | peak mem MiB | "
+                  "check loss |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for x in sft:
             c = x["case"]
             if "error" in x:
-                lines.append(f"| {c['system']} | {c['setting']} | {x['error'][:90]} | | | | | |")
+                lines.append(f"| {c['system']} | {c['setting']} | {x['error'][:90]} | | | | | | |")
                 continue
             lines.append(f"| {c['system']} | {c['setting']} | {x['description']} | {x['batches']} | "
                          f"{_pct(x['padding_share'])} | {x['effective_tokens_per_s']:,.0f} | "
-                         f"{x['real_tokens_per_s']:,.0f} | {_mib(x.get('peak_memory'))} |")
+                         f"{x['real_tokens_per_s']:,.0f} | {_mib(x.get('peak_memory'))} | "
+                         f"{_num(x.get('check_loss'), '.5f')} |")
         best = {c: max((x["effective_tokens_per_s"] for x in sft if x["case"]["system"] == c and "error" not in x
-                        and x["case"]["setting"] == "best"), default=None) for c in ("ftprog", "hf")}
-        if best["ftprog"] and best["hf"]:
-            lines += ["", f"Best setting against best setting: ft-prog {best['ftprog'] / best['hf']:.2f}x "
-                      "transformers in effective tokens/s."]
+                        and x["case"]["setting"] == "best"), default=None) for c in NAMES}
+        against = [f"{best['ftprog'] / best[b]:.2f}x {NAMES[b]}" for b in ("hf", "torchtune") if best["ftprog"] and best[b]]
+        if against:
+            lines += ["", f"Best setting against best setting: ft-prog {' and '.join(against)} in effective tokens/s."]
+        lines += ["", "Check loss: the loss on the transformers default's first padded batch at the initial weights "
+                  "(the same-work check; for transformers' default it is its first loss: see Same work?)."]
         lines.append("")
 
     gen = [x for x in rows if x["case"]["kind"] == "generate"]
@@ -202,9 +206,13 @@ def markdown(r: dict[str, Any]) -> str:
     tt_rows = [x for x in rows if x["case"]["system"] == "torchtune" and "error" not in x]
     adapter = next((x.get("adapter_dtype") for x in tt_rows if x.get("adapter_dtype")), None)
     if tt_rows:
+        kinds = sorted({x["case"]["kind"] for x in tt_rows})
+        what = {"train": "fixed-shape train cases (lora, full; base and checkpoint stacks)",
+                "sft": "the realistic SFT workload (default: unpacked `padded_collate_sft` batches; best: "
+                       "`PackedDataset` + `padded_collate_packed`)"}
         tt_line = (f"measured above: torchtune {tt.get('version')} (torch {tt.get('torch')}, interpreter "
-                   f"`{tt.get('python')}`), fixed-shape train cases only (lora, full; base and checkpoint "
-                   "stacks), built as its single-device recipes build the model: `llama3` / `lora_llama3` "
+                   f"`{tt.get('python')}`), {' and '.join(what[k] for k in kinds if k in what)}, "
+                   "built as its single-device recipes build the model: `llama3` / `lora_llama3` "
                    "component builders in the model dtype, `hf_to_tune` weights from the same checkpoint, "
                    "`set_num_output_chunks(8)` + `CEWithChunkedOutputLoss`, `set_activation_checkpointing` "
                    "on `TransformerSelfAttentionLayer`; `torch.optim.AdamW(fused=True)` + `clip_grad_norm_` as "

@@ -1,4 +1,5 @@
-"""The torchtune baseline of the fixed-shape ``train`` cases (system ``torchtune``).
+"""The torchtune baseline (system ``torchtune``) of the fixed-shape ``train`` cases and the realistic ``sft``
+workload.
 
 Runs in the torchtune environment's interpreter (``--torchtune-python``), which need not have ft-prog,
 transformers or PEFT: this module imports only torch, torchtune, safetensors and :mod:`benchmarks`.
@@ -21,6 +22,10 @@ The model is built the way torchtune's single-device recipes (``lora_finetune_si
 The step is the recipe's for one batch without accumulation (it multiplies the loss by the token count and
 divides the gradients by it again, which is the same gradient): forward, chunked loss, ``backward``,
 ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW(fused=True)`` (as for transformers), ``zero_grad``.
+
+The realistic SFT workload (:func:`sft_step`, LoRA) feeds that step torchtune's own data path: default, its
+instruct/chat default (unpacked samples, ``padded_collate_sft``); best, ``packed=True`` (``PackedDataset`` +
+``padded_collate_packed``); the recipe's ``compile`` only where the case asks for it (:data:`BEST_COMPILES`).
 """
 
 from __future__ import annotations
@@ -142,3 +147,143 @@ def train_step(case: dict[str, Any], tokens):
         return loss.detach()
 
     return step, out
+
+
+# ----------------------------------------------------------------------------------------- realistic SFT
+
+PAD_ID = 0  # the workload's token ids start at 3, so id 0 marks padding only
+# best = packing alone. torchtune's compile (training.compile_model + compile_loss, the recipe's compile: True)
+# runs on CPU with torch 2.13, but in a quick check (tiny shape, 96 samples, seq_len 256, 1 thread) its median
+# step was no faster (33.8 ms both) and the epoch's last, smaller batch recompiles inside the timed epoch (the
+# recipe drops that batch, drop_last=True; the other systems train it): 2.5k against 12.7k effective tokens/s.
+# A case with "compile": true turns it on.
+BEST_COMPILES = False
+
+
+def instruct_records(data, order: list[int]) -> list[dict[str, list[int]]]:
+    """The workload's samples in ``order`` as torchtune's SFT datasets yield them (``train_on_input`` False):
+    ``tokens``, and ``labels`` equal to the tokens on the response and -100 on the prompt (unshifted)."""
+    return [{"tokens": list(data[i][0]),
+             "labels": [t if trained else IGNORE_INDEX for t, trained in zip(*data[i])]} for i in order]
+
+
+def _collate_sft():
+    """``(collate, name)``: torchtune's unpacked collate (pad to the batch's longest sample, labels -100 on
+    padding), or the benchmark's own padded batches where ``padded_collate_sft`` does not import."""
+    from functools import partial
+
+    try:
+        from torchtune.data import padded_collate_sft
+    except ImportError:
+        from benchmarks.worker import padded_batch
+
+        def collate(records):
+            rows = [(r["tokens"], [x != IGNORE_INDEX for x in r["labels"]]) for r in records]
+            ids, labels, _ = padded_batch(rows, list(range(len(rows))))
+            return {"tokens": ids, "labels": labels}
+
+        return collate, "padded batches (padded_collate_sft does not import)"
+    return partial(padded_collate_sft, padding_idx=PAD_ID, ignore_idx=IGNORE_INDEX), "padded_collate_sft batches"
+
+
+def packed_attention(mask) -> str:
+    """What torchtune 0.6.1 runs for a packed batch's ``mask``: flex attention for a ``BlockMask`` (made where
+    ``_SUPPORTS_FLEX_ATTENTION``: CUDA, sm75+), else SDPA with the dense boolean block-causal mask."""
+    import torch
+
+    if isinstance(mask, torch.Tensor):
+        return f"SDPA with a dense {list(mask.shape)} {str(mask.dtype).replace('torch.', '')} block-causal mask"
+    return f"flex attention ({type(mask).__name__})"
+
+
+def sft_step(case: dict[str, Any], data):
+    """``(step, n_batches, out)`` for the realistic SFT workload: ``step(i)`` trains batch ``i`` and returns
+    ``(loss, trained tokens, real tokens, batch cells)``; ``out`` holds the description, ``check_loss`` and model
+    facts.
+
+    default: unpacked samples in the workload's shuffled order, ``padded_collate_sft`` batches of ``batch``;
+    best: ``PackedDataset`` (``max_seq_len`` = the workload's ``seq_len``) + ``padded_collate_packed``
+    (per-document positions, block-causal mask), compiled only where the case says ``compile: true``
+    (:data:`BEST_COMPILES`). Every batch, the last partial one included, is trained (the recipe drops it:
+    ``drop_last=True``)."""
+    import torch
+    from torchtune import training
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    import torchtune
+    from benchmarks import workload
+    from benchmarks.worker import LR, MAX_GRAD_NORM, padded_batch
+
+    device, spec, B, setting = case["device"], case["workload"], case["batch"], case["setting"]
+    if setting not in ("default", "best"):
+        raise RuntimeError(f"unavailable: setting {setting!r} (default, best)")
+    order = workload.order(len(data), spec.get("seed", 0))
+    records = instruct_records(data, order)
+    model, params, info = build_torchtune(case, spec["seq_len"])
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=NUM_OUTPUT_CHUNKS, ignore_index=IGNORE_INDEX)
+    out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()),
+                           "trainable_params": sum(p.numel() for p in params),
+                           "torchtune_version": torchtune.__version__, **info}
+    ignore = torch.full((max(B, 1), 1), IGNORE_INDEX, device=device)
+
+    def shifted(labels):  # the recipe's shift: position i predicts token i + 1
+        return torch.hstack((labels[:, 1:], ignore[: labels.shape[0]]))
+
+    collate, collate_name = _collate_sft()
+    # the same-work check: the loss on the baseline's first padded batch at the initial weights (uncompiled)
+    first = collate(records[:B])
+    ids, labels, _ = padded_batch(data, order[:B])
+    if not (torch.equal(first["tokens"], ids) and torch.equal(first["labels"], labels)):
+        raise RuntimeError("padded_collate_sft's first batch differs from the baseline's padded batch")
+    with torch.no_grad():
+        logits = model(first["tokens"].to(device))
+        out["check_loss"] = float(loss_fn(logits, shifted(first["labels"].to(device))))
+    del logits
+
+    if setting == "default":
+        groups = [records[k : k + B] for k in range(0, len(records), B)]
+        out["description"] = (f"unpacked shuffled samples, {collate_name} (pad to longest), chunked loss "
+                              "(8 chunks, every position's logits)")
+
+        def batch(i: int):
+            return collate(groups[i])
+    else:
+        try:
+            from torchtune.data import padded_collate_packed
+            from torchtune.datasets import PackedDataset
+        except ImportError as e:
+            raise RuntimeError(f"unavailable: torchtune packing does not import ({e})") from e
+        packs = PackedDataset(records, max_seq_len=spec["seq_len"], padding_idx=PAD_ID)
+        groups = [[packs[j] for j in range(k, min(k + B, len(packs)))] for k in range(0, len(packs), B)]
+        out["attention"] = packed_attention(padded_collate_packed(groups[0])["mask"])
+        out["description"] = f"PackedDataset rows of {spec['seq_len']} + padded_collate_packed ({out['attention']})"
+        if case.get("compile", BEST_COMPILES):
+            training.compile_model(model, verbose=False)
+            loss_fn = training.compile_loss(loss_fn, verbose=False)
+            out["description"] += ", compile_model + compile_loss"
+        else:
+            out["description"] += ("; not compiled (compile_model: no faster per step in a quick CPU check, and "
+                                   "the last partial batch recompiles)")
+
+        def batch(i: int):
+            return padded_collate_packed(groups[i])
+
+    try:
+        opt = torch.optim.AdamW(params, lr=LR, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(params, lr=LR)
+
+    def step(i: int):
+        inputs = {k: v.to(device) for k, v in batch(i).items()}
+        targets = shifted(inputs.pop("labels"))
+        logits = model(**inputs)  # tokens (+ mask, input_pos when packed), as the recipe calls it
+        loss = loss_fn(logits, targets)
+        del logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens = inputs["tokens"]
+        return loss.detach(), int((targets != IGNORE_INDEX).sum()), int((tokens != PAD_ID).sum()), tokens.numel()
+
+    return step, len(groups), out

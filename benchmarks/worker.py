@@ -10,8 +10,8 @@ target-only loss, ``clip_by_global_norm``, AdamW updating in place) and ``hf`` (
 ``Trainer`` runs a step: ``model(input_ids, labels=...)`` with full-vocabulary logits, ``loss.backward()``,
 ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``, its default optimizer). Both load the same
 safetensors checkpoint; LoRA ``A`` matrices are initialised identically, ``B`` is zero. The fixed-shape
-``train`` cases have a third system, ``torchtune`` (:mod:`benchmarks.torchtune_worker`), run by the torchtune
-environment's interpreter.
+``train`` cases and the ``sft`` workload have a third system, ``torchtune`` (:mod:`benchmarks.torchtune_worker`),
+run by the torchtune environment's interpreter.
 """
 
 from __future__ import annotations
@@ -239,6 +239,14 @@ def _import_hf() -> None:
         importlib.import_module(name)
 
 
+def _import_torchtune() -> None:
+    """torchtune and the benchmark's torchtune worker (the torchtune environment: no ftprog, transformers, peft)."""
+    import importlib
+
+    for name in ("torchtune.models.llama3", "benchmarks.torchtune_worker"):
+        importlib.import_module(name)
+
+
 def _config(case: dict[str, Any]) -> dict[str, Any]:
     return json.loads((Path(case["checkpoint"]) / "config.json").read_text())
 
@@ -280,8 +288,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     if case["system"] == "hf":  # imported before the baseline RSS is read, as the model needs them
         _import_hf()
     elif case["system"] == "torchtune":  # runs in the torchtune environment: no ftprog, transformers or peft
-        import benchmarks.torchtune_worker  # noqa: F401
-        import torchtune.models.llama3  # noqa: F401
+        _import_torchtune()
     device, B, S = case["device"], case["batch"], case["seq"]
     mem = Memory(device)
     cfg = _config(case)
@@ -394,6 +401,8 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
     data = workload.samples(spec)
     if case["system"] == "hf":
         _import_hf()
+    elif case["system"] == "torchtune":
+        _import_torchtune()
     setting = case["setting"]
     out: dict[str, Any] = {"setting": setting}
 
@@ -426,6 +435,11 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
             params, state["opt"] = opt.update(grads, state["opt"], m.trainable_params(), inplace=True)
             state["model"] = m.with_params(params)
             return loss, batch.num_targets, batch.num_tokens, batch.tokens.numel()
+    elif case["system"] == "torchtune":  # runs in the torchtune environment: no ftprog, transformers or peft
+        from benchmarks.torchtune_worker import sft_step
+
+        step, n_batches, facts = sft_step(case, data)
+        out.update(facts)
     else:
         order = workload.order(len(data), spec.get("seed", 0))
         flat = False

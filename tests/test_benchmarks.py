@@ -108,7 +108,7 @@ def test_workload_is_deterministic_and_masks_prompts():
 
 
 def test_torchtune_baseline_is_optional():
-    """``--torchtune-python`` adds torchtune train cases; an interpreter that is not there is recorded as
+    """``--torchtune-python`` adds torchtune train and sft cases; an interpreter that is not there is recorded as
     unavailable (the harness then drops those cases). Needs no torchtune environment."""
     from benchmarks import harness
 
@@ -121,8 +121,10 @@ def test_torchtune_baseline_is_optional():
 
     assert not any("torchtune" in x for x in labels())
     tt = [x for x in labels("--torchtune-python", "/nowhere/python") if "torchtune" in x]
-    assert sorted(tt) == sorted(f"train-torchtune-{m}-{s}-bf16-t1" for m in ("lora", "full")
-                                for s in ("base", "checkpoint"))
+    assert sorted(tt) == sorted([f"train-torchtune-{m}-{s}-bf16-t1" for m in ("lora", "full")
+                                 for s in ("base", "checkpoint")]
+                                + [f"sft-torchtune-{s}-bf16-t1" for s in ("default", "best")])
+    assert "sft-torchtune-default-bf16-t1" not in labels("--torchtune-python", "/nowhere/python", "--skip", "sft")
     assert not any("torchtune" in x for x in labels("--torchtune-python", "/nowhere/python", "--skip", "torchtune"))
 
 
@@ -149,3 +151,41 @@ def test_comparisons_cover_each_baseline():
                           "loss_checks": harness.loss_checks(rows), "torchtune": {"available": False,
                                                                                    "reason": "unavailable: x"}})
     assert "speed-up vs torchtune" in md and "| torchtune |" in md
+
+
+def test_sft_comparisons_cover_torchtune():
+    """The realistic SFT rows: ft-prog's effective tokens/s over each baseline's per setting, the check loss
+    compared for every baseline that measured it, and torchtune's rows in the report."""
+    from benchmarks import harness, report
+
+    def row(system, setting, tps, first_loss, check_loss=None, mem=100):
+        case = {"kind": "sft", "system": system, "setting": setting, "method": "lora", "dtype": "bf16",
+                "threads": 1, "batch": 4, "workload": {"n": 8, "median": 20, "sigma": 0.6, "min_len": 6,
+                                                       "seq_len": 64, "prompt_frac": 0.4}, "warmup": 1}
+        return {"case": case, "label": harness.case_label(case), "effective_tokens_per_s": tps,
+                "first_loss": first_loss, "check_loss": check_loss, "peak_memory": mem, "description": f"{system}",
+                "batches": 2, "padding_share": 0.1, "real_tokens_per_s": 2 * tps}
+
+    rows = [row("ftprog", "default", 300.0, 6.0, 6.0), row("ftprog", "best", 600.0, 6.0, 6.0),
+            row("hf", "default", 100.0, 6.001), row("hf", "best", 150.0, 7.0),
+            row("torchtune", "default", 200.0, 6.0001, 6.0001, mem=200),
+            row("torchtune", "best", 300.0, 6.0001, 6.0001, mem=400)]
+    sp = {s["label"]: s for s in harness.speedups(rows)}
+    default, best = sp["sft-ftprog-default-bf16-t1"], sp["sft-ftprog-best-bf16-t1"]
+    assert default["metric"] == "effective_tokens_per_s"
+    assert default["speedup"] == pytest.approx(3) and default["speedup_torchtune"] == pytest.approx(1.5)
+    assert best["speedup"] == pytest.approx(4) and best["speedup_torchtune"] == pytest.approx(2)
+    assert best["memory_ratio_torchtune"] == pytest.approx(0.25)
+    checks = {(c["label"], c["baseline"]) for c in harness.loss_checks(rows)}
+    # hf best batches differently and has no check loss: not compared; torchtune measures it in both settings
+    assert checks == {("sft-ftprog-default-bf16-t1", "hf"), ("sft-ftprog-default-bf16-t1", "torchtune"),
+                      ("sft-ftprog-best-bf16-t1", "torchtune")}
+    assert all(c["ok"] for c in harness.loss_checks(rows))
+    md = report.markdown({"name": "t", "preset": "quick", "settings": {"shape": "tiny", "batch": 2, "seq": 8,
+                          "rank": 8, "targets": ["q_proj"], "warmup": 1, "steps": 1, "rounds": 1},
+                          "machine": {}, "started": "-", "wall_s": 1.0, "rows": rows, "speedups": harness.speedups(rows),
+                          "loss_checks": harness.loss_checks(rows), "torchtune": {"available": True, "version": "0.6.1"}})
+    assert "| torchtune | default | torchtune |" in md and "| torchtune | best | torchtune |" in md
+    assert "| sft-ftprog-best-bf16-t1 | effective_tokens_per_s | 600.0 | 150.0 | 4.00x |" in md
+    assert "| 300.0 | 2.00x | 0.25 |" in md  # the torchtune columns of the best row
+    assert "ft-prog 4.00x transformers and 2.00x torchtune" in md
