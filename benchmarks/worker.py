@@ -410,11 +410,13 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         from ftprog.core import DataLoader, TokenizedDataset, optim, token_loss_sum, value_and_grad
 
         dataset = TokenizedDataset.from_samples(data, spec["seq_len"], pad_id=0)
-        # sft's defaults: packed rows (best-fit), document masks, target-only chunked loss; best: + compile
-        loader = DataLoader(dataset, B, packing=True, seq_len=spec["seq_len"], seed=spec.get("seed", 0))
+        # sft's defaults: packed rows (best-fit), document masks, target-only chunked loss; best: + compile, and
+        # then (as sft does) one batch shape: a short last batch filled up with empty rows, so no recompile
+        loader = DataLoader(dataset, B, packing=True, seq_len=spec["seq_len"], seed=spec.get("seed", 0),
+                            fixed_shape=setting == "best")
         n_batches = loader.num_batches(0)
         out["description"] = ("packed rows of seq_len (default), document masks, target-only chunked loss"
-                              + (", compiled forward" if setting == "best" else ""))
+                              + (", compiled forward (batches of one shape)" if setting == "best" else ""))
         if setting == "best":
             case = {**case, "stack": [*case.get("stack", []), "compile"]}
         state = {"model": build_ftprog(case)}

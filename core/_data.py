@@ -1004,6 +1004,10 @@ class DataLoader:
     with no rows: it gets a batch of zero rows (``[0, S]``; the model runs on it and the summed loss is 0, so
     run the step anyway and collectives stay matched; or use ``drop_last=True``).
     ``Batch.global_num_targets`` counts the targets of the whole global batch.
+
+    ``fixed_shape`` (packed mode only): a short last batch is filled up with empty rows (all padding, no
+    targets), so every batch of every rank is ``[batch_size / world_size, seq_len]``: one shape, so a compiled
+    model compiles once instead of again for the last batch.
     """
 
     def __init__(
@@ -1019,6 +1023,7 @@ class DataLoader:
         rank: int = 0,
         world_size: int = 1,
         pad_to_multiple_of: int = 1,
+        fixed_shape: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -1036,6 +1041,9 @@ class DataLoader:
         self.rank = rank
         self.world_size = world_size
         self.pad_to_multiple_of = pad_to_multiple_of
+        if fixed_shape and not packing:
+            raise ValueError("fixed_shape needs packing=True (padded batches are as long as their longest sample)")
+        self.fixed_shape = fixed_shape
         self.epoch = 0
         self.batch_index = 0
         self._lengths = dataset.lengths.tolist()
@@ -1086,6 +1094,8 @@ class DataLoader:
         units = self._plan(epoch)[index]
         if self.packing:
             rows = [[self.dataset[i] for i in row] for row in units]
+            if self.fixed_shape:
+                rows += [[] for _ in range(self.batch_size - len(rows))]
             mine = collate_packed(rows[self.rank :: self.world_size], self.dataset.pad_id, self.seq_len)
             if self.world_size == 1:
                 return mine

@@ -94,7 +94,7 @@ def step_loss(model: Model, batches: list, num_targets: int) -> torch.Tensor:
 def validation_loss(model: Model, loader: DataLoader, device: torch.device) -> float:
     total, count = 0.0, 0
     for epoch_batch in DataLoader(loader.dataset, loader.batch_size, packing=loader.packing,
-                                  seq_len=loader.seq_len, shuffle=False):
+                                  seq_len=loader.seq_len, shuffle=False, fixed_shape=loader.fixed_shape):
         b = epoch_batch.to(device)
         total += token_loss_sum(model, b.tokens, b.targets, training=False, **b.model_kwargs()).item()
         count += b.num_targets
@@ -132,8 +132,9 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                           train_on_input=d.train_on_input, val_path=d.val_path or None, val_split=d.val_split,
                           val_fraction=d.val_fraction, skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
     train_data, val_data = load_datasets(data_cfg, tokenizer)
+    # compiled and packed: every batch one shape (the last one filled up with empty rows), so one compile
     loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed,
-                        rank=dist.rank, world_size=dist.world_size)
+                        rank=dist.rank, world_size=dist.world_size, fixed_shape=cfg.packing and cfg.compile)
     total_steps = cfg.max_steps or math.ceil(loader.total_batches(cfg.epochs) / cfg.grad_accum)
     say(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size}"
           f"{' packed' if cfg.packing else ''} rows", flush=True)
@@ -267,7 +268,8 @@ def _interrupt_between_steps():
 
 
 def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:
-    return DataLoader(val_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, shuffle=False)
+    return DataLoader(val_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, shuffle=False,
+                      fixed_shape=cfg.packing and cfg.compile)
 
 
 def save_final(cfg: SFTConfig, out: Path, model: Model, state: dict, resolved: dict) -> Path:

@@ -622,6 +622,27 @@ def test_rank_slices_cover_the_global_batch(tok, packing, world_size):
         DataLoader(data, batch_size=3, world_size=2)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fixed_shape_fills_the_last_packed_batch_with_empty_rows(tok, world_size):
+    data = _dataset(tok, n=21, seq_len=64)
+    plain = DataLoader(data, batch_size=4, packing=True, seed=2)
+    assert plain._plan(0)[-1] and len(plain._plan(0)[-1]) < 4  # the case being tested: a short last batch
+    for rank in range(world_size):
+        fixed = DataLoader(data, batch_size=4, packing=True, seed=2, fixed_shape=True, rank=rank,
+                           world_size=world_size)
+        sliced = DataLoader(data, batch_size=4, packing=True, seed=2, rank=rank, world_size=world_size)
+        assert fixed.batches_per_epoch == plain.batches_per_epoch
+        for a, b in zip(fixed, sliced):
+            assert a.tokens.shape == (4 // world_size, 64)
+            n = b.tokens.shape[0]  # the same rows first, then empty ones: all padding, no targets
+            assert torch.equal(a.tokens[:n], b.tokens) and torch.equal(a.targets[:n], b.targets)
+            assert (a.tokens[n:] == data.pad_id).all() and (a.targets[n:] == -100).all()
+            assert (a.num_targets, a.num_tokens, a.global_num_targets) == (b.num_targets, b.num_tokens,
+                                                                           b.global_num_targets)
+    with pytest.raises(ValueError, match="fixed_shape needs packing"):
+        DataLoader(data, 4, fixed_shape=True)
+
+
 def test_drop_last_and_lengths(tok):
     data = _dataset(tok, n=10, seq_len=64)
     assert DataLoader(data, 4).batches_per_epoch == 3

@@ -307,6 +307,31 @@ def test_grad_accum_equals_bigger_batch(config, model_dir, train_file, tmp_path)
     assert [loss for _, loss in la] == pytest.approx([loss for _, loss in lb], rel=1e-5)
 
 
+def test_compiled_packed_run_sees_one_batch_shape(config, model_dir, train_file, tmp_path, monkeypatch):
+    """compile + packing: the short last batch of an epoch is filled up with empty rows, so the compiled forward
+    sees one shape (no recompile). The compile is replaced by a forward that records the shapes it is given."""
+    from ftprog.core import DataConfig, DataLoader, load_datasets, load_tokenizer
+    from ftprog.transforms._runtime import Compiled
+
+    data, _ = load_datasets(DataConfig(path=str(train_file), format="instruct", seq_len=64),
+                            load_tokenizer(model_dir))
+    rows = DataLoader(data, 1, packing=True, seq_len=64).num_batches(0)
+    batch = next(b for b in (3, 4, 5, 6, 7) if rows % b)  # a short last batch: the case being tested
+    shapes = []
+
+    def recording_compile(model):
+        def forward(params, tokens, **kwargs):
+            shapes.append(tuple(tokens.shape))
+            return model.forward(params, tokens, **kwargs)
+
+        return model.replace(forward=Compiled(model.forward, forward))
+
+    monkeypatch.setattr(sft, "compile", recording_compile)
+    steps = -(-rows // batch)  # one epoch, the last batch included
+    run_sft(config, "compile=true", "packing=true", f"batch_size={batch}", f"max_steps={steps}", "log.plot=false")
+    assert len(shapes) == steps and set(shapes) == {(batch, 64)}
+
+
 # ------------------------------------------------------------------------------------------ 4. bad input
 
 
