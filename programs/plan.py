@@ -459,7 +459,7 @@ def estimate(
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
       of a functional update). ``state_dtype``: the optimizer moments' dtype.
     """
-    shape = model_config(config)
+    config = model_config(config)
     if setup is None:
         setup = Setup(**{k: (tuple(v) if k == "targets" else v) for k, v in setup_fields.items()})
     elif setup_fields:
@@ -467,7 +467,7 @@ def estimate(
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     if setup.device != kind:
         setup = attrs.evolve(setup, device=kind)
-    u, s = setup, shape
+    u, s = setup, config
     if nproc < 1:
         raise PlanError(f"nproc must be at least 1, got {nproc}")
     b = DTYPE_BYTES[u.dtype]
