@@ -101,7 +101,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     s["skip"] = sorted(skip)
 
     common = dict(shape=s["shape"], device=s["device"], batch=s["batch"], seq=s["seq"], rank=s["rank"],
-                  targets=s["targets"], warmup=s["warmup"], steps=s["steps"])
+                  targets=s["targets"], warmup=s["warmup"], steps=s["steps"], profile="profile" not in skip)
     systems = [x for x in ("ftprog", "hf") if x not in skip]
     # torchtune: a third system for the fixed-shape train cases (lora, full; stack - or checkpoint) and the sft
     # workload, run by the torchtune environment's interpreter; only when one is given (main drops these cases if
@@ -319,6 +319,7 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row["first_step_s"] = first["warmup_times"][0] if first.get("warmup_times") else None
             row["tokens_per_s"] = first["tokens_per_step"] / row["time"]["median_s"]
             row["losses"] = first["losses"]
+            row["time_breakdown"] = first.get("time_breakdown")
             row["params"], row["trainable_params"] = first.get("params"), first.get("trainable_params")
             if first.get("adapter_dtype"):  # torchtune: LoRA adapters in the model dtype
                 row["adapter_dtype"] = first["adapter_dtype"]
@@ -433,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="timed steps per run")
     ap.add_argument("--rounds", type=int, help="round-robin repetitions of every case")
     ap.add_argument("--skip", help="comma-separated: hf, ftprog, extras, compile, checkpoint, dora, qlora, sft, "
-                                   "generate, startup, peak, torchtune")
+                                   "generate, startup, peak, torchtune, profile (the profiled step after each "
+                                   "training case's timed steps)")
     ap.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
                     help="time the demo's first training step")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")

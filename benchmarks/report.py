@@ -48,6 +48,26 @@ def machine_lines(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def time_breakdown_lines(train: list[dict[str, Any]]) -> list[str]:
+    """The "where the step time goes" table of the train rows that carry a profiled step."""
+    profiled = [x for x in train if "error" not in x and x.get("time_breakdown")]
+    if not profiled:
+        return []
+    parts = list(profiled[0]["time_breakdown"]["parts"])
+    lines = ["## Where the step time goes", "",
+             f"One more step per case under `torch.profiler`, after the timed ones ({profiled[0]['time_breakdown']['basis']}"
+             "; share of the profiled total). Matmul: `mm`/`addmm`/`bmm`-like ops; attention: SDPA kernels; softmax: "
+             "the loss's vocabulary softmax; other: element-wise ops, norms, copies, embedding.", "",
+             "| system | method | stack | profiled step ms | " + " | ".join(parts) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in parts) + " |"]
+    for x in profiled:
+        c, b = x["case"], x["time_breakdown"]
+        total = b["total_s"] or 1.0
+        lines.append(f"| {c['system']} | {c['method']} | {'+'.join(c['stack']) or '-'} | {b['step_s'] * 1e3:,.0f} | "
+                     + " | ".join(_pct(b["parts"][k] / total) for k in parts) + " |")
+    return lines + [""]
+
+
 def markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
     rows = r["rows"]
@@ -111,6 +131,7 @@ def markdown(r: dict[str, Any]) -> str:
                   "(CPU: + runtime overhead). Matmul utilisation: analytic matmul FLOPs of the step (ft-prog: "
                   "output layer on target positions only; transformers, torchtune: every position) / median step "
                   "time / the torch.mm peak at the same dtype and threads.", ""]
+        lines += time_breakdown_lines(train)
 
     if r.get("speedups"):
         tt = any("torchtune" in sp for sp in r["speedups"])

@@ -281,6 +281,47 @@ def _timed(step, device: str, warmup: int, steps: int) -> tuple[list[float], lis
     return times, losses
 
 
+# Where a step's time goes: op names of each category (aten ops, by self time, so an op that dispatches to
+# another is not counted twice). Matmul names match exactly; the others by substring.
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_scaled_mm",
+              "aten::_int_mm", "aten::mkldnn_linear"}
+TIME_CATEGORIES = (("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
+                   ("optimizer", ("_fused_adam", "_foreach_", "_fused_sgd")),
+                   ("softmax", ("softmax",)))
+
+
+def profile_step(step, device: str) -> dict[str, Any]:
+    """One more step under ``torch.profiler``: ``{"basis", "step_s", "total_s", "parts": {category: s}}``.
+
+    CPU: the self CPU time of every aten op (one thread: about the step's wall time); CUDA: the GPU time of the
+    kernels each op launched (``step_s - total_s`` is then time the GPU sat idle). Categories: ``matmul`` (the
+    ops in :data:`MATMUL_OPS`), ``attention``, ``optimizer``, ``softmax`` (the loss's vocabulary softmax, and
+    any attention computed outside SDPA), ``other`` (element-wise ops, norms, copies, embedding, ...).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        step_s = time.perf_counter() - t0
+    parts = {"matmul": 0.0, **{name: 0.0 for name, _ in TIME_CATEGORIES}, "other": 0.0}
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        us = getattr(ev, "self_device_time_total", 0.0) if cuda else ev.self_cpu_time_total
+        if ev.key in MATMUL_OPS:
+            category = "matmul"
+        else:
+            category = next((name for name, pieces in TIME_CATEGORIES if any(x in ev.key for x in pieces)), "other")
+        parts[category] += us / 1e6
+    return {"basis": "GPU kernel time" if cuda else "self CPU time of aten ops", "step_s": step_s,
+            "total_s": sum(parts.values()), "parts": parts}
+
+
 def run_train(case: dict[str, Any]) -> dict[str, Any]:
     """Fixed-shape training steps: ``batch x seq`` random tokens, every position but the last a target."""
     import torch
@@ -350,6 +391,8 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     mem.start()
     times, losses = _timed(step, device, case["warmup"], case["steps"])
     out.update(mem.stop())
+    if case.get("profile"):  # after the timed steps and the memory reading: neither sees the profiler
+        out["time_breakdown"] = profile_step(step, device)
     if case["system"] == "ftprog":
         out["plan"] = plan_summary(case, cfg, batch=B, seq=S, mask=False, targets_fraction=n_targets / (B * S))
     out.update(step_times=times[case["warmup"]:], warmup_times=times[: case["warmup"]], losses=losses,

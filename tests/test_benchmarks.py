@@ -50,6 +50,10 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
         assert r["peak_memory"] > 0 and len(r["losses"]) == results["settings"]["warmup"] + results["settings"]["steps"]
         if r["case"]["system"] == "ftprog":
             assert r["plan"]["peak"] > 0 and "plan_error" in r
+        b = r["time_breakdown"]  # one profiled step: where its time went, by op category
+        assert set(b["parts"]) == {"matmul", "attention", "optimizer", "softmax", "other"}
+        assert b["parts"]["matmul"] > 0 and b["parts"]["attention"] > 0 and b["step_s"] > 0
+        assert b["total_s"] == pytest.approx(sum(b["parts"].values()))
 
     # The same weights and batch give the same step-0 loss in both systems.
     assert results["loss_checks"] and all(c["ok"] for c in results["loss_checks"]), results["loss_checks"]
@@ -69,7 +73,7 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
 
     md = (out / "results.md").read_text()
     for heading in ("## Machine", "## Training step", "## Same work?", "## Realistic SFT workload", "## Generation",
-                    "## Start-up", "## Baselines"):
+                    "## Start-up", "## Baselines", "## Where the step time goes"):
         assert heading in md, heading
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "results.md" in stdout
