@@ -39,6 +39,19 @@ TORCHTUNE_STACKS = ((), ("checkpoint",))
 # Baselines ft-prog is compared against, in table order.
 BASELINES = ("hf", "torchtune")
 
+# Settings torchtune publishes peak memory for, as ft-prog cases of the same setting (last in the gpu preset, so
+# the time budget drops them first). torchtune publishes nothing for the Llama 3.2 1B shape.
+PUBLISHED = [
+    {"method": "lora", "stack": ["checkpoint", "compile"], "dtype": "bf16",
+     "case": {"shape": "llama-3.2-3b", "batch": 2, "seq": 4096, "rank": 64,
+              "targets": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+     "reference": {"source": "torchtune 0.6.1 README, 'Optimization flags' table, LoRA row: Llama 3.2 3B, batch 2, "
+                             "seq 4096 packed, bf16, compile, chunked cross-entropy, activation checkpointing, LoRA "
+                             "r=64 on q, v, output and MLP (3B_lora_single_device), one A100",
+                   "peak_memory_gib": 8.5, "memory_kind": "peak active memory", "tokens_per_s": 8210,
+                   "hardware": "A100"}},
+]
+
 # Loss agreement between the systems at step 0 (same weights, same batch): relative tolerance by dtype.
 LOSS_TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 
@@ -81,7 +94,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  sft=dict(n=192, seed=0, seq_len=2048, median=300, sigma=0.7, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
                  generate=dict(prompt_len=64, new_tokens=128, repeats=2), peak_dtypes=["bf16"], help_repeats=3,
-                 demo=False)
+                 demo=False, published=PUBLISHED)
     else:
         raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu")
 
@@ -138,6 +151,11 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         for system in systems:
             cases.append({"kind": "generate", "system": system, "shape": s["shape"], "device": s["device"],
                           "dtype": dtype, "threads": threads, **s["generate"]})
+    if "published" not in skip and s["device"].startswith("cuda"):  # ft-prog alone, at a setting torchtune
+        # published a GPU figure for (its own shape, batch and length whatever --shape says); last
+        for p in s.get("published", ()):
+            cases.append(_train("ftprog", p["method"], p["stack"], **{**common, **p["case"]}, dtype=p["dtype"],
+                                threads=s["threads"][-1], tag="published", reference=p["reference"]))
     return s, cases
 
 
@@ -196,7 +214,8 @@ class Runner:
 def case_label(c: dict[str, Any]) -> str:
     if c["kind"] == "train":
         stack = "+".join(c["stack"]) or "base"
-        return f"train-{c['system']}-{c['method']}-{stack}-{c['dtype']}-t{c['threads'] or 'default'}"
+        tag = f"-{c['tag']}-{c['shape']}" if c.get("tag") else ""
+        return f"train-{c['system']}-{c['method']}-{stack}-{c['dtype']}-t{c['threads'] or 'default'}{tag}"
     if c["kind"] == "sft":
         return f"sft-{c['system']}-{c['setting']}-{c['dtype']}-t{c['threads'] or 'default'}"
     if c["kind"] == "generate":
@@ -361,7 +380,7 @@ def _key(row: dict, *fields: str) -> tuple:
 def loss_checks(rows: list[dict]) -> list[dict]:
     """Step-0 loss of ft-prog against each baseline (transformers, torchtune) on the same weights and batch."""
     out = []
-    fields = ("kind", "method", "stack", "dtype", "threads", "batch", "seq", "setting")
+    fields = ("kind", "shape", "method", "stack", "dtype", "threads", "batch", "seq", "setting", "tag")
     ours = {_key(r, *fields): r for r in rows if r["case"]["system"] == "ftprog" and "error" not in r}
     for r in rows:
         if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft"):
@@ -391,7 +410,7 @@ def speedups(rows: list[dict]) -> list[dict]:
     Transformers under ``hf``, ``speedup``, ``memory_ratio``; torchtune under ``torchtune``,
     ``speedup_torchtune``, ``memory_ratio_torchtune`` (absent where that baseline has no such case)."""
     out = []
-    fields = ("kind", "method", "stack", "dtype", "threads", "batch", "seq", "setting")
+    fields = ("kind", "shape", "method", "stack", "dtype", "threads", "batch", "seq", "setting", "tag")
     theirs = {b: {_key(r, *fields): r for r in rows if r["case"]["system"] == b and "error" not in r}
               for b in BASELINES}
     for r in rows:
@@ -435,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, help="round-robin repetitions of every case")
     ap.add_argument("--skip", help="comma-separated: hf, ftprog, extras, compile, checkpoint, dora, qlora, sft, "
                                    "generate, startup, peak, torchtune, profile (the profiled step after each "
-                                   "training case's timed steps)")
+                                   "training case's timed steps), published (the gpu preset's cases with a "
+                                   "published torchtune figure)")
     ap.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
                     help="time the demo's first training step")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")

@@ -68,6 +68,30 @@ def time_breakdown_lines(train: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def published_lines(train: list[dict[str, Any]]) -> list[str]:
+    """ft-prog against the figures torchtune publishes for the same setting (the cases with a ``reference``)."""
+    ref_rows = [x for x in train if x["case"].get("reference")]
+    if not ref_rows:
+        return []
+    lines = ["## Against published figures", "",
+             "| case | ft-prog peak memory GiB | published GiB | ratio | ft-prog tokens/s | published tokens/s | source |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for x in ref_rows:
+        ref = x["case"]["reference"]
+        if "error" in x:
+            lines.append(f"| {x['label']} | {x['error'][:80]} | {ref['peak_memory_gib']} | | | {ref['tokens_per_s']} | "
+                         f"{ref['source']} |")
+            continue
+        mem = x.get("peak_memory")
+        gib = mem / 2**30 if mem else None
+        ratio = f"{gib / ref['peak_memory_gib']:.2f}" if gib else "-"
+        lines.append(f"| {x['label']} | {_num(gib, '.2f')} | {ref['peak_memory_gib']} ({ref['memory_kind']}) | {ratio} | "
+                     f"{x['tokens_per_s']:,.0f} | {ref['tokens_per_s']:,} ({ref['hardware']}) | {ref['source']} |")
+    lines += ["", "Ratio: ft-prog's peak over the published one (below 1 = less memory). The published tokens/s "
+              "come from other hardware: context, not a comparison.", ""]
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
     rows = r["rows"]
@@ -132,6 +156,7 @@ def markdown(r: dict[str, Any]) -> str:
                   "output layer on target positions only; transformers, torchtune: every position) / median step "
                   "time / the torch.mm peak at the same dtype and threads.", ""]
         lines += time_breakdown_lines(train)
+        lines += published_lines(train)
 
     if r.get("speedups"):
         tt = any("torchtune" in sp for sp in r["speedups"])

@@ -193,3 +193,34 @@ def test_sft_comparisons_cover_torchtune():
     assert "| sft-ftprog-best-bf16-t1 | effective_tokens_per_s | 600.0 | 150.0 | 4.00x |" in md
     assert "| 300.0 | 2.00x | 0.25 |" in md  # the torchtune columns of the best row
     assert "ft-prog 4.00x transformers and 2.00x torchtune" in md
+
+
+def test_published_figure_case_and_its_report():
+    """The gpu preset ends with ft-prog at a setting torchtune publishes peak memory for (its own shape, batch and
+    length), compared with that figure and with no baseline of another shape."""
+    from benchmarks import harness, report
+
+    def cases(*argv):
+        args = harness.build_parser().parse_args(["--preset", "gpu", *argv])
+        return harness.preset_cases("gpu", args)[1]
+
+    tagged = [c for c in cases() if c.get("tag") == "published"]
+    assert [harness.case_label(c) for c in tagged] == [
+        "train-ftprog-lora-checkpoint+compile-bf16-tdefault-published-llama-3.2-3b"]
+    assert cases()[-1].get("tag") == "published"  # last: the time budget drops it first
+    (case,) = tagged
+    assert (case["shape"], case["batch"], case["seq"], case["rank"], len(case["targets"])) == (
+        "llama-3.2-3b", 2, 4096, 64, 6)
+    assert case["reference"]["peak_memory_gib"] == 8.5
+    assert not any(c.get("tag") for c in cases("--skip", "published"))
+    assert not any(c.get("tag") for c in cases("--device", "cpu"))  # GPU figures: CUDA runs only
+
+    mine = {"case": case, "label": harness.case_label(case), "tokens_per_s": 900.0, "losses": [5.0],
+            "peak_memory": 4.25 * 2**30}
+    plain = {**case, "shape": "llama-3.2-1b", "system": "hf"}  # the same but for the shape
+    other = {"case": plain, "label": harness.case_label(plain), "tokens_per_s": 100.0, "losses": [5.0],
+             "peak_memory": 2**30}
+    assert harness.speedups([mine, other]) == []  # another shape is not the same case
+    assert harness.speedups([mine, {**other, "case": {**plain, "shape": case["shape"]}}])[0]["speedup"] == 9
+    md = "\n".join(report.published_lines([mine, other]))
+    assert "## Against published figures" in md and "| 4.25 | 8.5 (peak active memory) | 0.50 | 900 |" in md
