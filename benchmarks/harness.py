@@ -89,8 +89,9 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     elif name == "gpu":
         s = dict(shape="llama-3.2-1b", device="cuda", dtypes=["bf16"], threads=[None], batch=4, seq=2048, rank=8,
                  targets=["q_proj", "v_proj"], warmup=3, steps=10, rounds=1, methods=["lora"],
-                 extras=[("ftprog", "lora", ("checkpoint",)), ("hf", "lora", ("checkpoint",)),
-                         ("ftprog", "full", ()), ("hf", "full", ()), ("ftprog", "qlora", ())],
+                 extras=[("ftprog", "lora", ("compile",)), ("ftprog", "lora", ("checkpoint",)),
+                         ("hf", "lora", ("checkpoint",)), ("ftprog", "full", ()), ("hf", "full", ()),
+                         ("ftprog", "qlora", ())],
                  sft=dict(n=192, seed=0, seq_len=2048, median=300, sigma=0.7, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
                  generate=dict(prompt_len=64, new_tokens=128, repeats=2), peak_dtypes=["bf16"], help_repeats=3,
