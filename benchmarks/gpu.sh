@@ -3,12 +3,25 @@
 # batch 4 x 2048 tokens (packed rows), plus full fine-tuning, checkpointing, QLoRA, the realistic SFT
 # workload (seq 2048, packing), generation, and (last) ft-prog at the Llama 3.2 3B LoRA setting whose peak memory
 # torchtune publishes (8.5 GiB). Finishes in under 10 minutes on an H100/H200-class GPU:
-# a 500 s budget skips (and reports) the cases that would end later. Results: benchmarks/results/gpu-<time>/.
+# a 480 s budget skips (and reports) the cases that would end later. Results: benchmarks/results/gpu-<time>/.
 #
 #   bash benchmarks/gpu.sh                 # extra options go to `python -m benchmarks`, e.g. --rounds 2
+#
+# On a machine without network (the project's lent GPU machine), wheels of the missing packages in .whl/
+# (benchmarks/README.md, "GPU machine") are installed to /tmp/site first, and ft-prog itself is installed
+# editable without fetching anything when it does not import yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PYTHON" -c "import ftprog.core" 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec timeout 595 "$PYTHON" -m benchmarks --preset gpu --name "gpu-$(date +%Y%m%d-%H%M%S)" --budget 500 \
+"$PYTHON" -c "import torch, transformers, peft, torchao; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__)"
+exec timeout 570 "$PYTHON" -m benchmarks --preset gpu --name "gpu-$(date +%Y%m%d-%H%M%S)" --budget 480 \
     --timeout 300 "$@"
