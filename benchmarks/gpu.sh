@@ -21,7 +21,14 @@ if ! "$PYTHON" -c "import ftprog.core" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PYTHON" -c "import torch, transformers, peft, torchao; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'peft', peft.__version__, 'torchao', torchao.__version__)"
+# versions, or why a package does not import (QLoRA then fails alone; the rest runs)
+"$PYTHON" - <<'PY' || true
+import importlib
+for name in ("torch", "transformers", "peft", "torchao", "orjson", "ftprog.core"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "ok"))
+    except Exception as e:
+        print(name, "does not import:", type(e).__name__, e)
+PY
 exec timeout 570 "$PYTHON" -m benchmarks --preset gpu --name "gpu-$(date +%Y%m%d-%H%M%S)" --budget 480 \
     --timeout 300 "$@"
