@@ -57,14 +57,16 @@ def time_breakdown_lines(train: list[dict[str, Any]]) -> list[str]:
     lines = ["## Where the step time goes", "",
              f"One more step per case under `torch.profiler`, after the timed ones ({profiled[0]['time_breakdown']['basis']}"
              "; share of the profiled total). Matmul: `mm`/`addmm`/`bmm`-like ops; attention: SDPA kernels; softmax: "
-             "the loss's vocabulary softmax; other: element-wise ops, norms, copies, embedding.", "",
-             "| system | method | stack | profiled step ms | " + " | ".join(parts) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in parts) + " |"]
+             "the loss's vocabulary softmax; other: element-wise ops, norms, copies, embedding. Busy: the profiled "
+             "total over the step's wall time (on a GPU, the share of the step with a kernel running).", "",
+             "| system | method | stack | profiled step ms | busy | " + " | ".join(parts) + " |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in parts) + " |"]
     for x in profiled:
         c, b = x["case"], x["time_breakdown"]
         total = b["total_s"] or 1.0
         lines.append(f"| {c['system']} | {c['method']} | {'+'.join(c['stack']) or '-'} | {b['step_s'] * 1e3:,.0f} | "
-                     + " | ".join(_pct(b["parts"][k] / total) for k in parts) + " |")
+                     f"{_pct(b['total_s'] / b['step_s'])} | " + " | ".join(_pct(b["parts"][k] / total) for k in parts)
+                     + " |")
     return lines + [""]
 
 
