@@ -128,25 +128,33 @@ def train_step(case: dict[str, Any], tokens):
     model, params, info = build_torchtune(case, tokens.shape[1])
     out = {"params": sum(p.numel() for p in model.parameters()), "trainable_params": sum(p.numel() for p in params),
            "torchtune_version": torchtune.__version__, **info}
-    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=NUM_OUTPUT_CHUNKS, ignore_index=IGNORE_INDEX)
-    try:
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(params, lr=1e-4)
+    recipe_step = _recipe_step(model, params, CEWithChunkedOutputLoss(num_output_chunks=NUM_OUTPUT_CHUNKS,
+                                                                      ignore_index=IGNORE_INDEX))
     ignore = torch.full((tokens.shape[0], 1), IGNORE_INDEX, device=tokens.device)
     labels = torch.hstack((tokens[..., 1:], ignore))  # the recipe's shift: position i predicts tokens[i + 1]
+    return lambda: recipe_step({"tokens": tokens}, labels), out
 
-    def step():
-        logits = model(tokens)
-        loss = loss_fn(logits, labels)
+
+def _recipe_step(model, params, loss_fn):
+    """``step(inputs, targets) -> detached loss``: the recipe's step for one batch (forward with ``inputs`` as
+    keywords, chunked loss, backward, ``clip_grad_norm_``, AdamW, ``zero_grad``)."""
+    import torch
+
+    from benchmarks.worker import MAX_GRAD_NORM, baseline_adamw
+
+    opt = baseline_adamw(params)
+
+    def step(inputs, targets):
+        logits = model(**inputs)
+        loss = loss_fn(logits, targets)
         del logits
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step, out
+    return step
 
 
 # ----------------------------------------------------------------------------------------- realistic SFT
@@ -212,7 +220,7 @@ def sft_step(case: dict[str, Any], data):
 
     import torchtune
     from benchmarks import workload
-    from benchmarks.worker import LR, MAX_GRAD_NORM, padded_batch
+    from benchmarks.worker import padded_batch
 
     device, spec, B, setting = case["device"], case["workload"], case["batch"], case["setting"]
     if setting not in ("default", "best"):
@@ -268,22 +276,13 @@ def sft_step(case: dict[str, Any], data):
         def batch(i: int):
             return padded_collate_packed(groups[i])
 
-    try:
-        opt = torch.optim.AdamW(params, lr=LR, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(params, lr=LR)
+    recipe_step = _recipe_step(model, params, loss_fn)
 
     def step(i: int):
         inputs = {k: v.to(device) for k, v in batch(i).items()}
         targets = shifted(inputs.pop("labels"))
-        logits = model(**inputs)  # tokens (+ mask, input_pos when packed), as the recipe calls it
-        loss = loss_fn(logits, targets)
-        del logits
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = recipe_step(inputs, targets)  # tokens (+ mask, input_pos when packed), as the recipe calls it
         tokens = inputs["tokens"]
-        return loss.detach(), int((targets != IGNORE_INDEX).sum()), int((tokens != PAD_ID).sum()), tokens.numel()
+        return loss, int((targets != IGNORE_INDEX).sum()), int((tokens != PAD_ID).sum()), tokens.numel()
 
     return step, len(groups), out

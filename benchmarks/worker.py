@@ -207,6 +207,17 @@ def build_hf(case: dict[str, Any]):
     return model, forward
 
 
+def baseline_adamw(params):
+    """The baselines' optimizer: ``torch.optim.AdamW`` at ``LR``, fused where the device has the kernel (as the
+    Trainer and torchtune's recipes configure it)."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=LR, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=LR)
+
+
 def optimizer_state_dtype(case: dict[str, Any]):
     """ft-prog's AdamW moments: for full fine-tuning in the params' dtype, as ``torch.optim.AdamW`` keeps them
     for the baseline's bf16 params (identical work; stack ``fp32-state`` keeps fp32 moments instead); LoRA
@@ -374,10 +385,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
         out["params"] = sum(p.numel() for p in model.parameters())
         params = [p for p in model.parameters() if p.requires_grad]
         out["trainable_params"] = sum(p.numel() for p in params)
-        try:
-            opt = torch.optim.AdamW(params, lr=LR, fused=True)
-        except (RuntimeError, TypeError):
-            opt = torch.optim.AdamW(params, lr=LR)
+        opt = baseline_adamw(params)
         labels = tokens  # transformers shifts the labels itself: position i predicts tokens[i + 1]
 
         def step():
@@ -514,10 +522,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         n_batches = len(groups)
         model, forward = build_hf(case)
         params = [p for p in model.parameters() if p.requires_grad]
-        try:
-            opt = torch.optim.AdamW(params, lr=LR, fused=True)
-        except (RuntimeError, TypeError):
-            opt = torch.optim.AdamW(params, lr=LR)
+        opt = baseline_adamw(params)
 
         def collate(idx: list[int]):
             if flat:

@@ -252,6 +252,7 @@ def activation_bytes(config: ModelConfig, setup: Setup) -> dict[str, int]:
     full = u.method == "full"
     adapted, head_adapted = (set(), False) if full else resolve_targets(s, u.targets)
     dora = u.method == "dora"
+    shapes = projections(s)
     saved = _Saved()
 
     def norm(pre: str, x: str, x_rg: bool, w_rg: bool, rows: int, width: int) -> bool:
@@ -263,7 +264,7 @@ def activation_bytes(config: ModelConfig, setup: Setup) -> dict[str, int]:
         return x_rg or w_rg
 
     def linear(pre: str, name: str, x: str, x_rg: bool) -> bool:
-        fan_in, fan_out = projections(s)[name]
+        fan_in, fan_out = shapes[name]
         if full:
             saved.add(pre + x, T * fan_in * b)
             return True
@@ -476,6 +477,7 @@ def estimate(
     T = u.batch_size * u.seq_len
     lin, other = layer_params(s)
     total_params = num_params(s)
+    shapes = projections(s)
     linear_params = s.num_layers * lin
     notes = []
 
@@ -488,7 +490,7 @@ def estimate(
     if u.method != "full":
         names, head = resolve_targets(s, u.targets)
         for name in names:
-            fan_in, fan_out = projections(s)[name]
+            fan_in, fan_out = shapes[name]
             adapter_params += s.num_layers * (u.rank * (fan_in + fan_out) + (fan_out if u.method == "dora" else 0))
         if head:
             adapter_params += u.rank * (H + V) + (V if u.method == "dora" else 0)
@@ -528,7 +530,7 @@ def estimate(
     upcast = min(trainable, _UPCAST_NUMEL) * state_bytes * 2 if u.method == "full" and b < state_bytes else 0
     norm_pieces = min(trainable, _UPCAST_NUMEL) * 4 if u.method == "full" and b < 4 else 0
     if u.method == "qlora":  # an NF4 linear is dequantized whole for its matmul (forward and backward)
-        workspace += max(a * c for a, c in projections(s).values()) * b
+        workspace += max(a * c for a, c in shapes.values()) * b
     phases = {
         "forward": static + acts["total"] + loss_chunk + accum,
         "backward start": static + acts["total"] + head_cast + workspace + acts["recompute"] + accum,
