@@ -14,6 +14,7 @@ from ._decoder import Decoder, KVCache, lm_head
 from ._grad import value_and_grad
 from ._linear import LoraSpec, dense_weight, linear
 from ._loss import token_loss_sum
+from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._presets import PRESETS, preset
 from ._tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
@@ -24,6 +25,6 @@ __all__ = [
     "Decoder", "KVCache", "LoraSpec", "Model", "ModelConfig", "PRESETS", "TokenizedDataset", "Tokenizer",
     "as_dtype", "dense_weight", "flatten", "from_config", "linear", "linear_paths", "lm_head", "load_datasets",
     "load_pretrained", "load_tokenizer", "make_model", "matches", "merge", "optim", "param_shapes", "partition",
-    "preset", "read_config", "read_rows", "save_pretrained", "select", "split_validation", "token_loss_sum",
-    "tokenize_dataset", "tree_map", "unflatten", "value_and_grad",
+    "preset", "read_config", "read_rows", "reuse_freed_memory", "save_pretrained", "select", "split_validation",
+    "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten", "value_and_grad",
 ]

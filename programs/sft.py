@@ -29,7 +29,9 @@ from typing import Any
 import attrs
 import torch
 
-from ftprog.core import Model, as_dtype, load_pretrained, load_tokenizer, optim, token_loss_sum, value_and_grad
+from ftprog.core import (
+    Model, as_dtype, load_pretrained, load_tokenizer, optim, reuse_freed_memory, token_loss_sum, value_and_grad,
+)
 from ftprog.core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
 from ftprog.programs import distributed, run_state
 from ftprog.programs.config import to_toml
@@ -121,6 +123,8 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     torch.manual_seed(cfg.seed + dist.rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":  # the next step reuses what this one frees, as CUDA's caching allocator does
+        reuse_freed_memory()
     say = print if dist.is_main else (lambda *args, **kwargs: None)
 
     # 1. Data first: a bad file fails before any weights load.

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftprog.core import from_config, preset, token_loss_sum, value_and_grad
+from ftprog.core import _loss, from_config, preset, token_loss_sum, value_and_grad
 from ftprog.transforms import cast, lora
 
 
@@ -43,6 +43,28 @@ def test_matches_full_logits_loss_and_grads(tied, method, chunk_size):
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     for path, g in grads.items():
         assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_softmax_in_row_blocks_matches_one_pass(monkeypatch, rows):
+    """The softmax runs ``rows`` logits rows at a time (a cache-sized block on CPU): same loss and grads."""
+    model = from_config("tiny", seed=7)
+    vocab = model.config.vocab_size
+    tokens, targets = batch(vocab)
+    ref_loss, ref_grads = value_and_grad(reference_sum)(model, tokens, targets)
+    monkeypatch.setattr(_loss, "_SOFTMAX_BLOCK_CPU", rows * vocab + vocab // 2)
+    assert _loss._softmax_rows(vocab, torch.device("cpu")) == rows
+    loss, grads = value_and_grad(lambda m, a, b: token_loss_sum(m, a, b, chunk_size=7))(model, tokens, targets)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    for path, g in grads.items():
+        assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
+
+
+def test_softmax_block_sizes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _loss._softmax_rows(32000, cpu) == 16 and _loss._softmax_rows(128256, cpu) == 4
+    assert _loss._softmax_rows(10**7, cpu) == 1  # a vocabulary wider than the block: one row at a time
+    assert _loss._softmax_rows(128256, cuda) == 130
 
 
 def test_bf16_close_to_fp32_and_no_grad_path():

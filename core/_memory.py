@@ -1,0 +1,53 @@
+"""Host-memory reuse for CPU training.
+
+CUDA's caching allocator keeps the memory a step frees for the next step. On the
+CPU, tensors come from the C library's ``malloc``, and glibc hands large freed
+blocks back to the operating system (``munmap`` above its mmap threshold, heap
+trimming below it), so every step page-faults its activations, logits and
+gradients in again: on the cpu-default shape that is ~35,000 minor faults and
+~5% of a bf16 training step spent in the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+# mallopt parameter numbers from glibc's <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+# Blocks above this still get their own mapping and go back to the system when freed
+# (a whole-checkpoint buffer is a one-off); a step's tensors sit far below it.
+MMAP_THRESHOLD_BYTES = 1 << 30
+# glibc's mallopt takes an int: the largest trim threshold, i.e. never trim the heap top.
+_NEVER_TRIM = (1 << 31) - 1
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it (musl, macOS and Windows libcs do not)
+        libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed host memory for reuse instead of returning it to the system.
+
+    Process-wide and permanent: blocks up to :data:`MMAP_THRESHOLD_BYTES` come from the heap, and the
+    heap never shrinks, so the process holds its high-water mark (as CUDA's caching allocator does)
+    and a training step no longer page-faults its tensors back in. Costs a few percent of peak RSS
+    (fragmentation). ``ft-prog run sft`` calls it when it trains on the CPU.
+
+    Returns True when applied, False where the C library is not glibc (nothing changes there).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
