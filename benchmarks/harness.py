@@ -332,6 +332,8 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
         row["peak_memory"] = max(mems) if mems else None
         row["peak_memory_kind"] = "max_memory_allocated" if mem_key.startswith("cuda") else "peak RSS (VmHWM)"
         row["rss_baseline"] = first.get("rss_baseline")
+        if first.get("reuse_freed_memory") is not None:
+            row["reuse_freed_memory"] = first["reuse_freed_memory"]
         if case["kind"] == "train":
             times = [t for r in ok for t in r["step_times"]]
             row["time"] = summarize_times(times)

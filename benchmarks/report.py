@@ -157,6 +157,11 @@ def markdown(r: dict[str, Any]) -> str:
                   "(CPU: + runtime overhead). Matmul utilisation: analytic matmul FLOPs of the step (ft-prog: "
                   "output layer on target positions only; transformers, torchtune: every position) / median step "
                   "time / the torch.mm peak at the same dtype and threads.", ""]
+        if any(x.get("reuse_freed_memory") for x in r["rows"]):
+            lines[-1:-1] = ["", "Host memory: ft-prog's CPU cases keep freed memory for the next step, as `ft-prog "
+                            "run sft` does on the CPU (`ftprog.core.reuse_freed_memory`: glibc's mmap and trim "
+                            "thresholds raised, so a step no longer page-faults its tensors back in); the baselines "
+                            "run with glibc's defaults."]
         lines += time_breakdown_lines(train)
         lines += published_lines(train)
 

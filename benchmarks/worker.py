@@ -355,7 +355,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
         from ftprog.core import optim, reuse_freed_memory, token_loss_sum, value_and_grad
 
         if device == "cpu":  # as `ft-prog run sft` does on the CPU
-            reuse_freed_memory()
+            out["reuse_freed_memory"] = reuse_freed_memory()
         state = {"model": build_ftprog(case)}
         model = state["model"]
         out["params"] = model.num_params()
@@ -463,7 +463,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         from ftprog.core import DataLoader, TokenizedDataset, optim, reuse_freed_memory, token_loss_sum, value_and_grad
 
         if device == "cpu":  # as `ft-prog run sft` does on the CPU
-            reuse_freed_memory()
+            out["reuse_freed_memory"] = reuse_freed_memory()
         dataset = TokenizedDataset.from_samples(data, spec["seq_len"], pad_id=0)
         # sft's defaults: packed rows (best-fit), document masks, target-only chunked loss; best: + compile, and
         # then (as sft does) one batch shape: a short last batch filled up with empty rows, so no recompile

@@ -18,7 +18,7 @@ sft config. It adds up, per rank:
 - **loss**: :func:`ftprog.core.token_loss_sum` keeps the gradient of the hidden
   states of the target positions (and for a trainable output layer its weight
   gradient) from the forward, plus the logits of one chunk and the fp32
-  softmax of 32 of its rows;
+  softmax of a block of its rows (2 MiB on CPU, 64 MiB on CUDA);
 - a fixed **runtime overhead** (the process / CUDA context), measured once.
 
 Sharding over ``nproc`` ranks divides weights, gradients and optimizer state.
@@ -82,6 +82,8 @@ QUANTIZE_IMPORT_OVERHEAD = 80 * 2**20
 """Host memory importing torchao adds on CPU (QLoRA): +81 MiB of resident set measured (torchao 0.18)."""
 
 _UPCAST_NUMEL = 1 << 20  # ftprog.core._optim upcasts low-precision params in pieces of at most this many elements
+# ftprog.core._loss takes the fp32 softmax of this many logits at a time (at least one row), by device
+_SOFTMAX_BLOCK = {"cpu": 1 << 19, "cuda": 1 << 24}
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -388,6 +390,7 @@ class Plan:
     memory: int | None = None
     notes: tuple[str, ...] = ()
     state_dtype: str = "fp32"
+    softmax_rows: int = 1
 
     @property
     def peak(self) -> int:
@@ -414,7 +417,7 @@ class Plan:
             ("optimizer", self.optimizer, f"{self.optimizer_name}, {self.state_dtype} state" + shard),
             ("activations", self.activations, act_note),
             ("loss chunk", self.loss_chunk, f"{u.dtype} logits of {min(u.chunk_size, u.batch_size * u.seq_len)} "
-             "target positions (+ fp32 softmax of 32 rows at a time)"),
+             f"target positions (+ fp32 softmax of {self.softmax_rows} rows at a time)"),
             ("runtime", self.overhead, f"{self.device} process / context (fixed)"),
         ]
 
@@ -515,10 +518,11 @@ def estimate(
     chunk = min(u.chunk_size, max(1, int(round(T * u.targets_fraction))))
     head_trained = u.method == "full"
     # A chunk's [chunk, vocab] logits in the weight dtype (overwritten by their gradient), the fp32 copy and
-    # log-softmax of 32 of its rows at a time, and for a trained output weight the chunk's [vocab, hidden]
+    # softmax of a block of its rows at a time, and for a trained output weight the chunk's [vocab, hidden]
     # weight-gradient product (plus the fp32 running sum when the targets span several chunks).
     targets_n = max(1, int(round(T * u.targets_fraction)))
-    loss_chunk = chunk * V * b + min(chunk, 32) * V * 8
+    softmax_rows = min(chunk, max(1, _SOFTMAX_BLOCK[u.device] // V))
+    loss_chunk = chunk * V * b + softmax_rows * V * 8
     if head_trained and targets_n > u.chunk_size:
         loss_chunk += V * H * (b + 4)
     # Backward workspace of one layer: the residual-stream gradient (twice, in flight), the MLP's
@@ -553,6 +557,7 @@ def estimate(
         activations=acts["total"], activations_checkpointed=acts_ck["total"], activations_full=acts_full["total"],
         loss_chunk=int(loss_chunk), phases=phases, peak_phase=peak_phase, tensor_peak=phases[peak_phase],
         overhead=int(overhead), memory=parse_memory(memory), notes=tuple(notes), state_dtype=state_dtype,
+        softmax_rows=softmax_rows,
     )
 
 

@@ -50,6 +50,9 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
         assert r["peak_memory"] > 0 and len(r["losses"]) == results["settings"]["warmup"] + results["settings"]["steps"]
         if r["case"]["system"] == "ftprog":
             assert r["plan"]["peak"] > 0 and "plan_error" in r
+            assert r["reuse_freed_memory"] is True  # as sft does on the CPU (this machine's libc is glibc)
+        else:
+            assert "reuse_freed_memory" not in r
         b = r["time_breakdown"]  # one profiled step: where its time went, by op category
         assert set(b["parts"]) == {"matmul", "attention", "optimizer", "softmax", "other"}
         assert b["parts"]["matmul"] > 0 and b["parts"]["attention"] > 0 and b["step_s"] > 0
@@ -75,6 +78,7 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
     for heading in ("## Machine", "## Training step", "## Same work?", "## Realistic SFT workload", "## Generation",
                     "## Start-up", "## Baselines", "## Where the step time goes"):
         assert heading in md, heading
+    assert "Host memory: ft-prog's CPU cases keep freed memory" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "results.md" in stdout
 
