@@ -5,7 +5,7 @@ CPU, tensors come from the C library's ``malloc``, and glibc hands large freed
 blocks back to the operating system (``munmap`` above its mmap threshold, heap
 trimming below it), so every step page-faults its activations, logits and
 gradients in again: on the cpu-default shape that is ~35,000 minor faults and
-~5% of a bf16 training step spent in the kernel.
+~60 ms of system time in a 1.7 s bf16 training step.
 """
 
 from __future__ import annotations
