@@ -11,7 +11,6 @@ gradients in again: on the cpu-default shape that is ~35,000 minor faults and
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 # mallopt parameter numbers from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -26,10 +25,10 @@ _NEVER_TRIM = (1 << 31) - 1
 
 def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols the process already has loaded, the C library's among them
         libc.gnu_get_libc_version  # only glibc has it (musl, macOS and Windows libcs do not)
         libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
