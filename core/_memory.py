@@ -17,7 +17,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 # Blocks above this still get their own mapping and go back to the system when freed
-# (a whole-checkpoint buffer is a one-off); a step's tensors sit far below it.
+# (a whole-checkpoint buffer is a one-off); most of a step's tensors sit far below it.
 MMAP_THRESHOLD_BYTES = 1 << 30
 # glibc's mallopt takes an int: the largest trim threshold, i.e. never trim the heap top.
 _NEVER_TRIM = (1 << 31) - 1
