@@ -81,9 +81,6 @@ CHECKPOINT_IMPORT_OVERHEAD = 75 * 2**20
 QUANTIZE_IMPORT_OVERHEAD = 80 * 2**20
 """Host memory importing torchao adds on CPU (QLoRA): +81 MiB of resident set measured (torchao 0.18)."""
 
-_UPCAST_NUMEL = 1 << 20  # ftprog.core._optim upcasts low-precision params in pieces of at most this many elements
-# ftprog.core._loss takes the fp32 softmax of this many logits at a time (at least one row), by device
-_SOFTMAX_BLOCK = {"cpu": 1 << 19, "cuda": 1 << 24}
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -463,6 +460,11 @@ def estimate(
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
       of a functional update). ``state_dtype``: the optimizer moments' dtype.
     """
+    import torch
+
+    from ftprog.core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
+    from ftprog.core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
+
     config = model_config(config)
     if setup is None:
         setup = Setup(**{k: (tuple(v) if k == "targets" else v) for k, v in setup_fields.items()})
@@ -521,7 +523,7 @@ def estimate(
     # softmax of a block of its rows at a time, and for a trained output weight the chunk's [vocab, hidden]
     # weight-gradient product (plus the fp32 running sum when the targets span several chunks).
     targets_n = max(1, int(round(T * u.targets_fraction)))
-    softmax_rows = min(chunk, max(1, _SOFTMAX_BLOCK[u.device] // V))
+    softmax_rows = min(chunk, _softmax_rows(V, torch.device(u.device)))
     loss_chunk = chunk * V * b + softmax_rows * V * 8
     if head_trained and targets_n > u.chunk_size:
         loss_chunk += V * H * (b + 4)
