@@ -10,21 +10,25 @@ from ._data import (
     Batch, DataConfig, DataError, DataLoader, TokenizedDataset, load_datasets, read_rows, split_validation,
     tokenize_dataset,
 )
-from ._decoder import Decoder, KVCache, lm_head
+from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare
 from ._grad import value_and_grad
-from ._linear import LoraSpec, dense_weight, linear
+from ._linear import dense_weight, is_training, linear, linear_kind, register_linear, set_training
 from ._loss import token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._presets import PRESETS, preset
 from ._tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
-from ._tree import flatten, matches, merge, partition, select, tree_map, unflatten
+from ._tree import (
+    flatten, is_dtensor, is_plain, is_quantized, is_static, matches, merge, partition, select, tree_map, unflatten,
+)
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
-    "Decoder", "KVCache", "LoraSpec", "Model", "ModelConfig", "PRESETS", "TokenizedDataset", "Tokenizer",
-    "as_dtype", "dense_weight", "flatten", "from_config", "linear", "linear_paths", "lm_head", "load_datasets",
+    "Decoder", "KVCache", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS", "Prepare",
+    "TokenizedDataset", "Tokenizer", "as_dtype", "dense_weight", "flatten", "from_config", "is_dtensor", "is_plain",
+    "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths", "load_datasets",
     "load_pretrained", "load_tokenizer", "make_model", "matches", "merge", "optim", "param_shapes", "partition",
-    "preset", "read_config", "read_rows", "reuse_freed_memory", "save_pretrained", "select", "split_validation",
-    "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten", "value_and_grad",
+    "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory", "save_pretrained", "select",
+    "set_training", "split_validation", "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten",
+    "value_and_grad",
 ]

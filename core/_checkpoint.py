@@ -179,7 +179,7 @@ def checkpoint_tensors(model: Model) -> dict[str, torch.Tensor]:
         )
     out = {}
     for path, tensor in flat.items():
-        if type(tensor) is not torch.Tensor:
+        if _tree.is_quantized(tensor):
             tensor = dense_weight({"weight": tensor}, model.dtype)
         out[path] = tensor.detach().contiguous()
     return out

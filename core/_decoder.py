@@ -6,11 +6,17 @@ linear, llama3), grouped-query attention through
 ``F.scaled_dot_product_attention`` with causal, padding, sliding-window and
 document (packed) masks, SwiGLU. Every projection goes through
 :func:`ftprog.core._linear.linear`.
+
+A layer is ``layer(params, x, ctx) -> x``: its own parameter sub-tree, the
+hidden states and one :class:`LayerContext`. Transforms change how layers run
+only by wrapping that function (:attr:`Decoder.layer_wraps`) and by mapping
+each parameter sub-tree before use (:attr:`Decoder.prepares`).
 """
 
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._config import ModelConfig
-from ._linear import LoraSpec, linear
+from ._linear import linear, set_training
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,19 +123,63 @@ def attention_mask_4d(
     return allowed[:, None]
 
 
+# A frozen dataclass, not attrs: torch.compile traces a dataclass's construction, not attrs' frozen __init__.
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerContext:
+    """Everything a decoder layer reads besides its parameters and input, as one record.
+
+    Wrappers (checkpointing, sharding) pass it through whole, so adding a field
+    changes no wrapper.
+
+    Attributes:
+        config: the architecture.
+        index: the layer's position in the stack (0-based).
+        cos, sin: RoPE tables ``[batch, seq, head_dim]`` for this layer.
+        mask: boolean attention mask ``[batch or 1, 1, seq, kv_len]`` (True: may
+            attend), or None for plain causal attention.
+        cache: the :class:`KVCache` being read and extended, or None.
+        training: training mode (dropout on).
+    """
+
+    config: ModelConfig
+    index: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    cache: KVCache | None
+    training: bool
+
+
+LayerFn = Callable[[Mapping, torch.Tensor, LayerContext], torch.Tensor]
+"""``layer(params, x [batch, seq, hidden], ctx) -> [batch, seq, hidden]``."""
+LayerWrap = Callable[[LayerFn, int], LayerFn]
+"""``wrap(layer_fn, index) -> layer_fn``: a transform's change to how layer ``index`` runs."""
+Prepare = Callable[[Mapping], Mapping]
+"""``prepare(node) -> node``: a transform's change to a parameter sub-tree right before it is used."""
+
+
 @attrs.frozen(eq=False)
 class Decoder:
     """The forward function of a model: ``decoder(params, tokens, ...) -> logits``.
 
-    Transforms change it only through these fields: ``adapter`` (the
-    :class:`LoraSpec` the linear primitive needs for adapted linears) and ``wrap_layer`` (a function
-    ``layer_fn -> layer_fn`` applied to every decoder layer, e.g. activation
-    checkpointing).
+    Transforms change it only through two fields, each a tuple of ``(transform name, function)``
+    pairs (the name lets a transform's own entries be removed again):
+
+    - ``layer_wraps``: :data:`LayerWrap` functions applied to every layer in order (the
+      first innermost), e.g. activation checkpointing;
+    - ``prepares``: :data:`Prepare` functions applied in order to each parameter sub-tree
+      (a layer's, the embeddings', the final norm's, the output layer's) right before
+      use and inside any recomputation, e.g. sharding's all-gather.
     """
 
     config: ModelConfig
-    adapter: LoraSpec | None = None
-    wrap_layer: Callable | None = None
+    layer_wraps: tuple[tuple[str, LayerWrap], ...] = ()
+    prepares: tuple[tuple[str, Prepare], ...] = ()
+
+    def without(self, transform: str) -> Decoder:
+        """This decoder without the layer wraps and prepares that ``transform`` added."""
+        return attrs.evolve(self, layer_wraps=tuple(w for w in self.layer_wraps if w[0] != transform),
+                            prepares=tuple(p for p in self.prepares if p[0] != transform))
 
     def __call__(
         self,
@@ -152,9 +202,9 @@ class Decoder:
                 document-causal masking. By default positions count real tokens
                 (so left padding does not shift them).
             cache: a :class:`KVCache` to read past keys/values from and extend.
-            training: enables adapter dropout.
+            training: training mode (dropout in the layers that have it).
             return_hidden: return the final normed hidden states ``[batch, seq,
-                hidden]`` instead of logits (see :func:`lm_head`).
+                hidden]`` instead of logits (see :meth:`logits`).
         """
         cfg = self.config
         batch, seq = tokens.shape
@@ -169,7 +219,7 @@ class Decoder:
             documents = (position_ids == 0).long().cumsum(-1)
 
         inner = params["model"]
-        x = F.embedding(tokens, inner["embed_tokens"]["weight"])
+        x = F.embedding(tokens, self._prepared(inner["embed_tokens"])["weight"])
         cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
         kv_len = offset + seq
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -181,84 +231,87 @@ class Decoder:
                 seq, kv_len, key_padding=attention_mask, documents=documents, window=window, device=tokens.device
             ) if needs_mask else None
 
-        layer_fn = layer if self.wrap_layer is None else self.wrap_layer(layer)
         for i in range(cfg.num_layers):
-            x = layer_fn(
-                inner["layers"][str(i)], x, cos, sin, masks[cfg.layer_windows[i]],
-                cfg, self.adapter, training, cache, i,
-            )
-        x = rms_norm(x, inner["norm"]["weight"], cfg.rms_norm_eps)
+            ctx = LayerContext(cfg, i, cos, sin, masks[cfg.layer_windows[i]], cache, training)
+            x = self.layer_fn(i)(inner["layers"][str(i)], x, ctx)
+        x = rms_norm(x, self._prepared(inner["norm"])["weight"], cfg.rms_norm_eps)
         if cache is not None:
             cache.length = kv_len
-        return x if return_hidden else lm_head(params, x, self.adapter, training)
+        return x if return_hidden else self.logits(params, x, training=training)
 
+    def layer_fn(self, index: int) -> LayerFn:
+        """Layer ``index`` as it runs: parameters prepared, training mode set, then every wrap applied."""
+        prepared = self._prepared
+
+        def run(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+            # inside the wraps, so a recomputed layer prepares its parameters and sets the mode again
+            previous = set_training(ctx.training)
+            try:
+                return layer(prepared(p), x, ctx)
+            finally:
+                set_training(previous)
+
+        fn: LayerFn = run
+        for _, wrap in self.layer_wraps:
+            fn = wrap(fn, index)
+        return fn
+
+    def _prepared(self, node: Mapping) -> Mapping:
+        for _, prepare in self.prepares:
+            node = prepare(node)
+        return node
 
     def output_layer(self, params: Mapping) -> Mapping:
-        """The linear node that maps hidden states to logits (the embeddings when tied)."""
-        return params["lm_head"] if "lm_head" in params else params["model"]["embed_tokens"]
+        """The linear node mapping hidden states to logits (the embeddings when tied), prepared for use."""
+        return self._prepared(params["lm_head"] if "lm_head" in params else params["model"]["embed_tokens"])
+
+    def logits(self, params: Mapping, hidden: torch.Tensor, *, training: bool = False,
+               output_layer: Mapping | None = None) -> torch.Tensor:
+        """Logits ``[..., vocab]`` from final hidden states ``[..., hidden]``: the one output-layer computation.
+
+        ``output_layer``: the node :meth:`output_layer` returned, when the caller already holds it.
+        """
+        node = self.output_layer(params) if output_layer is None else output_layer
+        previous = set_training(training)
+        try:
+            return linear(hidden, node)
+        finally:
+            set_training(previous)
 
 
-def lm_head(params: Mapping, hidden: torch.Tensor, adapter: LoraSpec | None = None, training: bool = False) -> torch.Tensor:
-    """Logits ``[..., vocab]`` from final hidden states ``[..., hidden]`` (tied or not)."""
-    if "lm_head" in params:
-        return linear(hidden, params["lm_head"], adapter, training)
-    return F.linear(hidden, params["model"]["embed_tokens"]["weight"])
-
-
-def layer(
-    p: Mapping,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    cfg: ModelConfig,
-    adapter: LoraSpec | None,
-    training: bool,
-    cache: KVCache | None,
-    index: int,
-) -> torch.Tensor:
+def layer(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """One pre-norm decoder layer: ``x [batch, seq, hidden] -> same``."""
+    cfg = ctx.config
     h = rms_norm(x, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
-    x = x + attention(p["self_attn"], h, cos, sin, mask, cfg, adapter, training, cache, index)
+    x = x + attention(p["self_attn"], h, ctx)
     h = rms_norm(x, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     mlp = p["mlp"]
-    gate = linear(h, mlp["gate_proj"], adapter, training)
-    up = linear(h, mlp["up_proj"], adapter, training)
-    return x + linear(F.silu(gate) * up, mlp["down_proj"], adapter, training)
+    return x + linear(F.silu(linear(h, mlp["gate_proj"])) * linear(h, mlp["up_proj"]), mlp["down_proj"])
 
 
-def attention(
-    p: Mapping,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    cfg: ModelConfig,
-    adapter: LoraSpec | None,
-    training: bool,
-    cache: KVCache | None,
-    index: int,
-) -> torch.Tensor:
+def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """Grouped-query self-attention with RoPE: ``[batch, seq, hidden] -> same``."""
+    cfg, cache = ctx.config, ctx.cache
     batch, seq, _ = x.shape
-    q = linear(x, p["q_proj"], adapter, training).view(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = linear(x, p["k_proj"], adapter, training).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, p["v_proj"], adapter, training).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(x, p["q_proj"]).view(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = linear(x, p["k_proj"]).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, p["v_proj"]).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     if cache is not None:
         start = cache.length
         if start + seq > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + seq} needed")
-        cache.keys[index][:, :, start : start + seq] = k
-        cache.values[index][:, :, start : start + seq] = v
-        k, v = cache.keys[index][:, :, : start + seq], cache.values[index][:, :, : start + seq]
+        cache.keys[ctx.index][:, :, start : start + seq] = k
+        cache.values[ctx.index][:, :, start : start + seq] = v
+        k, v = cache.keys[ctx.index][:, :, : start + seq], cache.values[ctx.index][:, :, : start + seq]
+    mask = ctx.mask
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=bool(mask is None and seq > 1),
         enable_gqa=cfg.num_kv_heads != cfg.num_heads,
     )
     out = out.transpose(1, 2).reshape(batch, seq, cfg.q_dim)
-    return linear(out, p["o_proj"], adapter, training)
+    return linear(out, p["o_proj"])

@@ -1,11 +1,12 @@
 """Next-token cross-entropy that never materialises full-vocabulary fp32 logits.
 
 Only positions with a target (prompt and padding are ``-100``) go through the
-output projection, ``chunk_size`` positions at a time. For a plain output
-weight the gradient is computed in the same pass (the logits of a chunk are
-freed as soon as its gradient is taken), so the backward costs no second
-vocabulary matmul; an adapted or quantized output layer falls back to
-recomputing each chunk in the backward.
+output projection, ``chunk_size`` positions at a time. For a plain (or
+quantized, used dequantized) output weight the gradient is computed in the
+same pass (the logits of a chunk are freed as soon as its gradient is taken),
+so the backward costs no second vocabulary matmul; any other output layer (an
+adapted one) goes through :meth:`Model.logits` chunk by chunk, each chunk
+recomputed in the backward.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._linear import dense_weight, linear
+from ._linear import dense_weight, linear_kind
 from ._model import Model
+from ._tree import is_plain
 
 IGNORE = -100
 
@@ -104,8 +106,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
-def _head_loss_chunk(head: Any, hidden: torch.Tensor, targets: torch.Tensor, adapter, training: bool) -> torch.Tensor:
-    logits = linear(hidden, head, adapter, training).float()
+def _chunk_loss(model: Model, head: Any, hidden: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
+    logits = model.logits(hidden, training=training, output_layer=head).float()
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -128,22 +130,19 @@ def token_loss_sum(
 
     Divide by the number of targets (over all micro-batches of a step) for the mean.
     """
-    hidden = model.forward(model.params, tokens, attention_mask=attention_mask, position_ids=position_ids,
-                           training=training, return_hidden=True)
+    hidden = model.hidden_states(tokens, attention_mask=attention_mask, position_ids=position_ids,
+                                 training=training)
     keep = targets.reshape(-1) != IGNORE
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets.reshape(-1)[keep]
-    head = model.forward.output_layer(model.params)
+    head = model.output_layer()
     grad = torch.is_grad_enabled()
-    if "lora_A" not in head:  # a plain weight, or a quantized (frozen) one used dequantized chunk-free
-        weight = head["weight"]
-        if type(weight) not in (torch.Tensor, torch.nn.Parameter):
-            weight = dense_weight(head, hidden.dtype)
+    if "bias" not in head and linear_kind(head) is None:  # plain, or quantized (frozen) used dequantized
+        weight = head["weight"] if is_plain(head["weight"]) else dense_weight(head, hidden.dtype)
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, grad and hidden.requires_grad,
                                          grad and weight.requires_grad)[0]
-    adapter = model.decoder.adapter
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        total = total + checkpoint(_head_loss_chunk, head, hidden[start : start + chunk_size],
-                                   targets[start : start + chunk_size], adapter, training, use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, model, head, hidden[start : start + chunk_size],
+                                   targets[start : start + chunk_size], training, use_reentrant=False)
     return total

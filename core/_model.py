@@ -21,9 +21,12 @@ class Model:
     Attributes:
         config: the architecture (:class:`ModelConfig`).
         params: nested dict of tensors keyed like the HF checkpoint.
-        forward: pure ``forward(params, tokens, **kwargs) -> logits [batch, seq, vocab]``.
+        forward: pure ``forward(params, tokens, **kwargs) -> logits [batch, seq, vocab]``
+            (a :class:`Decoder`, or a wrapper of one that exposes it as ``.inner``).
         trainable: dotted paths of the leaves a program differentiates.
         source: folder the weights came from (its tokenizer files travel on save).
+        transforms: names of the transforms applied so far, in order (``ftprog.transforms``
+            checks its order table against them).
     """
 
     config: ModelConfig
@@ -31,9 +34,28 @@ class Model:
     forward: Callable
     trainable: frozenset[str]
     source: str | None = None
+    transforms: tuple[str, ...] = ()
 
     def __call__(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``; keyword arguments as :class:`Decoder`'s."""
         return self.forward(self.params, tokens, **kwargs)
+
+    def hidden_states(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final normed hidden states ``[batch, seq, hidden]`` (the output layer not applied)."""
+        return self.forward(self.params, tokens, return_hidden=True, **kwargs)
+
+    def output_layer(self) -> Mapping:
+        """The linear node that maps hidden states to logits (the embeddings when tied), ready for use."""
+        return self.decoder.output_layer(self.params)
+
+    def logits(self, hidden: torch.Tensor, *, training: bool = False, output_layer: Mapping | None = None
+               ) -> torch.Tensor:
+        """Logits ``[..., vocab]`` from hidden states ``[..., hidden]``.
+
+        ``output_layer``: what :meth:`output_layer` returned, when the caller holds it already
+        (a sharded model then gathers it once for many calls).
+        """
+        return self.decoder.logits(self.params, hidden, training=training, output_layer=output_layer)
 
     def replace(self, **changes: Any) -> Model:
         """A copy with some fields changed (the original stays usable)."""

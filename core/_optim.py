@@ -78,6 +78,8 @@ from typing import Any, Protocol, Union
 import attrs
 import torch
 
+from ._tree import is_dtensor
+
 Tensor = torch.Tensor
 Params = Mapping[str, Tensor]
 Schedule = Callable[[int], float]
@@ -266,10 +268,6 @@ def _piece(t: Tensor, sl: slice | None) -> Tensor:
 Kernel = Callable[[list[Tensor], list[Tensor], list[list[Tensor]], bool], list[Tensor]]
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list[Tensor]],
            inplace: bool) -> list[Tensor]:
     """Run ``kernel`` bucket by bucket, upcasting low-precision params and grads to the state dtype.
@@ -278,11 +276,11 @@ def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list
     update is elementwise, so each rank runs it on its local shards (which
     share storage with the DTensors) and the new params are wrapped back.
     """
-    if any(_is_dtensor(t) for t in ps):
-        local = lambda ts: [t.to_local() if _is_dtensor(t) else t for t in ts]  # noqa: E731
+    if any(is_dtensor(t) for t in ps):
+        local = lambda ts: [t.to_local() if is_dtensor(t) else t for t in ts]  # noqa: E731
         new = _apply(kernel, local(ps), local(gs), [local(s) for s in states], inplace)
         return [type(p).from_local(n, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                if _is_dtensor(p) else n for n, p in zip(new, ps)]
+                if is_dtensor(p) else n for n, p in zip(new, ps)]
     out: list[Tensor | None] = [None] * len(ps)
     for idx in _groups(ps, gs, states):
         p0, g0 = ps[idx[0]], gs[idx[0]]
@@ -556,18 +554,18 @@ def clip_by_global_norm(grads: Params, max_norm: float, *,
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, g in enumerate(gs):
         groups.setdefault((g.device, g.dtype), []).append(i)
-    sharded = [g for g in gs if _is_dtensor(g)]
+    sharded = [g for g in gs if is_dtensor(g)]
     if sharded:  # norms of the local shards, combined over the ranks: sqrt(all_reduce(sum of squares))
         import torch.distributed as dist
 
         squares = sum(g.to_local().float().pow(2).sum() for g in sharded)
         dist.all_reduce(squares, group=sharded[0].device_mesh.get_group())
-        plain = [g for g in gs if not _is_dtensor(g)]
+        plain = [g for g in gs if not is_dtensor(g)]
         squares = squares + sum(g.float().pow(2).sum() for g in plain)
         total = squares.sqrt().to(torch.float32)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         out = {k: type(g).from_local(g.to_local() * coef.to(g.dtype), g.device_mesh, g.placements, shape=g.shape,
-                                     stride=g.stride()) if _is_dtensor(g) else g * coef.to(g.dtype)
+                                     stride=g.stride()) if is_dtensor(g) else g * coef.to(g.dtype)
                for k, g in zip(keys, gs)}
         return out, total
     norms: list[Tensor] = []
@@ -645,7 +643,7 @@ def load_state_dict(opt: Optimizer, params: Params, d: Mapping[str, Tensor]) -> 
         if src.shape != dst.shape or src.dtype != dst.dtype:
             raise ValueError(f"optimizer state {key!r} is {src.dtype}{list(src.shape)}, "
                              f"expected {dst.dtype}{list(dst.shape)}")
-        if _is_dtensor(dst):  # a full tensor from a checkpoint: keep this rank's shard of it
+        if is_dtensor(dst):  # a full tensor from a checkpoint: keep this rank's shard of it
             from torch.distributed.tensor import distribute_tensor
 
             src = distribute_tensor(src, dst.device_mesh, dst.placements)

@@ -30,7 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ftprog.core import Model, Tokenizer, lm_head, load_tokenizer, token_loss_sum
+from ftprog.core import Model, Tokenizer, load_tokenizer, token_loss_sum
 from ftprog.programs.config import to_dict
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.generate import build_model, generate
@@ -135,17 +135,17 @@ class FtProgLM(TemplateLM):
                 raise ValueError(f"cannot score a continuation of {len(continuation)} tokens after {len(context)} "
                                  f"tokens of context with max_length={self.max_length}")
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        adapter = self.model.decoder.adapter
+        head = self.model.output_layer()
         for first in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
             chunk = order[first : first + self.batch_size]
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in chunk]
             width = max(map(len, inputs))
             tokens = torch.tensor([row + [0] * (width - len(row)) for row in inputs], device=self.model.device)
-            hidden = self.model(tokens, return_hidden=True)
+            hidden = self.model.hidden_states(tokens)
             for row, i in enumerate(chunk):
                 key, _, continuation = requests[i]
                 end = len(inputs[row])
-                logits = lm_head(self.model.params, hidden[row, end - len(continuation) : end], adapter)
+                logits = self.model.logits(hidden[row, end - len(continuation) : end], output_layer=head)
                 logprobs = logits.float().log_softmax(-1)
                 target = torch.tensor(continuation, device=logprobs.device)
                 score = logprobs.gather(-1, target[:, None]).sum().item()

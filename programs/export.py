@@ -583,7 +583,7 @@ class ExportModule(torch.nn.Module):
         flat = flatten(model.params)
         if any(not _is_plain(t) for t in flat.values()) or any(".lora_" in p for p in flat):
             raise ExportError("ExportModule needs a plain model: merge adapters and dequantize first (load_merged)")
-        self._forward = model.decoder
+        self._forward = model.forward
         self._names = list(flat)
         for name, tensor in flat.items():
             self.register_buffer(name.replace(".", "__"), tensor.detach())

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from ftprog.core import KVCache, Model, Tokenizer, as_dtype, lm_head, load_pretrained, load_tokenizer, read_config
+from ftprog.core import KVCache, Model, Tokenizer, as_dtype, load_pretrained, load_tokenizer, read_config
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.sft_config import ModelSection
 
@@ -134,13 +134,13 @@ def generate(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     window = 4 * max((len(s) for s in stop_strings), default=0) + 4  # tokens that can hold a stop string
-    adapter = model.decoder.adapter
+    head = model.output_layer()
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
         step_mask = mask[:, : cache.length + tokens.shape[1]] if padded else None
-        hidden = model(tokens, attention_mask=step_mask, cache=cache, return_hidden=True)[:, -1]
-        logits = lm_head(model.params, hidden, adapter)  # the last position only: no [prompt, vocab] logits
+        hidden = model.hidden_states(tokens, attention_mask=step_mask, cache=cache)[:, -1]
+        logits = model.logits(hidden, output_layer=head)  # the last position only: no [prompt, vocab] logits
         next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         next_ids = torch.where(done, pad_id, next_ids)
         step, finished = next_ids.tolist(), done.tolist()

@@ -39,10 +39,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftprog.core import CheckpointError, Model, flatten, load_pretrained, save_pretrained, unflatten
+from ftprog.core import CheckpointError, Model, flatten, is_dtensor, load_pretrained, save_pretrained
 from ftprog.core._checkpoint import _replace_dir
 from ftprog.programs import distributed
-from ftprog.transforms import load_adapter, save_adapter
+from ftprog.transforms import has_adapters, load_adapter, save_adapter, unshard
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.step_(\d+)\.tmp$")
@@ -52,28 +52,20 @@ SHARDED_DIR = "distributed"
 
 def save_model(model: Model, folder: Path) -> None:
     """The trained part of ``model``: its adapter if it has one, else the whole HF model."""
-    if model.decoder.adapter is not None:
+    if has_adapters(model):
         save_adapter(model, folder)
     else:
         save_pretrained(model, folder)
 
 
 def consolidate(model: Model) -> Model:
-    """``model`` with sharded (DTensor) leaves gathered to plain tensors (a collective: every rank calls it)."""
-    flat = flatten(model.params)
-    if not any(_is_dtensor(t) for t in flat.values()):
-        return model
-    full = {p: t.full_tensor() if _is_dtensor(t) else t for p, t in flat.items()}
-    return model.replace(params=unflatten(full), forward=model.decoder)
+    """``model`` gathered (a collective: every rank calls it), eager: for the final evaluation and save."""
+    return unshard(model)
 
 
 def _is_sharded(model: Model) -> bool:
     """True when a trainable leaf is a DTensor: checkpoints are then written sharded (``distributed/``)."""
-    return any(_is_dtensor(t) for t in model.trainable_params().values())
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
+    return any(is_dtensor(t) for t in model.trainable_params().values())
 
 
 def _rank() -> int:
@@ -212,7 +204,7 @@ def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: di
     if sharded:
         model, optimizer_state = _load_sharded(folder / SHARDED_DIR, model, optimizer_state)
     else:
-        if model.decoder.adapter is not None:
+        if has_adapters(model):
             saved = flatten(load_adapter(base, folder / "model").params)
         else:
             saved = flatten(load_pretrained(folder / "model", device=model.device).params)
@@ -259,7 +251,7 @@ def _load_sharded(path: Path, model: Model, optimizer_state: dict[str, torch.Ten
 
 def _like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``value`` sharded as ``like`` is (when ``like`` is a DTensor), else as it is."""
-    if not _is_dtensor(like):
+    if not is_dtensor(like):
         return value
     from torch.distributed.tensor import distribute_tensor
 

@@ -15,9 +15,12 @@ def peft_reference(hf_model, adapted):
     """A peft model over ``hf_model`` with ``adapted``'s adapter values copied in."""
     import peft
 
-    spec = adapted.decoder.adapter
+    from ftprog.transforms import lora_spec
+
+    spec = lora_spec(adapted)
     modules = sorted({p.split(".lora_")[0] for p in adapted.trainable})
-    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, use_dora=spec.dora,
+    dora = any(p.endswith(".lora_magnitude_vector") for p in adapted.trainable)
+    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, use_dora=dora,
                              use_rslora=spec.rslora, target_modules=modules)
     ref = peft.get_peft_model(hf_model, config)
     flat = {k: v for k, v in adapted.trainable_params().items()}

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ftprog.core import dense_weight, flatten, from_config, load_pretrained, save_pretrained, value_and_grad
+from ftprog.core import (
+    dense_weight, flatten, from_config, is_quantized, load_pretrained, save_pretrained, value_and_grad,
+)
 from ftprog.transforms import cast, checkpoint, compile, lora, merge
-from ftprog.transforms._base import is_quantized
 from ftprog.transforms._quantize import SCHEMES, param_bytes, quantize, tensor_nbytes
 
 # Every linear of these shapes fits NF4 (element count divisible by 64 * 256) and int4 (in % 32).
@@ -286,7 +287,7 @@ def test_refusals():
     q = quantize(base, "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(q, "nf4")
-    with pytest.raises(ValueError, match="not a Decoder.*apply compile last"):
+    with pytest.raises(ValueError, match="quantize after compile: apply compile last"):
         quantize(compile(base), "nf4")
     with pytest.raises(ValueError, match=r"quantize: targets \['nope'\] match no linear layer"):
         quantize(base, "nf4", targets="nope")

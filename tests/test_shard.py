@@ -46,3 +46,7 @@ def test_compiled_sharded_model_equals_eager(backend, tmp_path):
     assert grads
     for k in grads:
         assert (r[k] - r["ref_" + k]).norm() <= 1e-5 * r["ref_" + k].norm(), k
+    # checkpoint + shard(reshard_after_forward=False) + compile, against the same eager reference
+    assert abs(r["kept_loss"].item() - r["ref_loss"].item()) <= 1e-5 * abs(r["ref_loss"].item())
+    for k in grads:
+        assert (r["kept_" + k] - r["ref_" + k]).norm() <= 1e-5 * r["ref_" + k].norm(), k

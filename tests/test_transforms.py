@@ -6,7 +6,7 @@ import torch
 from _hf import save_hf
 from _oracle import causal_lm_loss, peft_grads, peft_reference
 from ftprog.core import flatten, load_pretrained, value_and_grad
-from ftprog.transforms import cast, checkpoint, compile, freeze, lora, merge, trainable
+from ftprog.transforms import cast, checkpoint, compile, freeze, has_adapters, lora, lora_spec, merge, trainable
 
 
 def loss_fn(model, tokens):
@@ -89,7 +89,7 @@ def test_lora_leaves_input_usable_and_shares_base(tmp_path):
     base = load_pretrained(tmp_path)
     adapted = lora(base, rank=4, alpha=8)
     assert set(flatten(base.params)) < set(flatten(adapted.params))
-    assert base.forward.adapter is None and adapted.forward.adapter.scale == 2.0
+    assert lora_spec(base) is None and lora_spec(adapted).scale == 2.0
     q = "model.layers.0.self_attn.q_proj.weight"
     assert flatten(adapted.params)[q] is flatten(base.params)[q]  # shared, not copied
     assert adapted.trainable == {p for p in flatten(adapted.params) if ".lora_" in p}
@@ -102,7 +102,7 @@ def test_merge_equals_adapted_model(tmp_path):
     tokens = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         assert (merged(tokens) - adapted(tokens)).abs().max() <= 1e-5
-    assert not any(".lora_" in p for p in flatten(merged.params)) and merged.forward.adapter is None
+    assert not any(".lora_" in p for p in flatten(merged.params)) and not has_adapters(merged)
 
 
 def test_dropout_only_in_training(tmp_path):

@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ftprog.core import Model, flatten, linear_paths
+from ftprog.core import Model, flatten, is_quantized, linear_paths
 from ftprog.core._checkpoint import atomic_folder
 
-from ._base import decoder_of, is_quantized
-from ._lora import ALL_LINEAR, lora, resolve_targets
+from ._base import check_order
+from ._lora import ALL_LINEAR, has_adapters, lora, lora_spec, resolve_targets
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -95,7 +95,7 @@ def save_adapter(model: Model, path: str | os.PathLike) -> Path:
     Example:
         >>> save_adapter(lora(model, rank=8, alpha=16), "out/adapter")  # doctest: +SKIP
     """
-    spec = decoder_of(model, "save_adapter").adapter
+    spec = lora_spec(model)
     tensors = _adapter_tensors(model)
     if spec is None or not tensors:
         raise ValueError("save_adapter: the model has no adapters (apply ftprog.transforms.lora first)")
@@ -104,7 +104,7 @@ def save_adapter(model: Model, path: str | os.PathLike) -> Path:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.source, "revision": None,
         "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         **_target_config(model, adapted), "layers_pattern": None, "exclude_modules": None,
-        "use_dora": spec.dora, "use_rslora": spec.rslora, "bias": "none", "fan_in_fan_out": False,
+        "use_dora": any(p.endswith(".lora_magnitude_vector") for p in tensors), "use_rslora": spec.rslora, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
         "inference_mode": True,
     }
@@ -181,7 +181,8 @@ def load_adapter(model: Model, path: str | os.PathLike, *, dtype: torch.dtype = 
     Returns:
         ``lora(model, ...)`` with the saved tensors in; the adapter leaves are trainable.
     """
-    if decoder_of(model, "load_adapter").adapter is not None:
+    check_order(model, "load_adapter")
+    if has_adapters(model):
         raise ValueError("load_adapter: the model already has adapters; merge them first (ftprog.transforms.merge)")
     folder = Path(path)
     if not folder.is_dir():

@@ -1,4 +1,4 @@
-"""Helpers shared by the transforms."""
+"""The order transforms stack in, declared once, and the helpers every transform uses to follow it."""
 
 from __future__ import annotations
 
@@ -6,26 +6,51 @@ from typing import Any
 
 import attrs
 
-from ftprog.core import Decoder, Model
+from ftprog.core import Model
+
+ORDER: tuple[tuple[str, ...], ...] = (
+    ("cast",),  # the dtype of the base weights (a quantized weight's dtype is fixed when it is quantized)
+    ("quantize",),  # what the base weights are
+    ("lora", "load_adapter", "merge"),  # adapters on them (merge folds them back)
+    ("checkpoint",),  # how layers run: recomputed in the backward
+    ("shard",),  # where the leaves live: split across the data-parallel ranks
+    ("compile",),  # the whole forward compiled: always last
+)
+"""Stages in the order transforms apply; within a stage any order. ``trainable``/``freeze`` go anywhere."""
+
+COMMUTES: dict[str, tuple[str, ...]] = {
+    "checkpoint": ("quantize", "cast", "lora", "load_adapter", "merge"),  # it changes how layers run, not the tree
+    "cast": ("lora", "load_adapter", "merge"),  # adapters keep their dtype
+}
+"""Pairs that may come in either order although their stages differ."""
+
+ORDER_TEXT = " -> ".join("/".join(names) for names in ORDER) + " (checkpoint anywhere before shard; cast also after lora)"
+
+_STAGE = {name: i for i, names in enumerate(ORDER) for name in names}
 
 
-def decoder_of(model: Model, transform: str) -> Decoder:
-    """The model's :class:`Decoder`; a compiled forward is an error (compile goes last)."""
-    if not isinstance(model.forward, Decoder):
-        raise ValueError(
-            f"{transform}: the model's forward is {type(model.forward).__name__}, not a Decoder; "
-            "apply compile last (order: quantize -> lora -> checkpoint -> compile)"
-        )
-    return model.forward
+def _commute(a: str, b: str) -> bool:
+    return b in COMMUTES.get(a, ()) or a in COMMUTES.get(b, ())
+
+
+def check_order(model: Model, transform: str) -> None:
+    """Raise ValueError naming both transforms when ``transform`` may not follow one already applied."""
+    stage = _STAGE[transform]
+    later = [done for done in model.transforms if _STAGE[done] > stage and not _commute(done, transform)]
+    if later:
+        done = max(later, key=_STAGE.__getitem__)
+        fix = f"apply {done} last" if _STAGE[done] == len(ORDER) - 1 else f"apply {transform} before {done}"
+        raise ValueError(f"{transform} after {done}: {fix} (order: {ORDER_TEXT})")
+
+
+def record(model: Model, transform: str, **changes: Any) -> Model:
+    """``model`` with ``changes`` applied and ``transform`` appended to its record.
+
+    Every transform calls :func:`check_order` on its input first and this on its result.
+    """
+    return model.replace(transforms=(*model.transforms, transform), **changes)
 
 
 def with_decoder(model: Model, transform: str, **changes: Any) -> Model:
-    """A copy of ``model`` whose Decoder has ``changes`` applied."""
-    return model.replace(forward=attrs.evolve(decoder_of(model, transform), **changes))
-
-
-def is_quantized(tensor) -> bool:
-    """True for torchao quantized weights (NF4, int8, int4): anything but a plain tensor."""
-    import torch
-
-    return not isinstance(tensor, torch.Tensor) or type(tensor) not in (torch.Tensor, torch.nn.Parameter)
+    """:func:`record` with the model's :class:`Decoder` changed by ``changes``."""
+    return record(model, transform, forward=attrs.evolve(model.decoder, **changes))

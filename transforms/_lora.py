@@ -1,19 +1,112 @@
-"""LoRA / DoRA adapters as a rewrite of the parameter tree, and merging them back."""
+"""LoRA / DoRA adapters as a rewrite of the parameter tree, the linear kind that computes them, and merging them back.
+
+An adapted linear node holds, beside its ``weight`` (and ``bias``), PEFT's
+tensors ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]`` (and DoRA's
+``lora_magnitude_vector [out]``) and one static leaf, ``lora`` (a
+:class:`LoraSpec`: the scale and dropout the computation needs; its path
+``....q_proj.lora`` never matches ``.lora_``, which marks adapter tensors). The node
+computes ``y = x W^T + b + scale * (dropout(x) A^T) B^T``; DoRA rescales the
+output by ``m / ||W + scale * B A||`` (row norms, treated as a constant as
+PEFT does). :func:`ftprog.core.linear` dispatches such nodes here through the
+key ``lora_A`` (:func:`ftprog.core.register_linear`).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import attrs
 import torch
+import torch.nn.functional as F
 
-from ftprog.core import LoraSpec, Model, dense_weight, flatten, linear_paths, matches, unflatten
-from ftprog.core._linear import lora_delta
+from ftprog.core import (
+    Model, dense_weight, flatten, is_quantized, is_training, linear_kind, linear_paths, matches, register_linear,
+    tree_map, unflatten,
+)
 from ftprog.core._tree import get
 
-from ._base import decoder_of, is_quantized, with_decoder
+from ._base import check_order, record
 
 ALL_LINEAR = "all-linear"
+SPEC_KEY = "lora"
+"""The key of an adapted node's static :class:`LoraSpec` leaf."""
+
+
+@attrs.frozen
+class LoraSpec:
+    """Static settings of one adapted linear.
+
+    Args:
+        rank: adapter rank r (``lora_A``: ``[r, in]``, ``lora_B``: ``[out, r]``).
+        alpha: scale numerator: the update is multiplied by ``alpha / r``
+            (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: dropout probability on the adapter input, training mode only.
+        rslora: rank-stabilised scaling.
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+
+def lora_delta(node: Mapping) -> torch.Tensor:
+    """``scale * B @ A``: the adapter's change to the weight, ``[out, in]``."""
+    a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
+    return (b @ a) * node[SPEC_KEY].scale
+
+
+def lora_linear(x: torch.Tensor, node: Mapping) -> torch.Tensor:
+    """``x [..., in] -> [..., out]`` through an adapted node (LoRA, or DoRA with a magnitude vector)."""
+    spec: LoraSpec = node[SPEC_KEY]
+    weight, bias = node["weight"], node.get("bias")
+    a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
+    x_drop = F.dropout(x, spec.dropout, training=True) if spec.dropout and is_training() else x
+    update = F.linear(F.linear(x_drop.to(a.dtype), a), b).to(x.dtype) * spec.scale
+    magnitude = node.get("lora_magnitude_vector")
+    if magnitude is None:
+        return F.linear(x, weight, bias) + update
+    # DoRA, as PEFT computes it: with dropout the rescaled base path uses the dropped input.
+    with torch.no_grad():
+        w = dense_weight(node, a.dtype)
+        row_norm = (w + lora_delta(node).to(w.dtype)).norm(dim=1)
+    mag_scale = (magnitude / row_norm).to(x.dtype)
+    if x_drop is x:
+        out = mag_scale * (F.linear(x, weight) + update)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias) + (mag_scale - 1) * F.linear(x_drop, weight) + mag_scale * update
+
+
+register_linear("lora_A", lora_linear)
+
+
+def adapted_paths(model: Model) -> list[str]:
+    """Module paths of the linears that hold an adapter of any registered kind, in model order."""
+    return [p for p in linear_paths(model.config) if linear_kind(get(model.params, p)) is not None]
+
+
+def adapter_leaves(model: Model) -> set[str]:
+    """Paths of every leaf an adapter added (tensors and static settings; not the base ``weight``/``bias``)."""
+    return {f"{m}.{p}" for m in adapted_paths(model) for p in flatten(get(model.params, m))
+            if p.split(".", 1)[0] not in ("weight", "bias")}
+
+
+def has_adapters(model: Model) -> bool:
+    """Whether any linear of the model holds an adapter (LoRA, DoRA or another registered kind)."""
+    return bool(adapted_paths(model))
+
+
+def lora_spec(model: Model) -> LoraSpec | None:
+    """The :class:`LoraSpec` the model's LoRA adapters share; None without LoRA adapters."""
+    specs = {get(model.params, p)[SPEC_KEY] for p in adapted_paths(model) if SPEC_KEY in get(model.params, p)}
+    if len(specs) > 1:
+        raise ValueError(f"the model's LoRA adapters have different settings: {sorted(map(repr, specs))}")
+    return next(iter(specs), None)
 
 
 def resolve_targets(model: Model, targets: str | Sequence[str]) -> list[str]:
@@ -55,18 +148,21 @@ def lora(model: Model, *, rank: int, alpha: float, dropout: float = 0.0,
     the base weight. Adapters are kept in ``dtype`` (fp32 by default, as PEFT
     does for half-precision bases). Base weights are shared, not copied.
 
+    Each node also gets the static leaf ``lora`` (:class:`LoraSpec`: scale, dropout).
+
     Trainable set afterwards: the adapter leaves (and DoRA magnitudes) only.
     Works on quantized bases (``quantize`` then ``lora`` is QLoRA).
     """
+    check_order(model, "lora")
     if rank < 1:
         raise ValueError(f"lora: rank must be >= 1, got {rank}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora: dropout must be in [0, 1), got {dropout}")
-    decoder = decoder_of(model, "lora")
-    if decoder.adapter is not None:
+    if has_adapters(model):
         raise ValueError("lora: the model already has adapters; merge them first (ftprog.transforms.merge)")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     paths = resolve_targets(model, targets)
+    spec = LoraSpec(rank=rank, alpha=float(alpha), dropout=dropout, rslora=rslora)
     generator = torch.Generator().manual_seed(seed)
     flat = dict(flatten(model.params))
     new = []
@@ -83,10 +179,9 @@ def lora(model: Model, *, rank: int, alpha: float, dropout: float = 0.0,
         device = node["weight"].device
         entries = {k: v.to(device) for k, v in entries.items()}
         flat.update(entries)
+        flat[f"{path}.{SPEC_KEY}"] = spec
         new += entries
-    spec = LoraSpec(rank=rank, alpha=float(alpha), dropout=dropout, targets=targets, dora=dora, rslora=rslora)
-    adapted = with_decoder(model, "lora", adapter=spec)
-    return adapted.replace(params=unflatten(flat), trainable=frozenset(new))
+    return record(model, "lora", params=unflatten(flat), trainable=frozenset(new))
 
 
 def merge(model: Model, dtype: torch.dtype | None = None) -> Model:
@@ -96,23 +191,25 @@ def merge(model: Model, dtype: torch.dtype | None = None) -> Model:
     Quantized weights are dequantized to ``dtype`` (default: the embedding's
     dtype). The result has no adapter leaves and every leaf trainable.
     """
-    decoder = decoder_of(model, "merge")
-    spec = decoder.adapter
-    if spec is None:
+    check_order(model, "merge")
+    modules = adapted_paths(model)
+    if not modules:
         raise ValueError("merge: the model has no adapters to merge")
+    unknown = [m for m in modules if SPEC_KEY not in get(model.params, m)]
+    if unknown:
+        raise ValueError(f"merge: {unknown[0]!r} holds an adapter of another kind than LoRA/DoRA "
+                         f"({linear_kind(get(model.params, unknown[0]))!r}); merge folds LoRA/DoRA only")
     dtype = dtype or model.dtype
-    flat = flatten(model.params)
-    merged = {}
-    for path, tensor in flat.items():
-        if path.endswith(".lora_A.weight"):
-            module = path[: -len(".lora_A.weight")]
-            node = get(model.params, module)
-            with torch.no_grad():
-                w = dense_weight(node, torch.float32) + lora_delta(node, spec.scale).float()
-                if "lora_magnitude_vector" in node:
-                    w = w * (node["lora_magnitude_vector"].float() / w.norm(dim=1))[:, None]
-            merged[f"{module}.weight"] = w.to(dtype)
-    params = {p: merged.get(p, dense_weight({"weight": t}, dtype) if is_quantized(t) else t)
-              for p, t in flat.items() if ".lora_" not in p}
-    plain = with_decoder(model, "merge", adapter=None)
-    return plain.replace(params=unflatten(params), trainable=frozenset(params))
+    params = unflatten(flatten(model.params))  # new dicts, same tensors: the nodes below are edited in place
+    for module in modules:
+        node = get(params, module)
+        with torch.no_grad():
+            w = dense_weight(node, torch.float32) + lora_delta(node).float()
+            if "lora_magnitude_vector" in node:
+                w = w * (node["lora_magnitude_vector"].float() / w.norm(dim=1))[:, None]
+        for key in [k for k in node if k not in ("weight", "bias")]:
+            del node[key]
+        node["weight"] = w.to(dtype)
+    params = tree_map(lambda t: dense_weight({"weight": t}, dtype) if is_quantized(t) else t, params)
+    return model.replace(params=params, trainable=frozenset(flatten(params)),
+                         transforms=tuple(t for t in model.transforms if t not in ("lora", "load_adapter")))

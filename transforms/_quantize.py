@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ftprog.core import Model, flatten, unflatten
+from ftprog.core import Model, flatten, is_plain, is_quantized, unflatten
 
-from ._base import decoder_of, is_quantized
+from ._base import check_order, record
 from ._lora import resolve_targets
 
 SCHEMES = ("nf4", "int8", "int4")
@@ -111,10 +111,7 @@ def quantize(model: Model, scheme: str, *, targets: str | Sequence[str] = "all-l
     """
     if scheme not in SCHEMES:
         raise ValueError(f"quantize: unknown scheme {scheme!r}; valid schemes are {', '.join(SCHEMES)}")
-    decoder = decoder_of(model, "quantize")
-    if decoder.adapter is not None:
-        raise ValueError("quantize before lora: the model already has adapters; quantize the base model "
-                         "first, then add adapters (or merge the adapters, then quantize)")
+    check_order(model, "quantize")
     flat = flatten(model.params)
     already = [p for p, t in flat.items() if is_quantized(t)]
     if already:
@@ -147,12 +144,12 @@ def quantize(model: Model, scheme: str, *, targets: str | Sequence[str] = "all-l
         if not is_quantized(new[path]):  # torchao skips some shapes silently; never pass that on
             raise RuntimeError(f"quantize({scheme!r}): torchao returned {path!r} unquantized")
         done.append(path)
-    return model.replace(params=unflatten(new), trainable=model.trainable - frozenset(done))
+    return record(model, "quantize", params=unflatten(new), trainable=model.trainable - frozenset(done))
 
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     """Bytes held by one leaf; a quantized tensor counts its inner tensors (data, scales, ...)."""
-    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+    if is_plain(tensor) or not hasattr(tensor, "__tensor_flatten__"):
         return tensor.numel() * tensor.element_size()
     names, _ = tensor.__tensor_flatten__()
     return sum(tensor_nbytes(getattr(tensor, name)) for name in names)
@@ -163,4 +160,5 @@ def param_bytes(params: Model | Mapping[str, Any], patterns: str | Sequence[str]
     from ftprog.core import matches
 
     tree = params.params if isinstance(params, Model) else params
-    return sum(tensor_nbytes(t) for p, t in flatten(tree).items() if patterns is None or matches(p, patterns))
+    return sum(tensor_nbytes(t) for p, t in flatten(tree).items()
+               if isinstance(t, torch.Tensor) and (patterns is None or matches(p, patterns)))

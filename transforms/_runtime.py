@@ -9,10 +9,11 @@ import attrs
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ftprog.core import Model, as_dtype, tree_map
+from ftprog.core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized
+from ftprog.core._tree import tree_map_with_path
 
-from ._base import decoder_of, is_quantized, with_decoder
-from ._shard import Sharded
+from ._base import check_order, record, with_decoder
+from ._lora import adapter_leaves
 
 
 def checkpoint(model: Model, *, every: int = 1) -> Model:
@@ -23,22 +24,52 @@ def checkpoint(model: Model, *, every: int = 1) -> Model:
     reproduced in the recomputation (RNG state is preserved). No effect
     without gradients or with a KV cache. Tree and trainable set unchanged.
     """
+    check_order(model, "checkpoint")
     if every < 1:
         raise ValueError(f"checkpoint: every must be >= 1, got {every}")
-    decoder = decoder_of(model, "checkpoint")
-    if decoder.wrap_layer is not None:
+    if "checkpoint" in model.transforms:
         raise ValueError("checkpoint: the model is already checkpointed")
 
-    def wrap(layer_fn: Callable) -> Callable:
-        def run(p, x, cos, sin, mask, cfg, adapter, training, cache, index):
-            if index % every or cache is not None or not torch.is_grad_enabled():
-                return layer_fn(p, x, cos, sin, mask, cfg, adapter, training, cache, index)
-            return _torch_checkpoint(layer_fn, p, x, cos, sin, mask, cfg, adapter, training, cache, index,
-                                     use_reentrant=False)
+    def wrap(layer_fn: LayerFn, index: int) -> LayerFn:
+        return layer_fn if index % every else recomputed(layer_fn)
 
-        return run
+    return with_decoder(model, "checkpoint", layer_wraps=(*model.decoder.layer_wraps, ("checkpoint", wrap)))
 
-    return with_decoder(model, "checkpoint", wrap_layer=wrap)
+
+def recomputed(layer_fn: LayerFn) -> LayerFn:
+    """``layer_fn`` whose activations are recomputed in the backward (only its inputs are kept).
+
+    Without gradients (inference, generation) it simply runs. Compiled, a layer
+    whose parameters are sharded (DTensors) saves the outputs of its random ops
+    (attention, dropout) instead of replaying them: torch 2.13's partitioner
+    misplaces the saved RNG states of replayed random ops when the graph also
+    saves a DeviceMesh, and the compiled forward then fails with "expected all
+    tensors_saved_with_vc_check to be Tensors".
+    """
+
+    def run(p, x, ctx):
+        if not torch.is_grad_enabled():
+            return layer_fn(p, x, ctx)
+        if torch.compiler.is_compiling() and any(is_dtensor(t) for t in flatten(p).values()):
+            return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False, context_fn=_save_random_ops_context)
+        return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False)
+
+    return run
+
+
+def _save_random_ops(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective-checkpoint policy: keep the outputs of random ops (SDPA, dropout), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_random_ops_context() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_random_ops)
 
 
 @attrs.frozen(eq=False)
@@ -51,9 +82,6 @@ class Compiled:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.compiled(*args, **kwargs)
 
-    def output_layer(self, params: Any) -> Any:
-        return self.inner.output_layer(params)
-
 
 def compile(model: Model, **compile_kwargs: Any) -> Model:  # noqa: A001 - the transform's public name
     """``torch.compile`` the whole forward (the outermost call, so it really compiles).
@@ -64,22 +92,25 @@ def compile(model: Model, **compile_kwargs: Any) -> Model:  # noqa: A001 - the t
     unchanged; results equal the eager model's within float tolerance. A
     sharded model (``shard``) compiles with its gathers in the graph.
     """
+    check_order(model, "compile")
+    if "compile" in model.transforms:
+        raise ValueError("compile: the model is already compiled")
     forward = model.forward
-    if not isinstance(forward, Sharded):
-        forward = decoder_of(model, "compile")
-    elif forward.compile_error:
-        raise ValueError(f"compile: {forward.compile_error}")
-    return model.replace(forward=Compiled(forward, torch.compile(forward, **compile_kwargs)))
+    return record(model, "compile", forward=Compiled(forward, torch.compile(forward, **compile_kwargs)))
 
 
 def cast(model: Model, dtype: torch.dtype | str) -> Model:
-    """Cast every floating-point leaf to ``dtype`` (quantized weights are kept as they are).
+    """Cast every floating-point leaf to ``dtype``; quantized weights and adapters keep theirs.
 
-    Returns a new model; the input keeps its tensors. Trainable set unchanged.
+    Adapters stay in the dtype ``lora(dtype=...)`` gave them (fp32 by default), so
+    ``cast`` before or after ``lora`` gives the same model. Returns a new model;
+    the input keeps its tensors. Trainable set unchanged.
     """
+    check_order(model, "cast")
     dtype = as_dtype(dtype)
+    keep = adapter_leaves(model)
 
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        return t if is_quantized(t) or not t.is_floating_point() else t.to(dtype)
+    def convert(path: str, t: torch.Tensor) -> torch.Tensor:
+        return t if path in keep or is_quantized(t) or not t.is_floating_point() else t.to(dtype)
 
-    return model.replace(params=tree_map(convert, model.params))
+    return record(model, "cast", params=tree_map_with_path(convert, model.params))

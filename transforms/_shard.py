@@ -16,12 +16,14 @@ in the backward, as activation checkpointing does (so it subsumes the
 time; ``False`` keeps the gathered parameters of every layer from the forward
 to the backward (faster, more memory).
 
-``compile`` goes after ``shard``. Under torch.compile the recomputed layers
-save the outputs of their random ops (attention, dropout) instead of
-replaying them: torch 2.13's partitioner misplaces the saved RNG states of
-replayed random ops when the graph also saves a DeviceMesh (as every graph
-with DTensor inputs does), and the compiled forward then fails with
-"expected all tensors_saved_with_vc_check to be Tensors".
+In the decoder, sharding is one ``prepare`` (gather, then cast for
+``mixed_precision``) applied to every parameter sub-tree right before use,
+and with ``reshard_after_forward`` one layer wrap that recomputes the layer
+(gather included) in the backward. A ``checkpoint`` applied before ``shard``
+stays inside that recomputation: nested, the layer is still recomputed once.
+
+``compile`` goes after ``shard``; the recomputed layers then save the outputs
+of their random ops (see ``transforms._runtime.recomputed``).
 
 Quantized weights (NF4/int8/int4) stay replicated: each rank holds the whole
 (already 4x smaller) quantized base; adapters and other leaves are sharded.
@@ -29,22 +31,16 @@ Quantized weights (NF4/int8/int4) stay replicated: each rank holds the whole
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import torch
-from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ftprog.core import Decoder, Model, tree_map
+from ftprog.core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized, tree_map, unflatten
 
-from ._base import is_quantized
-
-
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+from ._base import check_order, record
+from ._runtime import recomputed
 
 
 def gather(tree: Any) -> Any:
@@ -52,48 +48,9 @@ def gather(tree: Any) -> Any:
     from torch.distributed.tensor import Partial
 
     def full(t):
-        return t.full_tensor(grad_placements=[Partial()]) if _is_dtensor(t) else t
+        return t.full_tensor(grad_placements=[Partial()]) if is_dtensor(t) else t
 
     return tree_map(full, tree) if isinstance(tree, Mapping) else full(tree)
-
-
-def _save_random_ops(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    """Selective-checkpoint policy: keep the outputs of random ops (SDPA, dropout), recompute the rest."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _recompute_context() -> Any:
-    """``context_fn`` of the per-layer checkpoint: plain recomputation eagerly, ``_save_random_ops`` compiled."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts, noop_context_fn
-
-    if torch.compiler.is_compiling():
-        return create_selective_checkpoint_contexts(_save_random_ops)
-    return noop_context_fn()
-
-
-@attrs.frozen(eq=False)
-class Sharded:
-    """A forward over a sharded tree: non-layer leaves gathered up front, layers gathered one at a time.
-
-    ``compile_error``: why ``compile`` must refuse this forward (None: it compiles).
-    """
-
-    inner: Decoder
-    compile_error: str | None = None
-
-    def __call__(self, params: Mapping, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        # the output layer is gathered only when logits are asked for (the loss gathers it itself)
-        skip = ("model", "lm_head") if kwargs.get("return_hidden") else ("model",)
-        top = {k: v if k in skip else gather(v) for k, v in params.items() if k != "model"}
-        model = {k: (v if k == "layers" else gather(v)) for k, v in params["model"].items()}
-        return self.inner({**top, "model": model}, tokens, **kwargs)
-
-    def output_layer(self, params: Mapping) -> Mapping:
-        return gather(self.inner.output_layer(params))
 
 
 def shard(model: Model, mesh: Any = None, *, reshard_after_forward: bool = True,
@@ -104,16 +61,16 @@ def shard(model: Model, mesh: Any = None, *, reshard_after_forward: bool = True,
     they are (replicated). Trainable set unchanged; gradients of trainable
     leaves come back as sharded DTensors summed over ranks, so divide the
     loss by the global number of targets (see ``Batch.global_num_targets``).
-    ``mixed_precision``: gather parameters in this dtype (e.g. bf16) while the
-    sharded leaves keep theirs. Order: after quantize / lora / checkpoint,
-    before compile.
+    ``mixed_precision``: gather floating-point parameters in this dtype (e.g.
+    bf16) while the sharded leaves keep theirs. Order: after quantize / lora /
+    checkpoint, before compile.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    if not isinstance(model.forward, Decoder):
-        raise ValueError(f"shard: the model's forward is {type(model.forward).__name__}; apply shard after "
-                         "quantize/lora/checkpoint and before compile, once")
+    check_order(model, "shard")
+    if "shard" in model.transforms:
+        raise ValueError("shard: the model is already sharded")
     if mesh is None:
         if not dist.is_initialized():
             raise RuntimeError("shard: torch.distributed is not initialised; launch with `ft-prog run --nproc N` "
@@ -121,38 +78,35 @@ def shard(model: Model, mesh: Any = None, *, reshard_after_forward: bool = True,
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
-    from ftprog.core import as_dtype
-
     cast = as_dtype(mixed_precision)
 
     def to_shard(t: torch.Tensor) -> torch.Tensor:
         return t if is_quantized(t) else distribute_tensor(t.detach(), mesh, [Shard(0)])
 
-    decoder = model.forward
-    inner_wrap = decoder.wrap_layer
+    def prepare(node: Mapping) -> Mapping:
+        full = gather(node)
+        if cast is not None:
+            full = tree_map(lambda t: t.to(cast) if t.is_floating_point() and not is_quantized(t) else t, full)
+        return full
 
-    def wrap(layer_fn: Callable) -> Callable:
-        def gathered(p, x, *rest):
-            full = gather(p)
-            if cast is not None:
-                full = tree_map(lambda t: t.to(cast) if t.is_floating_point() and not is_quantized(t) else t, full)
-            return layer_fn(full, x, *rest)
+    def wrap(layer_fn: LayerFn, index: int) -> LayerFn:
+        return recomputed(layer_fn)
 
-        if not reshard_after_forward:  # a checkpointed model recomputes its layers' gathers in the backward
-            return gathered if inner_wrap is None else inner_wrap(gathered)
+    decoder = model.decoder
+    wraps = (*decoder.layer_wraps, ("shard", wrap)) if reshard_after_forward else decoder.layer_wraps
+    sharded = attrs.evolve(decoder, layer_wraps=wraps, prepares=(*decoder.prepares, ("shard", prepare)))
+    return record(model, "shard", params=tree_map(to_shard, model.params), forward=sharded)
 
-        def resharded(p, x, cos, sin, mask, cfg, adapter, training, cache, index):
-            if not torch.is_grad_enabled() or cache is not None:
-                return gathered(p, x, cos, sin, mask, cfg, adapter, training, cache, index)
-            return _torch_checkpoint(gathered, p, x, cos, sin, mask, cfg, adapter, training, cache, index,
-                                     use_reentrant=False, context_fn=_recompute_context)
 
-        return resharded
+def unshard(model: Model) -> Model:
+    """The model with every sharded leaf gathered to a plain tensor, eager and unsharded (a collective).
 
-    sharded = attrs.evolve(decoder, wrap_layer=wrap)
-    error = None
-    if inner_wrap is not None and not reshard_after_forward:
-        error = ("a model checkpointed before shard(reshard_after_forward=False) does not compile in torch 2.13 "
-                 "(its recomputed random ops save RNG states that the partitioner misplaces next to the saved "
-                 "DeviceMesh); use reshard_after_forward=True, which recomputes every layer itself")
-    return model.replace(params=tree_map(to_shard, model.params), forward=Sharded(sharded, error))
+    Undoes ``shard`` (and a ``compile`` after it, whose graph was for the sharded
+    model); other transforms stay. A model that is not sharded is returned as it is.
+    """
+    if "shard" not in model.transforms:
+        return model
+    flat = flatten(model.params)
+    full = {p: t.full_tensor() if is_dtensor(t) else t for p, t in flat.items()}
+    return model.replace(params=unflatten(full), forward=model.decoder.without("shard"),
+                         transforms=tuple(t for t in model.transforms if t not in ("shard", "compile")))

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ftprog.core import Model, flatten, matches
-
-from ._base import is_quantized
+from ftprog.core import Model, flatten, is_quantized, is_static, matches
 
 
 def _paths(model: Model, patterns: str | Iterable[str], transform: str) -> set[str]:
     patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     flat = flatten(model.params)
-    hit = {p for p in flat if matches(p, patterns)}
+    hit = {p for p, t in flat.items() if not is_static(t) and matches(p, patterns)}
     if not hit:
         raise ValueError(f"{transform}: patterns {list(patterns)} match no parameter (paths look like "
                          f"{next(iter(flat))!r})")
