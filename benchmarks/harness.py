@@ -36,8 +36,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py); it runs the sft workload too.
 TORCHTUNE_METHODS = ("lora", "full")
 TORCHTUNE_STACKS = ((), ("checkpoint",))
-# Baselines ft-prog is compared against, in table order.
-BASELINES = ("hf", "torchtune")
+# Baselines ft-prog is compared against, in table order; ftprog-base: an earlier ft-prog (--ftprog-baseline).
+BASELINES = ("hf", "torchtune", "ftprog-base")
 
 # Settings torchtune publishes peak memory for, as ft-prog cases of the same setting (last in the gpu preset, so
 # the time budget drops them first). torchtune publishes nothing for the Llama 3.2 1B shape.
@@ -152,6 +152,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         for system in systems:
             cases.append({"kind": "generate", "system": system, "shape": s["shape"], "device": s["device"],
                           "dtype": dtype, "threads": threads, **s["generate"]})
+    if getattr(args, "ftprog_baseline", None):  # the same ft-prog cases on an earlier source tree
+        cases += [{**c, "system": "ftprog-base"} for c in cases if c["system"] == "ftprog"]
     if "published" not in skip and s["device"].startswith("cuda"):  # ft-prog alone, at a setting torchtune
         # published a GPU figure for (its own shape, batch and length whatever --shape says); last
         for p in s.get("published", ()):
@@ -166,17 +168,21 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
 class Runner:
     """Starts workers in fresh interpreters and keeps their logs."""
 
-    def __init__(self, out: Path, timeout: float, verbose: bool = True, pythons: dict[str, str] | None = None):
+    def __init__(self, out: Path, timeout: float, verbose: bool = True, pythons: dict[str, str] | None = None,
+                 paths: dict[str, str] | None = None):
         self.out = out
         self.pythons = pythons or {}  # system -> interpreter (torchtune: its own environment)
+        self.paths = paths or {}  # system -> a PYTHONPATH entry put first (ftprog-base: the earlier tree's shim)
         self.timeout = timeout
         self.verbose = verbose
         self.count = 0
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def env(self, threads: int | None) -> dict[str, str]:
+    def env(self, threads: int | None, system: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if system in self.paths:
+            env["PYTHONPATH"] = self.paths[system] + os.pathsep + env["PYTHONPATH"]
         env.setdefault("TRANSFORMERS_VERBOSITY", "error")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         if threads:
@@ -195,7 +201,8 @@ class Runner:
             try:
                 python = self.pythons.get(case.get("system"), sys.executable)
                 proc = subprocess.run([python, "-m", "benchmarks.worker", str(case_file), str(result_file)],
-                                      cwd=ROOT, env=self.env(case.get("threads")), stdout=log, stderr=log,
+                                      cwd=ROOT, env=self.env(case.get("threads"), case.get("system")), stdout=log,
+                                      stderr=log,
                                       timeout=self.timeout)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
@@ -222,6 +229,25 @@ def case_label(c: dict[str, Any]) -> str:
     if c["kind"] == "generate":
         return f"generate-{c['system']}-{c['dtype']}-t{c['threads'] or 'default'}"
     return c["kind"]
+
+
+def baseline_shim(tree: str, out: Path) -> str:
+    """A folder whose ``ftprog/{core,transforms,programs}`` link to an earlier source tree's folders.
+
+    Put first on ``PYTHONPATH``, it makes ``import ftprog.core`` load that tree (the installed ft-prog is found
+    later on the import path); the benchmark worker itself still comes from this tree.
+    """
+    source = Path(tree).resolve()
+    missing = [d for d in ("core", "transforms", "programs") if not (source / d / "__init__.py").is_file()]
+    if missing:
+        raise SystemExit(f"--ftprog-baseline {tree}: not an ft-prog source tree (no {', '.join(missing)}/__init__.py)")
+    shim = out / "ftprog-baseline"
+    (shim / "ftprog").mkdir(parents=True, exist_ok=True)
+    for name in ("core", "transforms", "programs"):
+        link = shim / "ftprog" / name
+        if not link.exists():
+            link.symlink_to(source / name, target_is_directory=True)
+    return str(shim)
 
 
 def time_startup(repeats: int, demo: bool, out: Path) -> dict[str, Any]:
@@ -469,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="interpreter of an environment with torchtune (benchmarks/README.md): adds torchtune as a "
                          "third system of the fixed-shape train cases (lora, full; base and checkpoint stacks) and "
                          "of the realistic SFT workload (default and best)")
+    ap.add_argument("--ftprog-baseline", metavar="TREE",
+                    help="source tree of an earlier ft-prog (e.g. `git worktree add ../base HEAD~1`): every ft-prog "
+                         "case also runs on it, round-robin, as system ftprog-base; the report compares the two")
     ap.add_argument("--keep-weights", action="store_true", help="keep the random-weight checkpoints")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     return ap
@@ -491,7 +520,9 @@ def main(argv: list[str] | None = None) -> Path | None:
           f"{info.get('gpu') or 'no GPU'}, load {info.get('load_average')}", flush=True)
     if settings["device"].startswith("cuda") and not info.get("cuda"):
         raise SystemExit("preset needs CUDA but torch sees no GPU")
-    runner = Runner(out, args.timeout, pythons={"torchtune": args.torchtune_python} if args.torchtune_python else None)
+    paths = {"ftprog-base": baseline_shim(args.ftprog_baseline, out)} if args.ftprog_baseline else None
+    runner = Runner(out, args.timeout, pythons={"torchtune": args.torchtune_python} if args.torchtune_python else None,
+                    paths=paths)
     skip = set(settings["skip"])
     # torchtune first: without it the torchtune cases are dropped (recorded unavailable, as without the option)
     torchtune = (probe_torchtune(args.torchtune_path, args.torchtune_python) if "torchtune" not in skip

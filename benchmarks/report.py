@@ -20,7 +20,7 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-NAMES = {"ftprog": "ft-prog", "hf": "transformers", "torchtune": "torchtune"}
+NAMES = {"ftprog": "ft-prog", "hf": "transformers", "torchtune": "torchtune", "ftprog-base": "ft-prog (baseline tree)"}
 
 
 def _times(x: float | None) -> str:
@@ -46,6 +46,22 @@ def machine_lines(r: dict[str, Any]) -> list[str]:
         f"{m.get('load_average')} at start, {r.get('load_average_end')} at the end (above the core count = a busy "
         "machine: treat timings as noisy)",
     ]
+
+
+def baseline_tree_lines(r: dict[str, Any]) -> list[str]:
+    """ft-prog against the earlier ft-prog of ``--ftprog-baseline``, case by case (empty without it)."""
+    pairs = [sp for sp in r.get("speedups", []) if "ftprog-base" in sp]
+    if not pairs:
+        return []
+    lines = ["## ft-prog against an earlier ft-prog (`--ftprog-baseline`, same cases, same run)", "",
+             "| case | metric | ft-prog | earlier ft-prog | ratio | memory ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    for sp in pairs:
+        lines.append(f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {sp['ftprog-base']:,.1f} | "
+                     f"{_times(sp.get('speedup_ftprog-base'))} | {_num(sp.get('memory_ratio_ftprog-base'), '.3f')} |")
+    worst = min(sp["speedup_ftprog-base"] for sp in pairs)
+    lines += ["", f"Ratio: this tree's metric over the earlier tree's (above 1 = faster now); slowest case "
+              f"{worst:.3f}x.", ""]
+    return lines
 
 
 def time_breakdown_lines(train: list[dict[str, Any]]) -> list[str]:
@@ -165,14 +181,15 @@ def markdown(r: dict[str, Any]) -> str:
         lines += time_breakdown_lines(train)
         lines += published_lines(train)
 
-    if r.get("speedups"):
-        tt = any("torchtune" in sp for sp in r["speedups"])
+    against_baselines = [sp for sp in r.get("speedups", []) if "hf" in sp or "torchtune" in sp]
+    if against_baselines:
+        tt = any("torchtune" in sp for sp in against_baselines)
         head = "| case | metric | ft-prog | transformers | speed-up | memory ratio |"
         if tt:
             head += " torchtune | speed-up vs torchtune | memory ratio vs torchtune |"
         lines += ["## ft-prog vs transformers + PEFT" + (" and torchtune" if tt else "") + " (same case)", "",
                   head, "|" + " --- |" * (9 if tt else 6)]
-        for sp in r["speedups"]:
+        for sp in against_baselines:
             line = (f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {_num(sp.get('hf'), ',.1f')} | "
                     f"{_times(sp.get('speedup'))} | {_num(sp.get('memory_ratio'), '.2f')} |")
             if tt:
@@ -181,6 +198,8 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(line)
         lines += ["", "Speed-up: ft-prog's metric over the baseline's (above 1 = ft-prog faster); memory ratio: "
                   "ft-prog's peak over the baseline's (below 1 = ft-prog uses less).", ""]
+
+    lines += baseline_tree_lines(r)
 
     if r.get("loss_checks"):
         lines += ["## Same work? Step-0 loss, same weights and batch", "",
@@ -239,7 +258,7 @@ def markdown(r: dict[str, Any]) -> str:
             outs[c["system"]] = x["output"]
             lines.append(f"| {c['system']} | {x['prompt_len']} | {x['new_tokens']} | {x['tokens_per_s']:,.1f} | "
                          f"{x['decode_tokens_per_s']:,.1f} | {x['prefill_s'] * 1e3:,.1f} |")
-        if len(outs) == 2:
+        if "ftprog" in outs and "hf" in outs:
             a, b = outs["ftprog"], outs["hf"]
             same = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
             lines += ["", f"Greedy outputs agree on the first {same} of {len(b)} tokens."]
@@ -296,7 +315,7 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
     train = [x for x in rows if x["case"]["kind"] == "train"]
     sft = [x for x in rows if x["case"]["kind"] == "sft"]
     gen = [x for x in rows if x["case"]["kind"] == "generate"]
-    colors = {"ftprog": "#1f77b4", "hf": "#ff7f0e", "torchtune": "#9467bd"}
+    colors = {"ftprog": "#1f77b4", "hf": "#ff7f0e", "torchtune": "#9467bd", "ftprog-base": "#7f7f7f"}
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
 
     def label(x: dict) -> str:
@@ -317,8 +336,9 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=colors["ftprog"], label="ft-prog"), Patch(color=colors["hf"], label="transformers + PEFT")]
-    if any(x["case"]["system"] == "torchtune" for x in train):
-        handles.append(Patch(color=colors["torchtune"], label="torchtune"))
+    for system in ("torchtune", "ftprog-base"):
+        if any(x["case"]["system"] == system for x in train):
+            handles.append(Patch(color=colors[system], label=NAMES[system]))
     ax.legend(handles=handles, fontsize=8)
     ax.set_title("training tokens/s (whiskers: p10-p90 of step time)")
     ax.set_ylabel("tokens/s")

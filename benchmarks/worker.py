@@ -403,7 +403,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     out.update(mem.stop())
     if case.get("profile"):  # after the timed steps and the memory reading: neither sees the profiler
         out["time_breakdown"] = profile_step(step, device)
-    if case["system"] == "ftprog":
+    if case["system"] == "ftprog" and not case.get("baseline_tree"):
         out["plan"] = plan_summary(case, cfg, batch=B, seq=S, mask=False, targets_fraction=n_targets / (B * S))
     out.update(step_times=times[case["warmup"]:], warmup_times=times[: case["warmup"]], losses=losses,
                tokens_per_step=B * S, targets_per_step=n_targets)
@@ -570,7 +570,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         cells += n_c
     total = time.perf_counter() - start
     out.update(mem.stop())
-    if case["system"] == "ftprog":  # padded batches: the plan's worst case (every row seq_len long)
+    if case["system"] == "ftprog" and not case.get("baseline_tree"):  # padded batches: the plan's worst case
         out["plan"] = plan_summary(case, _config(case), batch=B, seq=spec["seq_len"], mask=True,
                                    targets_fraction=1.0)
     out.update(first_loss=out.get("check_loss", warm_losses[0] if warm_losses else None), batches=n_batches, epoch_s=total, step_times=times,
@@ -634,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     case_file, result_file = Path(argv[0]), Path(argv[1])
     case = json.loads(case_file.read_text())
+    if case.get("system") == "ftprog-base":  # an earlier ft-prog on the import path: the same code, no plan
+        case = {**case, "system": "ftprog", "baseline_tree": True}
     import torch
 
     if case.get("threads"):
@@ -648,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {"ok": False, "error": msg if msg.startswith("unavailable") else f"{type(e).__name__}: {msg}",
                   "traceback": traceback.format_exc()[-3000:]}
     result.update(threads=torch.get_num_threads(), wall_s=time.perf_counter() - start, pid=os.getpid())
+    if "ftprog.core" in sys.modules:  # which source tree ran (--ftprog-baseline puts an earlier one first)
+        result["ftprog_source"] = str(Path(sys.modules["ftprog.core"].__file__).resolve().parent.parent)
     result_file.write_text(json.dumps(result))
     return 0
 

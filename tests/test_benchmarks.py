@@ -228,3 +228,37 @@ def test_published_figure_case_and_its_report():
     assert harness.speedups([mine, {**other, "case": {**plain, "shape": case["shape"]}}])[0]["speedup"] == 9
     md = "\n".join(report.published_lines([mine, other]))
     assert "## Against published figures" in md and "| 4.25 | 8.5 (peak active memory) | 0.50 | 900 |" in md
+
+
+def test_earlier_ftprog_tree_runs_every_ftprog_case_and_is_reported(tmp_path):
+    """``--ftprog-baseline TREE``: each ft-prog case also runs as ``ftprog-base`` with TREE's packages first on the
+    import path; the report compares the two case by case; a folder that is not a source tree is refused."""
+    from benchmarks import harness, report
+
+    args = harness.build_parser().parse_args(["--preset", "quick", "--ftprog-baseline", str(ROOT)])
+    cases = harness.preset_cases("quick", args)[1]
+    ours = [harness.case_label(c).replace("-ftprog-", "-") for c in cases if c["system"] == "ftprog"]
+    base = [harness.case_label(c).replace("-ftprog-base-", "-") for c in cases if c["system"] == "ftprog-base"]
+    assert ours and ours == base
+
+    earlier = tmp_path / "earlier"  # a stand-in source tree: the shim must win over the installed ft-prog
+    for name in ("core", "transforms", "programs"):
+        (earlier / name).mkdir(parents=True)
+        (earlier / name / "__init__.py").write_text(f"TREE = 'earlier {name}'\n")
+    shim = Path(harness.baseline_shim(str(earlier), tmp_path / "out"))
+    code = "import ftprog.core, ftprog.programs; print(ftprog.core.TREE, '/', ftprog.programs.TREE)"
+    env = {"PYTHONPATH": str(shim), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "earlier core / earlier programs"
+    with pytest.raises(SystemExit, match="not an ft-prog source tree"):
+        harness.baseline_shim(str(tmp_path / "out"), tmp_path / "x")
+
+    def row(system, tps, mem):
+        case = {"kind": "train", "system": system, "method": "lora", "stack": [], "dtype": "bf16", "threads": 1,
+                "batch": 2, "seq": 8}
+        return {"case": case, "label": harness.case_label(case), "tokens_per_s": tps, "losses": [5.0], "peak_memory": mem}
+
+    (sp,) = harness.speedups([row("ftprog", 99.0, 100), row("ftprog-base", 100.0, 100)])
+    assert sp["speedup_ftprog-base"] == pytest.approx(0.99) and sp["memory_ratio_ftprog-base"] == pytest.approx(1)
+    md = "\n".join(report.baseline_tree_lines({"speedups": [sp]}))
+    assert "earlier ft-prog" in md and "0.99x" in md and "slowest case 0.990x" in md
