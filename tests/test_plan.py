@@ -321,3 +321,17 @@ def test_loss_softmax_block_as_the_loss_takes_it():
     assert (cpu.softmax_rows, cuda.softmax_rows) == (_loss._softmax_rows(32000, torch.device("cpu")), 524)
     assert cuda.loss_chunk - cpu.loss_chunk == (524 - 16) * 32000 * 8
     assert "16 rows at a time" in format_plan(cpu)
+
+
+def test_plan_command_verdict_and_a_bad_target():
+    from typer.testing import CliRunner
+
+    from ftprog.programs.cli import app
+
+    runner = CliRunner()
+    fits = runner.invoke(app, ["plan", "demo", "--device", "cpu", "--memory", "64GiB"])
+    assert fits.exit_code == 0 and "fits in 64.00 GiB" in fits.output and "backward" in fits.output
+    short = runner.invoke(app, ["plan", "demo", "--device", "cpu", "--memory", "100MiB"])
+    assert short.exit_code == 1 and "does NOT fit" in short.output
+    bad = runner.invoke(app, ["plan", "demo", "peft.method=lora", 'peft.targets=["qproj"]', "--device", "cpu"])
+    assert bad.exit_code == 2 and "'qproj'" in bad.output and "Traceback" not in bad.output
