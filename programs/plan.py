@@ -156,7 +156,7 @@ class Step:
 
 @attrs.frozen
 class Footprint:
-    """Training memory of a ``num_layers``-deep model, from :class:`Step` s at 1 and 2 layers."""
+    """Training memory of a ``num_layers``-deep model, from its steps at 1 and 2 layers."""
 
     num_layers: int
     one: Step
@@ -513,8 +513,10 @@ def estimate(
            else optim.sgd(1e-3, momentum=momentum, state_dtype=state_dtype))
     run = functools.partial(measure, num_layers=s.num_layers, batch_size=u.batch_size, seq_len=u.seq_len,
                             mask=u.mask, chunk_size=u.chunk_size, optimizer=opt)
-    footprint = run(model_builder(s, u))
-    other = run(model_builder(s, attrs.evolve(u, checkpoint=not u.checkpoint)), backward=False).scaled("saved")
+    plain = functools.cache(model_builder(s, attrs.evolve(u, checkpoint=False)))  # one (quantized) base per depth
+    built = {False: plain, True: lambda num_layers: checkpoint(plain(num_layers))}
+    footprint = run(built[u.checkpoint])
+    other = run(built[not u.checkpoint], backward=False).scaled("saved")
     activations = footprint.scaled("saved")
     acts_ck, acts_full = (activations, other) if u.checkpoint else (other, activations)
     notes = []
