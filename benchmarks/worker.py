@@ -227,15 +227,14 @@ def optimizer_state_dtype(case: dict[str, Any]):
     return torch_dtype(case["dtype"])
 
 
-def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: int, mask: bool,
-                 targets_fraction: float) -> dict[str, Any]:
+def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: int, mask: bool) -> dict[str, Any]:
     """What ``ftprog.programs.plan.estimate`` predicts for this case (compared with the measured peak)."""
     from ftprog.programs.plan import estimate
 
     p = estimate(cfg, method=case["method"], dtype=case["dtype"], batch_size=batch, seq_len=seq,
                  rank=case.get("rank", 8), targets=tuple(case.get("targets", ("q_proj", "v_proj"))),
                  state_dtype=str(optimizer_state_dtype(case) or "fp32").replace("torch.", ""),
-                 checkpoint="checkpoint" in case.get("stack", []), mask=mask, targets_fraction=targets_fraction,
+                 checkpoint="checkpoint" in case.get("stack", []), mask=mask,
                  device=case["device"], max_grad_norm=MAX_GRAD_NORM)
     return {"peak": p.peak, "tensor_peak": p.tensor_peak, "overhead": p.overhead, "phase": p.peak_phase,
             "phases": p.phases, "weights": p.weights, "adapters": p.adapters, "gradients": p.gradients,
@@ -404,7 +403,7 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     if case.get("profile"):  # after the timed steps and the memory reading: neither sees the profiler
         out["time_breakdown"] = profile_step(step, device)
     if case["system"] == "ftprog" and not case.get("baseline_tree"):
-        out["plan"] = plan_summary(case, cfg, batch=B, seq=S, mask=False, targets_fraction=n_targets / (B * S))
+        out["plan"] = plan_summary(case, cfg, batch=B, seq=S, mask=False)
     out.update(step_times=times[case["warmup"]:], warmup_times=times[: case["warmup"]], losses=losses,
                tokens_per_step=B * S, targets_per_step=n_targets)
     return out
@@ -571,8 +570,7 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
     total = time.perf_counter() - start
     out.update(mem.stop())
     if case["system"] == "ftprog" and not case.get("baseline_tree"):  # padded batches: the plan's worst case
-        out["plan"] = plan_summary(case, _config(case), batch=B, seq=spec["seq_len"], mask=True,
-                                   targets_fraction=1.0)
+        out["plan"] = plan_summary(case, _config(case), batch=B, seq=spec["seq_len"], mask=True)
     out.update(first_loss=out.get("check_loss", warm_losses[0] if warm_losses else None), batches=n_batches, epoch_s=total, step_times=times,
                trained_tokens=targets, real_tokens=real, batch_cells=cells, padding_share=1 - real / max(cells, 1),
                effective_tokens_per_s=targets / total, real_tokens_per_s=real / total)

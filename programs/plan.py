@@ -1,39 +1,44 @@
 """`ft-prog plan`: predict the peak training memory of an sft config before loading anything.
 
-The prediction needs only the model's ``config.json`` (or a preset name) and the
-sft config. It adds up, per rank:
+The planner does not model the decoder: it builds the model from ``config.json`` alone on the meta device
+(shapes and dtypes, no data), through the transforms sft applies (:func:`~ftprog.transforms.quantize`,
+:func:`~ftprog.transforms.lora`, :func:`~ftprog.transforms.checkpoint`), and runs one real training
+micro-batch on it: ``value_and_grad`` of :func:`ftprog.core.token_loss_sum`, then the optimizer's ``init``
+(:func:`measure`). It does so for a 1- and a 2-layer copy of the model and scales by the layer count, every
+layer costing what the second one does. A new architecture or transform is planned with no change here.
 
-- **weights**: every leaf at the training dtype; NF4 linears (QLoRA) at 0.516
-  bytes per parameter (4-bit codes + one int8 scaler per block of 64 + one fp32
-  factor per 256 scalers);
-- **adapters**: LoRA ``A``/``B`` (and DoRA magnitudes), fp32 as ``lora`` keeps them;
-- **gradients**: one tensor per trainable leaf, in the leaf's dtype;
-- **optimizer**: AdamW's two moments per trainable leaf (SGD with momentum: one), fp32 or
-  ``optimizer.state_dtype``;
-- **activations**: the tensors autograd saves for the backward, derived op by op
-  from the decoder (:mod:`ftprog.core._decoder`): which tensor each op saves depends
-  on which of its inputs need a gradient, so full fine-tuning, LoRA on some
-  projections and a frozen base differ; activation checkpointing keeps each
-  layer's input and recomputes one layer at a time in the backward;
-- **loss**: :func:`ftprog.core.token_loss_sum` keeps the gradient of the hidden
-  states of the target positions (and for a trainable output layer its weight
-  gradient) from the forward, plus the logits of one chunk and the fp32
-  softmax of a block of its rows (2 MiB on CPU, 64 MiB on CUDA);
+Measured on the meta tensors, per rank:
+
+- **activations**: the distinct storages autograd saves for the backward (``saved_tensors_hooks``),
+  parameters excluded; under activation checkpointing that is each layer's input, by the real transform;
+- **gradients**: the gradients the backward returns;
+- **backward**: the most bytes alive during the backward (saved tensors not yet released, gradients so far,
+  and everything else: incoming gradients, a checkpointed layer recomputed, NF4 weights dequantized);
+- **weights, adapters, optimizer state**: sums over the transformed parameter tree (NF4 weights as torchao
+  stores them) and over the state the optimizer's ``init`` creates.
+
+Static terms, and why:
+
+- **loss chunk**: the logits of one chunk of target positions and the fp32 softmax of a block of its rows
+  live only inside the loss's forward, and on meta tensors the loss takes CUDA-sized softmax blocks, so the
+  CPU block (2 MiB; 64 MiB on CUDA) comes from the loss's own block size;
+- the optimizer's and gradient clipping's **fp32 pieces** of narrower params: transient in the update, sized
+  by the optimizer's piece size;
+- **sharding** over ``nproc`` ranks divides weights, gradients and optimizer state and adds one gathered
+  layer;
 - a fixed **runtime overhead** (the process / CUDA context), measured once.
 
-Sharding over ``nproc`` ranks divides weights, gradients and optimizer state.
+Meta tensors differ from CPU ones in two places, bridged while measuring: scaled-dot-product attention on
+meta always takes the math kernel (which keeps ``[batch, heads, seq, seq]`` probabilities), so it is
+routed to the kernel CPU tensors of the same shapes get (flash attention: q, k, v, output, log-sum-exp and
+the additive mask); and the loss's boolean target mask has no data, so every position counts as a target
+(the worst case). On CUDA the plan assumes the CPU kernels' saved tensors (its fused attention keeps the
+same; its dropout a 1-byte mask where CPU keeps the scaled noise, so a dropout plan is a little high).
 
-The per-op rules were measured on CPU (torch 2.13). On CUDA the plan assumes the
-same saved tensors from fused attention kernels (flash / memory-efficient: q, k,
-v, output, log-sum-exp); an attention call that falls back to the math kernel
-(e.g. an explicit mask with grouped-query attention on a kernel without GQA
-support) also keeps the ``[batch, heads, seq, seq]`` probabilities, which this
-plan does not count.
-The peak is the largest of the step's phases (end of forward, start and end of
-the backward, gradient clipping, optimizer update), each being the tensors
-alive at that moment; see :func:`estimate`. The activation formula is checked
-against the bytes autograd really saves (``tests/test_plan.py``) and the whole
-peak against measured peak memory (``python -m benchmarks``).
+The peak is the largest of the step's phases (end of forward, backward, gradient clipping, optimizer
+update), each being the tensors alive at that moment; see :func:`estimate`. ``tests/test_plan.py`` checks
+the measurements against the bytes autograd keeps on real CPU tensors and the phases against live tensor
+bytes of real steps; ``python -m benchmarks`` the whole peak against measured peak memory.
 
 Example::
 
@@ -43,22 +48,34 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
+import torch
+import torch.fx.experimental._config as fx_config
+from torch.nn.attention import SDPBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-if TYPE_CHECKING:
-    from ftprog.core import ModelConfig
+from ftprog.core import (
+    PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, optim, preset, token_loss_sum, value_and_grad,
+)
+from ftprog.core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
+from ftprog.core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
+from ftprog.programs import demo_assets
+from ftprog.programs.config import load_config
+from ftprog.programs.sft_config import SFTConfig
+from ftprog.transforms import checkpoint, lora, param_bytes, quantize, trainable
 
 # Bytes of one element of each training dtype.
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-"""4-bit codes, an int8 scaler per 64 values, an fp32 factor per 256 scalers (about 0.516)."""
 
 RUNTIME_OVERHEAD = {"cpu": 370 * 2**20, "cuda": 640 * 2**20}
 """Memory outside the model's tensors.
@@ -81,8 +98,6 @@ CHECKPOINT_IMPORT_OVERHEAD = 75 * 2**20
 QUANTIZE_IMPORT_OVERHEAD = 80 * 2**20
 """Host memory importing torchao adds on CPU (QLoRA): +81 MiB of resident set measured (torchao 0.18)."""
 
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -113,8 +128,6 @@ def fmt_bytes(n: float) -> str:
 
 def model_config(config: Any) -> ModelConfig:
     """The :class:`ftprog.core.ModelConfig` of ``config``: a ModelConfig, a config.json dict or a preset name."""
-    from ftprog.core import ModelConfig, preset
-
     if isinstance(config, str):
         config = preset(config)
     if isinstance(config, Mapping):
@@ -124,62 +137,205 @@ def model_config(config: Any) -> ModelConfig:
     return config
 
 
-def projections(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``{name: (in_features, out_features)}`` of one layer's projections (``q_proj`` ... ``down_proj``)."""
-    from ftprog.core import param_shapes
-
-    shapes = param_shapes(attrs.evolve(config, num_layers=1))
-    return {name: shapes[f"model.layers.0.{'self_attn' if name in _ATTENTION else 'mlp'}.{name}.weight"][::-1]
-            for name in _ATTENTION + _MLP}
+# ------------------------------------------------------------------------------------ measuring on meta
 
 
-def layer_params(config: ModelConfig) -> tuple[int, int]:
-    """``(projection weights, other leaves)`` element counts of one decoder layer."""
-    from ftprog.core import param_shapes
+@attrs.frozen
+class Step:
+    """One training micro-batch of a model of some depth, run on meta tensors (bytes unless said)."""
 
-    shapes = param_shapes(attrs.evolve(config, num_layers=1))
-    layer = {k: math.prod(v) for k, v in shapes.items() if k.startswith("model.layers.0.")}
-    linear = sum(n for k, n in layer.items() if k.endswith("_proj.weight"))
-    return linear, sum(layer.values()) - linear
-
-
-def num_params(config: ModelConfig) -> int:
-    """Element count of every tensor a checkpoint of ``config`` holds."""
-    from ftprog.core import param_shapes
-
-    return sum(math.prod(shape) for shape in param_shapes(config).values())
+    elements: int  # parameter elements (a quantized weight counts those it stands for)
+    param_bytes: int  # every parameter leaf as stored (a quantized weight by its inner tensors)
+    trainable: int  # elements of the trainable leaves
+    trainable_bytes: int
+    saved: int  # distinct non-parameter storages autograd saved in the forward for the backward
+    gradients: int  # the gradients the backward returned
+    optimizer: int  # the state the optimizer's init made for the trainable leaves
+    backward: tuple[tuple[int, int, int], ...]  # (saved, gradients, other) alive after each op of the backward
 
 
-def resolve_targets(config: ModelConfig, targets: str | Sequence[str]) -> tuple[set[str], bool]:
-    """``(layer projection names, lm_head?)`` that LoRA ``targets`` select (as ``transforms.lora`` reads them).
+@attrs.frozen
+class Footprint:
+    """Training memory of a ``num_layers``-deep model, from its steps at 1 and 2 layers."""
 
-    Patterns are matched against the name of the projection in layer 0; a glob over layer numbers is taken
-    to select that projection in every layer (the planner models uniform layers).
+    num_layers: int
+    one: Step
+    two: Step
+
+    def scaled(self, name: str) -> int:
+        """:class:`Step` field ``name`` at ``num_layers`` layers: the 1-layer value plus the per-layer difference."""
+        at_one, at_two = getattr(self.one, name), getattr(self.two, name)
+        return at_one + (self.num_layers - 1) * (at_two - at_one)
+
+    def backward_peak(self, shards: int = 1) -> int:
+        """The most bytes alive during the backward at ``num_layers`` layers, gradients divided over ``shards``.
+
+        A layer added between the two of a 2-layer model adds its saved tensors to each moment of the
+        backward before it and its gradients to each moment after it, so each added layer raises the peak
+        by at most the larger of the two: the plan adds that (exact when the 2-layer peak lies on the side
+        of that larger term, as it does when one term dominates).
+        """
+        def peak(step: Step) -> float:
+            return max((s + g / shards + o for s, g, o in step.backward), default=0)
+
+        if self.num_layers == 1:
+            return int(peak(self.one))
+        per_layer = max(self.two.saved - self.one.saved, (self.two.gradients - self.one.gradients) / shards)
+        return int(peak(self.two) + (self.num_layers - 2) * per_layer)
+
+
+def measure(build: Callable[[int], Model], num_layers: int, *, batch_size: int, seq_len: int,
+            mask: bool = True, chunk_size: int = 1024, optimizer: Any = None, backward: bool = True) -> Footprint:
+    """Run one training micro-batch of ``build(1)`` and ``build(2)`` on meta tensors; scale to ``num_layers``.
+
+    ``build(n)`` returns the model to plan, ``n`` layers deep, with every leaf on the meta device (see
+    :func:`model_builder`); its forward may be anything :func:`ftprog.core.token_loss_sum` can call. The
+    micro-batch is ``[batch_size, seq_len]`` tokens, all of them targets, with packed position ids when
+    ``mask`` (so attention gets an explicit mask, as in sft) and plain causal attention otherwise.
+    ``optimizer`` (default: AdamW with fp32 state) sizes the optimizer state. ``backward=False`` runs the
+    forward only: the gradients, the optimizer state and the backward stay 0 (faster, for ``saved``).
     """
-    from fnmatch import fnmatchcase
-
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    names: set[str] = set()
-    head = False
-    for t in targets:
-        if t == "all-linear":
-            names |= set(_ATTENTION + _MLP)
-            continue
-        if t == "lm_head":
-            if config.tie_word_embeddings:
-                raise PlanError("lora target 'lm_head': the model ties its embeddings, lm_head has no weight")
-            head = True
-            continue
-        hit = {n for n in _ATTENTION + _MLP
-               if t == n or fnmatchcase(f"model.layers.0.{'self_attn' if n in _ATTENTION else 'mlp'}.{n}", t)
-               or fnmatchcase(n, t)}
-        if not hit:
-            raise PlanError(f"lora target {t!r} matches no linear layer (names: {', '.join(_ATTENTION + _MLP)})")
-        names |= hit
-    return names, head
+    optimizer = optim.adamw(1e-3) if optimizer is None else optimizer
+    one, two = (_run_step(build(n), batch_size, seq_len, mask, chunk_size, optimizer, backward) for n in (1, 2))
+    return Footprint(num_layers, one, two)
 
 
-# ----------------------------------------------------------------------------------------------- activations
+def _run_step(model: Model, batch_size: int, seq_len: int, mask: bool, chunk_size: int, optimizer: Any,
+              backward: bool) -> Step:
+    leaves = flatten(model.params)
+    off_meta = [path for path, t in leaves.items() if t.device.type != "meta"]
+    if off_meta:
+        raise ValueError(f"measure needs the model on the meta device; {off_meta[0]!r} is on "
+                         f"{leaves[off_meta[0]].device}")
+    trainable = model.trainable_params()
+    sizes = dict(elements=sum(t.numel() for t in leaves.values()), param_bytes=param_bytes(model),
+                 trainable=sum(t.numel() for t in trainable.values()), trainable_bytes=param_bytes(trainable))
+    tokens = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    kwargs = {"position_ids": tokens} if mask else {}  # zeros: every position starts a document
+    storages = _Storages(leaves.values())
+    at_backward = {}
+
+    def loss_fn(m: Model) -> torch.Tensor:
+        with torch.autograd.graph.saved_tensors_hooks(storages.saved, lambda t: t):
+            loss = token_loss_sum(m, tokens, tokens, chunk_size=chunk_size, **kwargs)
+        at_backward.update(clock=storages.clock, saved=storages.total("saved"))
+        return loss
+
+    # the loss picks its target positions with a boolean mask: without data, every position is a target
+    with _attention_as_on_cpu(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        if not backward:  # the trainable leaves need gradients, as value_and_grad makes them, or less is saved
+            with torch.enable_grad():
+                loss_fn(model.with_params({p: t.detach().requires_grad_(True) for p, t in trainable.items()}))
+            return Step(**sizes, saved=at_backward["saved"], gradients=0, optimizer=0, backward=())
+        with storages:
+            _, grads = value_and_grad(loss_fn)(model)
+            backward_end = storages.clock
+            state = optimizer.init(trainable)
+    optimizer_bytes = storages.total("other", born_after=backward_end)
+    del state
+    for g in grads.values():
+        storages.add(g, "gradient")
+    return Step(**sizes, saved=at_backward["saved"], gradients=storages.total("gradient"), optimizer=optimizer_bytes,
+                backward=storages.timeline(at_backward["clock"] + 1, backward_end))
+
+
+class _Storages(TorchDispatchMode):
+    """The storages of meta tensors the ops under it create: when (op count) each was made and freed, and kind.
+
+    Kinds: ``param`` (those of ``params``, quantized ones by their inner tensors), ``saved`` (autograd saved
+    it for the backward), ``gradient``, ``other``. A storage counts once however many tensors view it.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.clock = 0
+        self.lives: list[list] = []  # [born, freed (None: alive), bytes, kind]
+        self._index: dict[int, int] = {}  # live storage -> its entry in lives
+        stack = list(params)
+        while stack:
+            t = stack.pop()
+            if hasattr(t, "__tensor_flatten__"):
+                stack += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+            else:
+                self.add(t, "param")
+
+    def add(self, t: Any, kind: str = "other") -> None:
+        """Track ``t``'s storage (a plain meta tensor); a tracked one takes ``kind`` unless it is a parameter or
+        ``kind`` is ``other`` (a view of a saved tensor is no new storage)."""
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "meta":
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._index:
+            entry = self.lives[self._index[key]]
+            if entry[3] != "param" and kind != "other":
+                entry[3] = kind
+            return
+        self._index[key] = len(self.lives)
+        self.lives.append([self.clock, None, storage.nbytes(), kind])
+        weakref.finalize(storage, self._free, key)
+
+    def saved(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``saved_tensors_hooks`` pack hook: label ``t``'s storage saved, keep ``t`` as it is."""
+        self.add(t, "saved")
+        return t
+
+    def _free(self, key: int) -> None:
+        self.lives[self._index.pop(key)][1] = self.clock
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.clock += 1
+        for t in tree_leaves(out):
+            self.add(t)
+        return out
+
+    def total(self, kind: str, born_after: int = -1) -> int:
+        """Bytes of the storages of ``kind`` alive now (made after op ``born_after``)."""
+        return sum(n for born, freed, n, k in self.lives if k == kind and freed is None and born > born_after)
+
+    def timeline(self, start: int, end: int) -> tuple[tuple[int, int, int], ...]:
+        """``(saved, gradients, other)`` bytes alive after each op from ``start`` to ``end``."""
+        column = {"saved": 0, "gradient": 1, "other": 2}
+        deltas = [[0, 0, 0] for _ in range(end - start + 2)]
+        for born, freed, n, kind in self.lives:
+            first, last = max(born, start), end if freed is None else min(freed, end)
+            if kind != "param" and first <= last:  # alive after ops first .. last
+                deltas[first - start][column[kind]] += n
+                deltas[last - start + 1][column[kind]] -= n
+        alive, out = [0, 0, 0], []
+        for delta in deltas[:-1]:
+            alive = [a + d for a, d in zip(alive, delta)]
+            out.append(tuple(alive))
+        return tuple(out)
+
+
+@contextlib.contextmanager
+def _attention_as_on_cpu() -> Iterator[None]:
+    """Scaled-dot-product attention on meta tensors runs the kernel CPU tensors of the same shapes get."""
+    with torch.library._scoped_library("aten", "IMPL") as library:
+        library.impl("scaled_dot_product_attention", _cpu_attention, "AutogradMeta")
+        yield
+
+
+def _cpu_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` for meta tensors, dispatched as the CPU does (meta always takes math)."""
+    def on_cpu(t: torch.Tensor | None) -> torch.Tensor | None:  # uninitialised, never read: only its layout counts
+        return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(
+            t.requires_grad)
+
+    choice = torch._fused_sdp_choice(on_cpu(query), on_cpu(key), on_cpu(value), attn_mask=on_cpu(attn_mask),
+                                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # the kernels take it additive, in the query dtype
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+    if choice == SDPBackend.FLASH_ATTENTION.value:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+# ----------------------------------------------------------------------------------------------------- plan
 
 
 @attrs.frozen
@@ -195,165 +351,44 @@ class Setup:
     dropout: float = 0.0
     checkpoint: bool = False
     mask: bool = True
-    """The batches carry an attention mask or packed position ids (sft always does): one ``[B, 1, S, S]``
-    bool mask is built and kept. False: plain causal batches (benchmarks)."""
-    targets_fraction: float = 1.0
-    """Share of positions with a loss target (the planner assumes every one: the worst case)."""
+    """The batches carry an attention mask or packed position ids (sft always does): attention gets an
+    explicit ``[B, 1, S, S]`` mask. False: plain causal batches (benchmarks)."""
     chunk_size: int = 1024
     adapter_dtype: str = "fp32"
     device: str = "cpu"
-    """cpu or cuda: dropout keeps a noise tensor in the input dtype on CPU, a bool mask on CUDA."""
+    """cpu or cuda: the loss's softmax block and the runtime overhead."""
 
     def __attrs_post_init__(self):
         if self.method not in ("full", "lora", "dora", "qlora"):
             raise PlanError(f"unknown method {self.method!r} (full, lora, dora, qlora)")
-        if self.dtype not in DTYPE_BYTES:
-            raise PlanError(f"unknown dtype {self.dtype!r} ({', '.join(DTYPE_BYTES)})")
+        for name in ("dtype", "adapter_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise PlanError(f"unknown {name} {getattr(self, name)!r} ({', '.join(DTYPE_BYTES)})")
 
 
-class _Saved:
-    """Tensors saved for the backward, keyed so that one tensor saved by several ops counts once."""
+def model_builder(config: ModelConfig, setup: Setup) -> Callable[[int], Model]:
+    """``build(num_layers)``: the model sft trains for ``setup``, ``config`` cut to ``num_layers`` layers, on meta.
 
-    def __init__(self) -> None:
-        self.items: dict[str, int] = {}
-
-    def add(self, key: str, nbytes: float) -> None:
-        self.items.setdefault(key, int(nbytes))
-
-    def total(self, prefix: str = "") -> int:
-        return sum(v for k, v in self.items.items() if k.startswith(prefix))
-
-
-def activation_bytes(config: ModelConfig, setup: Setup) -> dict[str, int]:
-    """Bytes autograd keeps from the forward to the backward of one micro-batch, derived op by op.
-
-    Returns ``{"layers", "shared", "final_norm", "loss", "total", "layer_max", "recompute"}``:
-    ``layers`` sums what each decoder layer keeps (its input only, under activation checkpointing),
-    ``shared`` the RoPE tables, the attention mask and the token ids, ``loss`` what
-    :func:`token_loss_sum` keeps (target mask, ``d loss / d hidden``, fp32 output-weight gradient),
-    ``total`` their sum (the activation memory at the end of the forward); ``layer_max`` is the most one
-    layer keeps without checkpointing, which a checkpointed layer holds again while it is recomputed in the
-    backward (``recompute``, 0 without checkpointing).
-
-    The rules are those of the ops in :mod:`ftprog.core._decoder`: ``F.linear`` keeps its input when the
-    weight needs a gradient; a LoRA linear keeps its input cast to the adapter dtype (a copy per adapted
-    projection when the dtypes differ) and the rank-r intermediate; RMSNorm keeps its fp32 input and the
-    reciprocal RMS when the input needs a gradient and its normalised input when the weight does; RoPE
-    keeps only the cos/sin tables; SDPA keeps q, k, v, the output and the log-sum-exp (GQA keys and values
-    unexpanded); SwiGLU keeps gate, silu(gate), up, and the product when ``down_proj`` is trained.
+    The transforms are sft's, in its order: quantize (QLoRA) -> lora or trainable -> checkpoint. A setting
+    they refuse (a LoRA target that matches nothing, a shape NF4 cannot hold) is a :class:`PlanError`.
     """
-    s, u = config, setup
-    b = DTYPE_BYTES[u.dtype]
-    ab = DTYPE_BYTES[u.adapter_dtype]
-    B, S = u.batch_size, u.seq_len
-    T = B * S
-    H, Q, K, I, r = s.hidden_size, s.q_dim, s.kv_dim, s.intermediate_size, u.rank
-    full = u.method == "full"
-    adapted, head_adapted = (set(), False) if full else resolve_targets(s, u.targets)
-    dora = u.method == "dora"
-    shapes = projections(s)
-    saved = _Saved()
+    def build(num_layers: int) -> Model:
+        cut = attrs.evolve(config, num_layers=num_layers, layer_windows=config.layer_windows[:num_layers])
+        with torch.device("meta"):
+            model = from_config(cut, dtype=as_dtype(setup.dtype))
+        try:
+            if setup.method == "qlora":
+                model = quantize(model, "nf4")
+            if setup.method == "full":
+                model = trainable(model)
+            else:
+                model = lora(model, rank=setup.rank, alpha=setup.rank, dropout=setup.dropout, targets=setup.targets,
+                             dora=setup.method == "dora", dtype=as_dtype(setup.adapter_dtype))
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        return checkpoint(model) if setup.checkpoint else model
 
-    def norm(pre: str, x: str, x_rg: bool, w_rg: bool, rows: int, width: int) -> bool:
-        if x_rg:  # pow / mul keep the fp32 input (a copy for bf16) and the reciprocal RMS
-            saved.add(f"{pre}{x}.f32", rows * width * 4)
-            saved.add(f"{pre}{x}.rsqrt", rows * 4)
-        if w_rg:  # weight * normalised input keeps the normalised input
-            saved.add(f"{pre}{x}.normalised", rows * width * b)
-        return x_rg or w_rg
-
-    def linear(pre: str, name: str, x: str, x_rg: bool) -> bool:
-        fan_in, fan_out = shapes[name]
-        if full:
-            saved.add(pre + x, T * fan_in * b)
-            return True
-        if name not in adapted:
-            return x_rg
-        if u.dropout > 0:  # a fresh dropped copy per adapted projection, cast to the adapter dtype
-            if x_rg:  # CPU: the input times a scaled noise tensor (input dtype); CUDA: a bool mask
-                saved.add(f"{pre}{name}.dropout_mask", T * fan_in * (1 if u.device == "cuda" else b))
-            saved.add(f"{pre}{name}.adapter_input", T * fan_in * ab)
-        elif ab != b:
-            saved.add(f"{pre}{name}.adapter_input", T * fan_in * ab)
-        else:
-            saved.add(pre + x, T * fan_in * ab)
-        saved.add(f"{pre}{name}.lora_hidden", T * r * ab)
-        if dora:  # magnitude / ||W + BA||, then mag_scale * (base + update)
-            saved.add(f"{pre}{name}.dora_sum", T * fan_out * b)
-            if u.dropout > 0:  # base + (mag_scale - 1) * base(dropped) + mag_scale * update
-                saved.add(f"{pre}{name}.dora_base_dropped", T * fan_out * b)
-            saved.add(f"{pre}{name}.dora_scale", fan_out * (4 + b))
-        return True
-
-    x_rg = full  # the embedding output needs a gradient only when the embedding is trained
-    if full:
-        saved.add("shared.tokens", T * 8)
-    per_layer = []
-    for i in range(s.num_layers):
-        pre = f"layer{i}."
-        before = saved.total(pre)
-        n1 = norm(pre, "x", x_rg, full, T, H)
-        q_rg, k_rg, v_rg = (linear(pre, n, "n1", n1) for n in ("q_proj", "k_proj", "v_proj"))
-        if s.qk_norm:
-            q_rg = norm(pre, "q", q_rg, full, T * s.num_heads, s.head_dim)
-            k_rg = norm(pre, "k", k_rg, full, T * s.num_kv_heads, s.head_dim)
-        attn_rg = q_rg or k_rg or v_rg
-        if q_rg or k_rg:
-            saved.add("shared.cos", T * s.head_dim * b)
-            saved.add("shared.sin", T * s.head_dim * b)
-        if attn_rg:
-            saved.add(pre + "q_rot", T * Q * b)
-            saved.add(pre + "k_rot", T * K * b)
-            saved.add(pre + "v", T * K * b)
-            saved.add(pre + "attn_out", T * Q * b)
-            saved.add(pre + "lse", B * s.num_heads * S * 4)
-            if u.mask:  # SDPA turns the bool mask into an additive one in the compute dtype, per layer
-                saved.add(pre + "mask", B * S * S * b)
-        o_rg = linear(pre, "o_proj", "attn_out", attn_rg)
-        x2_rg = x_rg or o_rg
-        n2 = norm(pre, "x2", x2_rg, full, T, H)
-        gate_rg = linear(pre, "gate_proj", "n2", n2)
-        up_rg = linear(pre, "up_proj", "n2", n2)
-        if gate_rg:  # silu keeps gate; the product keeps up
-            saved.add(pre + "gate", T * I * b)
-            saved.add(pre + "up", T * I * b)
-        if up_rg:  # the product keeps silu(gate)
-            saved.add(pre + "silu", T * I * b)
-        down_rg = linear(pre, "down_proj", "product", gate_rg or up_rg)
-        x_rg = x2_rg or down_rg
-        per_layer.append(saved.total(pre) - before)
-
-    shared = saved.total("shared.")
-    if u.checkpoint:  # only each layer's input (and the shared tables / mask) stays; layers are recomputed
-        layers = s.num_layers * T * H * b
-        shared = 2 * T * s.head_dim * b + (B * S * S if u.mask else 0) + (T * 8 if full else 0)
-    else:
-        layers = sum(per_layer)
-    final = _Saved()
-    if x_rg:
-        final.add("f32", T * H * 4)
-        final.add("rsqrt", T * 4)
-    if full:
-        final.add("normalised", T * H * b)
-    targets = int(round(T * u.targets_fraction))
-    loss = 0
-    if x_rg:
-        loss += T  # the boolean target mask (index backward)
-        if not head_adapted:
-            loss += targets * H * b  # d loss / d hidden, computed in the forward by the fused loss
-    head_trained = full
-    if head_trained:  # the output-weight gradient, computed in the forward: in the weight's dtype when the
-        # targets fit one chunk, else accumulated in fp32
-        loss += s.vocab_size * H * (b if targets <= u.chunk_size else 4)
-    if head_adapted:  # adapted output layer: checkpointed chunks keep their inputs and targets
-        loss += targets * (H * b + 8)
-    total = layers + shared + final.total() + loss
-    layer_max = max(per_layer) if per_layer else 0
-    return {"layers": int(layers), "shared": int(shared), "final_norm": final.total(), "loss": int(loss),
-            "total": int(total), "layer_max": int(layer_max), "recompute": int(layer_max if u.checkpoint else 0)}
-
-
-# ----------------------------------------------------------------------------------------------------- plan
+    return build
 
 
 @attrs.frozen
@@ -402,7 +437,7 @@ class Plan:
         u = self.setup
         shard = f" / {self.nproc} ranks" if self.nproc > 1 else ""
         weight_note = f"{self.num_params / 1e6:,.1f}M params, {u.dtype}" + (
-            ", NF4 linears (0.516 B/param)" if u.method == "qlora" else "") + shard
+            ", NF4 linears" if u.method == "qlora" else "") + shard
         act_note = (f"batch {u.batch_size} x seq {u.seq_len}, "
                     + ("activation checkpointing" if u.checkpoint else "no checkpointing")
                     + f" (with: {fmt_bytes(self.activations_checkpointed)}, without: {fmt_bytes(self.activations_full)})")
@@ -447,24 +482,18 @@ def estimate(
     ``targets``, ``dropout``, ``checkpoint``, ``mask``, ...) describes the step as :mod:`ftprog.programs.sft`
     runs it: ``value_and_grad`` of :func:`token_loss_sum`, ``clip_by_global_norm`` (in place), then the
     optimizer update in place (``inplace_update=False``: a functional update, new params while the old ones
-    are still held).
+    are still held). The model is measured with and without activation checkpointing (:func:`measure`).
 
     Phases (tensor bytes alive; ``static`` = weights + adapters + optimizer state):
 
-    - ``forward``: static + activations + the fp32 logits of one loss chunk (+ accumulated grads);
-    - ``backward start``: static + activations + the output-weight gradient cast + one layer's backward
-      workspace (+ the recomputed layer under checkpointing);
-    - ``backward end``: static + all gradients + workspace;
+    - ``forward``: static + activations + one loss chunk's logits and softmax block (+ accumulated grads);
+    - ``backward``: static + the backward's measured peak (+ a gathered layer when sharded, + accumulated
+      grads);
     - ``grad accumulation``: static + 3 x gradients (the sum, the new part and the running total);
     - ``clip``: static + gradients + the fp32 pieces their norms are taken of; ``update``: static +
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
       of a functional update). ``state_dtype``: the optimizer moments' dtype.
     """
-    import torch
-
-    from ftprog.core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
-    from ftprog.core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
-
     config = model_config(config)
     if setup is None:
         setup = Setup(**{k: (tuple(v) if k == "targets" else v) for k, v in setup_fields.items()})
@@ -476,71 +505,51 @@ def estimate(
     u, s = setup, config
     if nproc < 1:
         raise PlanError(f"nproc must be at least 1, got {nproc}")
-    b = DTYPE_BYTES[u.dtype]
-    ab = DTYPE_BYTES[u.adapter_dtype]
-    H, V = s.hidden_size, s.vocab_size
-    T = u.batch_size * u.seq_len
-    lin, other = layer_params(s)
-    total_params = num_params(s)
-    shapes = projections(s)
-    linear_params = s.num_layers * lin
-    notes = []
-
-    # Weights (QLoRA: every layer projection in NF4, the rest in the training dtype).
-    if u.method == "qlora":
-        weights = linear_params * NF4_BYTES_PER_PARAM + (total_params - linear_params) * b
-    else:
-        weights = total_params * b
-    adapter_params = 0
-    if u.method != "full":
-        names, head = resolve_targets(s, u.targets)
-        for name in names:
-            fan_in, fan_out = shapes[name]
-            adapter_params += s.num_layers * (u.rank * (fan_in + fan_out) + (fan_out if u.method == "dora" else 0))
-        if head:
-            adapter_params += u.rank * (H + V) + (V if u.method == "dora" else 0)
-    trainable = total_params if u.method == "full" else adapter_params
-    trainable_bytes = trainable * (b if u.method == "full" else ab)
-    adapters = adapter_params * ab
-    grads = trainable_bytes
     if state_dtype not in DTYPE_BYTES:
         raise PlanError(f"unknown optimizer state dtype {state_dtype!r} ({', '.join(DTYPE_BYTES)})")
-    state_bytes = DTYPE_BYTES[state_dtype]
-    state_per_param = {"adamw": 2, "sgd": 1 if momentum else 0}[optimizer] * state_bytes
-    opt_state = trainable * state_per_param
+    if optimizer not in ("adamw", "sgd"):
+        raise PlanError(f"unknown optimizer {optimizer!r} (adamw, sgd)")
+    opt = (optim.adamw(1e-3, state_dtype=state_dtype) if optimizer == "adamw"
+           else optim.sgd(1e-3, momentum=momentum, state_dtype=state_dtype))
+    run = functools.partial(measure, num_layers=s.num_layers, batch_size=u.batch_size, seq_len=u.seq_len,
+                            mask=u.mask, chunk_size=u.chunk_size, optimizer=opt)
+    plain = functools.cache(model_builder(s, attrs.evolve(u, checkpoint=False)))  # one (quantized) base per depth
+    built = {False: plain, True: lambda num_layers: checkpoint(plain(num_layers))}
+    footprint = run(built[u.checkpoint])
+    other = run(built[not u.checkpoint], backward=False).scaled("saved")
+    activations = footprint.scaled("saved")
+    acts_ck, acts_full = (activations, other) if u.checkpoint else (other, activations)
+    notes = []
 
-    weights, adapters_s, grads_s, opt_s = (x / nproc for x in (weights, adapters, grads, opt_state))
+    trainable, trainable_bytes = footprint.scaled("trainable"), footprint.scaled("trainable_bytes")
+    adapters = 0 if u.method == "full" else trainable_bytes
+    weights = footprint.scaled("param_bytes") - adapters
+    weights, adapters_s, grads_s, opt_s = (x / nproc for x in (
+        weights, adapters, footprint.scaled("gradients"), footprint.scaled("optimizer")))
+    gathered = 0
     if nproc > 1:  # a sharded layer is gathered whole for its forward / backward
-        notes.append("sharded: one layer's weights are gathered at a time (included in the workspace)")
+        gathered = footprint.two.param_bytes - footprint.one.param_bytes
+        notes.append("sharded: one layer's weights are gathered at a time (included in the backward)")
     static = weights + adapters_s + opt_s
 
-    acts = activation_bytes(s, u)
-    acts_ck = activation_bytes(s, attrs.evolve(u, checkpoint=True))
-    acts_full = activation_bytes(s, attrs.evolve(u, checkpoint=False))
-    chunk = min(u.chunk_size, max(1, int(round(T * u.targets_fraction))))
-    head_trained = u.method == "full"
-    # A chunk's [chunk, vocab] logits in the weight dtype (overwritten by their gradient), the fp32 copy and
-    # softmax of a block of its rows at a time, and for a trained output weight the chunk's [vocab, hidden]
-    # weight-gradient product (plus the fp32 running sum when the targets span several chunks).
-    targets_n = max(1, int(round(T * u.targets_fraction)))
-    softmax_rows = min(chunk, _softmax_rows(V, torch.device(u.device)))
+    # The loss's transients: a chunk's [chunk, vocab] logits in the weight dtype (overwritten by their
+    # gradient), the fp32 copy and softmax of a block of its rows at a time, and for a trained output weight
+    # whose targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
+    b, V = DTYPE_BYTES[u.dtype], s.vocab_size
+    targets = u.batch_size * u.seq_len
+    chunk = min(u.chunk_size, targets)
+    softmax_rows = min(chunk, _softmax_rows(V, torch.device(kind)))
     loss_chunk = chunk * V * b + softmax_rows * V * 8
-    if head_trained and targets_n > u.chunk_size:
-        loss_chunk += V * H * (b + 4)
-    # Backward workspace of one layer: the residual-stream gradient (twice, in flight), the MLP's
-    # intermediate gradients, fp32 norm gradients; a sharded layer's gathered weights.
-    I = s.intermediate_size
-    workspace = T * (2 * H * b + 3 * I * b + 2 * H * 4) + (lin + other) * b * (nproc > 1)
-    head_cast = V * H * b if head_trained else 0  # the scaled output-weight gradient at the backward start
+    if u.method == "full" and targets > u.chunk_size:
+        loss_chunk += V * s.hidden_size * b
     accum = grads_s if grad_accum > 1 else 0
-    upcast = min(trainable, _UPCAST_NUMEL) * state_bytes * 2 if u.method == "full" and b < state_bytes else 0
-    norm_pieces = min(trainable, _UPCAST_NUMEL) * 4 if u.method == "full" and b < 4 else 0
-    if u.method == "qlora":  # an NF4 linear is dequantized whole for its matmul (forward and backward)
-        workspace += max(a * c for a, c in shapes.values()) * b
+    pieces = min(trainable, _UPCAST_NUMEL)
+    state_bytes = DTYPE_BYTES[state_dtype]
+    upcast = pieces * state_bytes * 2 if trainable_bytes < trainable * state_bytes else 0
+    norm_pieces = pieces * 4 if trainable_bytes < trainable * 4 else 0
     phases = {
-        "forward": static + acts["total"] + loss_chunk + accum,
-        "backward start": static + acts["total"] + head_cast + workspace + acts["recompute"] + accum,
-        "backward end": static + grads_s + workspace + acts["shared"] + accum,
+        "forward": static + activations + loss_chunk + accum,
+        "backward": static + footprint.backward_peak(nproc) + gathered + accum,
         "clip": static + grads_s + norm_pieces if max_grad_norm > 0 else 0,
         "update": static + grads_s + (0 if inplace_update else trainable_bytes / nproc) + upcast,
     }
@@ -554,12 +563,12 @@ def estimate(
             overhead += CHECKPOINT_IMPORT_OVERHEAD * u.checkpoint + QUANTIZE_IMPORT_OVERHEAD * (u.method == "qlora")
     return Plan(
         model=model_name or "config", setup=u, device=str(device), nproc=nproc, grad_accum=grad_accum,
-        optimizer_name=optimizer, num_params=total_params, trainable_params=trainable,
-        weights=int(weights), adapters=int(adapters_s), gradients=int(grads_s), optimizer=int(opt_s),
-        activations=acts["total"], activations_checkpointed=acts_ck["total"], activations_full=acts_full["total"],
-        loss_chunk=int(loss_chunk), phases=phases, peak_phase=peak_phase, tensor_peak=phases[peak_phase],
-        overhead=int(overhead), memory=parse_memory(memory), notes=tuple(notes), state_dtype=state_dtype,
-        softmax_rows=softmax_rows,
+        optimizer_name=optimizer, num_params=footprint.scaled("elements") - (0 if u.method == "full" else trainable),
+        trainable_params=trainable, weights=int(weights), adapters=int(adapters_s), gradients=int(grads_s),
+        optimizer=int(opt_s), activations=activations, activations_checkpointed=acts_ck,
+        activations_full=acts_full, loss_chunk=int(loss_chunk), phases=phases, peak_phase=peak_phase,
+        tensor_peak=phases[peak_phase], overhead=int(overhead), memory=parse_memory(memory), notes=tuple(notes),
+        state_dtype=state_dtype, softmax_rows=softmax_rows,
     )
 
 
@@ -568,13 +577,9 @@ def estimate(
 
 def _model_config(path: str) -> tuple[dict[str, Any], str, str | None]:
     """``(config.json dict, where it came from, note)`` for ``model.path``, without loading weights."""
-    from ftprog.core import PRESETS
-
     if path in PRESETS:
         return dict(PRESETS[path]), f"preset {path}", None
     if path.startswith("builtin:"):
-        from ftprog.programs import demo_assets
-
         if path != demo_assets.DEMO_MODEL:
             raise PlanError(f"unknown built-in model {path!r}")
         folder = demo_assets.cache_dir() / "model"
@@ -596,8 +601,6 @@ def _model_config(path: str) -> tuple[dict[str, Any], str, str | None]:
 
 
 def _preset_for(name: str) -> str | None:
-    from ftprog.core import PRESETS
-
     key = re.sub(r"[-_](instruct|it|chat|base)$", "", name.lower())
     return key if key in PRESETS else None
 
@@ -611,14 +614,9 @@ def plan(config_name_or_path: str, overrides: Iterable[str] | Mapping[str, Any] 
     is planned with that preset's shape, with a note. ``device`` (cpu / cuda) picks the runtime overhead;
     default: cuda if torch sees a GPU. ``memory`` (``"24GiB"``) sets the budget ``Plan.fits`` checks.
     """
-    from ftprog.programs.config import load_config
-    from ftprog.programs.sft_config import SFTConfig
-
     cfg, _ = load_config(SFTConfig, config_name_or_path, overrides, builtin_dir=Path(__file__).parent / "configs" / "sft")
     raw, source, note = _model_config(cfg.model.path)
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     method = "full" if cfg.peft.method == "none" else cfg.peft.method
     setup = Setup(method=method, dtype=cfg.dtype, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
