@@ -65,7 +65,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ftprog.core import (
-    PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, optim, preset, token_loss_sum, value_and_grad,
+    PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, is_static, optim, preset, token_loss_sum,
+    value_and_grad,
 )
 from ftprog.core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
 from ftprog.core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
@@ -202,7 +203,7 @@ def measure(build: Callable[[int], Model], num_layers: int, *, batch_size: int, 
 
 def _run_step(model: Model, batch_size: int, seq_len: int, mask: bool, chunk_size: int, optimizer: Any,
               backward: bool) -> Step:
-    leaves = flatten(model.params)
+    leaves = {p: t for p, t in flatten(model.params).items() if not is_static(t)}
     off_meta = [path for path, t in leaves.items() if t.device.type != "meta"]
     if off_meta:
         raise ValueError(f"measure needs the model on the meta device; {off_meta[0]!r} is on "
