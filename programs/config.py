@@ -29,20 +29,14 @@ from typing import Any, Literal, Union
 import attrs
 import tomli_w
 
+from ftprog.core import ConfigError
+
 __all__ = [
     "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "load_config",
     "parse_overrides", "to_dict", "to_toml",
 ]
 
 EXTENDS_KEY = "extends"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be read or does not fit its class. ``key`` and ``source`` when known."""
-
-    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
-        super().__init__(message)
-        self.key, self.source = key, source
 
 
 # --------------------------------------------------------------------------------------------------
