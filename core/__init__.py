@@ -18,13 +18,23 @@ from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._presets import PRESETS, preset
 from ._tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
-from ._tree import flatten, matches, merge, partition, select, tree_map, unflatten
+from ._tree import combine, flatten, matches, partition, select, tree_map, unflatten
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
     "Decoder", "KVCache", "LoraSpec", "Model", "ModelConfig", "PRESETS", "TokenizedDataset", "Tokenizer",
-    "as_dtype", "dense_weight", "flatten", "from_config", "linear", "linear_paths", "lm_head", "load_datasets",
-    "load_pretrained", "load_tokenizer", "make_model", "matches", "merge", "optim", "param_shapes", "partition",
+    "as_dtype", "combine", "dense_weight", "flatten", "from_config", "linear", "linear_paths", "lm_head",
+    "load_datasets", "load_pretrained", "load_tokenizer", "make_model", "matches", "optim", "param_shapes", "partition",
     "preset", "read_config", "read_rows", "reuse_freed_memory", "save_pretrained", "select", "split_validation",
     "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten", "value_and_grad",
 ]
+
+
+def merge(*trees):
+    """Deprecated name of :func:`combine` (the union of parameter trees); adapters are folded into
+    weights by ``ftprog.transforms.merge``."""
+    import warnings
+
+    warnings.warn("ftprog.core.merge is renamed ftprog.core.combine (ftprog.transforms.merge folds adapters "
+                  "into weights)", DeprecationWarning, stacklevel=2)
+    return combine(*trees)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ftprog.core import flatten, matches, merge, partition, select, tree_map, unflatten
+from ftprog.core import combine, flatten, matches, partition, select, tree_map, unflatten
 from ftprog.core._tree import get, num_params, tree_map_with_path
 
 
@@ -22,14 +22,14 @@ def test_flatten_unflatten_round_trip():
         unflatten({"a": torch.ones(1), "a.b": torch.ones(1)})
 
 
-def test_select_partition_merge_and_map():
+def test_select_partition_combine_and_map():
     tree = sample()
     assert matches("model.layers.0.q_proj.weight", "*.q_proj.*") and not matches("model.norm.weight", ["*q_proj*"])
     assert list(flatten(select(tree, "*.weight"))) == ["model.layers.0.q_proj.weight",
                                                        "model.layers.1.q_proj.weight", "model.norm.weight"]
     hit, rest = partition(tree, "model.layers.*")
     assert list(flatten(rest)) == ["model.norm.weight"]
-    assert flatten(merge(hit, rest)).keys() == flatten(tree).keys()
+    assert flatten(combine(hit, rest)).keys() == flatten(tree).keys()
     doubled = tree_map(lambda t: t * 2, tree)
     assert torch.equal(doubled["model"]["norm"]["weight"], torch.full((2,), 2.0))
     assert torch.equal(tree["model"]["norm"]["weight"], torch.ones(2))  # input untouched
@@ -38,3 +38,15 @@ def test_select_partition_merge_and_map():
     assert num_params(tree) == 12
     with pytest.raises(KeyError, match="model.nope"):
         get(tree, "model.nope")
+
+
+def test_combine_later_tree_wins_and_merge_is_its_deprecated_name():
+    import ftprog.core
+
+    old, new = {"a": {"w": torch.zeros(1)}, "b": torch.zeros(1)}, {"a": {"w": torch.ones(1)}}
+    combined = combine(old, new)
+    assert list(flatten(combined)) == ["a.w", "b"] and torch.equal(combined["a"]["w"], torch.ones(1))
+    assert torch.equal(old["a"]["w"], torch.zeros(1))  # inputs untouched
+    with pytest.warns(DeprecationWarning, match=r"renamed ftprog\.core\.combine"):
+        merged = ftprog.core.merge(old, new)
+    assert torch.equal(merged["a"]["w"], torch.ones(1)) and "merge" not in ftprog.core.__all__
