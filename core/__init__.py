@@ -16,6 +16,7 @@ from ._linear import LoraSpec, dense_weight, linear
 from ._loss import token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
+from ._perplexity import perplexity, perplexity_windows
 from ._presets import PRESETS, preset
 from ._tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
 from ._tree import combine, flatten, matches, partition, select, tree_map, unflatten
@@ -25,8 +26,8 @@ __all__ = [
     "Decoder", "KVCache", "LoraSpec", "Model", "ModelConfig", "PRESETS", "TokenizedDataset", "Tokenizer",
     "as_dtype", "combine", "dense_weight", "flatten", "from_config", "linear", "linear_paths", "lm_head",
     "load_datasets", "load_pretrained", "load_tokenizer", "make_model", "matches", "optim", "param_shapes", "partition",
-    "preset", "read_config", "read_rows", "reuse_freed_memory", "save_pretrained", "select", "split_validation",
-    "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten", "value_and_grad",
+    "perplexity", "perplexity_windows", "preset", "read_config", "read_rows", "reuse_freed_memory", "save_pretrained",
+    "select", "split_validation", "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten", "value_and_grad",
 ]
 
 

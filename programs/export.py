@@ -67,7 +67,7 @@ def _is_plain(tensor: Any) -> bool:
 
 
 def _load_base(model_path: str, dtype: torch.dtype | None) -> Model:
-    from ftprog.programs.quantize import is_quantized_checkpoint, load_quantized
+    from ftprog.transforms import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(model_path):
         model = load_quantized(model_path)

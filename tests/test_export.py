@@ -384,7 +384,7 @@ def test_llama3_rope_factors_match_the_forward():
 
 
 def test_gguf_from_a_quantized_checkpoint_is_dequantized(llama, tmp_path):
-    from ftprog.programs.quantize import load_quantized, save_quantized
+    from ftprog.transforms import load_quantized, save_quantized
 
     folder, _, _ = llama
     qfolder = save_quantized(quantize(load_pretrained(folder), "int8"), tmp_path / "q")
