@@ -2,9 +2,10 @@
 
 Read it top to bottom: load the model (a base, merged or fine-tuned Hugging Face folder; with
 ``adapter=PATH`` the PEFT adapter is merged first), cast it to ``dtype``, measure its perplexity on
-``eval_text``, quantize every linear but ``lm_head`` with :func:`ftprog.transforms.quantize`, save
-the quantized folder, load it back and measure again. Sizes and perplexities before and after are
-printed and written to ``quantize_report.json`` in the output folder.
+``eval_text`` (:func:`ftprog.core.perplexity`, as ``run eval`` does), quantize every linear but
+``lm_head`` with :func:`ftprog.transforms.quantize`, save the quantized folder, load it back and
+measure again. Sizes and perplexities before and after are printed and written to
+``quantize_report.json`` in the output folder.
 
 Schemes (torchao, see :func:`ftprog.transforms.quantize`): ``int8`` (symmetric per-row),
 ``int4`` (symmetric, groups of 32 input features; the ``IntxWeightOnlyConfig`` variant that runs on
