@@ -16,19 +16,21 @@ from ._linear import dense_weight, is_training, linear, linear_kind, register_li
 from ._loss import token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
+from ._perplexity import perplexity, perplexity_windows
 from ._presets import PRESETS, preset
 from ._tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
 from ._tree import (
-    flatten, is_dtensor, is_plain, is_quantized, is_static, matches, merge, partition, select, tree_map, unflatten,
+    combine, flatten, is_dtensor, is_plain, is_quantized, is_static, matches, partition, select, tree_map, unflatten,
 )
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
     "Decoder", "KVCache", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS", "Prepare",
-    "TokenizedDataset", "Tokenizer", "as_dtype", "dense_weight", "flatten", "from_config", "is_dtensor", "is_plain",
-    "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths", "load_datasets",
-    "load_pretrained", "load_tokenizer", "make_model", "matches", "merge", "optim", "param_shapes", "partition",
-    "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory", "save_pretrained", "select",
-    "set_training", "split_validation", "token_loss_sum", "tokenize_dataset", "tree_map", "unflatten",
-    "value_and_grad",
+    "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "flatten", "from_config", "is_dtensor",
+    "is_plain", "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths", "load_datasets",
+    "load_pretrained", "load_tokenizer", "make_model", "matches", "optim", "param_shapes", "partition", "perplexity",
+    "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
+    "save_pretrained", "select", "set_training", "split_validation", "token_loss_sum", "tokenize_dataset", "tree_map",
+    "unflatten", "value_and_grad",
 ]
+

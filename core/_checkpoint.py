@@ -72,7 +72,7 @@ def _weight_map(folder: Path) -> dict[str, Path]:
     """``{tensor name: file}`` from the index, or from the single safetensors file."""
     if (folder / "ft-prog-quantization.json").is_file():
         raise CheckpointError(f"{folder}: an ft-prog quantized checkpoint; load it with "
-                              "ftprog.programs.quantize.load_quantized(path) (generate and eval do)")
+                              "ftprog.transforms.load_quantized(path) (generate and eval do)")
     index = folder / INDEX_FILE
     if index.is_file():
         try:

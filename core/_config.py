@@ -23,7 +23,13 @@ _ROPE_TYPES = ("default", "llama3", "linear")
 
 
 class ConfigError(ValueError):
-    """A config.json that ft-prog cannot build a model from."""
+    """A config that cannot be read or does not fit: a model's config.json, or a program's TOML config
+    (:mod:`ftprog.programs.config`). ``key`` (dotted) and ``source`` (a file, "overrides", ...) when known.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.key, self.source = key, source
 
 
 @attrs.frozen(eq=False)

@@ -31,8 +31,9 @@ a program calls it before loading the model, so a bad or empty dataset fails in 
   hold the same data twice.
 
 Split filtering (folders and the Hub): a file belongs to a split when a word of its path (split at any
-non-alphanumeric character) names it: ``train``/``training``; ``validation``/``valid``/``val``/``dev``;
-``test``/``testing``/``eval``/``evaluation``; any other split name by itself. So ``data/train-00000-of-00001.parquet``
+non-alphanumeric character) names it, with the keywords of ``datasets`` (``datasets.data_files.SPLIT_KEYWORDS``):
+``train``/``training``; ``validation``/``valid``/``dev``/``val``; ``test``/``testing``/``eval``/``evaluation``;
+any other split name by itself. So ``data/train-00000-of-00001.parquet``
 and ``train/part0.jsonl`` are ``train``. If no file names any split, every file is ``train``. A single file is read
 whatever the split.
 
@@ -77,11 +78,6 @@ DATA_EXTENSIONS = (".parquet", ".jsonl", ".ndjson", ".json", ".csv", ".txt")
 
 _META_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json", "config.json"}
 _META_STEMS = {"readme", "license", "licence", "citation", "notice", "requirements", "changelog"}
-_SPLIT_WORDS = {
-    "train": ("train", "training"),
-    "validation": ("validation", "valid", "val", "dev"),
-    "test": ("test", "testing", "eval", "evaluation"),
-}
 _HUB_ID = re.compile(r"(?:hf://datasets/)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?")
 
 
@@ -176,13 +172,22 @@ def _split_words(rel: str) -> set[str]:
     return set(re.split(r"[^a-z0-9]+", rel.lower()))
 
 
+def _split_keywords() -> dict[str, list[str]]:
+    """The words that name each standard split in a path, as ``datasets`` defines them (``{"train": ["train",
+    "training"], ...}``)."""
+    from datasets.data_files import SPLIT_KEYWORDS  # imported only here: importing datasets takes about a second
+
+    return {str(split): list(words) for split, words in SPLIT_KEYWORDS.items()}
+
+
 def _split_files(folder: Path, files: list[Path], split: str, *, one_format: bool,
                  name: str | None = None) -> list[Path]:
     where = name or str(folder)
     if not files:
         raise DataError(f"{where}: no data files ({', '.join(DATA_EXTENSIONS)})")
-    aliases = set(_SPLIT_WORDS.get(split, (split.lower(),)))
-    known = set().union(*_SPLIT_WORDS.values()) | aliases
+    keywords = _split_keywords()
+    aliases = set(keywords.get(split, [split.lower()]))
+    known = set().union(*keywords.values()) | aliases
     words = {f: _split_words(f.relative_to(folder).as_posix()) for f in files}
     chosen = [f for f in files if words[f] & aliases]
     if not chosen:

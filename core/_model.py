@@ -70,7 +70,7 @@ class Model:
         unknown = set(flat) - set(_tree.flatten(self.params))
         if unknown:
             raise KeyError(f"no such parameters: {sorted(unknown)[:5]}")
-        return self.replace(params=_tree.merge(self.params, _tree.unflatten(dict(flat))))
+        return self.replace(params=_tree.combine(self.params, _tree.unflatten(dict(flat))))
 
     @property
     def decoder(self) -> Decoder:

@@ -95,13 +95,13 @@ def select(tree: Mapping[str, Any], patterns: str | Iterable[str]) -> Tree:
 
 
 def partition(tree: Mapping[str, Any], patterns: str | Iterable[str]) -> tuple[Tree, Tree]:
-    """Split into ``(matching, rest)``; :func:`merge` puts them back together."""
+    """Split into ``(matching, rest)``; :func:`combine` puts them back together."""
     flat = flatten(tree)
     hit = {p: v for p, v in flat.items() if matches(p, patterns)}
     return unflatten(hit), unflatten({p: v for p, v in flat.items() if p not in hit})
 
 
-def merge(*trees: Mapping[str, Any]) -> Tree:
+def combine(*trees: Mapping[str, Any]) -> Tree:
     """Union of trees; a leaf in a later tree replaces the same path in an earlier one."""
     flat: dict[str, Any] = {}
     for tree in trees:

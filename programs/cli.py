@@ -136,11 +136,10 @@ def run(
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
     from ftprog.core import CheckpointError, DataError
-    from ftprog.core import ConfigError as ModelConfigError
 
     try:
         module.run(cfg, resolved)
-    except (DataError, CheckpointError, ModelConfigError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, ConfigError, FileNotFoundError) as e:
         # bad input (a data file, a model folder, a config.json): the message names it; no traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

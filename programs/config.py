@@ -1,9 +1,9 @@
 """Program configs: TOML files parsed into frozen attrs classes, with ``key=value`` overrides.
 
 A program declares its config as nested ``@attrs.frozen`` classes with defaults; this module reads
-TOML (stdlib ``tomllib``), merges built-in configs (``extends = "name"``) and command-line
-overrides, and validates everything against the annotations: an unknown key, a wrong type or a
-value outside a ``Literal`` is a :class:`ConfigError` that names the dotted key and where it came
+TOML (stdlib ``tomllib``; ``tomli_w`` writes it), merges built-in configs (``extends = "name"``) and
+command-line overrides, and validates everything against the annotations: an unknown key, a wrong
+type or a value outside a ``Literal`` is a :class:`ConfigError` that names the dotted key and where it came
 from, with a did-you-mean suggestion. Nothing in a config is ever imported or executed: components
 are chosen by registered names, validated as ``Literal`` strings.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import difflib
-import math
 import os
 import pathlib
 import re
@@ -28,6 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Union
 
 import attrs
+import tomli_w
+
+from ftprog.core import ConfigError
 
 __all__ = [
     "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "load_config",
@@ -35,14 +37,6 @@ __all__ = [
 ]
 
 EXTENDS_KEY = "extends"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be read or does not fit its class. ``key`` and ``source`` when known."""
-
-    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
-        super().__init__(message)
-        self.key, self.source = key, source
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,74 +261,33 @@ def to_dict(config: Any) -> Any:
 
 
 def to_toml(config: Any, *, header: str | None = None) -> str:
-    """TOML text for an attrs config or a nested dict; ``header`` becomes leading ``#`` comment lines.
+    """TOML text (written by ``tomli_w``) for an attrs config or a nested dict; ``header`` becomes leading
+    ``#`` comment lines.
 
     ``None`` values are left out (TOML has no null). ``tomllib.loads(to_toml(d))`` gives ``d`` back.
     """
     data = to_dict(config)
     if not isinstance(data, Mapping):
         raise TypeError(f"to_toml needs an attrs config or a dict, got {type(config).__name__}")
-    lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
-    _write_table(data, [], lines)
-    while lines and not lines[-1]:
-        lines.pop()
-    return "\n".join(lines) + "\n"
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) if header else ""
+    try:
+        return comments + tomli_w.dumps(_without_none(data))
+    except TypeError as error:  # tomli_w names the type it cannot write
+        raise TypeError(f"cannot write the config to TOML: {error}") from None
 
 
-def _write_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, Mapping)}
-    tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
-    if path and (scalars or not tables):
-        if lines and lines[-1]:
-            lines.append("")
-        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
-    for key, value in scalars.items():
-        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in tables.items():
-        _write_table(value, [*path, key], lines)
-
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_string(key)
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+def _without_none(value: Any) -> Any:
+    """``value`` with every ``None`` entry of its (nested) tables left out."""
+    if isinstance(value, Mapping):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # always has a '.' or an exponent: valid TOML
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        if any(v is None for v in value):
-            raise ValueError(f"TOML cannot hold None inside an array: {value!r}")
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        items = [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None]
-        return "{" + ", ".join(items) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
+    """``value`` as TOML writes it, e.g. ``"3"`` for the string 3 (for messages)."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
 # --------------------------------------------------------------------------------------------------

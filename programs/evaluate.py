@@ -8,7 +8,8 @@ Hugging Face backend (``lm_eval.models.huggingface.HFLM``) handles them, so scor
 
 The program: check the task names (unknown ones get close matches), load the model (quantized if asked,
 adapter on top), run ``lm_eval.simple_evaluate``, print lm-eval's table, and compute a file's
-perplexity without lm-eval (token-weighted, sliding windows, :func:`ftprog.core.token_loss_sum`).
+perplexity without lm-eval (:func:`ftprog.core.perplexity`: token-weighted, sliding windows; the same
+computation ``run quantize`` reports).
 Everything lands in ``output_dir/eval_results.json``.
 """
 
@@ -18,8 +19,6 @@ import difflib
 import fnmatch
 import functools
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ftprog.core import Model, Tokenizer, load_tokenizer, token_loss_sum
+from ftprog.core import Model, Tokenizer, load_tokenizer, perplexity
 from ftprog.programs.config import to_dict
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.generate import build_model, generate
@@ -229,47 +228,6 @@ class FtProgLM(TemplateLM):
 # ----------------------------------------------------------------------------------------------- perplexity
 
 
-def perplexity_windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
-    """``(tokens, targets)`` windows scoring every token of ``ids`` but the first exactly once.
-
-    Windows of up to ``max_length`` tokens start ``stride`` apart; each scores the tokens the
-    previous one did not reach, so every token after the first window has at least
-    ``max_length - stride`` tokens of context. ``targets[k]`` is the id position ``k`` predicts, or -100.
-    """
-    windows, scored_to = [], 1
-    for begin in range(0, max(len(ids) - 1, 0), stride):
-        end = min(begin + max_length, len(ids))
-        tokens = ids[begin:end]
-        targets = [ids[j] if scored_to <= j < end else -100 for j in range(begin + 1, end)] + [-100]
-        windows.append((tokens, targets))
-        scored_to = end
-        if end == len(ids):
-            break
-    return windows
-
-
-@torch.no_grad()
-def perplexity(model: Model, documents: list[list[int]], *, max_length: int, stride: int,
-               batch_size: int = 8) -> dict[str, Any]:
-    """Token-weighted perplexity of tokenized documents (sliding windows, see :func:`perplexity_windows`)."""
-    if not 0 < stride < max_length:  # windows must overlap: a window's first token is only context
-        raise ValueError(f"stride must be in [1, max_length - 1 = {max_length - 1}], got {stride}")
-    windows = [w for ids in documents for w in perplexity_windows(ids, max_length, stride)]
-    total, count, start = 0.0, 0, time.perf_counter()
-    for first in range(0, len(windows), batch_size):
-        chunk = windows[first : first + batch_size]
-        width = max(len(t) for t, _ in chunk)
-        tokens = torch.tensor([t + [0] * (width - len(t)) for t, _ in chunk], device=model.device)
-        targets = torch.tensor([y + [-100] * (width - len(y)) for _, y in chunk], device=model.device)
-        total += token_loss_sum(model, tokens, targets, training=False).item()
-        count += int((targets != -100).sum())
-    if count == 0:
-        raise ValueError("no tokens to score: every document has fewer than 2 tokens")
-    return {"perplexity": math.exp(total / count), "nll_per_token": total / count, "tokens": count,
-            "documents": len(documents), "windows": len(windows), "max_length": max_length, "stride": stride,
-            "seconds": round(time.perf_counter() - start, 3)}
-
-
 def read_documents(path: str) -> list[str]:
     """A .txt file is one document; a .jsonl file has one per row (its "text")."""
     file = Path(path)
@@ -344,9 +302,8 @@ def run(cfg: EvalConfig, resolved: dict[str, Any] | None = None) -> dict[str, An
     if documents:
         add_bos = tokenizer.add_bos_token and tokenizer.bos_id is not None
         ids = [tokenizer.encode(d, add_bos=add_bos) for d in documents]
-        stride = cfg.stride or max(lm.max_length // 2, 1)
         results["perplexity"] = {"file": cfg.perplexity_file,
-                                 **perplexity(model, ids, max_length=lm.max_length, stride=stride,
+                                 **perplexity(model, ids, max_length=lm.max_length, stride=cfg.stride or None,
                                               batch_size=cfg.batch_size)}
         p = results["perplexity"]
         print(f"perplexity of {cfg.perplexity_file}: {p['perplexity']:.4f} ({p['tokens']} tokens, "

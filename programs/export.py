@@ -11,8 +11,8 @@ dequantized), merges ``adapter`` when one is given, and writes one of:
 - ``gguf``: one ``.gguf`` file for llama.cpp (and Ollama, LM Studio, ...), written with the ``gguf``
   package the way llama.cpp's ``convert_hf_to_gguf.py`` writes these families:
   general.architecture ``llama`` (Llama 2/3/3.1/3.2, SmolLM2, Mistral without sliding window),
-  ``qwen2`` (Qwen2/2.5 without sliding window) or ``qwen3``; tensors named ``token_embd``,
-  ``blk.N.attn_norm / attn_q / attn_k / attn_v / attn_output / attn_q_norm / attn_k_norm /
+  ``qwen2`` (Qwen2/2.5 without sliding window) or ``qwen3``; tensors named by the ``gguf``
+  package's tensor-name map of that architecture: ``token_embd``, ``blk.N.attn_norm / attn_q / attn_k / attn_v / attn_output / attn_q_norm / attn_k_norm /
   ffn_norm / ffn_gate / ffn_up / ffn_down`` (``.weight``, ``.bias``), ``output_norm``,
   ``output`` (absent with tied embeddings), and for llama3 RoPE scaling ``rope_freqs`` (the
   per-frequency divisors, as the convert script computes them). For ``llama`` the Q and K
@@ -36,10 +36,10 @@ dequantized), merges ``adapter`` when one is given, and writes one of:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -67,7 +67,7 @@ def _is_plain(tensor: Any) -> bool:
 
 
 def _load_base(model_path: str, dtype: torch.dtype | None) -> Model:
-    from ftprog.programs.quantize import is_quantized_checkpoint, load_quantized
+    from ftprog.transforms import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(model_path):
         model = load_quantized(model_path)
@@ -178,33 +178,25 @@ def export_peft(model_path: str, adapter: str | os.PathLike | None, output: Path
 # ---------------------------------------------------------------------------------------------- gguf
 
 _GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-# Hugging Face module (inside model.layers.N) -> llama.cpp tensor base name (inside blk.N).
-GGUF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def gguf_tensor_name(hf_name: str) -> str:
-    """GGUF name: ``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
-    m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in GGUF_LAYER_NAMES:
-        return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    module, _, suffix = hf_name.rpartition(".")
-    if module in GGUF_TOP_NAMES:
-        return f"{GGUF_TOP_NAMES[module]}.{suffix}"
-    raise ExportError(f"no GGUF name for tensor {hf_name!r}")
+@functools.cache
+def _gguf_tensor_names(arch: str, num_layers: int):
+    """gguf's ``TensorNameMap`` (Hugging Face names -> llama.cpp names) of the GGUF architecture ``arch``."""
+    import gguf
+
+    arch_id = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    return gguf.get_tensor_name_map(arch_id, num_layers)
+
+
+def gguf_tensor_name(hf_name: str, config) -> str:
+    """llama.cpp's name of a tensor of a model with ``config``, from the ``gguf`` package's tensor-name map:
+    ``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
+    arch = _gguf_arch(config)
+    name = _gguf_tensor_names(arch, config.num_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ExportError(f"no GGUF name for tensor {hf_name!r} in llama.cpp's {arch!r} architecture")
+    return name
 
 
 def llama_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -287,7 +279,8 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
 
     # (gguf name, tensor, ggml type) in file order; the Q/K permutation is applied when the tensor is written.
     entries: list[tuple[str, torch.Tensor, Any]] = [
-        (gguf_tensor_name(hf_name), tensor, qtypes[dtype] if tensor.dim() >= 2 else gguf.GGMLQuantizationType.F32)
+        (gguf_tensor_name(hf_name, config), tensor,
+         qtypes[dtype] if tensor.dim() >= 2 else gguf.GGMLQuantizationType.F32)
         for hf_name, tensor in flat.items()]
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads} if arch == "llama" else {}
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
@@ -348,19 +341,6 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
 # ------------------------------------------------------------------------------------- gguf tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE vocabularies)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _looks_special(token: str) -> bool:
     """Added tokens llama.cpp's convert script treats as control tokens even when not marked special."""
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
@@ -410,6 +390,11 @@ class GGUFVocab:
             writer.add_token_scores(self.scores)
         if self.merges is not None:
             writer.add_token_merges(self.merges)
+        # Special ids, add-bos/eos and the template come from ft-prog's tokenizer, not gguf.SpecialVocab, so that
+        # llama.cpp tokenizes as ft-prog does: SpecialVocab takes config.json's ids where the tokenizer has none (a
+        # bos for tokenizers without one; a tiktoken tokenizer.model gets only those), finds no unk without a
+        # tokenizer.json, writes add_bos/add_eos only when tokenizer_config.json sets them, and prefers
+        # tokenizer_config.json's chat template to chat_template.jinja.
         tok = self.tokenizer
         for kind, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id), ("unk", self.unk_id)):
             if token_id is not None and 0 <= token_id < len(self.tokens):
@@ -512,7 +497,7 @@ def gguf_vocab(folder: str | os.PathLike, vocab_size: int) -> GGUFVocab:
         if not merges:
             # llama.cpp refuses a gpt2 vocabulary without a merges key, and the gguf package cannot write an empty
             # list: write one merge of two NUL bytes, whose result is no token, so it never changes a tokenization.
-            nul = _bytes_to_unicode()[0]
+            nul = gguf.bytes_to_unicode()[0]
             if nul * 2 in model["vocab"]:
                 raise ExportError(f"{tj_file}: a BPE vocabulary without merges cannot be written to GGUF")
             merges = [f"{nul} {nul}"]
@@ -521,7 +506,7 @@ def gguf_vocab(folder: str | os.PathLike, vocab_size: int) -> GGUFVocab:
         from ftprog.core._tokenizer import LLAMA3_SPECIAL_TOKENS, _read_tiktoken_ranks
 
         ranks = _read_tiktoken_ranks(spm, spm.read_bytes())
-        table = _bytes_to_unicode()
+        table = gguf.bytes_to_unicode()  # GPT-2's byte -> printable character table
         text = lambda b: "".join(table[x] for x in b)  # noqa: E731
         known = {rank: (text(token), int(T.NORMAL)) for token, rank in ranks.items()}
         n = len(ranks)

@@ -166,8 +166,7 @@ def build_model(path: str, *, dtype: str, quantize: str = "", adapter: str = "",
 
     ``path`` may also be a checkpoint written by `ft-prog run quantize` (loaded as it is, quantized).
     """
-    from ftprog.programs.quantize import is_quantized_checkpoint, load_quantized
-    from ftprog.transforms import load_adapter
+    from ftprog.transforms import is_quantized_checkpoint, load_adapter, load_quantized
     from ftprog.transforms import quantize as quantize_model
 
     if is_quantized_checkpoint(path):

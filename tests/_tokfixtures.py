@@ -15,7 +15,7 @@ import base64
 import json
 from pathlib import Path
 
-from ftprog.programs.export import _bytes_to_unicode as bytes_to_unicode
+from gguf import bytes_to_unicode
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away!",

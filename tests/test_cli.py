@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from ftprog.programs.cli import app
@@ -29,3 +30,21 @@ def test_demo_saves_loads_and_generates(tmp_path):
     assert result.exit_code == 0, result.output
     assert "loaded back (identical)" in result.output and "tokens/s" in result.output
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_one_config_error_for_model_and_program_configs(tmp_path):
+    """config.json errors and TOML config errors are one class; a bad config.json under `run` exits 1, no traceback."""
+    from ftprog.core import ConfigError as CoreConfigError
+    from ftprog.core import read_config
+    from ftprog.programs.config import ConfigError
+
+    assert ConfigError is CoreConfigError
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="unsupported model_type 'gpt2'"):
+        read_config(tmp_path / "model")
+    result = runner.invoke(app, ["run", "quantize", f"model.path={tmp_path / 'model'}",
+                                 f"output_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.stderr and "config.json: unsupported model_type 'gpt2'" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -299,5 +299,9 @@ def test_to_toml_values():
     back = tomllib.loads(to_toml(data))
     assert back == {k: v for k, v in data.items() if k != "skip"}
     assert math.isnan(tomllib.loads(to_toml({"n": math.nan}))["n"])
+    # None is left out of tables inside arrays too; inside an array it cannot be written.
+    assert tomllib.loads(to_toml({"rows": [{"a": 1, "b": None}]})) == {"rows": [{"a": 1}]}
     with pytest.raises(TypeError, match="cannot write"):
         to_toml({"x": object()})
+    with pytest.raises(TypeError, match="cannot write.*NoneType"):
+        to_toml({"x": [1, None]})

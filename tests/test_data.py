@@ -203,6 +203,12 @@ def test_read_directory_sorted_and_splits(tmp_path):
     assert [r.data["text"] for r in read_rows(s, split="test")] == ["x"]
     assert [p.name for p in data_files(s, split="train")] == ["train-00000-of-00002.jsonl",
                                                              "train-00001-of-00002.jsonl"]
+    # The synonyms datasets knows: training -> train, dev -> validation, evaluation -> test.
+    y = tmp_path / "synonyms"
+    for name, text in (("training.jsonl", "t"), ("dev.jsonl", "v"), ("evaluation-0.jsonl", "x")):
+        write_jsonl(y / name, [{"text": text}])
+    assert [[r.data["text"] for r in read_rows(y, split=split)] for split in ("train", "validation", "test")] == \
+        [["t"], ["v"], ["x"]]
 
 
 def test_missing_source_and_bad_extension(tmp_path):

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from _hf import hf_model
 from _tokfixtures import CORPUS, build_bpe_folder, build_sentencepiece_folder
-from ftprog.core import load_pretrained, load_tokenizer
+from ftprog.core import load_pretrained, load_tokenizer, perplexity, perplexity_windows
 from ftprog.programs.cli import app
-from ftprog.programs.evaluate import EvalConfig, FtProgLM, perplexity, perplexity_windows, run, task_manager
+from ftprog.programs.evaluate import EvalConfig, FtProgLM, run, task_manager
 from ftprog.programs.sft_config import ModelSection
 
 import transformers

@@ -158,14 +158,14 @@ def check_gguf(path, model, dtype, arch):
     for name in got:
         assert re.sub(r"^blk\.\d+\.", "blk.{bid}.", name.rsplit(".", 1)[0]) in valid, name
     flat = flatten(model.params)
-    names = {gguf_tensor_name(p) for p in flat}
+    names = {gguf_tensor_name(p, cfg) for p in flat}
     rope3 = (cfg.rope_scaling or {}).get("rope_type") == "llama3"
     assert set(got) == names | ({"rope_freqs.weight"} if rope3 else set())
     assert ("output.weight" in got) == (not cfg.tie_word_embeddings)
     ggml = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     for hf_name, tensor in flat.items():
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, cfg)
         t = got[name]
         if arch == "llama" and ".q_proj." in hf_name:
             t = _unpermute(t, cfg.num_heads)
@@ -346,6 +346,21 @@ def test_gguf_refusals(tmp_path):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_gguf_tensor_names_come_from_the_gguf_name_map(llama):
+    folder, _, _ = llama
+    config = read_config(folder)
+    assert config.num_layers == 2
+    assert gguf_tensor_name("model.layers.1.self_attn.q_proj.weight", config) == "blk.1.attn_q.weight"
+    assert gguf_tensor_name("model.layers.0.mlp.down_proj.bias", config) == "blk.0.ffn_down.bias"
+    assert gguf_tensor_name("model.embed_tokens.weight", config) == "token_embd.weight"
+    assert gguf_tensor_name("lm_head.weight", config) == "output.weight"
+    with pytest.raises(ExportError, match=r"no GGUF name for tensor 'model.layers.0.self_attn.q_norm.weight' in "
+                                          r"llama.cpp's 'llama' architecture"):
+        gguf_tensor_name("model.layers.0.self_attn.q_norm.weight", config)  # only qwen3 has q/k norms
+    with pytest.raises(ExportError, match="no GGUF name for tensor 'model.layers.2.mlp.up_proj.weight'"):
+        gguf_tensor_name("model.layers.2.mlp.up_proj.weight", config)  # no third layer
+
+
 def test_llama_permutation_turns_half_split_rope_into_pairwise_rope():
     """Why Q/K are permuted: llama.cpp's llama graph rotates adjacent pairs (GGML rope mode 0), HF the two halves."""
     from ftprog.core._decoder import apply_rope
@@ -384,7 +399,7 @@ def test_llama3_rope_factors_match_the_forward():
 
 
 def test_gguf_from_a_quantized_checkpoint_is_dequantized(llama, tmp_path):
-    from ftprog.programs.quantize import load_quantized, save_quantized
+    from ftprog.transforms import load_quantized, save_quantized
 
     folder, _, _ = llama
     qfolder = save_quantized(quantize(load_pretrained(folder), "int8"), tmp_path / "q")

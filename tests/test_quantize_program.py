@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from ftprog.core import CheckpointError, flatten, from_config, load_pretrained, save_pretrained
-from ftprog.programs.quantize import (
-    CONFIG, QUANT_FILE, WEIGHTS_FILE, _pack_int4, _unpack_int4, is_quantized_checkpoint, load_quantized, perplexity,
-    quantized_model, run,
+from ftprog.core import CheckpointError, flatten, from_config, load_pretrained, perplexity, save_pretrained
+from ftprog.programs.quantize import CONFIG, quantized_model, run
+from ftprog.transforms import (
+    is_quantized_checkpoint, load_adapter, load_quantized, lora, merge, quantize, save_adapter,
 )
-from ftprog.transforms import load_adapter, lora, merge, quantize, save_adapter
+from ftprog.transforms._quantized_io import QUANT_FILE, WEIGHTS_FILE, _pack_int4, _unpack_int4
 
 # Every linear fits nf4 (element count divisible by 64 * 256) and int4 (in_features divisible by 32).
 CONFIG_JSON = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 256, "intermediate_size": 512,
@@ -101,16 +101,20 @@ def test_adapter_is_merged_before_quantizing(folders, tmp_path):
     from ftprog.core import load_tokenizer
 
     text_ids = load_tokenizer(folder).encode(text.read_text())
-    assert report["perplexity_before"] == pytest.approx(perplexity(merged, text_ids, 64)[0], rel=1e-6)
-    assert report["perplexity_before"] != pytest.approx(perplexity(base, text_ids, 64)[0], rel=1e-6)
+    assert report["perplexity_before"] == pytest.approx(perplexity(merged, [text_ids], max_length=64)["perplexity"],
+                                                        rel=1e-6)
+    assert report["perplexity_before"] != pytest.approx(perplexity(base, [text_ids], max_length=64)["perplexity"],
+                                                        rel=1e-6)
 
 
 def test_perplexity_windows_predict_every_token_once(folders):
     folder, _, _ = folders
     model = load_pretrained(folder)
     ids = list(range(1, 71))
-    ppl, count = perplexity(model, ids, 32)
-    assert count == 69
+    # Windows of 33 tokens starting 32 apart: consecutive windows of 32 predictions that share one token.
+    result = perplexity(model, [ids], max_length=33, stride=32)
+    ppl, count = result["perplexity"], result["tokens"]
+    assert count == 69 and result["windows"] == 3
     # Same as summing the cross-entropy of three separate windows by hand.
     total = 0.0
     for start in range(0, 69, 32):
@@ -118,6 +122,28 @@ def test_perplexity_windows_predict_every_token_once(folders):
         logits = model(window[:-1][None]).float()
         total += torch.nn.functional.cross_entropy(logits[0], window[1:], reduction="sum").item()
     assert ppl == pytest.approx(math.exp(total / 69), rel=1e-5)
+
+
+def test_quantize_and_eval_report_the_same_perplexity(folders, tmp_path):
+    """`run quantize`'s before/after and `run eval`'s perplexity are one computation (ftprog.core.perplexity)."""
+    from ftprog.programs import evaluate
+    from ftprog.programs.config import from_dict
+
+    folder, _, text = folders
+    out = tmp_path / "q"
+    report = run(_cfg({"model_path": folder, "scheme": "int8", "dtype": "fp32", "output_dir": str(out),
+                       "eval_text": str(text), "max_length": 40, "stride": 12}), {})
+
+    def eval_perplexity(model_path):
+        cfg = from_dict(evaluate.CONFIG, {"model": {"path": str(model_path)}, "dtype": "fp32", "max_length": 40,
+                                          "stride": 12, "perplexity_file": str(text),
+                                          "output_dir": str(tmp_path / "eval")}, source="test")
+        return evaluate.run(cfg)["perplexity"]
+
+    before, after = eval_perplexity(folder), eval_perplexity(out)  # the float model, then the quantized folder
+    assert before["tokens"] == after["tokens"] == report["eval_tokens"] and before["stride"] == 12
+    assert before["perplexity"] == report["perplexity_before"]
+    assert after["perplexity"] == report["perplexity_after"] != report["perplexity_before"]
 
 
 def test_int4_packing_round_trip():
@@ -138,6 +164,9 @@ def test_refusals_come_before_loading(folders, tmp_path):
                   "output_dir": str(tmp_path / "o")}), {})
     with pytest.raises(ValueError, match="max_length"):
         run(_cfg({"model_path": folder, "eval_text": str(text), "max_length": 4096,
+                  "output_dir": str(tmp_path / "o")}), {})
+    with pytest.raises(ValueError, match=r"stride=64 must be in \[0, max_length - 1 = 63\]"):
+        run(_cfg({"model_path": folder, "eval_text": str(text), "max_length": 64, "stride": 64,
                   "output_dir": str(tmp_path / "o")}), {})
     assert not (tmp_path / "o").exists()
 
