@@ -48,7 +48,9 @@ from typing import Any
 
 import torch
 
-from ftprog.core import Model, as_dtype, dense_weight, flatten, load_pretrained, load_tokenizer, unflatten
+from ftprog.core import (
+    Model, as_dtype, dense_weight, flatten, is_plain, load_pretrained, load_tokenizer, unflatten,
+)
 from ftprog.core._checkpoint import copy_tokenizer_files
 from ftprog.programs.demo_assets import resolve
 
@@ -60,10 +62,6 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def _is_plain(tensor: Any) -> bool:
-    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _load_base(model_path: str, dtype: torch.dtype | None) -> Model:
@@ -95,9 +93,9 @@ def load_merged(model_path: str | os.PathLike, *, adapter: str | os.PathLike | N
     if adapter is not None:
         model = merge(load_adapter(model, adapter), dtype=dtype or model.dtype)
     flat = flatten(model.params)
-    if any(not _is_plain(t) for t in flat.values()):
+    if any(not is_plain(t) for t in flat.values()):
         target = dtype or model.dtype
-        model = model.replace(params=unflatten({p: t if _is_plain(t) else dense_weight({"weight": t}, target)
+        model = model.replace(params=unflatten({p: t if is_plain(t) else dense_weight({"weight": t}, target)
                                                 for p, t in flat.items()}),
                               trainable=frozenset(flat))
     return model
@@ -270,7 +268,7 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
     if dtype not in qtypes:
         raise ExportError(f"GGUF export writes f32, f16 or bf16 tensors, not {dtype}")
     flat = flatten(model.params)
-    if any(not _is_plain(t) for t in flat.values()) or any(".lora_" in p for p in flat):
+    if any(not is_plain(t) for t in flat.values()) or any(".lora_" in p for p in flat):
         raise ExportError("export_gguf needs a plain model: merge adapters and dequantize first (load_merged)")
     if vocab is None:
         if not model.source:
@@ -566,7 +564,7 @@ class ExportModule(torch.nn.Module):
     def __init__(self, model: Model):
         super().__init__()
         flat = flatten(model.params)
-        if any(not _is_plain(t) for t in flat.values()) or any(".lora_" in p for p in flat):
+        if any(not is_plain(t) for t in flat.values()) or any(".lora_" in p for p in flat):
             raise ExportError("ExportModule needs a plain model: merge adapters and dequantize first (load_merged)")
         self._forward = model.forward
         self._names = list(flat)

@@ -26,7 +26,9 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from ftprog.core import Model, as_dtype, flatten, load_pretrained, load_tokenizer, perplexity, read_config
+from ftprog.core import (
+    Model, as_dtype, flatten, is_plain, is_quantized, load_pretrained, load_tokenizer, perplexity, read_config,
+)
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.sft_config import ModelSection
 from ftprog.transforms import is_quantized_checkpoint, load_quantized, save_quantized
@@ -56,10 +58,6 @@ class QuantizeConfig:
 
 
 CONFIG = QuantizeConfig
-
-
-def _is_plain(tensor: Any) -> bool:
-    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -124,8 +122,8 @@ def run(cfg: QuantizeConfig, resolved: dict[str, Any]) -> dict[str, Any]:
         warnings.simplefilter("always")
         model, qmodel = quantized_model(cfg, device)
     quantize_s = time.perf_counter() - start
-    left = sorted(p for p, t in flatten(qmodel.params).items() if _is_plain(t) and p.endswith("_proj.weight"))
-    print(f"quantized {cfg.scheme}: {sum(not _is_plain(t) for t in flatten(qmodel.params).values())} weights "
+    left = sorted(p for p, t in flatten(qmodel.params).items() if is_plain(t) and p.endswith("_proj.weight"))
+    print(f"quantized {cfg.scheme}: {sum(is_quantized(t) for t in flatten(qmodel.params).values())} weights "
           f"in {quantize_s:.1f}s" + (f"; {len(left)} left in {cfg.dtype} (unsupported shapes)" if left else ""),
           flush=True)
 

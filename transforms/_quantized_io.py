@@ -36,11 +36,10 @@ from typing import Any
 import torch
 
 from ftprog.core import (
-    CheckpointError, Model, as_dtype, flatten, make_model, param_shapes, read_config, unflatten,
+    CheckpointError, Model, as_dtype, flatten, is_quantized, make_model, param_shapes, read_config, unflatten,
 )
 from ftprog.core._checkpoint import atomic_folder, copy_tokenizer_files
 
-from ._base import is_quantized
 
 QUANT_FILE = "ft-prog-quantization.json"
 WEIGHTS_FILE = "model-quantized.safetensors"
