@@ -9,7 +9,10 @@ from ._lora import lora, merge, resolve_targets
 from ._quantize import SCHEMES, param_bytes, quantize
 from ._runtime import Compiled, cast, checkpoint, compile
 from ._shard import Sharded, shard
+from ._torchao import quiet_torchao_import
 from ._trainable import freeze, trainable
+
+quiet_torchao_import()
 
 __all__ = [
     "SCHEMES", "Compiled", "cast", "checkpoint", "compile", "freeze", "load_adapter", "lora", "merge", "param_bytes", "quantize",
