@@ -30,7 +30,7 @@ from typing import Any, Literal, Union
 import attrs
 
 __all__ = [
-    "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "load_config",
+    "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "in_range", "load_config",
     "parse_overrides", "to_dict", "to_toml",
 ]
 
@@ -43,6 +43,34 @@ class ConfigError(ValueError):
     def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
         super().__init__(message)
         self.key, self.source = key, source
+
+
+def in_range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False) -> Callable[[Any, Any, Any], None]:
+    """An attrs validator for numeric keys: the value (each item of a list) is finite and within the bounds.
+
+    ``low_open`` / ``high_open`` exclude that bound; None passes (an unset optional key). The message states
+    the allowed range (``must be >= 1, got 0``); :func:`from_dict` / :func:`load_config` prefix the key and
+    where it came from, so ``ft-prog validate`` reports it before anything runs.
+    """
+    if low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"{'<' if high_open else '<='} {high}"
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            if not math.isfinite(item):
+                raise ValueError(f"must be a finite number {allowed}, got {item}")
+            if (low is not None and (item <= low if low_open else item < low)) or \
+                    (high is not None and (item >= high if high_open else item > high)):
+                raise ValueError(f"must be {allowed}, got {item}")
+
+    return check
 
 
 # --------------------------------------------------------------------------------------------------
