@@ -1,5 +1,7 @@
 """`ft-prog run sft` end to end: every method trains and its output loads in transformers / peft, exact resume
-after SIGKILL and Ctrl-C, gradient accumulation, bad data and failures, config errors, the offline demo.
+after SIGKILL, Ctrl-C, SIGTERM and SIGUSR1, gradient accumulation, bad data and failures, resume that refuses
+changed settings, one run per output folder, damaged checkpoints and logs, failures as one message, config errors
+and ranges, the offline demo.
 
 Everything is built offline (tests/_sft_fixtures.py): a 1.3M-parameter Llama with a ChatML BPE tokenizer and a
 few dozen "reverse the word" rows. Runs are in-process (``sft.run``) where that is enough, subprocesses of the
