@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import attrs
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ftprog.core import CheckpointError, Model, flatten, load_pretrained, optim, save_pretrained, unflatten
@@ -133,7 +133,7 @@ def save_checkpoint(output_dir: Path, step: int, model: Model, optimizer_state: 
         cause = error if isinstance(error, BaseException) else None
         reason = _describe(cause) if cause is not None else "failed on another rank"
         raise RunError(f"could not save checkpoint {target} ({reason}); the earlier checkpoint "
-                           f"{kept[-1] if kept else '(none)'} is untouched") from cause
+                       f"{kept[-1] if kept else '(none)'} is untouched") from cause
     if rank == 0:
         for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -219,8 +219,6 @@ def verify_checkpoint(folder: Path) -> None:
     hold what it lists.
     """
     _check_complete(folder)
-    from safetensors import SafetensorError, safe_open
-
     for file in sorted(folder.rglob("*")):
         try:
             if file.suffix == ".safetensors":
@@ -299,7 +297,8 @@ def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: di
         else:
             saved = flatten(load_pretrained(folder / "model", device=model.device).params)
         trainable = model.trainable_params()
-        wrong = [f"{p} is missing" if p not in saved else f"{p} is {list(saved[p].shape)}, this run has {list(t.shape)}"
+        wrong = [f"{p} is missing" if p not in saved else
+                 f"{p} is {list(saved[p].shape)}, this run has {list(t.shape)}"
                  for p, t in trainable.items() if p not in saved or saved[p].shape != t.shape]
         if wrong:
             raise CheckpointError(f"checkpoint {folder / 'model'} does not match this run's model (another method, "
@@ -367,11 +366,10 @@ def _like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @attrs.frozen
 class ResumePoint:
-    """Where a run continues: ``checkpoint`` (None: from scratch), its state.json, the accepted config changes,
-    and the newer checkpoints found damaged (``(folder, why)``), which the run removes once the model is loaded."""
+    """Where a run continues: ``checkpoint`` (None: from scratch), the accepted config changes, and the newer
+    checkpoints found damaged (``(folder, why)``), which the run removes once the model is loaded."""
 
     checkpoint: Path | None = None
-    state: dict = attrs.field(factory=dict)
     changes: list[Change] = attrs.field(factory=list)
     damaged: list[tuple[Path, str]] = attrs.field(factory=list)
 
@@ -402,7 +400,7 @@ def find_resume_point(output_dir: Path, config: dict[str, Any], data_fingerprint
             raise RunError(f"this run ends at step {total_steps}, before the step of checkpoint {checkpoint} "
                            f"({state['step']}): set max_steps to at least {state['step']} to continue it, or "
                            "resume=false to start over")
-        point = attrs.evolve(point, state=state, changes=changes)
+        point = attrs.evolve(point, changes=changes)
     _check_finished_run(output_dir, total_steps, checkpoint)
     return point
 

@@ -148,7 +148,8 @@ def run_in_process(cfg: Path, *overrides: str) -> None:
 
 
 @pytest.mark.parametrize("damage,error", [pytest.param(d, e, id=d) for d, e in [
-    ("no shard", r"no intact checkpoint to resume from in .*out: .*step_2/distributed/__1_0.distcp: damaged \(missing\)"),
+    ("no shard", r"no intact checkpoint to resume from in .*out: .*step_2/distributed/__1_0.distcp: damaged "
+                 r"\(missing\)"),
     ("torn shard", r"no intact checkpoint .*step_2/distributed/__1_0.distcp: damaged \(\d+ bytes, the metadata lists"),
     ("no metadata", r"no intact checkpoint .*checkpoint .*step_2 is incomplete"),
     ("other method", r"checkpoint .*step_2/distributed does not match .*missing \['model\.model\.embed_tokens"),
@@ -169,7 +170,8 @@ def test_bad_sharded_checkpoint_names_the_folder(damage, error, tmp_path, assets
     elif damage in ("no shard", "no metadata"):
         (shards / ("__1_0.distcp" if damage == "no shard" else ".metadata")).unlink()
     allowed = 'resume_allow_changes=["peft.*"]'
-    overrides = {"other method": ["peft.method=none", allowed], "other rank": ["peft.method=lora", "peft.rank=8", allowed]}
+    overrides = {"other method": ["peft.method=none", allowed],
+                 "other rank": ["peft.method=lora", "peft.rank=8", allowed]}
     with pytest.raises(CheckpointError if damage.startswith("other") else RunError, match=error):
         run_in_process(config(tmp_path, assets), *overrides.get(damage, ["peft.method=lora"]), *COMMON)
 

@@ -615,7 +615,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, config, 
     run_sft(config, *overrides)
     first, first_losses = weights(out / "final"), losses(out)
     interrupted(out)
-    damaged = out / "step_4" / ("optimizer.safetensors" if damage == "empty optimizer file" else "model/model.safetensors")
+    damaged = out / "step_4" / ("optimizer.safetensors" if damage == "empty optimizer file"
+                                else "model/model.safetensors")
     damaged.write_bytes(b"" if damage == "empty optimizer file" else damaged.read_bytes()[:1000])
     with (out / "metrics.jsonl").open("ab") as f:
         f.write(b'{"step": 5, "loss": 1.2')  # power lost mid-line
@@ -733,7 +734,8 @@ def test_ranges_are_checked_when_the_config_is_read(override, tmp_path):
     assert not (tmp_path / "out").exists()
     key, value = override.split("=")
     section, _, name = key.rpartition(".")
-    (tmp_path / "bad.toml").write_text('extends = "demo"\n' + (f"[{section}]\n" if section else "") + f"{name} = {value}\n")
+    table = f"[{section}]\n" if section else ""
+    (tmp_path / "bad.toml").write_text(f'extends = "demo"\n{table}{name} = {value}\n')
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "bad.toml")])
     assert result.exit_code == 2 and f"'{key}' in {tmp_path / 'bad.toml'}" in result.stderr, result.stderr
 
