@@ -271,7 +271,10 @@ def restore(folder: Path, model: Model, base: Model, opt: Any, opt_state: Any) -
     Nothing returned maps the checkpoint's files: pruning them later frees their disk space.
     """
     model, saved, state = load_checkpoint(folder, model, base, optim.state_dict(opt_state))
-    return model, optim.load_state_dict(opt, model.trainable_params(), saved), state  # copies `saved` (mapped)
+    try:
+        return model, optim.load_state_dict(opt, model.trainable_params(), saved), state  # copies `saved` (mapped)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder} does not match this run's optimizer: {e}") from None
 
 
 def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: dict[str, torch.Tensor]
