@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -79,6 +79,12 @@ def _weight_map(folder: Path) -> dict[str, Path]:
             mapping = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        for name, file in mapping.items():
+            relative = os.path.normpath(str(file))
+            if not isinstance(file, str) or os.path.isabs(relative) or relative == os.pardir or \
+                    relative.startswith(os.pardir + os.sep):
+                raise CheckpointError(f"{index}: tensor {name!r} is mapped to {file!r}, which is outside the model "
+                                      "folder; refusing to read it")
         files = {name: folder / file for name, file in mapping.items()}
         for file in set(files.values()):
             if not file.is_file():
@@ -252,6 +258,29 @@ def copy_tokenizer_files(source: str | os.PathLike | None, folder: Path) -> None
         src = Path(source) / name
         if src.is_file():
             shutil.copy2(src, folder / name)
+
+
+def recover_interrupted_swaps(parent: Path, names: Iterable[str]) -> list[str]:
+    """Finish what a killed :func:`atomic_folder` / :func:`_replace_dir` left in ``parent`` for folders ``names``.
+
+    A ``.NAME.old-PID`` whose ``NAME`` is missing is the previous folder, moved aside just before the kill:
+    it is moved back. Other ``.NAME.old-*`` (already replaced) and ``.NAME.tmp-*`` (never swapped in) folders
+    are removed. Only call it where no other process writes ``names`` (e.g. under a run's lock). Returns
+    what was done, one line each.
+    """
+    done = []
+    for name in names:
+        for leftover in sorted(parent.glob(f".{name}.old-*")):
+            if not (parent / name).exists():
+                os.replace(leftover, parent / name)
+                done.append(f"restored {name} from {leftover.name} (a replacement was interrupted)")
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+                done.append(f"removed {leftover.name}, left by an interrupted replacement of {name}")
+        for leftover in sorted(parent.glob(f".{name}.tmp-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(f"removed {leftover.name}, an incomplete {name} of an interrupted save")
+    return done
 
 
 def _replace_dir(new: Path, target: Path) -> None:

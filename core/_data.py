@@ -509,14 +509,38 @@ def _instruct_messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, s
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _encode_row(data: Mapping[str, Any], fmt: Format, tokenizer: TokenizerLike) -> tuple[list[int], list[bool]]:
+def _bounded(text: str, tokenizer: TokenizerLike, seq_len: int) -> str:
+    """``text``, or a prefix of it that still encodes to more than ``seq_len`` tokens (plus a margin).
+
+    Samples are cut to ``seq_len`` tokens, so tokenizing the whole of a huge row (a 10 MB line took 4 GB)
+    is wasted work: a prefix of ``16 * (seq_len + margin)`` characters is tried, doubled until it is long
+    enough. The margin keeps the first ``seq_len`` tokens those of the whole text (a cut changes only the
+    last tokens of the prefix, where it splits a word). The work is then bounded by about twice that of a
+    sample of ``seq_len`` tokens.
+    """
+    enough = seq_len + _BOUND_MARGIN
+    size = 16 * enough
+    while size < len(text):
+        if len(tokenizer.encode(text[:size])) > enough:
+            return text[:size]
+        size *= 2
+    return text
+
+
+_BOUND_MARGIN = 16
+
+
+def _encode_row(data: Mapping[str, Any], fmt: Format, tokenizer: TokenizerLike,
+                seq_len: int) -> tuple[list[int], list[bool]]:
     if fmt.kind == "text":
         text = _field(data, fmt, "text")
         if not text.strip():
             raise _BadRow(f"empty field {fmt.column('text')!r}")
+        text = _bounded(text, tokenizer, seq_len)
         ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None, add_eos=tokenizer.eos_id is not None)
         return ids, [True] * len(ids)
     messages = _instruct_messages(data, fmt) if fmt.kind == "instruct" else _messages(data, fmt)
+    messages = [{**m, "content": _bounded(m["content"], tokenizer, seq_len)} for m in messages]
     try:
         ids, mask = tokenizer.encode_chat(messages)
     except ValueError as e:
@@ -699,7 +723,7 @@ def tokenize_dataset(
         try:
             if row.error is not None:
                 raise _BadRow(row.error)
-            ids, mask = _encode_row(row.data, fmt, tokenizer)
+            ids, mask = _encode_row(row.data, fmt, tokenizer, seq_len)
         except _BadRow as e:
             if not skip_bad:
                 raise DataError(f"{row.where}: {e} (set skip_bad to skip bad rows)") from None

@@ -172,7 +172,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of the Hugging Face model folder ``path`` (see the module docstring for formats)."""
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {str(folder)!r} does not exist")
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist (it should hold the tokenizer files)")
     config = _read_json(folder / "tokenizer_config.json")
     generation = _read_json(folder / "generation_config.json")
     named = _named_tokens(config, _read_json(folder / "special_tokens_map.json"))

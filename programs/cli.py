@@ -1,10 +1,22 @@
-"""The ``ft-prog`` command line. Imports torch only inside commands, so ``--help`` is instant."""
+"""The ``ft-prog`` command line. Imports torch only inside commands, so ``--help`` is instant.
+
+Failures: every command runs inside :func:`_messages`. A failure about the user's input or environment
+(``ValueError`` and its kinds: config, data, checkpoint, export errors; ``OSError``: missing files, full
+or read-only disks; :class:`~ftprog.programs.run_guard.RunError`) prints one message and exits 1 (config
+errors 2). Any other exception is a bug in ft-prog: its traceback is printed after a line saying so.
+``--debug`` (or ``FTPROG_DEBUG=1``) prints the traceback of every failure.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import traceback
+from collections.abc import Iterator
 from importlib.metadata import version as _dist_version
 from pathlib import Path
 
+import click
 import typer
 
 app = typer.Typer(
@@ -23,6 +35,51 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "quantize": ("ftprog.programs.quantize", "post-training weight-only quantization (int8, int4, nf4)"),
 }
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+DEBUG_ENV = "FTPROG_DEBUG"
+
+
+@contextlib.contextmanager
+def _messages(prefix: str = "error", config_exit: int = 2) -> Iterator[None]:
+    """Turn a failure into one line on stderr and an exit code (see the module docstring).
+
+    ``config_exit``: the exit code of a :class:`ConfigError` (2: the program's config; 1 where it can only be a
+    model's config.json).
+    """
+    from ftprog.programs.config import ConfigError
+
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        _say("aborted", debug)
+        raise typer.Exit(130) from None
+    except ConfigError as e:
+        _say(f"config error: {e}", debug)
+        raise typer.Exit(config_exit) from None
+    except Exception as e:
+        from ftprog.programs.run_guard import RunError
+
+        if isinstance(e, (ValueError, OSError, RunError)):
+            _say(f"{prefix}: {e}", debug)
+        elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            _say(f"{prefix}: out of memory ({e}); lower batch_size or seq_len, or set activation_checkpointing=true "
+                 "(`ft-prog plan` predicts the peak)", debug)
+        else:
+            _say("ft-prog: unexpected error; this is a bug in ft-prog, please report it with this traceback:", False)
+            traceback.print_exc()
+        raise typer.Exit(1) from None
+
+
+def _say(message: str, with_traceback: bool) -> None:
+    """``message`` on stderr (prefixed with the rank in multi-process runs), after the traceback if asked."""
+    if with_traceback:
+        traceback.print_exc()
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    typer.echo(f"rank {rank}: {message}" if rank is not None else message, err=True)
 
 
 def _builtin(program: str) -> dict:
@@ -56,8 +113,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help=f"Print the traceback of every failure (also: {DEBUG_ENV}=1)."),
 ) -> None:
     """ft-prog: fine-tune open LLMs."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # inherited by torchrun's workers
 
 
 @app.command("ls")
@@ -81,6 +141,7 @@ def demo(
     preset: str = typer.Option("tiny", help="Model shape (see `ft-prog ls`)."),
     new_tokens: int = typer.Option(32, help="Tokens to generate per prompt."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output_dir."),
 ) -> None:
     """Build a model from a preset, save it as a Hugging Face folder, load it back and generate."""
     import time
@@ -89,10 +150,13 @@ def demo(
 
     from ftprog.core import flatten, from_config, load_pretrained, save_pretrained
     from ftprog.programs.generate import generate
+    from ftprog.programs.run_guard import check_output
 
     start = time.perf_counter()
-    model = from_config(preset, seed=seed)
-    save_pretrained(model, output_dir)
+    with _messages():
+        check_output(output_dir, sources=[], overwrite=overwrite, option="--overwrite")
+        model = from_config(preset, seed=seed)
+        save_pretrained(model, output_dir)
     loaded = load_pretrained(output_dir)
     before, after = flatten(model.params), flatten(loaded.params)
     same = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -123,26 +187,18 @@ def run(
     With --nproc N (and --nnodes/--node-rank/--rdzv-endpoint for several
     nodes) the program runs on N processes per node through torchrun.
     """
-    from ftprog.programs.config import ConfigError
     from ftprog.programs.distributed import launch, under_torchrun
 
     if (nproc > 1 or nnodes > 1) and not under_torchrun():
+        with _messages():
+            _load(program, config, list(ctx.args))  # a config error is one message, not one per process
         code = launch(["run", program, "--config", config, *ctx.args], nproc=nproc, nnodes=nnodes,
                       node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
         raise typer.Exit(code)
-    try:
+    with _messages():
         module, cfg, resolved = _load(program, config, list(ctx.args))
-    except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
-        raise typer.Exit(2) from None
-    from ftprog.core import CheckpointError, DataError
-
-    try:
+    with _messages(config_exit=1):  # here a config error is a model's config.json: bad input, exit 1
         module.run(cfg, resolved)
-    except (DataError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        # bad input (a data file, a model folder, a config.json): the message names it; no traceback
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -151,13 +207,10 @@ def validate(
     program: str = typer.Option("sft", help="Program the config is for."),
 ) -> None:
     """Check a config without running it; prints the resolved config."""
-    from ftprog.programs.config import ConfigError, to_toml
+    from ftprog.programs.config import to_toml
 
-    try:
+    with _messages():
         _, _, resolved = _load(program, file, [])
-    except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(to_toml(resolved))
     typer.echo(f"# {file}: valid {program} config", err=True)
 
@@ -174,7 +227,8 @@ def copy_config(
             if dest.exists():
                 typer.echo(f"{dest} exists; not overwriting", err=True)
                 raise typer.Exit(1)
-            dest.write_text(Path(found.path).read_text())
+            with _messages():
+                dest.write_text(Path(found.path).read_text())
             typer.echo(f"copied {program} config {name!r} to {dest}")
             return
     names = [n for p in PROGRAMS for n in _builtin(p)]
@@ -194,13 +248,10 @@ def download_cmd(
     """Download a model or dataset from the Hugging Face Hub (token from HF_TOKEN)."""
     from ftprog.programs.download import DEFAULT_EXCLUDE, download
 
-    try:
+    with _messages("download failed"):
         folder = download(repo_id, output_dir=output_dir, include=include,
                           exclude=DEFAULT_EXCLUDE if exclude is None else exclude, revision=revision,
                           repo_type="dataset" if dataset else "model")
-    except RuntimeError as e:
-        typer.echo(f"download failed: {e}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(str(folder))
 
 
@@ -212,15 +263,14 @@ def export_cmd(
     adapter: str = typer.Option(None, help="PEFT adapter folder to merge (hf, gguf, executorch) or export (peft)."),
     dtype: str = typer.Option(None, help="fp32 | fp16 | bf16 tensors in the output."),
     max_seq_len: int = typer.Option(None, help="executorch: longest sequence the program accepts."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (never the input)."),
 ) -> None:
     """Export a (fine-tuned) model: Hugging Face, PEFT, GGUF (llama.cpp) or ExecuTorch."""
-    from ftprog.programs.export import ExportError, export
+    from ftprog.programs.export import export
 
-    try:
-        path = export(model_path, output, fmt, adapter=adapter, dtype=dtype, max_seq_len=max_seq_len)
-    except (ExportError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"export failed: {e}", err=True)
-        raise typer.Exit(1) from None
+    with _messages("export failed"):
+        path = export(model_path, output, fmt, adapter=adapter, dtype=dtype, max_seq_len=max_seq_len,
+                      overwrite=overwrite)
     typer.echo(str(path))
 
 
@@ -236,11 +286,12 @@ def plan_cmd(
     from ftprog.programs.config import ConfigError
     from ftprog.programs.plan import PlanError, format_plan, plan
 
-    try:
-        result = plan(config, list(ctx.args), memory=memory, nproc=nproc, device=device)
-    except (ConfigError, PlanError) as e:
-        typer.echo(f"plan error: {e}", err=True)
-        raise typer.Exit(2) from None
+    with _messages("plan error"):
+        try:
+            result = plan(config, list(ctx.args), memory=memory, nproc=nproc, device=device)
+        except (ConfigError, PlanError) as e:
+            typer.echo(f"plan error: {e}", err=True)
+            raise typer.Exit(2) from None
     typer.echo(format_plan(result))
     if result.fits is False:
         raise typer.Exit(1)

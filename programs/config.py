@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import math
 import os
 import pathlib
 import re
@@ -32,11 +33,39 @@ import tomli_w
 from ftprog.core import ConfigError
 
 __all__ = [
-    "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "load_config",
+    "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "in_range", "load_config",
     "parse_overrides", "to_dict", "to_toml",
 ]
 
 EXTENDS_KEY = "extends"
+
+
+def in_range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False) -> Callable[[Any, Any, Any], None]:
+    """An attrs validator for numeric keys: the value (each item of a list) is finite and within the bounds.
+
+    ``low_open`` / ``high_open`` exclude that bound; None passes (an unset optional key). The message states
+    the allowed range (``must be >= 1, got 0``); :func:`from_dict` / :func:`load_config` prefix the key and
+    where it came from, so ``ft-prog validate`` reports it before anything runs.
+    """
+    if low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"{'<' if high_open else '<='} {high}"
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None:
+                continue
+            if not math.isfinite(item):
+                raise ValueError(f"must be a finite number {allowed}, got {item}")
+            if (low is not None and (item <= low if low_open else item < low)) or \
+                    (high is not None and (item >= high if high_open else item > high)):
+                raise ValueError(f"must be {allowed}, got {item}")
+
+    return check
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,8 +70,8 @@ def teardown() -> None:
 def torchrun_command(args: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0,
                      rdzv_endpoint: str | None = None) -> list[str]:
     """The torchrun command line that runs ``ft-prog <args>`` on ``nproc`` processes per node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}",
-           "--max-restarts=0"]
+    cmd = [sys.executable, "-c", "from ftprog.programs.distributed import torchrun_main; torchrun_main()",
+           f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--max-restarts=0"]
     if nnodes > 1:
         if not rdzv_endpoint:
             raise ValueError("multi-node runs need --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -83,13 +83,54 @@ def torchrun_command(args: list[str], *, nproc: int, nnodes: int = 1, node_rank:
     return cmd + ["-m", "ftprog.programs.cli", *args]
 
 
+def torchrun_main() -> None:
+    """torchrun (``torch.distributed.run`` with ``sys.argv``), ending in one message instead of a traceback when
+    it is stopped by a signal (the workers say what they saved) or a worker fails (which rank, its exit code)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(sys.argv[1:]))
+    except SignalException as e:
+        sys.exit(128 + int(e.sigval))
+    except ChildFailedError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
+
+
 def launch(args: list[str], **kwargs) -> int:
-    """Run ``ft-prog <args>`` under torchrun and return its exit code (it names a failed rank)."""
+    """Run ``ft-prog <args>`` under torchrun and return its exit code (it names a failed rank).
+
+    A stop signal this process receives (Ctrl-C, SIGTERM, SIGUSR1) is passed to torchrun, which passes it
+    to every worker; each checkpoints after its current step and exits, and the code is then the
+    signal's (128 + its number). torchrun runs in its own session so that a Ctrl-C in the terminal
+    reaches the workers once, through torchrun, not also directly (a second Ctrl-C aborts).
+    """
+    import signal
     import subprocess
 
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(torchrun_command(args, **kwargs), env=env)
+    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    proc = subprocess.Popen(torchrun_command(args, **kwargs), env=env, start_new_session=True)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    previous = {s: signal.signal(s, forward) for s in stop_signals}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received and code != 0 else code
 
 
 def _initialized() -> bool:
@@ -121,3 +162,15 @@ def all_sum(value):
 def any_rank(flag: bool) -> bool:
     """True if ``flag`` is True on any rank (so every rank takes the same branch)."""
     return bool(all_sum(int(flag))) if _initialized() else flag
+
+
+def all_max(value: int) -> int:
+    """The largest of an integer over the ranks; the value itself in a single process."""
+    if not _initialized():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor(int(value))
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())

@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ftprog.programs.run_guard import RunError
+
 # Meta's original consolidated checkpoints duplicate the safetensors weights (and are pickles).
 DEFAULT_EXCLUDE = ("original/*.pth", "original/**/*.pth")
 
@@ -29,9 +31,9 @@ def download(repo_id: str, *, output_dir: str | os.PathLike | None = None, inclu
             token=os.environ.get("HF_TOKEN") or None,
         )
     except GatedRepoError as e:
-        raise RuntimeError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN ({e})") from None
+        raise RunError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN ({e})") from None
     except RepositoryNotFoundError:
-        raise RuntimeError(f"no {repo_type} repository {repo_id!r} on the Hub (or it is private: set HF_TOKEN)") from None
+        raise RunError(f"no {repo_type} repository {repo_id!r} on the Hub (or it is private: set HF_TOKEN)") from None
     except RevisionNotFoundError:
-        raise RuntimeError(f"{repo_id} has no revision {revision!r}") from None
+        raise RunError(f"{repo_id} has no revision {revision!r}") from None
     return Path(folder)

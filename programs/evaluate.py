@@ -19,6 +19,7 @@ import difflib
 import fnmatch
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,9 +31,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ftprog.core import Model, Tokenizer, load_tokenizer, perplexity
-from ftprog.programs.config import to_dict
+from ftprog.core._checkpoint import atomic_folder
+from ftprog.programs.config import in_range, to_dict
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.generate import build_model, generate
+from ftprog.programs.run_guard import check_output
 from ftprog.programs.sft_config import ModelSection
 
 
@@ -47,13 +50,13 @@ class EvalConfig:
     """lm-eval task, group or tag names (globs and YAML paths work too)."""
     include_path: str = ""
     """A folder of extra task YAML files (e.g. local JSONL tasks)."""
-    num_fewshot: int | None = None
-    limit: int | float | None = None
+    num_fewshot: int | None = attrs.field(default=None, validator=in_range(0))
+    limit: int | float | None = attrs.field(default=None, validator=in_range(0, low_open=True))
     """Samples per task (a float below 1: a fraction). For quick checks only."""
-    batch_size: int = 8
-    max_length: int = 0
+    batch_size: int = attrs.field(default=8, validator=in_range(1))
+    max_length: int = attrs.field(default=0, validator=in_range(0))
     """Tokens per forward (0: the model's max_position_embeddings); longer inputs are truncated from the left."""
-    max_gen_toks: int = 256
+    max_gen_toks: int = attrs.field(default=256, validator=in_range(1))
     """Default generation length of generate_until tasks that set none."""
     add_bos_token: bool | None = None
     """As lm-eval's ``add_bos_token`` model argument; unset: the tokenizer's own default."""
@@ -62,10 +65,12 @@ class EvalConfig:
     """Also write every sample's requests and scores to ``output_dir/samples_TASK.jsonl``."""
     perplexity_file: str = ""
     """A .txt file (one document) or .jsonl (a document per row's "text") to compute perplexity on."""
-    stride: int = 0
+    stride: int = attrs.field(default=0, validator=in_range(0))
     """Perplexity windows of max_length tokens start this many tokens apart, < max_length (0: max_length // 2)."""
     seed: int = 0
     output_dir: str = "runs/eval"
+    overwrite: bool = False
+    """Replace an existing, non-empty ``output_dir``."""
 
 
 CONFIG = EvalConfig
@@ -256,6 +261,17 @@ def task_manager(include_path: str = ""):
     return TaskManager(include_path=include_path or None)
 
 
+def python_run_by(include_path: str) -> list[str]:
+    """A notice for each Python file that the task YAMLs of ``include_path`` run (lm-eval's ``!function``)."""
+    notes = []
+    for yaml_file in sorted(Path(include_path).rglob("*.y*ml")):
+        text = yaml_file.read_text(encoding="utf-8", errors="replace")
+        modules = sorted(set(re.findall(r"!function\s+([\w.]+)\.\w+", text)))
+        notes += [f"note: task {yaml_file} runs Python code from {yaml_file.parent / (m.replace('.', '/') + '.py')} "
+                  "(lm-eval's !function)" for m in modules]
+    return notes
+
+
 def check_tasks(names: list[str], manager) -> None:
     """Unknown task names are an error listing close matches."""
     known = manager.all_tasks
@@ -278,7 +294,12 @@ def run(cfg: EvalConfig, resolved: dict[str, Any] | None = None) -> dict[str, An
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model_path = resolve(cfg.model.path)
+    out = Path(cfg.output_dir)
+    check_output(out, sources=[model_path, cfg.adapter, cfg.include_path], overwrite=cfg.overwrite)
     tokenizer = load_tokenizer(model_path)
+    if cfg.tasks and cfg.include_path:
+        for note in python_run_by(cfg.include_path):
+            print(note, flush=True)
     manager = task_manager(cfg.include_path) if cfg.tasks else None
     if manager is not None:
         check_tasks(cfg.tasks, manager)  # before any weights load
@@ -310,12 +331,11 @@ def run(cfg: EvalConfig, resolved: dict[str, Any] | None = None) -> dict[str, An
               f"{p['documents']} documents, windows of {p['max_length']} tokens, stride {p['stride']})")
 
     results["ft_prog_config"] = resolved or to_dict(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-    (out / "eval_results.json").write_text(text, encoding="utf-8")
-    for task, rows in samples.items():
-        (out / f"samples_{task}.jsonl").write_text(
-            "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
+    with atomic_folder(out) as folder:  # with overwrite, the old folder goes once the new one is whole
+        (folder / "eval_results.json").write_text(text, encoding="utf-8")
+        for task, rows in samples.items():
+            (folder / f"samples_{task}.jsonl").write_text(
+                "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
     print(f"results: {out / 'eval_results.json'}")
     return json.loads(text)

@@ -53,6 +53,7 @@ from ftprog.core import (
 )
 from ftprog.core._checkpoint import copy_tokenizer_files
 from ftprog.programs.demo_assets import resolve
+from ftprog.programs.run_guard import check_output
 
 FORMATS = ("hf", "peft", "gguf", "executorch")
 
@@ -106,7 +107,7 @@ def load_merged(model_path: str | os.PathLike, *, adapter: str | os.PathLike | N
 
 def export(model_path: str | os.PathLike, output: str | os.PathLike, fmt: str, *,
            adapter: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-           max_seq_len: int | None = None) -> Path:
+           max_seq_len: int | None = None, overwrite: bool = False) -> Path:
     """Write the model of ``model_path`` (+ ``adapter``) to ``output`` in format ``fmt``.
 
     Args:
@@ -119,6 +120,8 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, fmt: str, *
         dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` (or a torch dtype); default: the checkpoint's.
         max_seq_len: ``executorch`` only: the longest sequence the program accepts (default: the
             model's ``max_position_embeddings``).
+        overwrite: replace an existing output (file, or non-empty folder); without it that is refused.
+            An output that is, lies inside or holds ``model_path`` or ``adapter`` is always refused.
 
     Returns:
         The folder or file written (``executorch`` without the executorch package: the ``.pt2``).
@@ -137,6 +140,14 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, fmt: str, *
     if max_seq_len is not None and fmt != "executorch":
         raise ExportError("max_seq_len applies to the executorch format only")
     out = Path(output)
+    written = [out]  # hf, peft: the folder
+    if fmt == "gguf":
+        written = [out if out.suffix == ".gguf" else out / "model.gguf"]
+    elif fmt == "executorch":
+        pte = out if out.suffix == ".pte" else out / "model.pte"
+        written = [pte, pte.with_suffix(".pt2")]
+    for path in written:
+        check_output(path, sources=[model_path, adapter], overwrite=overwrite, option="--overwrite")
     if fmt == "peft":
         return export_peft(model_path, adapter, out, dtype=dtype)
     if fmt == "gguf":

@@ -19,7 +19,9 @@ import attrs
 import torch
 
 from ftprog.core import KVCache, Model, Tokenizer, as_dtype, load_pretrained, load_tokenizer, read_config
+from ftprog.programs.config import in_range
 from ftprog.programs.demo_assets import resolve
+from ftprog.programs.run_guard import check_output
 from ftprog.programs.sft_config import ModelSection
 
 
@@ -35,12 +37,12 @@ class GenerateConfig:
     """Render each prompt as a user message through the model's chat template (with the generation prompt)."""
     system_prompt: str = ""
     """With ``chat``: a system message put first."""
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    max_new_tokens: int = attrs.field(default=128, validator=in_range(1))
+    temperature: float = attrs.field(default=0.0, validator=in_range(0))
     """0: greedy."""
-    top_k: int = 0
+    top_k: int = attrs.field(default=0, validator=in_range(0))
     """Sample among the k most likely tokens only (0: all)."""
-    top_p: float = 1.0
+    top_p: float = attrs.field(default=1.0, validator=in_range(0, 1, low_open=True))
     """Sample among the smallest set of tokens whose probability reaches top_p (1: all)."""
     seed: int = 0
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -50,9 +52,11 @@ class GenerateConfig:
     """Strings that end a completion (cut from the output), besides the tokenizer's stop tokens."""
     stream: bool = True
     """Print the tokens of a single prompt as they come."""
-    batch_size: int = 8
+    batch_size: int = attrs.field(default=8, validator=in_range(1))
     output_file: str = ""
     """Also write ``{"prompt", "completion"}`` rows here (JSONL)."""
+    overwrite: bool = False
+    """Replace an existing ``output_file``."""
 
 
 CONFIG = GenerateConfig
@@ -257,6 +261,8 @@ def run(cfg: GenerateConfig, resolved: dict[str, Any] | None = None) -> list[str
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model_path = resolve(cfg.model.path)
+    if cfg.output_file:
+        check_output(cfg.output_file, sources=[model_path, cfg.adapter], overwrite=cfg.overwrite)
     tokenizer = load_tokenizer(model_path)
     prompts = read_prompts(cfg)
     encoded = [encode_prompt(tokenizer, p, cfg) for p in prompts]

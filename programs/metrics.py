@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from ftprog.programs.run_guard import RunError
 
 
 class MetricsLog:
@@ -36,21 +39,36 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+                raise RunError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
             self._tb = SummaryWriter(str(output_dir / "tensorboard"))
         if enabled and wandb:
             try:
                 import wandb as wandb_module
             except ImportError as e:
-                raise RuntimeError("log.wandb=true needs the wandb package: pip install wandb "
+                raise RunError("log.wandb=true needs the wandb package: pip install wandb "
                                    "(WANDB_MODE=offline works without network)") from e
             self._wandb = wandb_module.init(project=wandb_project, dir=str(output_dir), config=config or {},
                                             resume="allow")
 
     def _read(self) -> list[dict[str, Any]]:
+        """The records so far; a line that is not a record (torn by a power loss or a full disk) is dropped with
+        a warning."""
         if not self.path.is_file():
             return []
-        return [orjson.loads(line) for line in self.path.read_bytes().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                print(f"warning: {self.path}:{number}: not a complete metrics record (torn by an interrupted "
+                      f"write?); dropped: {line[:80]!r}", file=sys.stderr, flush=True)
+        return records
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record (must hold ``step``); numbers go to every sink."""

@@ -29,7 +29,9 @@ import torch
 from ftprog.core import (
     Model, as_dtype, flatten, is_plain, is_quantized, load_pretrained, load_tokenizer, perplexity, read_config,
 )
+from ftprog.programs.config import in_range
 from ftprog.programs.demo_assets import resolve
+from ftprog.programs.run_guard import check_output
 from ftprog.programs.sft_config import ModelSection
 from ftprog.transforms import is_quantized_checkpoint, load_quantized, save_quantized
 
@@ -45,12 +47,14 @@ class QuantizeConfig:
     dtype: Literal["fp32", "bf16"] = "bf16"
     """Dtype of the model before quantization: of the unquantized tensors and of the computation."""
     output_dir: str = "runs/quantize"
-    """The quantized model folder that is written (replaced atomically if it exists)."""
+    """The quantized model folder that is written; never the model's own folder."""
+    overwrite: bool = False
+    """Replace an existing, non-empty ``output_dir`` (atomically: the old one goes once the new one is whole)."""
     eval_text: str = ""
     """A UTF-8 text file whose perplexity is measured before and after (empty: no perplexity)."""
-    max_length: int = 512
+    max_length: int = attrs.field(default=512, validator=in_range(1))
     """Tokens per perplexity window (as ``run eval``'s max_length, see :func:`ftprog.core.perplexity`)."""
-    stride: int = 0
+    stride: int = attrs.field(default=0, validator=in_range(0))
     """Perplexity windows start this many tokens apart, < max_length (0: max_length // 2), as ``run eval``'s."""
     skip_unsupported: bool = True
     """Leave weights whose shape the scheme cannot take (nf4: element count not divisible by 16384;
@@ -113,7 +117,9 @@ def run(cfg: QuantizeConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     model_path = resolve(cfg.model.path)
 
-    # 1. Inputs first: a missing text or adapter fails before any weights load.
+    # 1. Inputs and the output first: a missing text or adapter, or an output that would replace the model or
+    # another folder, fails before any weights load.
+    check_output(out, sources=[model_path, cfg.adapter], overwrite=cfg.overwrite)
     ids = _eval_ids(cfg, model_path, read_config(model_path).max_position_embeddings)
 
     # 2. The float model (adapter merged), and its quantized version.

@@ -2,8 +2,9 @@
 
 A checkpoint folder holds:
 
-- ``state.json``: step, data-loader position, tokens seen, and the metrics so far;
-- ``config.toml``: the resolved config of the run;
+- ``state.json``: step, data-loader position, tokens seen, the metrics so far, and the training data's
+  fingerprint (:func:`~ftprog.programs.run_guard.data_fingerprint`);
+- ``config.toml``: the resolved config of the run (a resumed run must match it: :func:`find_resume_point`);
 - ``rng_<rank>.safetensors``: each process's CPU (and CUDA) generator states;
 
 and the trained leaves with the optimizer state, in one of two formats:
@@ -32,16 +33,23 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tomllib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ftprog.core import CheckpointError, Model, flatten, is_dtensor, load_pretrained, save_pretrained
+from ftprog.core import CheckpointError, Model, flatten, is_dtensor, load_pretrained, optim, save_pretrained
 from ftprog.core._checkpoint import _replace_dir
 from ftprog.programs import distributed
+from ftprog.programs.run_guard import (
+    FINGERPRINT_KEY, Change, ResumeRules, RunError, check_resume, read_checkpoint_config,
+)
 from ftprog.transforms import has_adapters, load_adapter, save_adapter, unshard
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -116,8 +124,8 @@ def save_checkpoint(output_dir: Path, step: int, model: Model, optimizer_state: 
         kept = checkpoints(output_dir)
         cause = error if isinstance(error, BaseException) else None
         reason = _describe(cause) if cause is not None else "failed on another rank"
-        raise RuntimeError(f"could not save checkpoint {target} ({reason}); the earlier checkpoint "
-                           f"{kept[-1] if kept else '(none)'} is untouched") from cause
+        raise RunError(f"could not save checkpoint {target} ({reason}); the earlier checkpoint "
+                       f"{kept[-1] if kept else '(none)'} is untouched") from cause
     if rank == 0:
         for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -182,6 +190,85 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_intact(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(the newest checkpoint that passes verify_checkpoint or None, [(damaged newer one, why), ...])``."""
+    damaged = []
+    for folder in reversed(checkpoints(output_dir)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as e:
+            damaged.append((folder, str(e)))
+            continue
+        return folder, damaged
+    return None, damaged
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the file if checkpoint ``folder`` is incomplete or damaged.
+
+    Cheap (headers and sizes, no tensor data): every safetensors file must open (a 0-byte or torn file does
+    not), every JSON/TOML file must parse, and a sharded checkpoint's metadata must read and its shard files
+    hold what it lists.
+    """
+    _check_complete(folder)
+    for file in sorted(folder.rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".toml":
+                tomllib.loads(file.read_text(encoding="utf-8"))
+        except (SafetensorError, OSError, ValueError) as e:  # JSON/TOML/Unicode decode errors are ValueErrors
+            raise CheckpointError(f"{file}: damaged ({e})") from None
+    if (folder / SHARDED_DIR / ".metadata").is_file():
+        _verify_sharded(folder / SHARDED_DIR)
+
+
+def _verify_sharded(path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a torn pickle raises anything
+        raise CheckpointError(f"{path / '.metadata'}: damaged ({type(e).__name__}: {e})") from None
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < size:
+            state = "missing" if have is None else f"{have} bytes, the metadata lists {size}"
+            raise CheckpointError(f"{file}: damaged ({state})")
+
+
+def _check_complete(folder: Path) -> None:
+    sharded = (folder / SHARDED_DIR / ".metadata").is_file()
+    if not sharded and not ((folder / "model").is_dir() and (folder / "optimizer.safetensors").is_file()):
+        raise CheckpointError(f"checkpoint {folder} is incomplete: it holds neither {SHARDED_DIR}/.metadata "
+                              "(several processes) nor model/ and optimizer.safetensors (one process); "
+                              "remove it to resume from the one before")
+    for name in ("state.json", "config.toml"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"checkpoint {folder} has no {name}; remove it to resume from the one before")
+
+
+def restore(folder: Path, model: Model, base: Model, opt: Any, opt_state: Any) -> tuple[Model, Any, dict]:
+    """``(model, optimizer state, state)`` resumed from checkpoint ``folder`` (see :func:`load_checkpoint`).
+
+    Nothing returned maps the checkpoint's files: pruning them later frees their disk space.
+    """
+    model, saved, state = load_checkpoint(folder, model, base, optim.state_dict(opt_state))
+    try:
+        return model, optim.load_state_dict(opt, model.trainable_params(), saved), state  # copies `saved` (mapped)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder} does not match this run's optimizer: {e}") from None
+
+
 def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: dict[str, torch.Tensor]
                     ) -> tuple[Model, dict[str, torch.Tensor], dict]:
     """``(model, optimizer_state, state)`` from a checkpoint of either format; restores the RNG states too.
@@ -192,15 +279,11 @@ def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: di
     keys, shapes, dtypes and sharding to load into; its tensors are not
     changed). The checkpoint's trained leaves (adapter or full weights) replace
     ``model``'s bit for bit, sharded as ``model``'s are; the returned optimizer
-    state is in the same form (for ``optim.load_state_dict``).
+    state is in the same form (for ``optim.load_state_dict``); one process, it maps
+    ``optimizer.safetensors`` (:func:`restore` copies and drops it).
     """
+    _check_complete(folder)
     sharded = (folder / SHARDED_DIR / ".metadata").is_file()
-    if not sharded and not ((folder / "model").is_dir() and (folder / "optimizer.safetensors").is_file()):
-        raise CheckpointError(f"checkpoint {folder} is incomplete: it holds neither {SHARDED_DIR}/.metadata "
-                              "(several processes) nor model/ and optimizer.safetensors (one process); "
-                              "remove it to resume from the one before")
-    if not (folder / "state.json").is_file():
-        raise CheckpointError(f"checkpoint {folder} has no state.json; remove it to resume from the one before")
     if sharded:
         model, optimizer_state = _load_sharded(folder / SHARDED_DIR, model, optimizer_state)
     else:
@@ -208,15 +291,30 @@ def load_checkpoint(folder: Path, model: Model, base: Model, optimizer_state: di
             saved = flatten(load_adapter(base, folder / "model").params)
         else:
             saved = flatten(load_pretrained(folder / "model", device=model.device).params)
-        model = model.with_params({p: _like(saved[p].to(t.dtype), t) for p, t in model.trainable_params().items()})
-        optimizer_state = load_file(str(folder / "optimizer.safetensors"))
+        trainable = model.trainable_params()
+        wrong = [f"{p} is missing" if p not in saved else
+                 f"{p} is {list(saved[p].shape)}, this run has {list(t.shape)}"
+                 for p, t in trainable.items() if p not in saved or saved[p].shape != t.shape]
+        if wrong:
+            raise CheckpointError(f"checkpoint {folder / 'model'} does not match this run's model (another method, "
+                                  f"targets, rank or model?): {'; '.join(wrong[:5])}")
+        # copy=True: the loaded tensors map the checkpoint's files, which pruning deletes later
+        model = model.with_params({p: _like(saved[p].to(t.dtype, copy=True), t) for p, t in trainable.items()})
+        optimizer_state = _read_safetensors(folder / "optimizer.safetensors")
     rank_file = folder / f"rng_{_rank()}.safetensors"
-    rng = load_file(str(rank_file if rank_file.is_file() else folder / "rng_0.safetensors"))
+    rng = _read_safetensors(rank_file if rank_file.is_file() else folder / "rng_0.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
     state = json.loads((folder / "state.json").read_text())
     return model, optimizer_state, state
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: damaged ({e})") from None
 
 
 def _load_sharded(path: Path, model: Model, optimizer_state: dict[str, torch.Tensor]
@@ -256,3 +354,66 @@ def _like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(value, like.device_mesh, like.placements)
+
+
+# ------------------------------------------------------------------------------------------ resume decisions
+
+
+@attrs.frozen
+class ResumePoint:
+    """Where a run continues: ``checkpoint`` (None: from scratch), the accepted config changes, and the newer
+    checkpoints found damaged (``(folder, why)``), which the run removes once the model is loaded."""
+
+    checkpoint: Path | None = None
+    changes: list[Change] = attrs.field(factory=list)
+    damaged: list[tuple[Path, str]] = attrs.field(factory=list)
+
+
+def find_resume_point(output_dir: Path, config: dict[str, Any], data_fingerprint: str, rules: ResumeRules,
+                      allow: Sequence[str], total_steps: int) -> ResumePoint:
+    """Decide where a run into ``output_dir`` continues, before anything is loaded or deleted.
+
+    The newest intact checkpoint is chosen (damaged newer ones are reported); its config and data
+    fingerprint are compared with this run's (``config``: :func:`~ftprog.programs.run_guard.flat_config`)
+    under ``rules`` (:func:`~ftprog.programs.run_guard.check_resume`); a run that would end before the
+    checkpoint's step, or replace a finished run's ``final/`` with an earlier state, is refused. Every
+    refusal is one message (:class:`RunError`) naming the folder and the ways out.
+    """
+    checkpoint, damaged = newest_intact(output_dir)
+    if checkpoint is None and damaged:
+        listed = "; ".join(why for _, why in damaged)
+        raise RunError(f"no intact checkpoint to resume from in {output_dir}: {listed}. Set resume=false to start "
+                       "over (removes them), or use a new output_dir")
+    point = ResumePoint(checkpoint=checkpoint, damaged=damaged)
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "state.json").read_text())
+        saved, current = read_checkpoint_config(checkpoint), dict(config)
+        if "data_fingerprint" in state:  # checkpoints of older versions have none
+            saved[FINGERPRINT_KEY], current[FINGERPRINT_KEY] = state["data_fingerprint"], data_fingerprint
+        changes = check_resume(checkpoint, state["step"], saved, current, rules, allow)
+        if state["step"] > total_steps:
+            raise RunError(f"this run ends at step {total_steps}, before the step of checkpoint {checkpoint} "
+                           f"({state['step']}): set max_steps to at least {state['step']} to continue it, or "
+                           "resume=false to start over")
+        point = attrs.evolve(point, changes=changes)
+    _check_finished_run(output_dir, total_steps, checkpoint)
+    return point
+
+
+def _check_finished_run(output_dir: Path, total_steps: int, checkpoint: Path | None) -> None:
+    """Refuse to replace a finished run's ``final/`` from scratch, or with a state earlier than its own."""
+    final = output_dir / "final"
+    if not final.is_dir():
+        return
+    if checkpoint is None:
+        raise RunError(f"{output_dir} holds the final model of a finished run ({final}) and no checkpoint to "
+                       "continue from, so training again would replace it: use another output_dir, or "
+                       "resume=false to train from scratch and replace it")
+    try:
+        steps = json.loads((output_dir / "summary.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no summary: the final save was interrupted, so final/ is not a finished run's
+    if steps > total_steps:
+        raise RunError(f"{output_dir} holds a finished run of {steps} steps ({final}); this run would end at step "
+                       f"{total_steps} and replace it with an earlier state: set max_steps to at least {steps}, "
+                       "use another output_dir, or resume=false to start over")

@@ -9,19 +9,18 @@ cross-entropy, packing or padding, gradient accumulation normalised by the
 number of target tokens, global-norm clipping, AdamW/SGD with constant,
 linear or cosine schedules and warmup, validation loss, exact-match scoring
 of greedy answers, metrics.jsonl / TensorBoard / W&B, atomic resumable
-checkpoints every ``save_every`` steps, exact resume after a crash (same
-command), Ctrl-C saves at the end of the step and exits (code 130).
+checkpoints every ``save_every`` steps and ``save_every_minutes``, exact resume
+after a crash (same command; settings that change what the checkpoint means
+must match), one run per output_dir (a lock), Ctrl-C, SIGTERM and SIGUSR1 save
+at the end of the step and exit (code 130, 143, 138).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,12 @@ import attrs
 import torch
 
 from ftprog.core import (
-    Model, as_dtype, load_pretrained, load_tokenizer, optim, reuse_freed_memory, token_loss_sum, value_and_grad,
+    Model, as_dtype, load_pretrained, load_tokenizer, optim, read_config, reuse_freed_memory, token_loss_sum,
+    value_and_grad,
 )
+from ftprog.core._checkpoint import recover_interrupted_swaps
 from ftprog.core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
-from ftprog.programs import distributed, run_state
+from ftprog.programs import distributed, run_guard, run_state
 from ftprog.programs.config import to_toml
 from ftprog.programs.demo_assets import resolve
 from ftprog.programs.generate import generate
@@ -67,9 +68,14 @@ def build_model(cfg: SFTConfig, device: torch.device, mesh: Any = None) -> tuple
     return base, model
 
 
-def build_optimizer(cfg: SFTConfig, total_steps: int) -> Any:
+def build_optimizer(cfg: SFTConfig, total_steps: int, say=print) -> Any:
+    """The optimizer and schedule of ``cfg``; a warmup longer than the run is cut to it (``say`` notes it)."""
     o = cfg.optimizer
-    schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, o.warmup_steps)
+    warmup = min(o.warmup_steps, total_steps)
+    if warmup < o.warmup_steps:
+        say(f"note: optimizer.warmup_steps={o.warmup_steps} is longer than the run ({total_steps} steps); warming "
+            f"up over all {total_steps} steps instead", flush=True)
+    schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, warmup)
     if o.name == "sgd":
         return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay, state_dtype=o.state_dtype)
     return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
@@ -116,9 +122,25 @@ def exact_match(model: Model, data: TokenizedDataset, samples: int, max_new_toke
     return sum(o == a for o, a in zip(outputs, answers)) / max(len(prompts), 1)
 
 
+RESUME_RULES = run_guard.ResumeRules(
+    may_change=("max_steps", "epochs", "save_every", "save_every_minutes", "keep_last", "log", "eval_every",
+                "exact_match_samples", "max_new_tokens", "threads", "compile", "activation_checkpointing",
+                "output_dir"),
+    not_compared=("resume", "resume_allow_changes"),
+)
+"""Settings a resumed run may change (the change is printed and recorded). Any other one (model, data and its
+content, peft.*, dtype, seq_len, packing, batch_size, grad_accum, optimizer.*, seed, ...) changes what the saved
+state means: a difference is refused unless listed in ``resume_allow_changes``."""
+
+
 def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
-    out = Path(cfg.output_dir)
     dist = distributed.setup()  # one process, or one rank of a torchrun job (`ft-prog run --nproc N`)
+    with run_guard.exclusive_output_dir(Path(cfg.output_dir), enabled=dist.is_main):  # one run per output_dir
+        return _train(cfg, resolved, dist)
+
+
+def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo) -> Path:
+    out = Path(cfg.output_dir)
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed + dist.rank)
     if cfg.threads:
@@ -129,6 +151,7 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
 
     # 1. Data first: a bad file fails before any weights load.
     model_path = resolve(cfg.model.path)
+    read_config(model_path)  # a missing or broken model folder is named as such
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
     data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
@@ -143,30 +166,52 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     say(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size}"
           f"{' packed' if cfg.packing else ''} rows", flush=True)
 
-    # 2. Model and transforms; 3. optimizer over the trainable leaves.
+    # 2. Where to continue, decided before anything is loaded or deleted: the newest intact checkpoint, whose
+    # settings and data must be this run's (resume=false: none; the earlier run's checkpoints go in step 4).
+    fingerprint = run_guard.data_fingerprint(train_data)
+    earlier = [] if cfg.resume else run_state.checkpoints(out)
+    point = run_state.ResumePoint()
+    if cfg.resume:
+        point = run_state.find_resume_point(out, run_guard.flat_config(resolved), fingerprint, RESUME_RULES,
+                                            cfg.resume_allow_changes, total_steps)
+    for replaced in [out / "final", *earlier]:  # never a folder this run replaces or removes
+        run_guard.check_output(replaced, sources=[model_path, data_cfg.path, data_cfg.val_path], overwrite=True)
+
+    # 3. Model and transforms; optimizer over the trainable leaves.
     base, model = build_model(cfg, device, dist.mesh)
-    opt = build_optimizer(cfg, total_steps)
+    opt = build_optimizer(cfg, total_steps, say)
     opt_state = opt.init(model.trainable_params())
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
 
-    # 4. Resume from the newest complete checkpoint (same command, same config); resume=false starts over.
-    state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
-    found = run_state.checkpoints(out)
+    # 4. Only now is anything removed: what interrupted saves left, damaged checkpoints, with resume=false the
+    # earlier run's checkpoints (else they would outrank this run's).
+    distributed.barrier()
     if dist.is_main:
+        for done in recover_interrupted_swaps(out, ["final"]):
+            say(done, flush=True)
         for partial in run_state.remove_partial(out):
             say(f"removed {partial.name}: an incomplete checkpoint of an interrupted save", flush=True)
+        for folder, why in point.damaged:
+            say(f"{why}: removing the damaged checkpoint {folder.name}; resuming from {point.checkpoint.name}",
+                flush=True)
+            shutil.rmtree(folder)
+        if earlier:
+            say(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in earlier)}",
+                flush=True)
+            for old in earlier:
+                shutil.rmtree(old)
     distributed.barrier()
-    if found and not cfg.resume:
-        say(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in found)}", flush=True)
-        for old in found if dist.is_main else []:  # else they would outrank this run's checkpoints
-            shutil.rmtree(old)
-        distributed.barrier()
-        found = []
-    if found:
-        model, saved_opt, state = run_state.load_checkpoint(found[-1], model, base, optim.state_dict(opt_state))
-        opt_state = optim.load_state_dict(opt, model.trainable_params(), saved_opt)
+
+    # 5. Resume (same command; the changes the rules accept are printed and recorded).
+    state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
+    if point.checkpoint is not None:
+        model, opt_state, state = run_state.restore(point.checkpoint, model, base, opt, opt_state)
         loader.load_state_dict(state["loader"])
-        say(f"resumed from {found[-1]} (step {state['step']})", flush=True)
+        state["extra"].setdefault("config_changes", []).extend(attrs.asdict(c) for c in point.changes)
+        say(f"resumed from {point.checkpoint} (step {state['step']})", flush=True)
+        if point.changes:
+            say("changed settings: " + "; ".join(c.describe() for c in point.changes), flush=True)
+    state["data_fingerprint"] = fingerprint
     log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
                      tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
                      config=resolved, enabled=dist.is_main)
@@ -179,12 +224,13 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
         return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
                                          to_toml(resolved), cfg.keep_last)
 
-    # 5. The loop. Ctrl-C is acted on between steps, so the checkpoint it saves is a consistent one.
+    # 6. The loop. Stop signals are acted on between steps, so the checkpoint they save is a consistent one.
     grad_fn = value_and_grad(step_loss)
     batches = loader.forever()
     start_time, start_tokens = time.perf_counter(), state["tokens"]
     step = state["step"]
-    with _interrupt_between_steps() as interrupted:
+    clock = run_guard.SaveClock(cfg.save_every_minutes, is_main=dist.is_main)
+    with run_guard.stop_between_steps() as stop_request:
         while step < total_steps:
             micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
@@ -197,9 +243,9 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
             grads, grad_norm = clip_gradients(grads, cfg.optimizer.max_grad_norm)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 last = run_state.checkpoints(out)
-                raise RuntimeError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step "
-                                   f"{step + 1}; stopped before updating. Last good checkpoint: "
-                                   f"{last[-1] if last else 'none'} (lower optimizer.lr?)")
+                raise run_guard.RunError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at "
+                                         f"step {step + 1}; stopped before updating. Last good checkpoint: "
+                                         f"{last[-1] if last else 'none'} (lower optimizer.lr?)")
             lr = opt.lr_at(opt_state.count)
             # in place: the program owns these tensors, and a functional copy would cost params-sized memory
             params, opt_state = opt.update(grads, opt_state, model.trainable_params(), inplace=True)
@@ -214,21 +260,26 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
                 log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})
-            stop = distributed.any_rank(interrupted()) and step < total_steps
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps or stop:
+            stop = run_guard.agreed_stop(stop_request) if step < total_steps else 0
+            due = clock.due() or bool(cfg.save_every and step % cfg.save_every == 0)
+            if due and step < total_steps or stop:
                 where = save(step)
+                clock.saved()
             if stop:
                 log.close()
-                say(f"\ninterrupted: saved {where} (step {step}); run the same command to resume", file=sys.stderr)
-                raise SystemExit(130)
+                say(f"\ninterrupted ({signal.Signals(stop).name}): saved {where} (step {step}); run the same "
+                    "command to resume", file=sys.stderr)
+                raise SystemExit(run_guard.exit_code(stop))
 
-    # 6. Final evaluation and outputs (rank 0, on the gathered model).
+    # 7. Final evaluation and outputs (rank 0, on the gathered model).
     model = run_state.consolidate(model)
     if not dist.is_main:
         distributed.teardown()
         return out / "final"
     summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
                "data": attrs.asdict(train_data.stats), "processes": dist.world_size}
+    if state["extra"].get("config_changes"):
+        summary["config_changes"] = state["extra"]["config_changes"]
     if val_data is not None:
         summary["val_loss"] = validation_loss(model, _val_loader(val_data, cfg), device)
         log.log({"step": step, "val_loss": summary["val_loss"]})
@@ -245,32 +296,6 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
     return final
 
 
-@contextlib.contextmanager
-def _interrupt_between_steps():
-    """Within: Ctrl-C only sets a flag (``interrupted()``) the loop checks after each step; a second one aborts.
-
-    Acting on it between steps keeps model, optimizer state, data position and RNG consistent in the checkpoint
-    (a KeyboardInterrupt raised mid-step could leave the optimizer moments half-updated).
-    """
-    flag = []
-
-    def handle(signum, frame):
-        if flag:
-            raise KeyboardInterrupt
-        flag.append(signum)
-        with contextlib.suppress(Exception):  # os.write: printing from a handler can re-enter sys.stderr's buffer
-            os.write(sys.stderr.fileno(), b"\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)\n")
-
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGINT, handle)
-    try:
-        yield lambda: bool(flag)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:
     return DataLoader(val_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, shuffle=False,
                       fixed_shape=cfg.packing and cfg.compile)
@@ -280,7 +305,8 @@ def save_final(cfg: SFTConfig, out: Path, model: Model, state: dict, resolved: d
     """``out/final``: the HF model (full) or the PEFT adapter (+ ``merged/`` when asked)."""
     final = out / "final"
     run_state.save_model(model, final)
-    (final / "ft-prog-config.toml").write_text(to_toml(resolved))
+    changes = run_guard.changes_header(state["extra"].get("config_changes", []))
+    (final / "ft-prog-config.toml").write_text(changes + to_toml(resolved))
     if cfg.peft.method != "none" and cfg.peft.merge_at_end:
         from ftprog.core import save_pretrained
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 import attrs
 
+from ftprog.programs.config import in_range
+
 
 @attrs.frozen
 class ModelSection:
@@ -28,17 +30,17 @@ class DataSection:
     val_path: str = ""
     """Validation data; empty: ``val_split`` of the same source if it has one, else ``val_fraction``."""
     val_split: str = "validation"
-    val_fraction: float = 0.0
+    val_fraction: float = attrs.field(default=0.0, validator=in_range(0))
     skip_bad: bool = False
 
 
 @attrs.frozen
 class PeftSection:
     method: Literal["none", "lora", "dora", "qlora"] = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = attrs.field(factory=lambda: ["q_proj", "v_proj"])
+    rank: int = attrs.field(default=8, validator=in_range(1))
+    alpha: float = attrs.field(default=16.0, validator=in_range(0, low_open=True))
+    dropout: float = attrs.field(default=0.0, validator=in_range(0, 1, high_open=True))
+    targets: list[str] = attrs.field(factory=lambda: ["q_proj", "v_proj"], validator=attrs.validators.min_len(1))
     rslora: bool = False
     merge_at_end: bool = False
     """Also write the merged Hugging Face model to ``output_dir/final/merged``."""
@@ -47,14 +49,16 @@ class PeftSection:
 @attrs.frozen
 class OptimizerSection:
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.0
+    lr: float = attrs.field(default=2e-4, validator=in_range(0, low_open=True))
+    weight_decay: float = attrs.field(default=0.0, validator=in_range(0))
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.999], validator=[
+        in_range(0, 1, high_open=True), attrs.validators.min_len(2), attrs.validators.max_len(2)])
+    eps: float = attrs.field(default=1e-8, validator=in_range(0, low_open=True))
+    momentum: float = attrs.field(default=0.0, validator=in_range(0, 1, high_open=True))
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    warmup_steps: int = attrs.field(default=0, validator=in_range(0))
+    """Linear warmup from 0; longer than the run, it is cut to the run's length (a note says so)."""
+    max_grad_norm: float = attrs.field(default=1.0, validator=in_range(0))
     """Clip gradients to this global norm; 0 disables clipping."""
     state_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params)."""
@@ -62,7 +66,7 @@ class OptimizerSection:
 
 @attrs.frozen
 class LogSection:
-    every: int = 1
+    every: int = attrs.field(default=1, validator=in_range(1))
     progress: bool = True
     tensorboard: bool = False
     wandb: bool = False
@@ -80,26 +84,33 @@ class SFTConfig:
     log: LogSection = LogSection()
     dtype: Literal["fp32", "bf16"] = "bf16"
     seed: int = 0
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 0
+    seq_len: int = attrs.field(default=512, validator=in_range(2))
+    batch_size: int = attrs.field(default=4, validator=in_range(1))
+    grad_accum: int = attrs.field(default=1, validator=in_range(1))
+    max_steps: int = attrs.field(default=0, validator=in_range(0))
     """Stop after this many optimizer steps (0: run ``epochs`` epochs)."""
-    epochs: int = 1
+    epochs: int = attrs.field(default=1, validator=in_range(1))
     packing: bool = True
     """Pack samples into rows of ``seq_len`` (document masks keep them apart): no compute spent on padding."""
     activation_checkpointing: bool = False
     compile: bool = False
-    threads: int = 0
+    threads: int = attrs.field(default=0, validator=in_range(0))
     """CPU threads for torch (0: torch's default). Small models often run faster on 1."""
     output_dir: str = "runs/sft"
-    save_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
-    keep_last: int = 2
+    save_every: int = attrs.field(default=0, validator=in_range(0))
+    """Save a resumable checkpoint every N steps (0: by time only, ``save_every_minutes``)."""
+    save_every_minutes: float = attrs.field(default=30.0, validator=in_range(0))
+    """Also save one when this many minutes passed since the last (0: never), so a kill without warning
+    loses bounded work."""
+    keep_last: int = attrs.field(default=2, validator=in_range(0))
+    """Checkpoints kept (0: all)."""
     resume: bool = True
     """Continue from the newest ``step_N`` checkpoint in ``output_dir``; false: start over (removing them)."""
-    eval_every: int = 0
+    resume_allow_changes: list[str] = attrs.field(factory=list)
+    """Settings (dotted keys or globs, e.g. ``["optimizer.lr"]``) allowed to differ from the checkpoint's on
+    resume, on purpose; the change is recorded in summary.json and final/ft-prog-config.toml."""
+    eval_every: int = attrs.field(default=0, validator=in_range(0))
     """Validation loss every N steps (0: only at the end, if there is validation data)."""
-    exact_match_samples: int = 0
+    exact_match_samples: int = attrs.field(default=0, validator=in_range(0))
     """Score greedy answers on this many validation samples before and after training (instruct/chat)."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = attrs.field(default=32, validator=in_range(1))

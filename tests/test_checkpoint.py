@@ -187,3 +187,39 @@ def test_index_naming_a_missing_shard(tmp_path):
     (tmp_path / missing).unlink()
     with pytest.raises(FileNotFoundError, match=missing):
         load_pretrained(tmp_path)
+
+
+def test_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    """A weight_map entry may not point out of the model folder (``../x.safetensors``), even to a real file."""
+    model = tmp_path / "model"
+    save_hf("llama2", model, max_shard_size="100KB")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    (tmp_path / "elsewhere").mkdir()
+    (model / shard).rename(tmp_path / "elsewhere" / shard)
+    for outside in (f"../elsewhere/{shard}", str(tmp_path / "elsewhere" / shard)):
+        index["weight_map"] = {k: outside if v == shard else v for k, v in index["weight_map"].items()}
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=rf"tensor '{name}' is mapped to '{outside}', which is outside the "
+                                                  "model folder"):
+            load_pretrained(model)
+        index = json.loads(json.dumps(index).replace(outside, shard))
+
+
+def test_interrupted_swap_leftovers_are_recovered(tmp_path):
+    """After a kill between the two renames of a folder swap, the moved-aside folder is put back if nothing replaced
+    it; other leftovers (an older copy, an unfinished new one) are removed."""
+    from ftprog.core._checkpoint import recover_interrupted_swaps
+
+    (tmp_path / ".final.old-11").mkdir()
+    (tmp_path / ".final.old-11" / "model.safetensors").write_text("the previous final")
+    (tmp_path / ".final.tmp-ab12").mkdir()
+    (tmp_path / ".other.tmp-cd34").mkdir()  # not a name asked about: untouched
+    done = recover_interrupted_swaps(tmp_path, ["final"])
+    assert (tmp_path / "final" / "model.safetensors").read_text() == "the previous final"
+    assert done == ["restored final from .final.old-11 (a replacement was interrupted)",
+                    "removed .final.tmp-ab12, an incomplete final of an interrupted save"]
+    (tmp_path / ".final.old-12").mkdir()  # final/ exists: this is an older copy
+    assert recover_interrupted_swaps(tmp_path, ["final"]) == [
+        "removed .final.old-12, left by an interrupted replacement of final"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-cd34", "final"]

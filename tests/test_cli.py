@@ -48,3 +48,23 @@ def test_one_config_error_for_model_and_program_configs(tmp_path):
     assert result.exit_code == 1, result.output
     assert "error:" in result.stderr and "config.json: unsupported model_type 'gpt2'" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_torchao_import_noise_stays_out_of_the_terminal():
+    """torchao's import logs "Failed to load .../_C_*.so" (CUDA kernels absent) and makes torch log a KernelPreference
+    deprecation: not the user's business, so ft-prog routes exactly those to its debug log; other warnings stay."""
+    code = ("import logging; from ftprog.core import from_config; from ftprog.transforms import quantize; "
+            "quantize(from_config('tiny'), 'int8'); logging.getLogger('torchao').warning('a real torchao warning')")
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert ours.returncode == 0, ours.stderr
+    assert not any(word in ours.stderr for word in ("Failed to load", "KernelPreference")), ours.stderr
+    assert "a real torchao warning" in ours.stderr
+
+
+def test_debug_option_shows_tracebacks(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTPROG_DEBUG", "0")  # off; restored (unset) afterwards, as --debug sets it
+    missing = str(tmp_path / "no-model")
+    quiet = runner.invoke(app, ["run", "generate", f"model.path={missing}", "prompt=hi"])
+    assert quiet.exit_code == 1 and "does not exist" in quiet.stderr and "Traceback" not in quiet.stderr
+    loud = runner.invoke(app, ["--debug", "run", "generate", f"model.path={missing}", "prompt=hi"])
+    assert loud.exit_code == 1 and "Traceback" in loud.stderr and "does not exist" in loud.stderr

@@ -406,6 +406,39 @@ def test_truncation_and_no_target_drops(tok):
     assert cut.stats.tokens == int(cut.lengths.sum())
 
 
+def test_a_huge_row_is_truncated_without_tokenizing_all_of_it(tok):
+    """A 10 MB single-line sample took 4 GB to tokenize before being cut to seq_len: only a prefix long enough for
+    seq_len tokens is tokenized now, and the tokens kept are those of the whole text."""
+    words = "the quick brown fox jumps over the lazy dog, hello world! "
+    huge = (words * (2_000_000 // len(words)))[:2_000_000]
+    rows = [Row({"text": huge}, "f", line=1),
+            Row({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": huge}]}, "f",
+                line=2)]
+    whole = tok.encode(huge[:20_000])  # far more than seq_len tokens: its first ones are the huge text's
+    encoded = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode(self, text, **kwargs):
+            encoded.append(len(text))
+            return tok.encode(text, **kwargs)
+
+        def with_chat_template(self, template):
+            return tok.with_chat_template(template)
+
+    text = tokenize_dataset(rows[:1], Recording(), "text", 128)
+    assert text.stats.truncated == 1 and text[0][0].tolist() == whole[:128]
+    assert max(encoded) <= 16 * (128 + 16) * 2
+    chat = tokenize_dataset(rows[1:], tok, "chat", 128)
+    reference = tokenize_dataset([Row({"messages": [{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": huge[:20_000]}]}, "f", line=2)],
+                                 tok, "chat", 128)
+    assert chat.stats.truncated == 1 and chat[0][0].tolist() == reference[0][0].tolist()
+    assert chat[0][1].tolist() == reference[0][1].tolist()
+
+
 # ------------------------------------------------------------------------------------------------ batching
 
 

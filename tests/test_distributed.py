@@ -148,22 +148,65 @@ def run_in_process(cfg: Path, *overrides: str) -> None:
 
 
 @pytest.mark.parametrize("damage,error", [pytest.param(d, e, id=d) for d, e in [
-    ("no shard", r"could not read checkpoint .*step_2/distributed: rank 0: FileNotFoundError.*__1_0.distcp"),
-    ("no metadata", r"checkpoint .*step_2 is incomplete"),
+    ("no shard", r"no intact checkpoint to resume from in .*out: .*step_2/distributed/__1_0.distcp: damaged "
+                 r"\(missing\)"),
+    ("torn shard", r"no intact checkpoint .*step_2/distributed/__1_0.distcp: damaged \(\d+ bytes, the metadata lists"),
+    ("no metadata", r"no intact checkpoint .*checkpoint .*step_2 is incomplete"),
     ("other method", r"checkpoint .*step_2/distributed does not match .*missing \['model\.model\.embed_tokens"),
     ("other rank", r"checkpoint .*step_2/distributed does not match .*lora_A.weight is torch.float32\[4, 256\], "
                    r"this run has torch.float32\[8, 256\]"),
 ]])
 def test_bad_sharded_checkpoint_names_the_folder(damage, error, tmp_path, assets, finished):
+    """Damage is found before the model loads; a checkpoint of another model shape, resumed on purpose
+    (resume_allow_changes), fails on loading with the mismatch named."""
     from ftprog.core import CheckpointError
+    from ftprog.programs.run_guard import RunError
 
     out = tmp_path / "out"
     shutil.copytree(finished("lora", 2)[0] / "step_2", out / "step_2")
-    if damage in ("no shard", "no metadata"):
-        (out / "step_2" / "distributed" / ("__1_0.distcp" if damage == "no shard" else ".metadata")).unlink()
-    overrides = {"other method": ["peft.method=none"], "other rank": ["peft.method=lora", "peft.rank=8"]}
-    with pytest.raises(CheckpointError, match=error):
+    shards = out / "step_2" / "distributed"
+    if damage == "torn shard":
+        (shards / "__1_0.distcp").write_bytes((shards / "__1_0.distcp").read_bytes()[:100])
+    elif damage in ("no shard", "no metadata"):
+        (shards / ("__1_0.distcp" if damage == "no shard" else ".metadata")).unlink()
+    allowed = 'resume_allow_changes=["peft.*"]'
+    overrides = {"other method": ["peft.method=none", allowed],
+                 "other rank": ["peft.method=lora", "peft.rank=8", allowed]}
+    with pytest.raises(CheckpointError if damage.startswith("other") else RunError, match=error):
         run_in_process(config(tmp_path, assets), *overrides.get(damage, ["peft.method=lora"]), *COMMON)
+
+
+SLOW_SFT = Path(__file__).parent / "_slow_sft.py"
+
+
+def test_sigterm_saves_on_every_rank_exits_143_and_resumes_exactly(tmp_path, assets, finished):
+    """SIGTERM to `ft-prog run --nproc 2` (what SLURM / Kubernetes send before a kill) reaches both workers through
+    torchrun; they agree on a step, save a sharded checkpoint and exit 143; re-running ends bit for bit as the
+    uninterrupted 2-process run."""
+    whole, _ = finished("lora", 2)
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, str(SLOW_SFT), "run", "--nproc", "2", "sft", "--config",
+                                 str(config(tmp_path, assets)), "peft.method=lora", *COMMON],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # step 1 is done, each later one takes a second
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, stderr[-3000:]
+    assert "interrupted (SIGTERM): saved" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("SIGTERM: saving a checkpoint after this step") == 2, stderr[-3000:]  # both ranks
+    saved = [p.name for p in out.glob("step_*")]
+    assert saved and sorted(p.name for p in (out / saved[-1] / "distributed").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (out / "final").exists()
+
+    result = run(config(tmp_path, assets), "peft.method=lora", *COMMON, nproc=2)
+    assert "resumed from" in result.stdout
+    assert losses(out) == losses(whole)
+    a, b = final_tensors(out), final_tensors(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 FAILING_SAVE = Path(__file__).parent / "_failing_save.py"

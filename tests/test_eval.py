@@ -4,6 +4,7 @@ perplexity path against transformers, errors and the CLI."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -218,14 +219,25 @@ def test_unknown_task_lists_close_matches(task_dir, tmp_path):
 def test_cli_writes_eval_results(task_dir, tmp_path):
     folder = make_model_folder(tmp_path / "m", "bpe")
     (tmp_path / "text.txt").write_text(" ".join(CORPUS))
+    tasks = tmp_path / "tasks"  # task_dir's tasks, and one running Python from the folder (lm-eval's !function)
+    shutil.copytree(task_dir, tasks)
+    (tasks / "ftp_fn.yaml").write_text((task_dir / "ftp_mc.yaml").read_text().replace("task: ftp_mc", "task: ftp_fn")
+                                       + "process_docs: !function helpers.first_docs\n")
+    (tasks / "helpers.py").write_text("def first_docs(dataset):\n    return dataset.select(range(4))\n")
     out = tmp_path / "out"
     config = tmp_path / "eval.toml"
-    config.write_text(f'tasks = ["ftp_mc", "ftp_ppl"]\ninclude_path = "{task_dir}"\nlimit = 4\nmax_length = 32\n'
-                      f'dtype = "fp32"\nperplexity_file = "{tmp_path / "text.txt"}"\noutput_dir = "{out}"\n'
-                      f'log_samples = true\n[model]\npath = "{folder}"\n')
+    config.write_text(f'tasks = ["ftp_mc", "ftp_ppl", "ftp_fn"]\ninclude_path = "{tasks}"\nlimit = 4\n'
+                      f'max_length = 32\ndtype = "fp32"\nperplexity_file = "{tmp_path / "text.txt"}"\n'
+                      f'output_dir = "{out}"\nlog_samples = true\n[model]\npath = "{folder}"\n')
     result = CliRunner().invoke(app, ["run", "eval", "--config", str(config), "batch_size=2"])
     assert result.exit_code == 0, result.output
+    notice = f"note: task {tasks / 'ftp_fn.yaml'} runs Python code from {tasks / 'helpers.py'} (lm-eval's !function)"
+    assert result.output.count("runs Python code") == 1 and notice in result.output, result.output
     assert "ftp_mc" in result.output and "acc" in result.output and "perplexity of" in result.output
+    assert "ftp_fn" in json.loads((out / "eval_results.json").read_text())["results"]
+    again = CliRunner().invoke(app, ["run", "eval", "--config", str(config)])  # never replaced unasked
+    assert again.exit_code == 1 and f"the output {out} already exists" in again.stderr
+    assert "overwrite=true" in again.stderr
     results = json.loads((out / "eval_results.json").read_text())
     assert 0 <= results["results"]["ftp_mc"]["acc,none"] <= 1
     assert results["results"]["ftp_ppl"]["word_perplexity,none"] > 1

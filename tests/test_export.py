@@ -107,6 +107,41 @@ def test_bad_inputs_give_clear_errors(llama, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_export_replaces_nothing_it_was_not_asked_to(llama, tmp_path):
+    """An existing output is refused unless overwrite (--overwrite) is given, and then replaced whole; an output that
+    is, lies inside or holds the model or adapter folder is refused even with overwrite."""
+    from typer.testing import CliRunner
+
+    from ftprog.programs.cli import app
+    from ftprog.programs.run_guard import RunError
+
+    folder, adapter, _ = llama
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("the user's")
+    result = CliRunner().invoke(app, ["export", str(folder), str(existing), "--format", "hf"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert f"export failed: the output {existing} already exists (a folder that is not empty)" in result.stderr
+    assert "--overwrite" in result.stderr and (existing / "notes.txt").read_text() == "the user's"
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_text("an older export")
+    with pytest.raises(RunError, match="already exists \\(a file\\)"):
+        export(folder, gguf_file, "gguf")
+    assert gguf_file.read_text() == "an older export"
+
+    result = CliRunner().invoke(app, ["export", str(folder), str(existing), "--format", "hf", "--overwrite"])
+    assert result.exit_code == 0, result.stderr
+    assert not (existing / "notes.txt").exists() and load_pretrained(existing).num_params() > 0
+
+    before = sorted(p.name for p in folder.iterdir())
+    for output, fmt, relation in [(folder, "hf", "is"), (folder / "merged", "hf", "is inside"),
+                                  (folder.parent, "hf", "holds"), (adapter, "peft", "is"),
+                                  (folder / "model.gguf", "gguf", "is inside")]:
+        with pytest.raises(RunError, match=f"the output {output} {relation} the input"):
+            export(folder, output, fmt, adapter=adapter, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == before and (adapter / "adapter_config.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- gguf
 
 

@@ -171,6 +171,30 @@ def test_refusals_come_before_loading(folders, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_output_never_replaces_the_model_or_unasked_folders(folders, tmp_path):
+    """`model.path=M output_dir=M` replaced the model with its quantized version; a non-empty output_dir is now
+    replaced only with overwrite=true, and the model's own folder (or one inside or around it) never."""
+    from ftprog.programs.run_guard import RunError
+
+    folder, adapter, _ = folders
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for output, relation in [(folder, "is"), (folder / "q", "is inside"), (folder.parent, "holds")]:
+        with pytest.raises(RunError, match=f"the output {output} {relation} the input"):
+            run(_cfg({"model_path": folder, "output_dir": str(output), "overwrite": True}), {})
+    with pytest.raises(RunError, match=f"the output {adapter} is the input"):
+        run(_cfg({"model_path": folder, "adapter": str(adapter), "output_dir": str(adapter), "overwrite": True}), {})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(RunError, match="already exists .* pass overwrite=true to replace it"):
+        run(_cfg({"model_path": folder, "output_dir": str(out)}), {})
+    assert (out / "notes.txt").read_text() == "the user's"
+    run(_cfg({"model_path": folder, "output_dir": str(out), "overwrite": True}), {})
+    assert is_quantized_checkpoint(out) and not (out / "notes.txt").exists()
+
+
 def test_unsupported_shapes_are_listed_or_refused(tmp_path):
     folder = save_pretrained(from_config({**CONFIG_JSON, "intermediate_size": 200}, seed=0), tmp_path / "m")
     report = run(_cfg({"model_path": folder, "scheme": "nf4", "output_dir": str(tmp_path / "q")}), {})

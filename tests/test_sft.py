@@ -1,5 +1,7 @@
 """`ft-prog run sft` end to end: every method trains and its output loads in transformers / peft, exact resume
-after SIGKILL and Ctrl-C, gradient accumulation, bad data and failures, config errors, the offline demo.
+after SIGKILL, Ctrl-C, SIGTERM and SIGUSR1, gradient accumulation, bad data and failures, resume that refuses
+changed settings, one run per output folder, damaged checkpoints and logs, failures as one message, config errors
+and ranges, the offline demo.
 
 Everything is built offline (tests/_sft_fixtures.py): a 1.3M-parameter Llama with a ChatML BPE tokenizer and a
 few dozen "reverse the word" rows. Runs are in-process (``sft.run``) where that is enough, subprocesses of the
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +32,7 @@ from ftprog.core import DataError, load_pretrained, save_pretrained
 from ftprog.programs import run_state, sft
 from ftprog.programs.cli import CONFIG_DIR, app
 from ftprog.programs.config import load_config
+from ftprog.programs.run_guard import RunError
 from ftprog.transforms import load_adapter, quantize
 
 CLI = [sys.executable, "-c", "from ftprog.programs.cli import main; main()"]
@@ -338,14 +342,18 @@ def test_compiled_packed_run_sees_one_batch_shape(config, model_dir, train_file,
 # ------------------------------------------------------------------------------------------ 4. bad input
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Data errors must come before any weights load."""
+def forbid_model_load(monkeypatch) -> None:
+    """From now on, loading weights in sft fails the test (errors must come before that)."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("load_pretrained called before the data was checked")
+        raise AssertionError("load_pretrained called before the inputs were checked")
 
     monkeypatch.setattr(sft, "load_pretrained", refuse)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    forbid_model_load(monkeypatch)
 
 
 def test_malformed_row_names_file_and_line(config, tmp_path, no_model_load):
@@ -418,20 +426,33 @@ def test_failed_save_keeps_previous_checkpoint(config, tmp_path, monkeypatch, ca
     assert [step for step, _ in losses(out)] == list(range(1, 7))
 
 
-def test_ctrl_c_saves_exits_130_and_resumes_exactly(config, tmp_path):
-    overrides = ["max_steps=8", "save_every=3", "peft.method=lora", "peft.dropout=0.1", "optimizer.lr=1e-2",
-                 "log.plot=false"]
-    run_sft(config, *overrides, f"output_dir={tmp_path / 'a'}")
+STOP = ["max_steps=8", "save_every=3", "peft.method=lora", "peft.dropout=0.1", "optimizer.lr=1e-2", "log.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_dir, train_file):
+    """The output folder of the STOP run, never interrupted (the reference of the signal tests)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_sft(write_config(root / "sft.toml", model_dir, train_file, root / "out"), *STOP)
+    return root / "out"
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)],
+                         ids=["ctrl-c", "sigterm", "sigusr1"])
+def test_stop_signal_saves_exits_and_resumes_exactly(signum, code, config, tmp_path, uninterrupted):
+    """Ctrl-C, and SIGTERM / SIGUSR1 (what SLURM, Kubernetes and spot instances send before a kill), save a
+    checkpoint after the current step and exit with the shell's code for the signal; re-running resumes bit for
+    bit."""
     out = tmp_path / "b"
-    args = ["run", "sft", "--config", str(config), *overrides, f"output_dir={out}"]
+    args = ["run", "sft", "--config", str(config), *STOP, f"output_dir={out}"]
 
     proc = start_cli(*args, calls=tmp_path / "calls")
     wait_for(out / "step_3", proc)
     wait_for(tmp_path / "calls", proc, at_least=4)  # step 4's forward is done (its dropout masks drawn)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err, err
+    assert proc.returncode == code, err
+    assert f"interrupted ({signal.Signals(signum).name})" in err and "Traceback" not in err, err
     saved = run_state.checkpoints(out)[-1]
     step = json.loads((saved / "state.json").read_text())["step"]
     assert 3 <= step < 8 and saved.name == f"step_{step}" and str(saved) in err
@@ -440,11 +461,241 @@ def test_ctrl_c_saves_exits_130_and_resumes_exactly(config, tmp_path):
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     assert f"(step {step})" in done.stdout
-    assert_bitwise_equal(weights(out / "final"), weights(tmp_path / "a" / "final"))
-    assert losses(out) == losses(tmp_path / "a")
+    assert_bitwise_equal(weights(out / "final"), weights(uninterrupted / "final"))
+    assert losses(out) == losses(uninterrupted)
 
 
-# ------------------------------------------------------------------------------------- 5. config errors
+def test_time_based_checkpoints(config, tmp_path):
+    """save_every_minutes (default 30) saves by the clock, so a kill without warning loses bounded work."""
+    assert sft.CONFIG().save_every_minutes == 30
+    run_sft(config, "max_steps=4", "save_every=0", "save_every_minutes=1e-9", "keep_last=0", "log.plot=false")
+    assert [p.name for p in run_state.checkpoints(tmp_path / "out")] == ["step_1", "step_2", "step_3"]
+
+
+# --------------------------------------------------------------------------- 5. resume never mixes settings
+
+RESUMABLE = ["peft.method=lora", "max_steps=4", "save_every=2", "log.plot=false"]
+
+
+def interrupted(out: Path) -> None:
+    """Leave ``out`` as a run killed after its last checkpoint leaves it (no final/, no summary)."""
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, model_dir, train_file):
+    """step_2 of a RESUMABLE (LoRA rank 4) run."""
+    root = tmp_path_factory.mktemp("lora-checkpoint")
+    run_sft(write_config(root / "sft.toml", model_dir, train_file, root / "out"), *RESUMABLE)
+    return root / "out" / "step_2"
+
+
+CHANGED = {  # override -> the line of the refusal that names it
+    "peft.rank=8": "peft.rank: 4 -> 8",
+    "peft.targets=[q_proj,v_proj]": 'peft.targets: ["all-linear"] -> ["q_proj", "v_proj"]',
+    "peft.method=dora": 'peft.method: "lora" -> "dora"',
+    "optimizer.lr=0.002": "optimizer.lr: 0.001 -> 0.002",
+    "optimizer.name=sgd": 'optimizer.name: "adamw" -> "sgd"',
+    "dtype=bf16": 'dtype: "fp32" -> "bf16"',
+    "seq_len=128": "seq_len: 64 -> 128",
+    "packing=false": "packing: true -> false",
+    "batch_size=2": "batch_size: 4 -> 2",
+    "grad_accum=2": "grad_accum: 1 -> 2",
+    "seed=1": "seed: 0 -> 1",
+}
+
+
+@pytest.mark.parametrize("override", list(CHANGED))
+def test_resume_refuses_a_changed_setting(override, lora_checkpoint, config, tmp_path, no_model_load):
+    """A setting that changes what the checkpoint means is refused before anything loads, naming it old -> new and
+    the ways out; the checkpoint is left as it was."""
+    out = tmp_path / "out"
+    shutil.copytree(lora_checkpoint, out / "step_2")
+    with pytest.raises(RunError) as e:
+        run_sft(config, *RESUMABLE, override)
+    message = str(e.value)
+    assert f"cannot resume from {out / 'step_2'}" in message and CHANGED[override] in message, message
+    assert "resume=false" in message and "new output_dir" in message and "resume_allow_changes=" in message
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "step_2"]
+
+
+def test_resume_refuses_changed_data(config, tmp_path, monkeypatch):
+    """The same data path with other content (here a larger file) is refused: the fingerprint is the content's."""
+    data = write_jsonl(tmp_path / "data.jsonl", reverse_rows(48))
+    out = tmp_path / "out"
+    run_sft(config, *RESUMABLE, f"data.path={data}")
+    interrupted(out)
+    write_jsonl(data, reverse_rows(64))
+    forbid_model_load(monkeypatch)
+    with pytest.raises(RunError, match=r'data.fingerprint: "48 samples, .* -> "64 samples, '):
+        run_sft(config, *RESUMABLE, f"data.path={data}")
+
+
+def test_resume_accepts_run_length_changes_and_records_overrides(config, tmp_path, capsys):
+    """max_steps / save_every may change (printed); an expert override (resume_allow_changes) is accepted and, like
+    every change, recorded in summary.json and in final/ft-prog-config.toml, which still loads as a config."""
+    out = tmp_path / "out"
+    run_sft(config, *RESUMABLE)
+    interrupted(out)
+    capsys.readouterr()
+    run_sft(config, *RESUMABLE, "max_steps=6", "save_every=3", "optimizer.lr=0.002",
+            'resume_allow_changes=["optimizer.*"]')
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'step_2'} (step 2)" in printed
+    assert ("changed settings: max_steps: 4 -> 6; optimizer.lr: 0.001 -> 0.002 (allowed by resume_allow_changes); "
+            "save_every: 2 -> 3") in printed, printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert [(c["key"], c["old"], c["new"], c["step"], c["allowed_by"]) for c in summary["config_changes"]] == [
+        ("max_steps", 4, 6, 2, None), ("optimizer.lr", 0.001, 0.002, 2, "resume_allow_changes"),
+        ("save_every", 2, 3, 2, None)]
+    written = out / "final" / "ft-prog-config.toml"
+    assert "#   at step 2: optimizer.lr: 0.001 -> 0.002 (allowed by resume_allow_changes)" in written.read_text()
+    cfg, _ = load_config(sft.CONFIG, written, [], builtin_dir=CONFIG_DIR / "sft")
+    assert cfg.optimizer.lr == 0.002 and cfg.max_steps == 6
+
+
+def test_a_shorter_run_never_replaces_a_finished_one(config, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_sft(config, "max_steps=6", "save_every=2", "log.plot=false")  # final/ (6 steps), step_2, step_4
+    final = weights(out / "final")
+    forbid_model_load(monkeypatch)
+    with pytest.raises(RunError, match=r"ends at step 3, before the step of checkpoint .*step_4 \(4\): set "
+                                       r"max_steps to at least 4 .* or resume=false"):
+        run_sft(config, "max_steps=3", "save_every=2", "log.plot=false")
+    with pytest.raises(RunError, match=r"holds a finished run of 6 steps .* set max_steps to at least 6"):
+        run_sft(config, "max_steps=5", "save_every=2", "log.plot=false")
+    for checkpoint in run_state.checkpoints(out):
+        shutil.rmtree(checkpoint)
+    with pytest.raises(RunError, match=r"holds the final model of a finished run .* no checkpoint .* resume=false"):
+        run_sft(config, "max_steps=6", "save_every=2", "log.plot=false")
+    assert_bitwise_equal(weights(out / "final"), final)
+
+
+def test_resume_false_deletes_nothing_before_the_config_and_model_are_good(config, tmp_path):
+    out = tmp_path / "out"
+    run_sft(config, "max_steps=4", "save_every=2", "log.plot=false")
+    result = CliRunner().invoke(app, ["run", "sft", "--config", str(config), "resume=false", "log.every=0"])
+    assert result.exit_code == 2 and "'log.every'" in result.stderr and "must be >= 1, got 0" in result.stderr
+    with pytest.raises(FileNotFoundError, match="model folder"):
+        run_sft(config, "resume=false", f"model.path={tmp_path / 'no-such-model'}")
+    assert (out / "step_2" / "state.json").is_file() and (out / "final").is_dir()
+
+
+# ------------------------------------------------------------------------- 6. one run per output folder
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(config, tmp_path):
+    """The first run holds output_dir/.lock (an OS lock): a second one is refused naming its PID and host, and
+    runs once the first is gone, even killed with SIGKILL (the OS releases the lock)."""
+    args = ["run", "sft", "--config", str(config), "max_steps=1000", "log.plot=false"]
+    first = start_cli(*args, calls=tmp_path / "calls")
+    wait_for(tmp_path / "calls", first, at_least=1)
+    second = cli(*args)
+    assert second.returncode == 1, second.stderr
+    assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()})" in second.stderr
+    assert "Traceback" not in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=TIMEOUT)
+    third = cli("run", "sft", "--config", str(config), "max_steps=2", "log.plot=false")
+    assert third.returncode == 0, third.stderr
+    assert [step for step, _ in losses(tmp_path / "out")] == [1, 2]  # one run's lines only
+
+
+# ------------------------------------------------------------------- 7. damaged checkpoints, logs and swaps
+
+
+@pytest.mark.parametrize("damage", ["empty optimizer file", "torn weights file"])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(damage, config, tmp_path, capsys):
+    """A 0-byte or torn file in the newest checkpoint is named and the run resumes from the previous one; a torn
+    last metrics line is dropped with a warning; what an interrupted final/ swap left is cleaned up."""
+    out = tmp_path / "out"
+    overrides = ["max_steps=6", "save_every=2", "keep_last=3", "log.plot=false"]
+    run_sft(config, *overrides)
+    first, first_losses = weights(out / "final"), losses(out)
+    interrupted(out)
+    damaged = out / "step_4" / ("optimizer.safetensors" if damage == "empty optimizer file"
+                                else "model/model.safetensors")
+    damaged.write_bytes(b"" if damage == "empty optimizer file" else damaged.read_bytes()[:1000])
+    with (out / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": 5, "loss": 1.2')  # power lost mid-line
+    (out / ".final.old-4242").mkdir()  # a killed swap: the previous final/ moved aside ...
+    (out / ".final.tmp-x1y2").mkdir()  # ... and the new one not yet moved in
+    capsys.readouterr()
+    run_sft(config, *overrides)
+    captured = capsys.readouterr()
+    assert f"{damaged}: damaged" in captured.out and "removing the damaged checkpoint step_4; resuming from step_2" \
+        in captured.out, captured.out
+    assert f"resumed from {out / 'step_2'} (step 2)" in captured.out
+    assert "restored final from .final.old-4242" in captured.out and "removed .final.tmp-x1y2" in captured.out
+    assert "metrics.jsonl:" in captured.err and "dropped" in captured.err and "Traceback" not in captured.err
+    assert_bitwise_equal(weights(out / "final"), first)
+    assert losses(out) == first_losses
+    assert not list(out.glob(".final.*"))
+
+
+def test_resumed_run_holds_no_deleted_checkpoint_file(config, tmp_path, monkeypatch):
+    """The checkpoint a run resumed from is pruned later; nothing may keep its files mapped, or its disk space is
+    never freed (a resumed run then fails with ENOSPC on a disk the first run fit)."""
+    out = tmp_path / "out"
+    run_sft(config, "max_steps=3", "save_every=1", "keep_last=1", "log.plot=false")  # step_2 stays
+    interrupted(out)
+    held = []
+    real_save = run_state.save_checkpoint
+
+    def save_and_look(*args, **kwargs):
+        saved = real_save(*args, **kwargs)  # prunes the older checkpoints, step_2 among them
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        held.extend(line for line in maps if "(deleted)" in line and str(out) in line)
+        return saved
+
+    monkeypatch.setattr(run_state, "save_checkpoint", save_and_look)
+    run_sft(config, "max_steps=5", "save_every=1", "keep_last=1", "log.plot=false")
+    assert not (out / "step_2").exists() and (out / "final").is_dir()
+    assert held == []
+
+
+# ------------------------------------------------------------------ 8. every failure is one message
+
+
+def test_failures_are_one_message_and_debug_shows_the_traceback(config, model_dir, tmp_path, monkeypatch):
+    runner = CliRunner()
+
+    def fails(*overrides: str, expected: str) -> str:
+        result = runner.invoke(app, ["run", "sft", "--config", str(config), *overrides])
+        assert result.exit_code == 1 and expected in result.stderr, (overrides, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.stderr
+
+    (tmp_path / "a-file").write_text("not a folder")
+    fails(f"output_dir={tmp_path / 'a-file' / 'out'}", expected=f"cannot write to output_dir {tmp_path / 'a-file'}")
+    fails(f"model.path={tmp_path / 'nope'}", expected=f"model folder {str(tmp_path / 'nope')!r} does not exist")
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(model_dir, broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    fails(f"model.path={broken}", expected=f"{broken / 'tokenizer.json'}: not a valid tokenizer.json")
+    fails("optimizer.lr=1e30", "max_steps=8", f"output_dir={tmp_path / 'nan'}", expected="non-finite loss")
+    damaged = tmp_path / "damaged" / "step_2"
+    run_sft(config, "max_steps=4", "save_every=2", "log.plot=false", f"output_dir={damaged.parent}")
+    interrupted(damaged.parent)
+    (damaged / "optimizer.safetensors").write_bytes(b"")
+    fails(f"output_dir={damaged.parent}", "max_steps=4", "save_every=2",
+          expected=f"no intact checkpoint to resume from in {damaged.parent}: {damaged / 'optimizer.safetensors'}: "
+                   "damaged")
+
+    monkeypatch.setenv("FTPROG_DEBUG", "1")
+    result = runner.invoke(app, ["run", "sft", "--config", str(config), f"model.path={tmp_path / 'nope'}"])
+    assert result.exit_code == 1 and "Traceback" in result.stderr and "does not exist" in result.stderr
+    monkeypatch.delenv("FTPROG_DEBUG")
+
+    monkeypatch.setattr(sft, "run", lambda cfg, resolved: {}["a bug"])
+    result = runner.invoke(app, ["run", "sft", "--config", str(config)])
+    assert result.exit_code == 1 and "this is a bug in ft-prog" in result.stderr and "KeyError" in result.stderr
+    assert "Traceback" in result.stderr
+
+
+# ------------------------------------------------------------------------------------- 9. config errors
 
 
 def test_config_errors_exit_2_with_message(tmp_path):
@@ -459,6 +710,42 @@ def test_config_errors_exit_2_with_message(tmp_path):
         result = runner.invoke(app, ["run", "sft", "--config", "demo", override])
         assert result.exit_code == 2, (override, result.output)
         assert "config error" in result.stderr and expected in result.stderr, (override, result.stderr)
+
+
+RANGES = {  # override -> the key and allowed range the message states
+    "optimizer.lr=-1": "'optimizer.lr' in override 'optimizer.lr=-1': must be > 0, got -1.0",
+    "batch_size=0": "'batch_size' in override 'batch_size=0': must be >= 1, got 0",
+    "grad_accum=0": "'grad_accum' in override 'grad_accum=0': must be >= 1, got 0",
+    "log.every=0": "'log.every' in override 'log.every=0': must be >= 1, got 0",
+    "peft.rank=0": "'peft.rank' in override 'peft.rank=0': must be >= 1, got 0",
+    "max_steps=-5": "'max_steps' in override 'max_steps=-5': must be >= 0, got -5",
+    "save_every=-3": "'save_every' in override 'save_every=-3': must be >= 0, got -3",
+    "peft.dropout=1": "'peft.dropout' in override 'peft.dropout=1': must be in [0, 1), got 1.0",
+}
+
+
+@pytest.mark.parametrize("override", list(RANGES))
+def test_ranges_are_checked_when_the_config_is_read(override, tmp_path):
+    """Out-of-range numbers are config errors naming the key and the allowed range (exit 2, before anything runs);
+    `ft-prog validate` catches them too."""
+    result = CliRunner().invoke(app, ["run", "sft", "--config", "demo", override, f"output_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 2 and f"config error: invalid value for {RANGES[override]}" in result.stderr, \
+        result.stderr
+    assert not (tmp_path / "out").exists()
+    key, value = override.split("=")
+    section, _, name = key.rpartition(".")
+    table = f"[{section}]\n" if section else ""
+    (tmp_path / "bad.toml").write_text(f'extends = "demo"\n{table}{name} = {value}\n')
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "bad.toml")])
+    assert result.exit_code == 2 and f"'{key}' in {tmp_path / 'bad.toml'}" in result.stderr, result.stderr
+
+
+def test_warmup_longer_than_the_run_is_cut_with_a_note(config, tmp_path, capsys):
+    """`max_steps=6` on the demo config (warmup_steps=30) is the first thing a new user tries."""
+    run_sft(config, "max_steps=3", "optimizer.warmup_steps=30", "optimizer.schedule=cosine", "log.plot=false")
+    assert "optimizer.warmup_steps=30 is longer than the run (3 steps); warming up over all 3 steps" in \
+        capsys.readouterr().out
+    assert [r["lr"] for r in records(tmp_path / "out")] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3])
 
 
 def test_validate_cp_and_ls(tmp_path):
@@ -483,7 +770,7 @@ def test_validate_cp_and_ls(tmp_path):
         assert f" {name} " in listed, listed
 
 
-# ------------------------------------------------------------------------------------------------ 6. demo
+# ----------------------------------------------------------------------------------------------- 10. demo
 
 
 def test_demo_runs_offline(tmp_path):

@@ -15,7 +15,10 @@ from ._quantize import SCHEMES, param_bytes, quantize
 from ._quantized_io import is_quantized_checkpoint, load_quantized, save_quantized
 from ._runtime import Compiled, cast, checkpoint, compile
 from ._shard import shard, unshard
+from ._torchao import quiet_torchao_import
 from ._trainable import freeze, trainable
+
+quiet_torchao_import()
 
 __all__ = [
     "COMMUTES", "ORDER", "ORDER_TEXT", "SCHEMES", "Compiled", "LoraSpec", "adapted_paths", "cast", "check_order",
