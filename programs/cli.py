@@ -52,7 +52,7 @@ def _messages(prefix: str = "error", config_exit: int = 2) -> Iterator[None]:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort, SystemExit):
+    except (typer.Exit, click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort, SystemExit):
         raise
     except KeyboardInterrupt:
         _say("aborted", debug)

@@ -50,7 +50,7 @@ from ftprog.programs import distributed
 from ftprog.programs.run_guard import (
     FINGERPRINT_KEY, Change, ResumeRules, RunError, check_resume, read_checkpoint_config,
 )
-from ftprog.transforms import has_adapters, load_adapter, save_adapter, unshard
+from ftprog.transforms import has_adapters, load_adapter, save_adapter, uncompile, unshard
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.step_(\d+)\.tmp$")
@@ -68,7 +68,7 @@ def save_model(model: Model, folder: Path) -> None:
 
 def consolidate(model: Model) -> Model:
     """``model`` gathered (a collective: every rank calls it), eager: for the final evaluation and save."""
-    return unshard(model)
+    return uncompile(unshard(model))
 
 
 def _is_sharded(model: Model) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,7 +138,8 @@ def test_quantize_and_eval_report_the_same_perplexity(folders, tmp_path):
     def eval_perplexity(model_path):
         cfg = from_dict(evaluate.CONFIG, {"model": {"path": str(model_path)}, "dtype": "fp32", "max_length": 40,
                                           "stride": 12, "perplexity_file": str(text),
-                                          "output_dir": str(tmp_path / "eval")}, source="test")
+                                          "output_dir": str(tmp_path / "eval" / Path(model_path).name)},
+                        source="test")
         return evaluate.run(cfg)["perplexity"]
 
     before, after = eval_perplexity(folder), eval_perplexity(out)  # the float model, then the quantized folder

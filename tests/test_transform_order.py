@@ -114,6 +114,21 @@ def test_refused_order_names_both_transforms_and_the_order(first, second, proces
         assert f"{second} after {first}" in str(error.value) and "order: cast -> quantize -> lora" in str(error.value)
 
 
+def test_uncompile_gives_the_eager_model_back_for_merge_and_generation():
+    from ftprog.transforms import uncompile
+
+    adapted = lora(base_model(), rank=2, alpha=2)
+    compiled = compile(checkpoint(adapted), backend="eager")
+    with pytest.raises(ValueError, match="merge after compile"):
+        merge(compiled)
+    eager = uncompile(compiled)
+    assert eager.transforms == ("lora", "checkpoint") and eager.forward is compiled.forward.inner
+    assert uncompile(adapted) is adapted
+    merged = merge(eager)
+    with torch.no_grad():
+        assert torch.allclose(merged(torch.arange(8)[None]), adapted(torch.arange(8)[None]), atol=1e-5)
+
+
 def test_check_order_is_the_one_table():
     model = compile(base_model(), backend="eager")
     with pytest.raises(ValueError, match="lora after compile: apply compile last"):

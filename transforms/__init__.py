@@ -13,7 +13,7 @@ from ._base import COMMUTES, ORDER, ORDER_TEXT, check_order
 from ._lora import LoraSpec, adapted_paths, has_adapters, lora, lora_spec, merge, resolve_targets
 from ._quantize import SCHEMES, param_bytes, quantize
 from ._quantized_io import is_quantized_checkpoint, load_quantized, save_quantized
-from ._runtime import Compiled, cast, checkpoint, compile
+from ._runtime import Compiled, cast, checkpoint, compile, uncompile
 from ._shard import shard, unshard
 from ._torchao import quiet_torchao_import
 from ._trainable import freeze, trainable
@@ -24,5 +24,5 @@ __all__ = [
     "COMMUTES", "ORDER", "ORDER_TEXT", "SCHEMES", "Compiled", "LoraSpec", "adapted_paths", "cast", "check_order",
     "checkpoint", "compile", "freeze", "has_adapters", "is_quantized_checkpoint", "load_adapter", "load_quantized",
     "lora", "lora_spec", "merge", "param_bytes", "quantize", "resolve_targets", "save_adapter", "save_quantized",
-    "shard", "trainable", "unshard",
+    "shard", "trainable", "uncompile", "unshard",
 ]

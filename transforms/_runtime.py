@@ -99,6 +99,17 @@ def compile(model: Model, **compile_kwargs: Any) -> Model:  # noqa: A001 - the t
     return record(model, "compile", forward=Compiled(forward, torch.compile(forward, **compile_kwargs)))
 
 
+def uncompile(model: Model) -> Model:
+    """The model with its eager forward again (undoes ``compile``; a model that is not compiled is returned as is).
+
+    For what runs once after training (evaluation, generation with a KV cache, merge and save), where a
+    compiled forward would only recompile for every new shape.
+    """
+    if "compile" not in model.transforms:
+        return model
+    return model.replace(forward=model.forward.inner, transforms=tuple(t for t in model.transforms if t != "compile"))
+
+
 def cast(model: Model, dtype: torch.dtype | str) -> Model:
     """Cast every floating-point leaf to ``dtype``; quantized weights and adapters keep theirs.
 
