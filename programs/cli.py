@@ -47,7 +47,7 @@ def _messages(prefix: str = "error", config_exit: int = 2) -> Iterator[None]:
     ``config_exit``: the exit code of a :class:`ConfigError` (2: the program's config; 1 where it can only be a
     model's config.json).
     """
-    from ftprog.programs.config import ConfigError
+    from .config import ConfigError
 
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
@@ -61,7 +61,7 @@ def _messages(prefix: str = "error", config_exit: int = 2) -> Iterator[None]:
         _say(f"config error: {e}", debug)
         raise typer.Exit(config_exit) from None
     except Exception as e:
-        from ftprog.programs.run_guard import RunError
+        from .run_guard import RunError
 
         if isinstance(e, (ValueError, OSError, RunError)):
             _say(f"{prefix}: {e}", debug)
@@ -83,7 +83,7 @@ def _say(message: str, with_traceback: bool) -> None:
 
 
 def _builtin(program: str) -> dict:
-    from ftprog.programs.config import builtin_configs
+    from .config import builtin_configs
 
     return builtin_configs(CONFIG_DIR / program)
 
@@ -91,7 +91,7 @@ def _builtin(program: str) -> dict:
 def _load(program: str, config: str, overrides: list[str]):
     import importlib
 
-    from ftprog.programs.config import load_config
+    from .config import load_config
 
     if program not in PROGRAMS:
         import difflib
@@ -123,7 +123,7 @@ def _root(
 @app.command("ls")
 def list_programs() -> None:
     """List programs and built-in configs."""
-    from ftprog.core._presets import PRESETS
+    from ..core._presets import PRESETS
 
     typer.echo("programs (ft-prog run PROGRAM --config NAME_OR_FILE key=value ...):")
     for name, (_, summary) in PROGRAMS.items():
@@ -148,9 +148,9 @@ def demo(
 
     import torch
 
-    from ftprog.core import flatten, from_config, load_pretrained, save_pretrained
-    from ftprog.programs.generate import generate
-    from ftprog.programs.run_guard import check_output
+    from ..core import flatten, from_config, load_pretrained, save_pretrained
+    from .generate import generate
+    from .run_guard import check_output
 
     start = time.perf_counter()
     with _messages():
@@ -187,7 +187,7 @@ def run(
     With --nproc N (and --nnodes/--node-rank/--rdzv-endpoint for several
     nodes) the program runs on N processes per node through torchrun.
     """
-    from ftprog.programs.distributed import launch, under_torchrun
+    from .distributed import launch, under_torchrun
 
     if (nproc > 1 or nnodes > 1) and not under_torchrun():
         with _messages():
@@ -207,7 +207,7 @@ def validate(
     program: str = typer.Option("sft", help="Program the config is for."),
 ) -> None:
     """Check a config without running it; prints the resolved config."""
-    from ftprog.programs.config import to_toml
+    from .config import to_toml
 
     with _messages():
         _, _, resolved = _load(program, file, [])
@@ -246,7 +246,7 @@ def download_cmd(
     dataset: bool = typer.Option(False, help="The repository is a dataset."),
 ) -> None:
     """Download a model or dataset from the Hugging Face Hub (token from HF_TOKEN)."""
-    from ftprog.programs.download import DEFAULT_EXCLUDE, download
+    from .download import DEFAULT_EXCLUDE, download
 
     with _messages("download failed"):
         folder = download(repo_id, output_dir=output_dir, include=include,
@@ -266,7 +266,7 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (never the input)."),
 ) -> None:
     """Export a (fine-tuned) model: Hugging Face, PEFT, GGUF (llama.cpp) or ExecuTorch."""
-    from ftprog.programs.export import export
+    from .export import export
 
     with _messages("export failed"):
         path = export(model_path, output, fmt, adapter=adapter, dtype=dtype, max_seq_len=max_seq_len,
@@ -283,8 +283,8 @@ def plan_cmd(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
 ) -> None:
     """Predict the peak training memory of an sft config before loading anything."""
-    from ftprog.programs.config import ConfigError
-    from ftprog.programs.plan import PlanError, format_plan, plan
+    from .config import ConfigError
+    from .plan import PlanError, format_plan, plan
 
     with _messages("plan error"):
         try:

@@ -30,7 +30,7 @@ from typing import Any, Literal, Union
 import attrs
 import tomli_w
 
-from ftprog.core import ConfigError
+from ..core import ConfigError
 
 __all__ = [
     "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "in_range", "load_config",

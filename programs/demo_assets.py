@@ -72,7 +72,7 @@ def _write_tokenizer(folder: Path) -> int:
 
 def demo_model(seed: int = 0) -> Path:
     """The demo model folder: a random 0.6M-parameter Llama-shaped model and its tokenizer."""
-    from ftprog.core import from_config, save_pretrained
+    from ..core import from_config, save_pretrained
 
     folder = cache_dir() / "model"
     if (folder / "model.safetensors").is_file():

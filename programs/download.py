@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ftprog.programs.run_guard import RunError
+from .run_guard import RunError
 
 # Meta's original consolidated checkpoints duplicate the safetensors weights (and are pickles).
 DEFAULT_EXCLUDE = ("original/*.pth", "original/**/*.pth")

@@ -30,13 +30,13 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ftprog.core import Model, Tokenizer, load_tokenizer, perplexity
-from ftprog.core._checkpoint import atomic_folder
-from ftprog.programs.config import in_range, to_dict
-from ftprog.programs.demo_assets import resolve
-from ftprog.programs.generate import build_model, generate
-from ftprog.programs.run_guard import check_output
-from ftprog.programs.sft_config import ModelSection
+from ..core import Model, Tokenizer, load_tokenizer, perplexity
+from ..core._checkpoint import atomic_folder
+from .config import in_range, to_dict
+from .demo_assets import resolve
+from .generate import build_model, generate
+from .run_guard import check_output
+from .sft_config import ModelSection
 
 
 @attrs.frozen

@@ -48,12 +48,12 @@ from typing import Any
 
 import torch
 
-from ftprog.core import (
+from ..core import (
     Model, as_dtype, dense_weight, flatten, is_plain, load_pretrained, load_tokenizer, unflatten,
 )
-from ftprog.core._checkpoint import copy_tokenizer_files
-from ftprog.programs.demo_assets import resolve
-from ftprog.programs.run_guard import check_output
+from ..core._checkpoint import copy_tokenizer_files
+from .demo_assets import resolve
+from .run_guard import check_output
 
 FORMATS = ("hf", "peft", "gguf", "executorch")
 
@@ -66,12 +66,12 @@ class ExportError(ValueError):
 
 
 def _load_base(model_path: str, dtype: torch.dtype | None) -> Model:
-    from ftprog.transforms import is_quantized_checkpoint, load_quantized
+    from ..transforms import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(model_path):
         model = load_quantized(model_path)
         if dtype is not None:
-            from ftprog.transforms import cast
+            from ..transforms import cast
 
             model = cast(model, dtype)
         return model
@@ -84,7 +84,7 @@ def load_merged(model_path: str | os.PathLike, *, adapter: str | os.PathLike | N
 
     ``dtype``: the dtype of the result (default: the checkpoint's).
     """
-    from ftprog.transforms import load_adapter, merge
+    from ..transforms import load_adapter, merge
 
     path = resolve(str(model_path))
     dtype = as_dtype(dtype)
@@ -151,7 +151,7 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, fmt: str, *
     if fmt == "peft":
         return export_peft(model_path, adapter, out, dtype=dtype)
     if fmt == "gguf":
-        from ftprog.core import read_config
+        from ..core import read_config
 
         # Architecture and tokenizer are checked before the weights load, so that a refusal comes at once.
         config = read_config(model_path)
@@ -162,7 +162,7 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, fmt: str, *
         return export_gguf(model, out if out.suffix == ".gguf" else out / "model.gguf", vocab=vocab, dtype=dtype)
     model = load_merged(model_path, adapter=adapter, dtype=dtype)
     if fmt == "hf":
-        from ftprog.core import save_pretrained
+        from ..core import save_pretrained
 
         return save_pretrained(model, out)
     return export_executorch(model, out if out.suffix == ".pte" else out / "model.pte", max_seq_len=max_seq_len)
@@ -171,7 +171,7 @@ def export(model_path: str | os.PathLike, output: str | os.PathLike, fmt: str, *
 def export_peft(model_path: str, adapter: str | os.PathLike | None, output: Path, *,
                 dtype: torch.dtype | str | None = None) -> Path:
     """The adapter of ``adapter`` re-saved as a PEFT folder (checked against the base), plus tokenizer files."""
-    from ftprog.transforms import load_adapter, save_adapter
+    from ..transforms import load_adapter, save_adapter
 
     if adapter is None:
         raise ExportError("the peft format exports an adapter: pass adapter=PATH (--adapter) of a PEFT adapter "
@@ -512,7 +512,7 @@ def gguf_vocab(folder: str | os.PathLike, vocab_size: int) -> GGUFVocab:
             merges = [f"{nul} {nul}"]
         return GGUFVocab("gpt2", pre, tokens, types, merges=merges, tokenizer=tokenizer)
     if spm.is_file():  # tiktoken ranks (Meta's Llama 3 "original" tokenizer.model)
-        from ftprog.core._tokenizer import LLAMA3_SPECIAL_TOKENS, _read_tiktoken_ranks
+        from ..core._tokenizer import LLAMA3_SPECIAL_TOKENS, _read_tiktoken_ranks
 
         ranks = _read_tiktoken_ranks(spm, spm.read_bytes())
         table = gguf.bytes_to_unicode()  # GPT-2's byte -> printable character table

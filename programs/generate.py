@@ -18,11 +18,11 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from ftprog.core import KVCache, Model, Tokenizer, as_dtype, load_pretrained, load_tokenizer, read_config
-from ftprog.programs.config import in_range
-from ftprog.programs.demo_assets import resolve
-from ftprog.programs.run_guard import check_output
-from ftprog.programs.sft_config import ModelSection
+from ..core import KVCache, Model, Tokenizer, as_dtype, load_pretrained, load_tokenizer, read_config
+from .config import in_range
+from .demo_assets import resolve
+from .run_guard import check_output
+from .sft_config import ModelSection
 
 
 @attrs.frozen
@@ -170,8 +170,8 @@ def build_model(path: str, *, dtype: str, quantize: str = "", adapter: str = "",
 
     ``path`` may also be a checkpoint written by `ft-prog run quantize` (loaded as it is, quantized).
     """
-    from ftprog.transforms import is_quantized_checkpoint, load_adapter, load_quantized
-    from ftprog.transforms import quantize as quantize_model
+    from ..transforms import is_quantized_checkpoint, load_adapter, load_quantized
+    from ..transforms import quantize as quantize_model
 
     if is_quantized_checkpoint(path):
         if quantize:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from ftprog.programs.run_guard import RunError
+from .run_guard import RunError
 
 
 class MetricsLog:

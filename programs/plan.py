@@ -42,7 +42,7 @@ bytes of real steps; ``python -m benchmarks`` the whole peak against measured pe
 
 Example::
 
-    from ftprog.programs.plan import plan, format_plan
+    from .plan import plan, format_plan
     print(format_plan(plan("llama3_2_1b_qlora", ["seq_len=4096"], memory="24GiB")))
 """
 
@@ -64,16 +64,16 @@ from torch.nn.attention import SDPBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ftprog.core import (
+from ..core import (
     PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, is_static, optim, preset, token_loss_sum,
     value_and_grad,
 )
-from ftprog.core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
-from ftprog.core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
-from ftprog.programs import demo_assets
-from ftprog.programs.config import load_config
-from ftprog.programs.sft_config import SFTConfig
-from ftprog.transforms import checkpoint, lora, param_bytes, quantize, trainable
+from ..core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
+from ..core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
+from ..transforms import checkpoint, lora, param_bytes, quantize, trainable
+from . import demo_assets
+from .config import load_config
+from .sft_config import SFTConfig
 
 # Bytes of one element of each training dtype.
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}

@@ -26,14 +26,14 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from ftprog.core import (
+from ..core import (
     Model, as_dtype, flatten, is_plain, is_quantized, load_pretrained, load_tokenizer, perplexity, read_config,
 )
-from ftprog.programs.config import in_range
-from ftprog.programs.demo_assets import resolve
-from ftprog.programs.run_guard import check_output
-from ftprog.programs.sft_config import ModelSection
-from ftprog.transforms import is_quantized_checkpoint, load_quantized, save_quantized
+from ..transforms import is_quantized_checkpoint, load_quantized, save_quantized
+from .config import in_range
+from .demo_assets import resolve
+from .run_guard import check_output
+from .sft_config import ModelSection
 
 REPORT_FILE = "quantize_report.json"
 
@@ -95,7 +95,7 @@ def _eval_ids(cfg: QuantizeConfig, model_path: str, max_positions: int) -> list[
 
 def quantized_model(cfg: QuantizeConfig, device: torch.device | None = None) -> tuple[Model, Model]:
     """``(float model, quantized model)``: loaded (adapter merged), cast to ``dtype``, quantized."""
-    from ftprog.transforms import load_adapter, merge, quantize
+    from ..transforms import load_adapter, merge, quantize
 
     model_path = resolve(cfg.model.path)
     if is_quantized_checkpoint(model_path):
@@ -139,7 +139,7 @@ def run(cfg: QuantizeConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     del qmodel
     loaded = load_quantized(out, device=device)
 
-    from ftprog.transforms import param_bytes
+    from ..transforms import param_bytes
 
     report: dict[str, Any] = {
         "scheme": cfg.scheme, "dtype": cfg.dtype, "output_dir": str(out),

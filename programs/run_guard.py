@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from ftprog.programs import distributed
+from . import distributed
 
 
 class RunError(RuntimeError):

@@ -44,13 +44,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ftprog.core import CheckpointError, Model, flatten, is_dtensor, load_pretrained, optim, save_pretrained
-from ftprog.core._checkpoint import _replace_dir
-from ftprog.programs import distributed
-from ftprog.programs.run_guard import (
+from ..core import CheckpointError, Model, flatten, is_dtensor, load_pretrained, optim, save_pretrained
+from ..core._checkpoint import _replace_dir
+from ..transforms import has_adapters, load_adapter, save_adapter, uncompile, unshard
+from . import distributed
+from .run_guard import (
     FINGERPRINT_KEY, Change, ResumeRules, RunError, check_resume, read_checkpoint_config,
 )
-from ftprog.transforms import has_adapters, load_adapter, save_adapter, uncompile, unshard
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL_DIR = re.compile(r"^\.step_(\d+)\.tmp$")

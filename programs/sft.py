@@ -28,19 +28,19 @@ from typing import Any
 import attrs
 import torch
 
-from ftprog.core import (
+from ..core import (
     Model, as_dtype, load_pretrained, load_tokenizer, optim, read_config, reuse_freed_memory, token_loss_sum,
     value_and_grad,
 )
-from ftprog.core._checkpoint import recover_interrupted_swaps
-from ftprog.core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
-from ftprog.programs import distributed, run_guard, run_state
-from ftprog.programs.config import to_toml
-from ftprog.programs.demo_assets import resolve
-from ftprog.programs.generate import generate
-from ftprog.programs.metrics import MetricsLog, plot_losses
-from ftprog.programs.sft_config import SFTConfig
-from ftprog.transforms import checkpoint, compile, lora, merge, quantize, shard, trainable
+from ..core._checkpoint import recover_interrupted_swaps
+from ..core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
+from ..transforms import checkpoint, compile, lora, merge, quantize, shard, trainable
+from . import distributed, run_guard, run_state
+from .config import to_toml
+from .demo_assets import resolve
+from .generate import generate
+from .metrics import MetricsLog, plot_losses
+from .sft_config import SFTConfig
 
 CONFIG = SFTConfig
 
@@ -308,7 +308,7 @@ def save_final(cfg: SFTConfig, out: Path, model: Model, state: dict, resolved: d
     changes = run_guard.changes_header(state["extra"].get("config_changes", []))
     (final / "ft-prog-config.toml").write_text(changes + to_toml(resolved))
     if cfg.peft.method != "none" and cfg.peft.merge_at_end:
-        from ftprog.core import save_pretrained
+        from ..core import save_pretrained
 
         save_pretrained(merge(model), final / "merged")
     return final

@@ -6,7 +6,7 @@ from typing import Literal
 
 import attrs
 
-from ftprog.programs.config import in_range
+from .config import in_range
 
 
 @attrs.frozen

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ftprog.core import Model, flatten, is_quantized, linear_paths
-from ftprog.core._checkpoint import atomic_folder
+from ..core import Model, flatten, is_quantized, linear_paths
+from ..core._checkpoint import atomic_folder
 
 from ._base import check_order
 from ._lora import ALL_LINEAR, has_adapters, lora, lora_spec, resolve_targets

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from ftprog.core import Model
+from ..core import Model
 
 ORDER: tuple[tuple[str, ...], ...] = (
     ("cast",),  # the dtype of the base weights (a quantized weight's dtype is fixed when it is quantized)

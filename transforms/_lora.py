@@ -20,11 +20,11 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from ftprog.core import (
+from ..core import (
     Model, dense_weight, flatten, is_quantized, is_training, linear_kind, linear_paths, matches, register_linear,
     tree_map, unflatten,
 )
-from ftprog.core._tree import get
+from ..core._tree import get
 
 from ._base import check_order, record
 

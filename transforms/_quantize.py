@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ftprog.core import Model, flatten, is_plain, is_quantized, unflatten
+from ..core import Model, flatten, is_plain, is_quantized, unflatten
 
 from ._base import check_order, record
 from ._lora import resolve_targets
@@ -157,7 +157,7 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
 
 def param_bytes(params: Model | Mapping[str, Any], patterns: str | Sequence[str] | None = None) -> int:
     """Bytes of a model's (or tree's) leaves, quantized ones as stored; ``patterns`` globs restrict the sum."""
-    from ftprog.core import matches
+    from ..core import matches
 
     tree = params.params if isinstance(params, Model) else params
     return sum(tensor_nbytes(t) for p, t in flatten(tree).items()

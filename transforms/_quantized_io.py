@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from ftprog.core import (
+from ..core import (
     CheckpointError, Model, as_dtype, flatten, is_quantized, make_model, param_shapes, read_config, unflatten,
 )
-from ftprog.core._checkpoint import atomic_folder, copy_tokenizer_files
+from ..core._checkpoint import atomic_folder, copy_tokenizer_files
 
 
 QUANT_FILE = "ft-prog-quantization.json"

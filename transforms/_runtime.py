@@ -9,8 +9,8 @@ import attrs
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ftprog.core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized
-from ftprog.core._tree import tree_map_with_path
+from ..core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized
+from ..core._tree import tree_map_with_path
 
 from ._base import check_order, record, with_decoder
 from ._lora import adapter_leaves

@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 import torch
 
-from ftprog.core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized, tree_map, unflatten
+from ..core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized, tree_map, unflatten
 
 from ._base import check_order, record
 from ._runtime import recomputed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ftprog.core import Model, flatten, is_quantized, is_static, matches
+from ..core import Model, flatten, is_quantized, is_static, matches
 
 
 def _paths(model: Model, patterns: str | Iterable[str], transform: str) -> set[str]:
