@@ -152,8 +152,9 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         for system in systems:
             cases.append({"kind": "generate", "system": system, "shape": s["shape"], "device": s["device"],
                           "dtype": dtype, "threads": threads, **s["generate"]})
-    if getattr(args, "ftprog_baseline", None):  # the same ft-prog cases on an earlier source tree
-        cases += [{**c, "system": "ftprog-base"} for c in cases if c["system"] == "ftprog"]
+    if getattr(args, "ftprog_baseline", None):  # each ft-prog case, then the same on an earlier source tree (run
+        # next to each other, so the machine's drifts hit both alike)
+        cases = [x for c in cases for x in ([c, {**c, "system": "ftprog-base"}] if c["system"] == "ftprog" else [c])]
     if "published" not in skip and s["device"].startswith("cuda"):  # ft-prog alone, at a setting torchtune
         # published a GPU figure for (its own shape, batch and length whatever --shape says); last
         for p in s.get("published", ()):
@@ -391,6 +392,7 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             best = max(ok, key=lambda r: r["tokens_per_s"])
             row.update({k: best[k] for k in ("prompt_len", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
                                              "decode_tokens_per_s", "output")})
+            row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in ok]
         if first.get("plan"):
             plan = first["plan"]
             row["plan"] = plan
@@ -433,6 +435,16 @@ def loss_checks(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _per_round(row: dict) -> list[float]:
+    """The row's metric in each round, in round order (empty where a round failed)."""
+    if row["case"]["kind"] == "train":
+        medians = row.get("round_medians_s") or []
+        values = [row["tokens_per_s"] * row["time"]["median_s"] / m for m in medians]  # tokens per step / median
+    else:
+        values = row.get("effective_tokens_per_s_runs" if row["case"]["kind"] == "sft" else "tokens_per_s_runs", [])
+    return values if len(values) == row.get("runs", len(values)) else []
+
+
 def speedups(rows: list[dict]) -> list[dict]:
     """ft-prog tokens/s over each baseline's for the same case, and ft-prog's peak memory over theirs.
 
@@ -454,6 +466,9 @@ def speedups(rows: list[dict]) -> list[dict]:
             suffix = "" if b == "hf" else f"_{b}"
             entry[b] = other[metric]
             entry["speedup" + suffix] = r[metric] / other[metric]
+            ours, base = _per_round(r), _per_round(other)
+            if ours and len(ours) == len(base):  # round by round (runs next to each other), then the median
+                entry["paired_speedup" + suffix] = statistics.median(a / b for a, b in zip(ours, base))
             if r.get("peak_memory") and other.get("peak_memory"):
                 entry["memory_ratio" + suffix] = r["peak_memory"] / other["peak_memory"]
         if len(entry) > 3:
@@ -572,7 +587,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     runs: list[list[dict]] = [[] for _ in cases]
     for r in range(settings["rounds"]):
         print(f"round {r + 1}/{settings['rounds']}", flush=True)
-        shift = r % max(len(cases), 1)
+        # rounds start at a different case; by pairs with --ftprog-baseline, so a pair is never split
+        shift = (r * (2 if args.ftprog_baseline else 1)) % max(len(cases), 1)
         for i in list(range(shift, len(cases))) + list(range(shift)):
             longest = max((x.get("process_s", 0) for rs in runs for x in rs), default=0.0)
             if args.budget and time.time() - started + longest > args.budget:

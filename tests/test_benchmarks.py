@@ -240,6 +240,8 @@ def test_earlier_ftprog_tree_runs_every_ftprog_case_and_is_reported(tmp_path):
     ours = [harness.case_label(c).replace("-ftprog-", "-") for c in cases if c["system"] == "ftprog"]
     base = [harness.case_label(c).replace("-ftprog-base-", "-") for c in cases if c["system"] == "ftprog-base"]
     assert ours and ours == base
+    twins = [i for i, c in enumerate(cases) if c["system"] == "ftprog-base"]
+    assert all(cases[i - 1] == {**cases[i], "system": "ftprog"} for i in twins)  # each runs right after its twin
 
     earlier = tmp_path / "earlier"  # a stand-in source tree: the shim must win over the installed ft-prog
     for name in ("core", "transforms", "programs"):
@@ -253,12 +255,15 @@ def test_earlier_ftprog_tree_runs_every_ftprog_case_and_is_reported(tmp_path):
     with pytest.raises(SystemExit, match="not an ft-prog source tree"):
         harness.baseline_shim(str(tmp_path / "out"), tmp_path / "x")
 
-    def row(system, tps, mem):
+    def row(system, round_medians, mem):  # 16 tokens per step; the machine twice as slow in round 2
         case = {"kind": "train", "system": system, "method": "lora", "stack": [], "dtype": "bf16", "threads": 1,
                 "batch": 2, "seq": 8}
-        return {"case": case, "label": harness.case_label(case), "tokens_per_s": tps, "losses": [5.0], "peak_memory": mem}
+        steps = [t for m in round_medians for t in (m, m)]
+        return {"case": case, "label": harness.case_label(case), "runs": len(round_medians), "losses": [5.0],
+                "peak_memory": mem, "round_medians_s": round_medians, "time": harness.summarize_times(steps),
+                "tokens_per_s": 16 / harness.summarize_times(steps)["median_s"]}
 
-    (sp,) = harness.speedups([row("ftprog", 99.0, 100), row("ftprog-base", 100.0, 100)])
-    assert sp["speedup_ftprog-base"] == pytest.approx(0.99) and sp["memory_ratio_ftprog-base"] == pytest.approx(1)
+    (sp,) = harness.speedups([row("ftprog", [1.0, 2.0], 100), row("ftprog-base", [0.99, 1.98], 100)])
+    assert sp["paired_speedup_ftprog-base"] == pytest.approx(0.99) and sp["memory_ratio_ftprog-base"] == pytest.approx(1)
     md = "\n".join(report.baseline_tree_lines({"speedups": [sp]}))
-    assert "earlier ft-prog" in md and "0.99x" in md and "slowest case 0.990x" in md
+    assert "earlier ft-prog" in md and "0.99x" in md and "0.990x (round by round)" in md
