@@ -232,6 +232,20 @@ def case_label(c: dict[str, Any]) -> str:
     return c["kind"]
 
 
+def _swap_pairs(order: list[int], cases: list[dict]) -> list[int]:
+    """``order`` with each ft-prog case and the ``ftprog-base`` twin right after it exchanged."""
+    out, k = [], 0
+    while k < len(order):
+        i = order[k]
+        if k + 1 < len(order) and cases[i]["system"] == "ftprog" and cases[order[k + 1]]["system"] == "ftprog-base":
+            out += [order[k + 1], i]
+            k += 2
+        else:
+            out.append(i)
+            k += 1
+    return out
+
+
 def baseline_shim(tree: str, out: Path) -> str:
     """A folder whose ``ftprog/{core,transforms,programs}`` link to an earlier source tree's folders.
 
@@ -242,7 +256,7 @@ def baseline_shim(tree: str, out: Path) -> str:
     missing = [d for d in ("core", "transforms", "programs") if not (source / d / "__init__.py").is_file()]
     if missing:
         raise SystemExit(f"--ftprog-baseline {tree}: not an ft-prog source tree (no {', '.join(missing)}/__init__.py)")
-    shim = out / "ftprog-baseline"
+    shim = out / "ftprog-baseline"  # removed at the end of the run, as the weights are
     (shim / "ftprog").mkdir(parents=True, exist_ok=True)
     for name in ("core", "transforms", "programs"):
         link = shim / "ftprog" / name
@@ -466,6 +480,8 @@ def speedups(rows: list[dict]) -> list[dict]:
             suffix = "" if b == "hf" else f"_{b}"
             entry[b] = other[metric]
             entry["speedup" + suffix] = r[metric] / other[metric]
+            if r["case"]["kind"] == "train" and r.get("time") and other.get("time"):  # robust to added noise
+                entry["fastest_step_speedup" + suffix] = other["time"]["min_s"] / r["time"]["min_s"]
             ours, base = _per_round(r), _per_round(other)
             if ours and len(ours) == len(base):  # round by round (runs next to each other), then the median
                 entry["paired_speedup" + suffix] = statistics.median(a / b for a, b in zip(ours, base))
@@ -589,7 +605,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(f"round {r + 1}/{settings['rounds']}", flush=True)
         # rounds start at a different case; by pairs with --ftprog-baseline, so a pair is never split
         shift = (r * (2 if args.ftprog_baseline else 1)) % max(len(cases), 1)
-        for i in list(range(shift, len(cases))) + list(range(shift)):
+        order = list(range(shift, len(cases))) + list(range(shift))
+        if args.ftprog_baseline and r % 2:  # every other round a pair runs the other way round (A B, then B A)
+            order = _swap_pairs(order, cases)
+        for i in order:
             longest = max((x.get("process_s", 0) for rs in runs for x in rs), default=0.0)
             if args.budget and time.time() - started + longest > args.budget:
                 runs[i].append({"ok": False, "error": f"skipped: the run's time budget ({args.budget:.0f} s) was "
@@ -626,6 +645,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     chart = report.chart(results, out / "results.png")
     if not args.keep_weights:
         shutil.rmtree(weights_dir, ignore_errors=True)
+    if paths:
+        shutil.rmtree(paths["ftprog-base"], ignore_errors=True)
     print(markdown)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (f", {chart}" if chart else ""), flush=True)
     return out

@@ -54,18 +54,21 @@ def baseline_tree_lines(r: dict[str, Any]) -> list[str]:
     if not pairs:
         return []
     lines = ["## ft-prog against an earlier ft-prog (`--ftprog-baseline`, same cases, same run)", "",
-             "| case | metric | ft-prog | earlier ft-prog | ratio | ratio, round by round | memory ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| case | metric | ft-prog | earlier ft-prog | ratio | ratio, round by round | fastest step | "
+             "memory ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for sp in pairs:
         lines.append(f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {sp['ftprog-base']:,.1f} | "
                      f"{_times(sp.get('speedup_ftprog-base'))} | {_times(sp.get('paired_speedup_ftprog-base'))} | "
+                     f"{_times(sp.get('fastest_step_speedup_ftprog-base'))} | "
                      f"{_num(sp.get('memory_ratio_ftprog-base'), '.3f')} |")
     key = "paired_speedup_ftprog-base" if all("paired_speedup_ftprog-base" in sp for sp in pairs) else \
         "speedup_ftprog-base"
     worst = min(pairs, key=lambda sp: sp[key])
     lines += ["", "Ratio: this tree's metric over the earlier tree's (above 1 = faster now), from all rounds' steps; "
               "round by round: the median over rounds of the ratio within a round, where each pair of cases ran "
-              f"one after the other (robust to the machine's drifts). Slowest case: {worst['label']}, "
+              "one after the other, in turn A B and B A (robust to the machine's drifts); fastest step: the "
+              "earlier tree's fastest step time over this tree's (noise only adds time). Slowest case: "
+              f"{worst['label']}, "
               f"{worst[key]:.3f}x ({'round by round' if key.startswith('paired') else 'all rounds'}).", ""]
     return lines
 

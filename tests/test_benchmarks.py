@@ -242,6 +242,8 @@ def test_earlier_ftprog_tree_runs_every_ftprog_case_and_is_reported(tmp_path):
     assert ours and ours == base
     twins = [i for i, c in enumerate(cases) if c["system"] == "ftprog-base"]
     assert all(cases[i - 1] == {**cases[i], "system": "ftprog"} for i in twins)  # each runs right after its twin
+    swapped = harness._swap_pairs(list(range(len(cases))), cases)  # odd rounds: the twin first
+    assert all(swapped[i - 1] == i and swapped[i] == i - 1 for i in twins)
 
     earlier = tmp_path / "earlier"  # a stand-in source tree: the shim must win over the installed ft-prog
     for name in ("core", "transforms", "programs"):
@@ -265,5 +267,6 @@ def test_earlier_ftprog_tree_runs_every_ftprog_case_and_is_reported(tmp_path):
 
     (sp,) = harness.speedups([row("ftprog", [1.0, 2.0], 100), row("ftprog-base", [0.99, 1.98], 100)])
     assert sp["paired_speedup_ftprog-base"] == pytest.approx(0.99) and sp["memory_ratio_ftprog-base"] == pytest.approx(1)
+    assert sp["fastest_step_speedup_ftprog-base"] == pytest.approx(0.99)
     md = "\n".join(report.baseline_tree_lines({"speedups": [sp]}))
     assert "earlier ft-prog" in md and "0.99x" in md and "0.990x (round by round)" in md
