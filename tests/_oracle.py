@@ -1,9 +1,28 @@
-"""transformers + peft reference models holding the same weights as an ft-prog model."""
+"""transformers + peft reference models holding the same weights as an ft-prog model; optional oracles."""
 
 from __future__ import annotations
 
+import importlib
+import os
+
+import pytest
 import torch
 import torch.nn.functional as F
+
+REQUIRE_OPTIONAL = "FTPROG_REQUIRE_OPTIONAL"
+
+
+def optional_oracle(module: str, install: str):
+    """``module`` imported, or the test skipped with the reason and ``install`` (how to get it). With
+    FTPROG_REQUIRE_OPTIONAL=1 (set by .ci/run) the test fails instead, so CI cannot silently skip an oracle."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        error = e  # reported below, outside the except block, so the failure is one line and not a chained trace
+    reason = f"optional oracle {module} is not importable ({error}); install it with {install}"
+    if os.environ.get(REQUIRE_OPTIONAL) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_OPTIONAL}=1 makes this a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
 
 
 def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
