@@ -18,6 +18,9 @@ from ftprog.programs.export import (
 from ftprog.transforms import load_adapter, lora, quantize, save_adapter
 
 import gguf
+from _oracle import optional_oracle
+
+ORACLES = "the oracles extra (README, Development)"
 
 
 def _adapter(folder, path, targets=("q_proj", "k_proj", "v_proj", "down_proj"), dora=False, seed=1):
@@ -320,10 +323,14 @@ def test_gguf_sentencepiece_and_tiktoken_tokenizers(tmp_path):
     assert _field(reader, "tokenizer.ggml.eos_token_id") == n + 9  # <|eot_id|>
 
 
+# llama.cpp (n_threads=1) against ft-prog's fp32 logits, max |logit| about 0.6; measured max abs difference:
+# fp32 export with an f32 KV cache 4.2e-7 (llama3.1) / 3.3e-7 (qwen3); fp16 export with llama.cpp's default f16 KV
+# cache 8.4e-4 / 3.8e-4 (f16 weights, and activations rounded to f16 in llama.cpp's f16 matmul).
 @pytest.mark.parametrize("arch", ["llama3.1", "qwen3"])
-def test_gguf_runs_in_llama_cpp(arch, tmp_path):
+@pytest.mark.parametrize("dtype, kv_f32, atol", [("fp32", True, 1e-6), ("fp16", False, 1.5e-3)], ids=["fp32", "fp16"])
+def test_gguf_runs_in_llama_cpp(arch, dtype, kv_f32, atol, tmp_path):
     """llama.cpp itself (llama-cpp-python, when installed) computes our logits and our tokenization."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = optional_oracle("llama_cpp", ORACLES)
     from _hf import hf_model
     from _tokfixtures import build_bpe_folder
 
@@ -334,14 +341,17 @@ def test_gguf_runs_in_llama_cpp(arch, tmp_path):
                 p.mul_(10)
     hf.save_pretrained(tmp_path / arch)
     build_bpe_folder(tmp_path / arch)
-    path = export(tmp_path / arch, tmp_path / "m.gguf", "gguf")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    path = export(tmp_path / arch, tmp_path / "m.gguf", "gguf", dtype=dtype)
+    kv = llama_cpp.GGML_TYPE_F32 if kv_f32 else None  # None: llama.cpp's default (f16)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=kv, type_v=kv)
     ids = torch.randint(0, 600, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]))
-    want = load_pretrained(tmp_path / arch)(torch.tensor([ids]))[0].detach()
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.9
+    model = load_pretrained(tmp_path / arch)
+    assert model.dtype == torch.float32
+    want = model(torch.tensor([ids]))[0].detach()
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
     text = "Hello, world! <|im_start|>user\nThe quick brown fox 2024.<|im_end|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == load_tokenizer(tmp_path / arch).encode(text)
 
@@ -480,8 +490,7 @@ def test_executorch_without_the_package_writes_pt2_and_says_so(small, tmp_path, 
 
 
 def test_executorch_pte_runs_in_the_runtime(small, tmp_path):
-    pytest.importorskip("executorch.runtime")
-    from executorch.runtime import Runtime
+    Runtime = optional_oracle("executorch.runtime", ORACLES).Runtime
 
     folder = small
     adapter = _adapter(folder, tmp_path / "adapter", targets=("q_proj", "v_proj"))
@@ -494,5 +503,6 @@ def test_executorch_pte_runs_in_the_runtime(small, tmp_path):
     for length in (2, 9, 48):
         tokens = torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(length))
         out = method.execute([tokens])[0]
-        torch.testing.assert_close(out, adapted(tokens), rtol=1e-4, atol=1e-4)
+        # fp32 throughout; max |logit| about 0.6, measured max abs difference 2.7e-7 (length 48)
+        torch.testing.assert_close(out, adapted(tokens), rtol=0, atol=1e-6)
     assert read_config(folder).vocab_size == out.shape[-1]
