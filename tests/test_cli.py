@@ -174,13 +174,14 @@ def test_plan_command_errors(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "no config.json there" in result.stderr
 
 
+_TORCHRUN_COMMANDS = []
+
+
 class _Torchrun:
     """Stands for the torchrun process `ft-prog run --nproc` starts: records its command line, exits 0."""
 
-    commands: list = []
-
     def __init__(self, cmd, **kwargs):
-        self.commands.append(cmd)
+        _TORCHRUN_COMMANDS.append(cmd)
 
     def wait(self):
         return 0
@@ -199,11 +200,11 @@ def test_run_nproc_and_multi_node_flags_reach_torchrun(nodes, monkeypatch):
     import subprocess
 
     monkeypatch.setattr(subprocess, "Popen", _Torchrun)
-    _Torchrun.commands.clear()
+    _TORCHRUN_COMMANDS.clear()
     multi = ["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500"] if nodes == "two" else []
     result = runner.invoke(app, ["run", "--nproc", "3", *multi, "sft", "--config", "demo", "max_steps=5"])
     assert result.exit_code == 0, result.output
-    [cmd] = _Torchrun.commands
+    [cmd] = _TORCHRUN_COMMANDS
     args = _torchrun_args(cmd)
     assert (args.nproc_per_node, args.max_restarts, args.module) == ("3", 0, True)
     assert args.training_script == "ftprog.programs.cli"
@@ -219,8 +220,8 @@ def test_multi_node_run_without_endpoint_is_one_message(monkeypatch):
     import subprocess
 
     monkeypatch.setattr(subprocess, "Popen", _Torchrun)
-    _Torchrun.commands.clear()
+    _TORCHRUN_COMMANDS.clear()
     result = runner.invoke(app, ["run", "--nproc", "2", "--nnodes", "2", "sft", "--config", "demo"])
-    assert result.exit_code == 1 and _Torchrun.commands == []
+    assert result.exit_code == 1 and _TORCHRUN_COMMANDS == []
     assert "error: multi-node runs need --rdzv-endpoint HOST:PORT" in result.stderr
     assert "Traceback" not in result.stderr
