@@ -9,6 +9,9 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "
                 "original_max_position_embeddings": 8192}
 _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
           "max_position_embeddings": 32768}
+_QWEN3 = {"model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+          "max_position_embeddings": 40960, "head_dim": 128, "attention_bias": False, "vocab_size": 151936,
+          "bos_token_id": 151643, "eos_token_id": 151645}
 
 
 def _llama32(hidden, layers, heads, inter, tied=True) -> dict[str, Any]:
@@ -23,6 +26,13 @@ def _qwen25(hidden, layers, heads, kv, inter, tied) -> dict[str, Any]:
             "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": 151936, "tie_word_embeddings": tied}
 
 
+def _qwen3(hidden, layers, heads, inter, tied) -> dict[str, Any]:
+    return {**_QWEN3, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": 8, "intermediate_size": inter, "tie_word_embeddings": tied}
+
+
+# Besides tiny and cpu-default: the shapes of the models the built-in configs train (their config.json on the Hub),
+# so that `ft-prog plan` answers before the download.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {**_LLAMA, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 176, "vocab_size": 512, "max_position_embeddings": 2048, "rope_theta": 10000.0},
@@ -36,6 +46,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-1.5b": _qwen25(1536, 28, 12, 2, 8960, True),
     "qwen2.5-3b": _qwen25(2048, 36, 16, 2, 11008, True),
     "qwen2.5-7b": {**_qwen25(3584, 28, 28, 4, 18944, False), "vocab_size": 152064},
+    "qwen3-0.6b": _qwen3(1024, 28, 16, 3072, True),
+    "qwen3-1.7b": _qwen3(2048, 28, 16, 6144, True),
+    "qwen3-4b": _qwen3(2560, 36, 32, 9728, True),
+    "qwen3-8b": _qwen3(4096, 36, 32, 12288, False),
+    "mistral-7b-v0.3": {"model_type": "mistral", "hidden_act": "silu", "rms_norm_eps": 1e-5, "hidden_size": 4096,
+                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "intermediate_size": 14336, "vocab_size": 32768, "max_position_embeddings": 32768,
+                        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+                        "bos_token_id": 1, "eos_token_id": 2},
 }
 
 

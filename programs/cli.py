@@ -192,8 +192,8 @@ def run(
     if (nproc > 1 or nnodes > 1) and not under_torchrun():
         with _messages():
             _load(program, config, list(ctx.args))  # a config error is one message, not one per process
-        code = launch(["run", program, "--config", config, *ctx.args], nproc=nproc, nnodes=nnodes,
-                      node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+            code = launch(["run", program, "--config", config, *ctx.args], nproc=nproc, nnodes=nnodes,
+                          node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
         raise typer.Exit(code)
     with _messages():
         module, cfg, resolved = _load(program, config, list(ctx.args))

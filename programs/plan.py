@@ -602,7 +602,9 @@ def _model_config(path: str) -> tuple[dict[str, Any], str, str | None]:
 
 
 def _preset_for(name: str) -> str | None:
-    key = re.sub(r"[-_](instruct|it|chat|base)$", "", name.lower())
+    """The preset of a Hub model's folder name: ``Llama-3.2-1B-Instruct`` -> ``llama-3.2-1b``,
+    ``Mistral-7B-Instruct-v0.3`` -> ``mistral-7b-v0.3``."""
+    key = re.sub(r"[-_](instruct|it|chat|base)(?=$|[-_]v[0-9])", "", name.lower())
     return key if key in PRESETS else None
 
 

@@ -162,7 +162,9 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     # compiled and packed: every batch one shape (the last one filled up with empty rows), so one compile
     loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed,
                         rank=dist.rank, world_size=dist.world_size, fixed_shape=cfg.packing and cfg.compile)
-    total_steps = cfg.max_steps or math.ceil(loader.total_batches(cfg.epochs) / cfg.grad_accum)
+    # max_steps=0: `epochs` epochs, whose last step takes only the batches left (none of the next epoch's)
+    run_batches = None if cfg.max_steps else loader.total_batches(cfg.epochs)
+    total_steps = cfg.max_steps or math.ceil(run_batches / cfg.grad_accum)
     say(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size}"
           f"{' packed' if cfg.packing else ''} rows", flush=True)
 
@@ -232,7 +234,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     clock = run_guard.SaveClock(cfg.save_every_minutes, is_main=dist.is_main)
     with run_guard.stop_between_steps() as stop_request:
         while step < total_steps:
-            micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
+            accum = cfg.grad_accum if run_batches is None else min(cfg.grad_accum, run_batches - step * cfg.grad_accum)
+            micro = [next(batches).to(device) for _ in range(accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
             loss, grads = torch.zeros(()), None
             for b in micro:

@@ -774,17 +774,21 @@ def test_validate_cp_and_ls(tmp_path):
 
 
 def test_demo_runs_offline(tmp_path):
+    """The demo as shipped, cut to 120 of its 300 steps: its exact match rises (measured 0% -> 41%; 3% at 100
+    steps, 0% at 40)."""
     out = tmp_path / "demo"
-    done = cli("run", "sft", "--config", "demo", "max_steps=40", f"output_dir={out}", "log.progress=false",
+    done = cli("run", "sft", "--config", "demo", "max_steps=120", f"output_dir={out}", "log.progress=false",
                env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "exact match before training: 0.0%" in done.stdout
-    assert "exact match on 100 held-out samples: 0.0% before -> " in done.stdout, done.stdout
     logged = losses(out)
-    assert [step for step, _ in logged] == [10, 20, 30, 40]
+    assert [step for step, _ in logged] == list(range(10, 121, 10))
     assert logged[-1][1] < logged[0][1] - 0.5, logged
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 40 and "exact_match_after" in summary and summary["val_loss"] < 4.0
+    assert summary["steps"] == 120 and summary["val_loss"] < 4.0
+    before, after = summary["exact_match_before"], summary["exact_match_after"]
+    assert after >= before + 0.2, (before, after)
+    assert f"exact match on 100 held-out samples: {before:.1%} before -> {after:.1%} after" in done.stdout
     assert (tmp_path / "cache" / "ft-prog" / "demo" / "model" / "model.safetensors").is_file()
 
 
