@@ -1,0 +1,140 @@
+"""OLMo 2, SmolLM3, Gemma 2 and Gemma 3 (text) against transformers and peft on tiny checkpoints that hit every
+layer kind (sliding and global, RoPE and no RoPE, soft-capped): packed rows, the KV cache, LoRA and full
+fine-tuning gradients, the fused loss with final soft-capping, and save round trips.
+
+Plain and padded logits and greedy generation of these families are checked with every other architecture in
+test_model_parity.py and test_generate.py (they are in ``_hf.ARCHS``)."""
+
+import pytest
+import torch
+import transformers
+
+from _hf import hf_model, save_hf
+from _oracle import causal_lm_loss, peft_grads, peft_reference
+from ftprog.core import KVCache, load_pretrained, save_pretrained, token_loss_sum, value_and_grad
+from ftprog.transforms import checkpoint, lora
+
+FAMILIES = ["olmo2", "smollm3", "gemma2", "gemma3"]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def perturbed(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return model.with_params({p: t + 0.05 * torch.randn(t.shape, generator=g).to(t.dtype)
+                              for p, t in model.trainable_params().items()})
+
+
+def test_configs_read_every_layer_kind(tmp_path):
+    """The tiny configs really hold the layer kinds the other tests rely on."""
+    cfg = {}
+    for family in FAMILIES:
+        save_hf(family, tmp_path / family)
+        cfg[family] = load_pretrained(tmp_path / family).config
+    assert [r is None for r in cfg["smollm3"].layer_rotary] == [False, True, False, True]
+    assert cfg["gemma2"].layer_windows == (4, None)
+    assert cfg["gemma2"].attn_softcap == 0.5 and cfg["gemma2"].final_softcap == 0.3
+    g3 = cfg["gemma3"]
+    assert g3.layer_windows == (4, 4, None)
+    local, _, glob = g3.layer_rotary
+    assert (local.theta, local.scaling) == (10000.0, None)
+    assert glob.theta == 1000000.0 and dict(glob.scaling)["factor"] == 8.0
+    assert cfg["olmo2"].qk_norm == "projection" and cfg["olmo2"].norm_placement == "post"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padding_packing_and_cache(family, tmp_path):
+    save_hf(family, tmp_path)
+    model = load_pretrained(tmp_path)
+    vocab = model.config.vocab_size
+    a, b = torch.randint(0, vocab, (1, 9)), torch.randint(0, vocab, (1, 6))
+    with torch.no_grad():
+        alone_a, alone_b = model(a), model(b)
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), a], dim=1)
+        mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 9)], dim=1).long()
+        assert (model(padded, attention_mask=mask)[:, 3:] - alone_a).abs().max() <= 1e-5
+
+        packed = model(torch.cat([a, b], dim=1), position_ids=torch.cat([torch.arange(9), torch.arange(6)])[None])
+        assert (packed[:, :9] - alone_a).abs().max() <= 1e-5
+        assert (packed[:, 9:] - alone_b).abs().max() <= 1e-5
+
+        cache = KVCache.empty(model.config, batch=1, max_len=12, dtype=torch.float32)
+        steps = [model(a[:, :5], cache=cache)] + [model(a[:, i : i + 1], cache=cache) for i in range(5, 7)]
+        steps.append(model(a[:, 7:], cache=cache))
+    assert (torch.cat(steps, dim=1) - alone_a).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_and_full_gradients_match_peft_and_transformers(family, tmp_path):
+    hf = save_hf(family, tmp_path)
+    base = load_pretrained(tmp_path)
+    tokens = torch.randint(0, base.config.vocab_size, (2, 12))
+
+    def loss_fn(model, tokens):
+        return causal_lm_loss(model(tokens, training=True), tokens)
+
+    full = checkpoint(base)
+    loss, grads = value_and_grad(loss_fn)(full, tokens)
+    ref_loss = causal_lm_loss(hf(tokens).logits, tokens)
+    ref_loss.backward()
+    expected = {n: p.grad for n, p in hf.named_parameters()}
+    if base.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
+    assert grads.keys() == expected.keys()
+    for path, g in grads.items():
+        assert rel_err(g, expected[path]) <= 1e-5, path
+    hf.zero_grad()
+
+    adapted = perturbed(lora(base, rank=4, alpha=8, targets="all-linear"))
+    ref = peft_reference(hf, adapted)
+    loss, grads = value_and_grad(loss_fn)(adapted, tokens)
+    ref_loss = causal_lm_loss(ref(tokens).logits, tokens)
+    ref_loss.backward()
+    expected = peft_grads(ref)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
+    assert grads.keys() == expected.keys() == adapted.trainable
+    for path, g in grads.items():
+        assert rel_err(g, expected[path]) <= 1e-5, path
+
+
+@pytest.mark.parametrize("head", ["fused", "lora"])
+def test_loss_applies_final_softcap(head, tmp_path):
+    """Gemma 2's final soft-capping in both output-layer loss paths: the fused one (a plain output layer) and the
+    chunked one an adapted output layer takes. Loss and gradients equal cross-entropy of transformers' capped
+    logits."""
+    hf = hf_model("gemma2", tie_word_embeddings=head == "fused")
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 10))
+    targets = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], dim=1)
+    if head == "lora":
+        model = perturbed(lora(model, rank=2, alpha=4, targets=("lm_head", "q_proj")))
+        hf = peft_reference(hf, model)
+
+    def loss_fn(m, tokens):
+        return token_loss_sum(m, tokens, targets, chunk_size=7) / targets.ne(-100).sum()
+
+    loss, grads = value_and_grad(loss_fn)(model, tokens)
+    ref_loss = causal_lm_loss(hf(tokens).logits, tokens)
+    ref_loss.backward()
+    expected = peft_grads(hf) if head == "lora" else {n: p.grad for n, p in hf.named_parameters()}
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
+    for path, g in grads.items():
+        assert rel_err(g, expected[path]) <= 1e-5, path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_round_trips_through_transformers(family, tmp_path):
+    hf = save_hf(family, tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "ours")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert type(again) is type(hf)
+    assert type(again.config) is type(hf.config)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (again(tokens).logits - hf(tokens).logits).abs().max() == 0
+    assert load_pretrained(tmp_path / "ours").config.to_hf() == model.config.to_hf()
