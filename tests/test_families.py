@@ -5,6 +5,8 @@ fine-tuning gradients, the fused loss with final soft-capping, and save round tr
 Plain and padded logits and greedy generation of these families are checked with every other architecture in
 test_model_parity.py and test_generate.py (they are in ``_hf.ARCHS``)."""
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -138,3 +140,29 @@ def test_save_round_trips_through_transformers(family, tmp_path):
     with torch.no_grad():
         assert (again(tokens).logits - hf(tokens).logits).abs().max() == 0
     assert load_pretrained(tmp_path / "ours").config.to_hf() == model.config.to_hf()
+
+
+def test_sft_plan_and_generate_on_gemma2(tmp_path):
+    """The programs take a new family with no change: `ft-prog plan` answers, `ft-prog run sft` trains LoRA with
+    activation checkpointing through the fused soft-capped loss, and `ft-prog run generate` reads the result."""
+    from typer.testing import CliRunner
+
+    from _sft_fixtures import build_model_folder, reverse_rows, write_config, write_jsonl
+    from ftprog.programs.cli import app
+
+    model = build_model_folder(tmp_path / "model", family="gemma2")
+    data = write_jsonl(tmp_path / "train.jsonl", reverse_rows(24))
+    cfg = write_config(tmp_path / "sft.toml", model, data, tmp_path / "out")
+    runner = CliRunner()
+    overrides = ["peft.method=lora", "activation_checkpointing=true", "max_steps=4", "optimizer.lr=1e-2"]
+    plan = runner.invoke(app, ["plan", str(cfg), *overrides, "--device", "cpu", "--memory", "8GiB"])
+    assert plan.exit_code == 0 and "fits in 8.00 GiB" in plan.output, plan.output
+    run = runner.invoke(app, ["run", "sft", "--config", str(cfg), *overrides])
+    assert run.exit_code == 0, run.output
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    gen = runner.invoke(app, ["run", "generate", f"model.path={model}", f"adapter={tmp_path / 'out' / 'final'}",
+                              'prompt="abc"', "max_new_tokens=4"])
+    assert gen.exit_code == 0, gen.output
