@@ -10,6 +10,7 @@ the family name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +26,9 @@ ARCHITECTURES = {
     "smollm3": "SmolLM3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
-_ROPE_TYPES = ("default", "llama3", "linear")
+_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 # What transformers assumes for each family when config.json leaves a key out.
@@ -36,6 +38,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"tie_word_embeddings": False},
     "qwen3": {"tie_word_embeddings": False},
     "olmo2": {"tie_word_embeddings": False},
+    "phi3": {"tie_word_embeddings": False, "original_max_position_embeddings": 4096},
     "smollm3": {"tie_word_embeddings": True, "rope_theta": 2000000.0},
     "gemma2": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
                "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
@@ -50,8 +53,8 @@ _GEMMA = ("gemma2", "gemma3_text")
 @attrs.frozen
 class Rotary:
     """One RoPE table: base ``theta``, ``scaling`` (sorted ``(key, value)`` pairs of a
-    linear/llama3 ``rope_scaling``, or None) and how many leading dims of a head it
-    rotates (``dim``, even)."""
+    linear/llama3/longrope ``rope_scaling``, lists as tuples; or None) and how many
+    leading dims of a head it rotates (``dim``, even: partial rotary when below head_dim)."""
 
     theta: float
     scaling: tuple[tuple[str, Any], ...] | None
@@ -103,6 +106,11 @@ class ModelConfig:
     """RMSNorm on queries and keys before RoPE: "head" (per head: Qwen3, Gemma 3), "projection" (the whole
     projection: OLMo 2) or None."""
     layer_windows: tuple[int | None, ...] = ()
+    fused_projections: bool = False
+    """q/k/v as one ``qkv_proj`` ``[q_dim + 2 kv_dim, hidden]`` and gate/up as one ``gate_up_proj``
+    ``[2 intermediate, hidden]`` (Phi-3/4), kept fused as the checkpoint stores them."""
+    partial_rotary_factor: float = 1.0
+    """The share of each head's dims that RoPE rotates (Phi-4-mini: 0.75)."""
     hidden_act: str = "silu"
     """The MLP's gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, tanh-approximate)."""
     norm_placement: str = "pre"
@@ -139,8 +147,17 @@ class ModelConfig:
 
     @property
     def rotary(self) -> Rotary:
-        """The RoPE of full-attention layers, from ``rope_theta`` and ``rope_scaling``."""
-        return Rotary(self.rope_theta, _scaling_items(self.rope_scaling), self.head_dim)
+        """The RoPE of full-attention layers, from ``rope_theta``, ``rope_scaling`` and ``partial_rotary_factor``."""
+        return _rotary(self.rope_theta, self.rope_scaling, self.head_dim, self.partial_rotary_factor,
+                       self.max_position_embeddings)
+
+    @property
+    def rope_switch_length(self) -> int | None:
+        """LongRoPE's original context: a call whose positions reach past it rotates every position with the
+        long factors, so keys cached by shorter calls are stale once a sequence grows past it. None otherwise."""
+        lengths = {dict(r.scaling)["original_max_position_embeddings"] for r in self.layer_rotary
+                   if r is not None and r.scaling and dict(r.scaling)["rope_type"] == "longrope"}
+        return min(lengths) if lengths else None
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -174,6 +191,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         head_dim = d.get("head_dim") or hidden // heads
         num_layers = need("num_hidden_layers")
+        max_positions = int(d.get("max_position_embeddings", 4096))
 
         rope_parameters = dict(d.get("rope_parameters") or {})
         if model_type == "gemma3_text":
@@ -185,16 +203,20 @@ class ModelConfig:
             local.setdefault("rope_theta", d["rope_local_base_freq"])
             theta, scaling = _read_rope(full, d, source)
             local_theta, local_scaling = _read_rope(local, d, source, "sliding-window layers' ")
-            local_rotary = Rotary(local_theta, _scaling_items(local_scaling), head_dim)
+            local_rotary = _rotary(local_theta, local_scaling, head_dim, 1.0, max_positions)
         else:
             if "rope_type" not in rope_parameters:
                 rope_parameters.update(d.get("rope_scaling") or {})
             theta, scaling = _read_rope(rope_parameters, d, source)
             local_rotary = None
+        partial = float(rope_parameters.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+        if not 0 < partial <= 1 or int(head_dim * partial) % 2:
+            raise ConfigError(f"{source}: partial_rotary_factor {partial} should give an even number of the "
+                              f"{head_dim} head dims")
 
         attention_bias = bool(d.get("attention_bias", False))
         windows = _layer_windows(d, model_type, num_layers, source)
-        rotary = Rotary(theta, _scaling_items(scaling), head_dim)
+        rotary = _rotary(theta, scaling, head_dim, partial, max_positions)
         layer_rotary = tuple(local_rotary if local_rotary is not None and w is not None else rotary for w in windows)
         if model_type == "smollm3":
             uses_rope = _smollm3_rope_layers(d, num_layers, source)
@@ -211,13 +233,15 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(d.get("tie_word_embeddings")),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias if model_type not in ("qwen2", "mistral") else False,
             mlp_bias=bool(d.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
             qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(model_type),
             layer_windows=windows,
+            fused_projections=model_type == "phi3",
+            partial_rotary_factor=partial,
             hidden_act=act,
             norm_placement="sandwich" if gemma else "post" if model_type == "olmo2" else "pre",
             norm_offset=1.0 if gemma else 0.0,
@@ -271,11 +295,13 @@ class ModelConfig:
         local = {r.theta for r, w in zip(self.layer_rotary, self.layer_windows) if r is not None and w is not None}
         if self.model_type == "gemma3_text" and local:
             d["rope_local_base_freq"] = local.pop()
+        if self.partial_rotary_factor != 1.0:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
         if self.model_type == "smollm3":
             d["no_rope_layers"] = [int(r is not None) for r in self.layer_rotary]
         windows = {w for w in self.layer_windows if w is not None}
         layer_types = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "phi3"):
             d["sliding_window"] = windows.pop() if windows else None
         elif self.model_type in ("qwen2", "qwen3", "smollm3"):
             d["use_sliding_window"] = bool(windows)
@@ -289,8 +315,18 @@ class ModelConfig:
         return d
 
 
-def _scaling_items(scaling: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
-    return None if scaling is None else tuple(sorted(scaling.items()))
+def _rotary(theta: float, scaling: Mapping[str, Any] | None, head_dim: int, partial: float, max_positions: int
+            ) -> Rotary:
+    """The :class:`Rotary` of a RoPE config; longrope's attention factor is resolved here, as transformers does."""
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        original = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or max_positions / original
+        attention = scaling.get("attention_factor") or (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original)))
+        scaling = {**scaling, "attention_factor": attention}
+    items = None if scaling is None else tuple(sorted(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
+    return Rotary(theta, items, int(head_dim * partial))
 
 
 def _read_rope(rope: Mapping[str, Any], d: Mapping[str, Any], source: str, what: str = ""
@@ -308,6 +344,11 @@ def _read_rope(rope: Mapping[str, Any], d: Mapping[str, Any], source: str, what:
                 raise ConfigError(f"{source}: llama3 RoPE scaling needs {key!r}")
     if rope_type == "linear" and "factor" not in scaling:
         raise ConfigError(f"{source}: linear RoPE scaling needs 'factor'")
+    if rope_type == "longrope":
+        scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if not scaling.get(key):
+                raise ConfigError(f"{source}: longrope RoPE scaling needs {key!r}")
     return theta, scaling
 
 
@@ -319,7 +360,7 @@ def _layer_windows(d: Mapping[str, Any], model_type: str, num_layers: int, sourc
         return (None,) * num_layers
     if not isinstance(window, int) or window < 1:
         raise ConfigError(f"{source}: sliding_window should be a positive integer, got {window!r}")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return (window,) * num_layers
     layer_types = d.get("layer_types")
     if layer_types is None and model_type == "smollm3":

@@ -1,12 +1,13 @@
 """One decoder-only transformer for Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3, OLMo 2,
-Gemma 2 and Gemma 3.
+Gemma 2, Gemma 3 and Phi-3/3.5/4.
 
 Pure functions over a parameter tree keyed like the Hugging Face checkpoint
 (``model.layers.0.self_attn.q_proj.weight``). RMSNorm (pre, post or both
-around each block), RoPE per layer (default, linear, llama3; or none),
+around each block), RoPE per layer (default, linear, llama3, longrope; partial or none),
 grouped-query attention through ``F.scaled_dot_product_attention`` with
 causal, padding, sliding-window and document (packed) masks (an explicit
-softmax where scores are soft-capped), SwiGLU or GeGLU. Every projection goes
+softmax where scores are soft-capped), SwiGLU or GeGLU; q/k/v and gate/up as separate or fused
+projections, as the checkpoint holds them. Every projection goes
 through :func:`ftprog.core._linear.linear`. What differs between families is a
 :class:`ModelConfig` field; nothing here reads the family name.
 
@@ -54,8 +55,11 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def rope_inv_freq(rotary: Rotary, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[rotary.dim // 2]`` (fp32), with linear or llama3 scaling applied."""
+def rope_inv_freq(rotary: Rotary, device: torch.device | None = None, *, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies ``[rotary.dim // 2]`` (fp32), with linear, llama3 or longrope scaling applied.
+
+    ``long``: longrope's long factors (for sequences past the original context), else its short ones.
+    """
     dim = rotary.dim
     inv_freq = 1.0 / (rotary.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     scaling = rotary.scaling_dict
@@ -71,15 +75,27 @@ def rope_inv_freq(rotary: Rotary, device: torch.device | None = None) -> torch.T
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        factors = scaling["long_factor" if long else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=device)
     return inv_freq
 
 
 def rope_cos_sin(rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[batch, seq, rotary.dim]`` for integer ``positions [batch, seq]``."""
+    """cos, sin ``[batch, seq, rotary.dim]`` for integer ``positions [batch, seq]``.
+
+    longrope takes its long factors when any position lies past the original context (as transformers decides,
+    per forward call) and scales cos and sin by its attention factor.
+    """
     inv_freq = rope_inv_freq(rotary, positions.device)
+    scaling = rotary.scaling_dict
+    if scaling.get("rope_type") == "longrope":
+        past = positions.max() + 1 > scaling["original_max_position_embeddings"]
+        inv_freq = torch.where(past, rope_inv_freq(rotary, positions.device, long=True), inv_freq)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    factor = scaling.get("attention_factor", 1.0)
+    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -335,14 +351,21 @@ _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxi
 
 def mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Gated MLP (SwiGLU / GeGLU): ``[batch, seq, hidden] -> same``."""
-    return linear(_ACTIVATIONS[config.hidden_act](linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+    if config.fused_projections:
+        gate, up = linear(x, p["gate_up_proj"]).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, p["gate_proj"]), linear(x, p["up_proj"])
+    return linear(_ACTIVATIONS[config.hidden_act](gate) * up, p["down_proj"])
 
 
 def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """Grouped-query self-attention with RoPE: ``[batch, seq, hidden] -> same``."""
     cfg, cache = ctx.config, ctx.cache
     batch, seq, _ = x.shape
-    q, k, v = linear(x, p["q_proj"]), linear(x, p["k_proj"]), linear(x, p["v_proj"])
+    if cfg.fused_projections:
+        q, k, v = linear(x, p["qkv_proj"]).split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+    else:
+        q, k, v = linear(x, p["q_proj"]), linear(x, p["k_proj"]), linear(x, p["v_proj"])
     if cfg.qk_norm == "projection":
         q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
     q = q.view(batch, seq, cfg.num_heads, cfg.head_dim)

@@ -109,7 +109,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         pre = f"model.layers.{i}."
         for name in layer_norm_names(c):
             shapes[f"{pre}{name}.weight"] = (c.hidden_size,)
-        for name, out_dim in (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim)):
+        attn = (("qkv_proj", c.q_dim + 2 * c.kv_dim),) if c.fused_projections else (
+            ("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim))
+        for name, out_dim in attn:
             shapes[f"{pre}self_attn.{name}.weight"] = (out_dim, c.hidden_size)
             if c.qkv_bias:
                 shapes[f"{pre}self_attn.{name}.bias"] = (out_dim,)
@@ -120,9 +122,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             whole = c.qk_norm == "projection"
             shapes[pre + "self_attn.q_norm.weight"] = (c.q_dim if whole else c.head_dim,)
             shapes[pre + "self_attn.k_norm.weight"] = (c.kv_dim if whole else c.head_dim,)
-        for name, shape in (("gate_proj", (c.intermediate_size, c.hidden_size)),
-                            ("up_proj", (c.intermediate_size, c.hidden_size)),
-                            ("down_proj", (c.hidden_size, c.intermediate_size))):
+        mlp = (("gate_up_proj", (2 * c.intermediate_size, c.hidden_size)),) if c.fused_projections else (
+            ("gate_proj", (c.intermediate_size, c.hidden_size)), ("up_proj", (c.intermediate_size, c.hidden_size)))
+        for name, shape in (*mlp, ("down_proj", (c.hidden_size, c.intermediate_size))):
             shapes[f"{pre}mlp.{name}.weight"] = shape
             if c.mlp_bias:
                 shapes[f"{pre}mlp.{name}.bias"] = shape[:1]
@@ -137,9 +139,11 @@ def linear_paths(config: ModelConfig) -> list[str]:
 
     ``lm_head`` is listed only when it has its own weight (untied embeddings).
     """
-    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    names = (("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+             if config.fused_projections else
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in names]
     return paths if config.tie_word_embeddings else paths + ["lm_head"]
 
 

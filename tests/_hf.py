@@ -34,6 +34,18 @@ ARCHS = {
         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    # LongRoPE with an original context of 8: the tests' longer inputs take the long factors, shorter ones the
+    # short factors (and generation crosses from one to the other)
+    "phi3": ("Phi3Config", {**SPECIAL_IDS, "sliding_window": 6, "original_max_position_embeddings": 8,
+                            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                "long_factor": [1.5 + 0.5 * i for i in range(8)]}}),
+    "phi4-mini": ("Phi3Config", {**SPECIAL_IDS, "tie_word_embeddings": True, "partial_rotary_factor": 0.75,
+                                 "original_max_position_embeddings": 8,
+                                 "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.75,
+                                                     "short_factor": [1.0 + 0.2 * i for i in range(6)],
+                                                     "long_factor": [2.0 + 0.3 * i for i in range(6)]}}),
 }
 
 

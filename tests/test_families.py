@@ -1,6 +1,7 @@
-"""OLMo 2, SmolLM3, Gemma 2 and Gemma 3 (text) against transformers and peft on tiny checkpoints that hit every
-layer kind (sliding and global, RoPE and no RoPE, soft-capped): packed rows, the KV cache, LoRA and full
-fine-tuning gradients, the fused loss with final soft-capping, and save round trips.
+"""OLMo 2, SmolLM3, Gemma 2, Gemma 3 (text) and Phi-3/4 against transformers and peft on tiny checkpoints that hit
+every layer kind (sliding and global, RoPE and no RoPE, soft-capped, fused projections, LongRoPE's short and long
+factors, partial rotary): packed rows, the KV cache, LoRA and full fine-tuning gradients, the fused loss with
+final soft-capping, and save round trips.
 
 Plain and padded logits and greedy generation of these families are checked with every other architecture in
 test_model_parity.py and test_generate.py (they are in ``_hf.ARCHS``)."""
@@ -16,7 +17,7 @@ from _oracle import causal_lm_loss, peft_grads, peft_reference
 from ftprog.core import KVCache, load_pretrained, save_pretrained, token_loss_sum, value_and_grad
 from ftprog.transforms import checkpoint, lora
 
-FAMILIES = ["olmo2", "smollm3", "gemma2", "gemma3"]
+FAMILIES = ["olmo2", "smollm3", "gemma2", "gemma3", "phi3", "phi4-mini"]
 
 
 def rel_err(a, b):
@@ -44,6 +45,32 @@ def test_configs_read_every_layer_kind(tmp_path):
     assert (local.theta, local.scaling) == (10000.0, None)
     assert glob.theta == 1000000.0 and dict(glob.scaling)["factor"] == 8.0
     assert cfg["olmo2"].qk_norm == "projection" and cfg["olmo2"].norm_placement == "post"
+    phi3, phi4 = cfg["phi3"], cfg["phi4-mini"]
+    assert phi3.fused_projections and phi3.layer_windows == (6, 6)
+    assert dict(phi3.rotary.scaling)["rope_type"] == "longrope" and phi3.rotary.dim == 16
+    assert phi4.rotary.dim == 12 and phi4.tie_word_embeddings
+
+
+def test_longrope_switches_factors_past_the_original_context(tmp_path):
+    """Up to the original context (8) the short factors apply, past it the long ones, for the whole call (as
+    transformers decides per forward)."""
+    hf = save_hf("phi3", tmp_path)
+    model = load_pretrained(tmp_path)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        for n in (8, 9, 12):
+            assert (model(tokens[:, :n]) - hf(tokens[:, :n]).logits).abs().max() <= 1e-4
+        # the first 8 positions depend on whether the call reaches past the original context
+        assert (model(tokens[:, :8]) - model(tokens[:, :9])[:, :8]).abs().max() > 1e-3
+
+
+def test_lora_part_names_select_the_fused_projection(tmp_path):
+    save_hf("phi3", tmp_path)
+    adapted = lora(load_pretrained(tmp_path), rank=2, alpha=4, targets=("q_proj", "v_proj", "up_proj"))
+    modules = sorted({p.split(".lora_")[0].split(".", 3)[-1] for p in adapted.trainable})
+    assert modules == ["mlp.gate_up_proj", "self_attn.qkv_proj"]
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no linear layer.*'gate_up_proj'.*'qkv_proj'"):
+        lora(load_pretrained(tmp_path), rank=2, alpha=4, targets=("qkv",))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,16 +78,18 @@ def test_left_padding_packing_and_cache(family, tmp_path):
     save_hf(family, tmp_path)
     model = load_pretrained(tmp_path)
     vocab = model.config.vocab_size
-    a, b = torch.randint(0, vocab, (1, 9)), torch.randint(0, vocab, (1, 6))
+    # 8 positions at most: past the sliding windows (4, 6), within Phi's original LongRoPE context (8), where
+    # one call's factors (chosen from its largest position, as transformers does) serve every row
+    a, b = torch.randint(0, vocab, (1, 8)), torch.randint(0, vocab, (1, 5))
     with torch.no_grad():
         alone_a, alone_b = model(a), model(b)
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), a], dim=1)
-        mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 9)], dim=1).long()
+        mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 8)], dim=1).long()
         assert (model(padded, attention_mask=mask)[:, 3:] - alone_a).abs().max() <= 1e-5
 
-        packed = model(torch.cat([a, b], dim=1), position_ids=torch.cat([torch.arange(9), torch.arange(6)])[None])
-        assert (packed[:, :9] - alone_a).abs().max() <= 1e-5
-        assert (packed[:, 9:] - alone_b).abs().max() <= 1e-5
+        packed = model(torch.cat([a, b], dim=1), position_ids=torch.cat([torch.arange(8), torch.arange(5)])[None])
+        assert (packed[:, :8] - alone_a).abs().max() <= 1e-5
+        assert (packed[:, 8:] - alone_b).abs().max() <= 1e-5
 
         cache = KVCache.empty(model.config, batch=1, max_len=12, dtype=torch.float32)
         steps = [model(a[:, :5], cache=cache)] + [model(a[:, i : i + 1], cache=cache) for i in range(5, 7)]
@@ -166,3 +195,18 @@ def test_sft_plan_and_generate_on_gemma2(tmp_path):
     gen = runner.invoke(app, ["run", "generate", f"model.path={model}", f"adapter={tmp_path / 'out' / 'final'}",
                               'prompt="abc"', "max_new_tokens=4"])
     assert gen.exit_code == 0, gen.output
+
+
+def test_generation_recomputes_the_cache_where_longrope_switches(tmp_path):
+    """A prompt shorter than the original context (8) that grows past it: the cached short-factor keys are
+    recomputed with the long factors once, as transformers' generate does, so greedy tokens stay equal."""
+    from test_generate import hf_greedy
+
+    from ftprog.programs.generate import generate
+
+    hf = save_hf("phi3", tmp_path)
+    model = load_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    for length in range(2, 9):
+        prompt = torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist()
+        assert generate(model, [prompt], max_new_tokens=12) == hf_greedy(hf, [prompt], 12), length
