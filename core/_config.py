@@ -3,10 +3,14 @@
 :class:`ModelConfig` is read from a Hugging Face ``config.json`` (both the
 older ``rope_theta`` / ``rope_scaling`` / ``torch_dtype`` fields and
 transformers 5's ``rope_parameters`` / ``dtype``) and written back to one.
+What differs between families (norm placement, activation, soft-capping,
+RoPE per layer, ...) is a field here; the decoder reads the fields, never
+the family name.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +22,47 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
-_ROPE_TYPES = ("default", "llama3", "linear")
+_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+# What transformers assumes for each family when config.json leaves a key out.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"tie_word_embeddings": False},
+    "mistral": {"tie_word_embeddings": False},
+    "qwen2": {"tie_word_embeddings": False},
+    "qwen3": {"tie_word_embeddings": False},
+    "olmo2": {"tie_word_embeddings": False},
+    "phi3": {"tie_word_embeddings": False, "original_max_position_embeddings": 4096},
+    "smollm3": {"tie_word_embeddings": True, "rope_theta": 2000000.0},
+    "gemma2": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "sliding_window_pattern": 2},
+    "gemma3_text": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+                    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0},
+}
+_GEMMA = ("gemma2", "gemma3_text")
+
+
+@attrs.frozen
+class Rotary:
+    """One RoPE table: base ``theta``, ``scaling`` (sorted ``(key, value)`` pairs of a
+    linear/llama3/longrope ``rope_scaling``, lists as tuples; or None) and how many
+    leading dims of a head it rotates (``dim``, even: partial rotary when below head_dim)."""
+
+    theta: float
+    scaling: tuple[tuple[str, Any], ...] | None
+    dim: int
+
+    @property
+    def scaling_dict(self) -> dict[str, Any]:
+        return dict(self.scaling or ())
 
 
 class ConfigError(ValueError):
@@ -38,7 +81,8 @@ class ModelConfig:
 
     ``layer_windows[i]`` is layer i's sliding attention window in tokens
     (a query sees the ``window`` most recent keys, itself included), or None
-    for full causal attention.
+    for full causal attention; ``layer_rotary[i]`` its RoPE table, or None for
+    a layer without position encoding.
     """
 
     model_type: str
@@ -52,13 +96,40 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Mapping[str, Any] | None = None
+    """The RoPE of full-attention layers (``rope_theta``, ``rope_scaling``); see ``layer_rotary``."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: str | None = None
+    """RMSNorm on queries and keys before RoPE: "head" (per head: Qwen3, Gemma 3), "projection" (the whole
+    projection: OLMo 2) or None."""
     layer_windows: tuple[int | None, ...] = ()
+    fused_projections: bool = False
+    """q/k/v as one ``qkv_proj`` ``[q_dim + 2 kv_dim, hidden]`` and gate/up as one ``gate_up_proj``
+    ``[2 intermediate, hidden]`` (Phi-3/4), kept fused as the checkpoint stores them."""
+    partial_rotary_factor: float = 1.0
+    """The share of each head's dims that RoPE rotates (Phi-4-mini: 0.75)."""
+    hidden_act: str = "silu"
+    """The MLP's gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, tanh-approximate)."""
+    norm_placement: str = "pre"
+    """Where a layer's RMSNorms sit: "pre" (before attention and MLP), "post" (on their outputs, before the
+    residual add: OLMo 2) or "sandwich" (both: Gemma)."""
+    norm_offset: float = 0.0
+    """Norm scale = ``norm_offset + weight`` (Gemma stores ``scale - 1``: offset 1)."""
+    norm_scale_fp32: bool = False
+    """Multiply by the norm weight in fp32 before casting back (Gemma, OLMo 2); else cast, then multiply."""
+    embed_scale: float = 1.0
+    """Embeddings are multiplied by this (Gemma: sqrt(hidden_size), rounded to the weights' dtype)."""
+    attn_scale: float | None = None
+    """Attention score scale; None: ``head_dim ** -0.5`` (Gemma: ``query_pre_attn_scalar ** -0.5``)."""
+    attn_softcap: float | None = None
+    """Attention scores become ``cap * tanh(scores / cap)`` before masking (Gemma 2)."""
+    final_softcap: float | None = None
+    """Logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
+    layer_rotary: tuple[Rotary | None, ...] = attrs.field(
+        default=attrs.Factory(lambda self: (self.rotary,) * self.num_layers, takes_self=True))
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -74,9 +145,30 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rotary(self) -> Rotary:
+        """The RoPE of full-attention layers, from ``rope_theta``, ``rope_scaling`` and ``partial_rotary_factor``."""
+        return _rotary(self.rope_theta, self.rope_scaling, self.head_dim, self.partial_rotary_factor,
+                       self.max_position_embeddings)
+
+    @property
+    def rope_switch_length(self) -> int | None:
+        """LongRoPE's original context: a call whose positions reach past it rotates every position with the
+        long factors, so keys cached by shorter calls are stale once a sequence grows past it. None otherwise."""
+        lengths = {dict(r.scaling)["original_max_position_embeddings"] for r in self.layer_rotary
+                   if r is not None and r.scaling and dict(r.scaling)["rope_type"] == "longrope"}
+        return min(lengths) if lengths else None
+
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a parsed Hugging Face config dict; errors name ``source`` and the key."""
+        model_type = d.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: unsupported model_type {model_type!r}; ft-prog supports "
+                f"{', '.join(sorted(ARCHITECTURES))}"
+            )
+        raw, d = d, {**_FAMILY_DEFAULTS[model_type], **d}
 
         def need(key: str, kind: type = int) -> Any:
             if key not in d or d[key] is None:
@@ -88,38 +180,47 @@ class ModelConfig:
                 raise ConfigError(f"{source}: key {key!r} should be {kind.__name__}, got {value!r}")
             return value
 
-        model_type = d.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ConfigError(
-                f"{source}: unsupported model_type {model_type!r}; ft-prog supports "
-                f"{', '.join(sorted(ARCHITECTURES))}"
-            )
-        if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        gemma = model_type in _GEMMA
+        act_key = "hidden_activation" if gemma else "hidden_act"
+        act = d.get(act_key) or d.get("hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise ConfigError(f"{source}: {act_key} {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         kv_heads = d.get("num_key_value_heads") or heads
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         head_dim = d.get("head_dim") or hidden // heads
         num_layers = need("num_hidden_layers")
+        max_positions = int(d.get("max_position_embeddings", 4096))
 
-        rope = dict(d.get("rope_parameters") or {})
-        if not rope or "rope_type" not in rope:
-            rope.update(d.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in _ROPE_TYPES:
-            raise ConfigError(f"{source}: RoPE type {rope_type!r} is not supported ({', '.join(_ROPE_TYPES)})")
-        theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-        scaling = None if rope_type == "default" else {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": rope_type}
-        if rope_type == "llama3":
-            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                if key not in scaling:
-                    raise ConfigError(f"{source}: llama3 RoPE scaling needs {key!r}")
-        if rope_type == "linear" and "factor" not in scaling:
-            raise ConfigError(f"{source}: linear RoPE scaling needs 'factor'")
+        rope_parameters = dict(d.get("rope_parameters") or {})
+        if model_type == "gemma3_text":
+            full = {**rope_parameters.get("full_attention", {})}
+            if "rope_type" not in full:
+                full.update(d.get("rope_scaling") or {})
+            full.setdefault("rope_theta", d["rope_theta"])
+            local = {**rope_parameters.get("sliding_attention", {})}
+            local.setdefault("rope_theta", d["rope_local_base_freq"])
+            theta, scaling = _read_rope(full, d, source)
+            local_theta, local_scaling = _read_rope(local, d, source, "sliding-window layers' ")
+            local_rotary = _rotary(local_theta, local_scaling, head_dim, 1.0, max_positions)
+        else:
+            if "rope_type" not in rope_parameters:
+                rope_parameters.update(d.get("rope_scaling") or {})
+            theta, scaling = _read_rope(rope_parameters, d, source)
+            local_rotary = None
+        partial = float(rope_parameters.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+        if not 0 < partial <= 1 or int(head_dim * partial) % 2:
+            raise ConfigError(f"{source}: partial_rotary_factor {partial} should give an even number of the "
+                              f"{head_dim} head dims")
 
         attention_bias = bool(d.get("attention_bias", False))
         windows = _layer_windows(d, model_type, num_layers, source)
+        rotary = _rotary(theta, scaling, head_dim, partial, max_positions)
+        layer_rotary = tuple(local_rotary if local_rotary is not None and w is not None else rotary for w in windows)
+        if model_type == "smollm3":
+            uses_rope = _smollm3_rope_layers(d, num_layers, source)
+            layer_rotary = tuple(r if use else None for r, use in zip(layer_rotary, uses_rope))
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -132,18 +233,29 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings")),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
-            mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
+            o_bias=attention_bias if model_type not in ("qwen2", "mistral") else False,
+            mlp_bias=bool(d.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
+            qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(model_type),
             layer_windows=windows,
+            fused_projections=model_type == "phi3",
+            partial_rotary_factor=partial,
+            hidden_act=act,
+            norm_placement="sandwich" if gemma else "post" if model_type == "olmo2" else "pre",
+            norm_offset=1.0 if gemma else 0.0,
+            norm_scale_fp32=gemma or model_type == "olmo2",
+            embed_scale=hidden ** 0.5 if gemma else 1.0,
+            attn_scale=need("query_pre_attn_scalar", float) ** -0.5 if gemma else None,
+            attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=d.get("final_logit_softcapping") if gemma else None,
+            layer_rotary=layer_rotary,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             dtype=d.get("dtype") or d.get("torch_dtype"),
-            hf=dict(d),
+            hf=dict(raw),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -161,7 +273,7 @@ class ModelConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act=self.hidden_act,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=None if self.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
@@ -173,35 +285,102 @@ class ModelConfig:
         )
         if self.dtype is not None:
             d["torch_dtype"] = d["dtype"] = self.dtype
-        if self.model_type in ("llama", "qwen3"):
+        if self.model_type in ("llama", "qwen3", "olmo2", "smollm3", *_GEMMA):
             d["attention_bias"] = self.qkv_bias
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "smollm3"):
             d["mlp_bias"] = self.mlp_bias
+        if self.model_type in _GEMMA:
+            d["hidden_activation"] = self.hidden_act
+            d["attn_logit_softcapping"], d["final_logit_softcapping"] = self.attn_softcap, self.final_softcap
+        local = {r.theta for r, w in zip(self.layer_rotary, self.layer_windows) if r is not None and w is not None}
+        if self.model_type == "gemma3_text" and local:
+            d["rope_local_base_freq"] = local.pop()
+        if self.partial_rotary_factor != 1.0:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.model_type == "smollm3":
+            d["no_rope_layers"] = [int(r is not None) for r in self.layer_rotary]
         windows = {w for w in self.layer_windows if w is not None}
-        if self.model_type == "mistral":
+        layer_types = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
+        if self.model_type in ("mistral", "phi3"):
             d["sliding_window"] = windows.pop() if windows else None
-        elif self.model_type in ("qwen2", "qwen3"):
+        elif self.model_type in ("qwen2", "qwen3", "smollm3"):
             d["use_sliding_window"] = bool(windows)
             d["sliding_window"] = windows.pop() if windows else None
-            d["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
-            d.setdefault("max_window_layers", self.num_layers)
+            d["layer_types"] = layer_types
+            if self.model_type != "smollm3":
+                d.setdefault("max_window_layers", self.num_layers)
+        elif self.model_type in _GEMMA:
+            d["sliding_window"] = windows.pop() if windows else d.get("sliding_window")
+            d["layer_types"] = layer_types
         return d
+
+
+def _rotary(theta: float, scaling: Mapping[str, Any] | None, head_dim: int, partial: float, max_positions: int
+            ) -> Rotary:
+    """The :class:`Rotary` of a RoPE config; longrope's attention factor is resolved here, as transformers does."""
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        original = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or max_positions / original
+        attention = scaling.get("attention_factor") or (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original)))
+        scaling = {**scaling, "attention_factor": attention}
+    items = None if scaling is None else tuple(sorted(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
+    return Rotary(theta, items, int(head_dim * partial))
+
+
+def _read_rope(rope: Mapping[str, Any], d: Mapping[str, Any], source: str, what: str = ""
+               ) -> tuple[float, dict[str, Any] | None]:
+    """``(theta, scaling or None)`` from a rope_parameters-style dict (``d``'s ``rope_theta`` as fallback)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise ConfigError(f"{source}: {what}RoPE type {rope_type!r} is not supported ({', '.join(_ROPE_TYPES)})")
+    theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    scaling = None if rope_type == "default" else {
+        **{k: v for k, v in rope.items() if k not in ("type", "rope_theta")}, "rope_type": rope_type}
+    if rope_type == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in scaling:
+                raise ConfigError(f"{source}: llama3 RoPE scaling needs {key!r}")
+    if rope_type == "linear" and "factor" not in scaling:
+        raise ConfigError(f"{source}: linear RoPE scaling needs 'factor'")
+    if rope_type == "longrope":
+        scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if not scaling.get(key):
+                raise ConfigError(f"{source}: longrope RoPE scaling needs {key!r}")
+    return theta, scaling
 
 
 def _layer_windows(d: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> tuple[int | None, ...]:
     window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "smollm3") and not d.get("use_sliding_window", False):
         window = None
     if window is None:
         return (None,) * num_layers
     if not isinstance(window, int) or window < 1:
         raise ConfigError(f"{source}: sliding_window should be a positive integer, got {window!r}")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return (window,) * num_layers
     layer_types = d.get("layer_types")
+    if layer_types is None and model_type == "smollm3":
+        uses_rope = _smollm3_rope_layers(d, num_layers, source)
+        layer_types = ["full_attention" if use else "sliding_attention" for use in uses_rope]
+    if layer_types is None and model_type in _GEMMA:
+        pattern = d["sliding_window_pattern"]
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if layer_types is None:
         start = d.get("max_window_layers", num_layers)
         layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
     if len(layer_types) != num_layers:
         raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries for {num_layers} layers")
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+
+def _smollm3_rope_layers(d: Mapping[str, Any], num_layers: int, source: str) -> list[int]:
+    """SmolLM3's ``no_rope_layers``: 1 where layer i uses RoPE (default: all but every ``interval``-th)."""
+    interval = d.get("no_rope_layer_interval", 4)
+    uses_rope = d.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(uses_rope) != num_layers:
+        raise ConfigError(f"{source}: no_rope_layers has {len(uses_rope)} entries for {num_layers} layers")
+    return uses_rope

@@ -1,11 +1,15 @@
-"""One decoder-only transformer for Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+"""One decoder-only transformer for Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3, OLMo 2,
+Gemma 2, Gemma 3 and Phi-3/3.5/4.
 
 Pure functions over a parameter tree keyed like the Hugging Face checkpoint
-(``model.layers.0.self_attn.q_proj.weight``). RMSNorm, RoPE (default,
-linear, llama3), grouped-query attention through
-``F.scaled_dot_product_attention`` with causal, padding, sliding-window and
-document (packed) masks, SwiGLU. Every projection goes through
-:func:`ftprog.core._linear.linear`.
+(``model.layers.0.self_attn.q_proj.weight``). RMSNorm (pre, post or both
+around each block), RoPE per layer (default, linear, llama3, longrope; partial or none),
+grouped-query attention through ``F.scaled_dot_product_attention`` with
+causal, padding, sliding-window and document (packed) masks (an explicit
+softmax where scores are soft-capped), SwiGLU or GeGLU; q/k/v and gate/up as separate or fused
+projections, as the checkpoint holds them. Every projection goes
+through :func:`ftprog.core._linear.linear`. What differs between families is a
+:class:`ModelConfig` field; nothing here reads the family name.
 
 A layer is ``layer(params, x, ctx) -> x``: its own parameter sub-tree, the
 hidden states and one :class:`LayerContext`. Transforms change how layers run
@@ -15,30 +19,50 @@ each parameter sub-tree before use (:attr:`Decoder.prepares`).
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import attrs
 import torch
 import torch.nn.functional as F
 
-from ._config import ModelConfig
+from ._config import ModelConfig, Rotary
 from ._linear import linear, set_training
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back, as transformers does."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
+             scale_fp32: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in fp32, scaled by ``offset + weight``.
+
+    ``scale_fp32``: scale in fp32, then cast back (Gemma, OLMo 2); else cast back, then scale (Llama).
+    """
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    if scale_fp32:
+        return (h * (offset + weight.float())).to(x.dtype)
+    return (weight + offset if offset else weight) * h.to(x.dtype)
 
 
-def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim // 2]`` (fp32), with linear or llama3 scaling applied."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    scaling = config.rope_scaling or {}
+def norm(x: torch.Tensor, node: Mapping, config: ModelConfig) -> torch.Tensor:
+    """The family's RMSNorm of ``x`` with the norm node ``{"weight": ...}``."""
+    return rms_norm(x, node["weight"], config.rms_norm_eps, offset=config.norm_offset,
+                    scale_fp32=config.norm_scale_fp32)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (identity when ``cap`` is None)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def rope_inv_freq(rotary: Rotary, device: torch.device | None = None, *, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies ``[rotary.dim // 2]`` (fp32), with linear, llama3 or longrope scaling applied.
+
+    ``long``: longrope's long factors (for sequences past the original context), else its short ones.
+    """
+    dim = rotary.dim
+    inv_freq = 1.0 / (rotary.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = rotary.scaling_dict
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -51,20 +75,38 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> to
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        factors = scaling["long_factor" if long else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=device)
     return inv_freq
 
 
-def rope_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[batch, seq, head_dim]`` for integer ``positions [batch, seq]``."""
-    inv_freq = rope_inv_freq(config, positions.device)
+def rope_cos_sin(rotary: Rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[batch, seq, rotary.dim]`` for integer ``positions [batch, seq]``.
+
+    longrope takes its long factors when any position lies past the original context (as transformers decides,
+    per forward call) and scales cos and sin by its attention factor.
+    """
+    inv_freq = rope_inv_freq(rotary, positions.device)
+    scaling = rotary.scaling_dict
+    if scaling.get("rope_type") == "longrope":
+        past = positions.max() + 1 > scaling["original_max_position_embeddings"]
+        inv_freq = torch.where(past, rope_inv_freq(rotary, positions.device, long=True), inv_freq)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    factor = scaling.get("attention_factor", 1.0)
+    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [batch, heads, seq, head_dim]`` (half-split convention of HF checkpoints)."""
-    half = x.shape[-1] // 2
+    """Rotate ``x [batch, heads, seq, head_dim]`` (half-split convention of HF checkpoints).
+
+    With tables narrower than ``head_dim`` (partial rotary) only the leading dims rotate.
+    """
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
 
@@ -85,7 +127,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None) -> KVCache:
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        make = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]  # noqa: E731
+        make = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         return cls(make(), make())
 
     @property
@@ -134,7 +176,7 @@ class LayerContext:
     Attributes:
         config: the architecture.
         index: the layer's position in the stack (0-based).
-        cos, sin: RoPE tables ``[batch, seq, head_dim]`` for this layer.
+        cos, sin: RoPE tables ``[batch, seq, rotary dim]`` for this layer, or None (no RoPE).
         mask: boolean attention mask ``[batch or 1, 1, seq, kv_len]`` (True: may
             attend), or None for plain causal attention.
         cache: the :class:`KVCache` being read and extended, or None.
@@ -143,8 +185,8 @@ class LayerContext:
 
     config: ModelConfig
     index: int
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
     mask: torch.Tensor | None
     cache: KVCache | None
     training: bool
@@ -220,7 +262,9 @@ class Decoder:
 
         inner = params["model"]
         x = F.embedding(tokens, self._prepared(inner["embed_tokens"])["weight"])
-        cos, sin = rope_cos_sin(cfg, position_ids, x.dtype)
+        if cfg.embed_scale != 1.0:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        tables = {r: rope_cos_sin(r, position_ids, x.dtype) for r in set(cfg.layer_rotary) if r is not None}
         kv_len = offset + seq
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(cfg.layer_windows):
@@ -232,9 +276,10 @@ class Decoder:
             ) if needs_mask else None
 
         for i in range(cfg.num_layers):
+            cos, sin = tables.get(cfg.layer_rotary[i], (None, None))
             ctx = LayerContext(cfg, i, cos, sin, masks[cfg.layer_windows[i]], cache, training)
             x = self.layer_fn(i)(inner["layers"][str(i)], x, ctx)
-        x = rms_norm(x, self._prepared(inner["norm"])["weight"], cfg.rms_norm_eps)
+        x = norm(x, self._prepared(inner["norm"]), cfg)
         if cache is not None:
             cache.length = kv_len
         return x if return_hidden else self.logits(params, x, training=training)
@@ -267,40 +312,70 @@ class Decoder:
 
     def logits(self, params: Mapping, hidden: torch.Tensor, *, training: bool = False,
                output_layer: Mapping | None = None) -> torch.Tensor:
-        """Logits ``[..., vocab]`` from final hidden states ``[..., hidden]``: the one output-layer computation.
+        """Logits ``[..., vocab]`` from final hidden states ``[..., hidden]``: the one output-layer computation
+        (soft-capped where the family does).
 
         ``output_layer``: the node :meth:`output_layer` returned, when the caller already holds it.
         """
         node = self.output_layer(params) if output_layer is None else output_layer
         previous = set_training(training)
         try:
-            return linear(hidden, node)
+            return softcap(linear(hidden, node), self.config.final_softcap)
         finally:
             set_training(previous)
 
 
 def layer(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-    """One pre-norm decoder layer: ``x [batch, seq, hidden] -> same``."""
-    cfg = ctx.config
-    h = rms_norm(x, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
-    x = x + attention(p["self_attn"], h, ctx)
-    h = rms_norm(x, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-    mlp = p["mlp"]
-    return x + linear(F.silu(linear(h, mlp["gate_proj"])) * linear(h, mlp["up_proj"]), mlp["down_proj"])
+    """One decoder layer: ``x [batch, seq, hidden] -> same``, norms placed as ``config.norm_placement`` says."""
+    cfg, attn, ffn = ctx.config, p["self_attn"], p["mlp"]
+    if cfg.norm_placement == "pre":
+        x = x + attention(attn, norm(x, p["input_layernorm"], cfg), ctx)
+        return x + mlp(ffn, norm(x, p["post_attention_layernorm"], cfg), cfg)
+    if cfg.norm_placement == "post":
+        x = x + norm(attention(attn, x, ctx), p["post_attention_layernorm"], cfg)
+        return x + norm(mlp(ffn, x, cfg), p["post_feedforward_layernorm"], cfg)
+    x = x + norm(attention(attn, norm(x, p["input_layernorm"], cfg), ctx), p["post_attention_layernorm"], cfg)
+    return x + norm(mlp(ffn, norm(x, p["pre_feedforward_layernorm"], cfg), cfg), p["post_feedforward_layernorm"], cfg)
+
+
+def layer_norm_names(config: ModelConfig) -> tuple[str, ...]:
+    """The RMSNorm nodes of one layer, in checkpoint order."""
+    return {"pre": ("input_layernorm", "post_attention_layernorm"),
+            "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+            "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm")}[config.norm_placement]
+
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Gated MLP (SwiGLU / GeGLU): ``[batch, seq, hidden] -> same``."""
+    if config.fused_projections:
+        gate, up = linear(x, p["gate_up_proj"]).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, p["gate_proj"]), linear(x, p["up_proj"])
+    return linear(_ACTIVATIONS[config.hidden_act](gate) * up, p["down_proj"])
 
 
 def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """Grouped-query self-attention with RoPE: ``[batch, seq, hidden] -> same``."""
     cfg, cache = ctx.config, ctx.cache
     batch, seq, _ = x.shape
-    q = linear(x, p["q_proj"]).view(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = linear(x, p["k_proj"]).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, p["v_proj"]).view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
+    if cfg.fused_projections:
+        q, k, v = linear(x, p["qkv_proj"]).split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+    else:
+        q, k, v = linear(x, p["q_proj"]), linear(x, p["k_proj"]), linear(x, p["v_proj"])
+    if cfg.qk_norm == "projection":
+        q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
+    q = q.view(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = k.view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = v.view(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":
+        q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    if ctx.cos is not None:
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     if cache is not None:
         start = cache.length
         if start + seq > cache.max_len:
@@ -309,9 +384,30 @@ def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         cache.values[ctx.index][:, :, start : start + seq] = v
         k, v = cache.keys[ctx.index][:, :, : start + seq], cache.values[ctx.index][:, :, : start + seq]
     mask = ctx.mask
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=bool(mask is None and seq > 1),
-        enable_gqa=cfg.num_kv_heads != cfg.num_heads,
-    )
+    if cfg.attn_softcap is None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=bool(mask is None and seq > 1), scale=cfg.attn_scale,
+            enable_gqa=cfg.num_kv_heads != cfg.num_heads,
+        )
+    else:
+        out = softcapped_attention(q, k, v, mask, cfg.attn_scale or cfg.head_dim ** -0.5, cfg.attn_softcap)
     out = out.transpose(1, 2).reshape(batch, seq, cfg.q_dim)
     return linear(out, p["o_proj"])
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, cap: float) -> torch.Tensor:
+    """Attention whose scores are soft-capped before masking (Gemma 2), softmax in fp32.
+
+    ``q [batch, heads, q_len, head_dim]``, ``k``/``v [batch, kv_heads, kv_len, head_dim]``, ``mask`` as
+    :func:`attention_mask_4d` (None: causal, queries the last ``q_len`` positions).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = softcap((q @ k.transpose(-1, -2)) * scale, cap)
+    if mask is None:
+        mask = attention_mask_4d(q.shape[2], k.shape[2], key_padding=None, documents=None, window=None,
+                                 device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v

@@ -37,10 +37,13 @@ def _softmax_rows(vocab: int, device: torch.device) -> int:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(h_i W^T, t_i)`` with grads for ``h`` (and ``W``) computed chunk by chunk in the forward."""
+    """``sum_i CE(softcap(h_i W^T), t_i)`` with grads for ``h`` (and ``W``) computed chunk by chunk in the forward.
+
+    ``cap``: logits soft-capping ``cap * tanh(z / cap)`` (Gemma 2), or None.
+    """
 
     @staticmethod
-    def forward(hidden, weight, targets, chunk_size, hidden_grad, weight_grad):
+    def forward(hidden, weight, targets, chunk_size, hidden_grad, weight_grad, cap):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_grad = hidden_grad or weight_grad
         grad_hidden = torch.empty_like(hidden) if hidden_grad else None
@@ -57,10 +60,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for r in range(0, len(t), block):
                 rows, tr = logits[r : r + block], t[r : r + block]
                 x = rows.float()
+                if cap is not None:
+                    capped = torch.tanh(x / cap)
+                    x = capped * cap
                 probs = torch.softmax(x, dim=-1)
                 total += (x.amax(-1) - x.gather(1, tr[:, None]).squeeze(1) - probs.amax(-1).log()).sum()
                 if need_grad:
                     probs[torch.arange(len(tr), device=tr.device), tr] -= 1
+                    if cap is not None:  # d softcap(z) / dz = 1 - tanh(z / cap)^2
+                        probs *= 1 - capped * capped
                     rows.copy_(probs)
             if not need_grad:
                 continue
@@ -90,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _gh, _gw):
         if grad_total is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
         # a 0-d fp32 factor keeps the gradient's dtype and rounds once
         dh = grad_hidden * grad_total if ctx.needs_input_grad[0] else None
@@ -103,7 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # the fp32 sum of several chunks: scaled and rounded to the weight's dtype in one pass
                 dw = torch.empty(grad_weight.shape, dtype=ctx.weight_dtype, device=grad_weight.device)
                 torch.mul(grad_weight, grad_total, out=dw)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def _chunk_loss(model: Model, head: Any, hidden: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
@@ -140,7 +148,7 @@ def token_loss_sum(
     if "bias" not in head and linear_kind(head) is None:  # plain, or quantized (frozen) used dequantized
         weight = head["weight"] if is_plain(head["weight"]) else dense_weight(head, hidden.dtype)
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, grad and hidden.requires_grad,
-                                         grad and weight.requires_grad)[0]
+                                         grad and weight.requires_grad, model.config.final_softcap)[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         total = total + checkpoint(_chunk_loss, model, head, hidden[start : start + chunk_size],

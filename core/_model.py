@@ -10,7 +10,7 @@ import torch
 
 from . import _tree
 from ._config import ModelConfig
-from ._decoder import Decoder
+from ._decoder import Decoder, layer_norm_names
 from ._presets import preset
 
 
@@ -107,8 +107,11 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
-        shapes[pre + "input_layernorm.weight"] = (c.hidden_size,)
-        for name, out_dim in (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim)):
+        for name in layer_norm_names(c):
+            shapes[f"{pre}{name}.weight"] = (c.hidden_size,)
+        attn = (("qkv_proj", c.q_dim + 2 * c.kv_dim),) if c.fused_projections else (
+            ("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim))
+        for name, out_dim in attn:
             shapes[f"{pre}self_attn.{name}.weight"] = (out_dim, c.hidden_size)
             if c.qkv_bias:
                 shapes[f"{pre}self_attn.{name}.bias"] = (out_dim,)
@@ -116,12 +119,12 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.o_bias:
             shapes[pre + "self_attn.o_proj.bias"] = (c.hidden_size,)
         if c.qk_norm:
-            shapes[pre + "self_attn.q_norm.weight"] = (c.head_dim,)
-            shapes[pre + "self_attn.k_norm.weight"] = (c.head_dim,)
-        shapes[pre + "post_attention_layernorm.weight"] = (c.hidden_size,)
-        for name, shape in (("gate_proj", (c.intermediate_size, c.hidden_size)),
-                            ("up_proj", (c.intermediate_size, c.hidden_size)),
-                            ("down_proj", (c.hidden_size, c.intermediate_size))):
+            whole = c.qk_norm == "projection"
+            shapes[pre + "self_attn.q_norm.weight"] = (c.q_dim if whole else c.head_dim,)
+            shapes[pre + "self_attn.k_norm.weight"] = (c.kv_dim if whole else c.head_dim,)
+        mlp = (("gate_up_proj", (2 * c.intermediate_size, c.hidden_size)),) if c.fused_projections else (
+            ("gate_proj", (c.intermediate_size, c.hidden_size)), ("up_proj", (c.intermediate_size, c.hidden_size)))
+        for name, shape in (*mlp, ("down_proj", (c.hidden_size, c.intermediate_size))):
             shapes[f"{pre}mlp.{name}.weight"] = shape
             if c.mlp_bias:
                 shapes[f"{pre}mlp.{name}.bias"] = shape[:1]
@@ -136,15 +139,17 @@ def linear_paths(config: ModelConfig) -> list[str]:
 
     ``lm_head`` is listed only when it has its own weight (untied embeddings).
     """
-    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    names = (("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+             if config.fused_projections else
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in names]
     return paths if config.tie_word_embeddings else paths + ["lm_head"]
 
 
 def from_config(config: ModelConfig | Mapping[str, Any] | str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None) -> Model:
-    """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
+    """A randomly initialised model (normal(0, 0.02) weights, unit norm scales, zero biases).
 
     ``config`` is a :class:`ModelConfig`, a config.json-style dict, or a preset
     name from ``ftprog.core.PRESETS`` ("tiny", "cpu-default", "llama-3.2-1b", ...).
@@ -157,7 +162,7 @@ def from_config(config: ModelConfig | Mapping[str, Any] | str, *, seed: int = 0,
     flat = {}
     for name, shape in param_shapes(config).items():
         if name.endswith("norm.weight"):
-            t = torch.ones(shape)
+            t = torch.full(shape, 1.0 - config.norm_offset)
         elif name.endswith(".bias"):
             t = torch.zeros(shape)
         else:

@@ -12,6 +12,8 @@ _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "ro
 _QWEN3 = {"model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
           "max_position_embeddings": 40960, "head_dim": 128, "attention_bias": False, "vocab_size": 151936,
           "bos_token_id": 151643, "eos_token_id": 151645}
+_GEMMA = {"hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "head_dim": 256, "query_pre_attn_scalar": 256,
+          "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 
 
 def _llama32(hidden, layers, heads, inter, tied=True) -> dict[str, Any]:
@@ -55,6 +57,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "intermediate_size": 14336, "vocab_size": 32768, "max_position_embeddings": 32768,
                         "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
                         "bos_token_id": 1, "eos_token_id": 2},
+    "gemma-2-2b": {**_GEMMA, "model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
+                   "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 256000,
+                   "max_position_embeddings": 8192, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                   "final_logit_softcapping": 30.0, "rope_theta": 10000.0},
+    "gemma-3-1b": {**_GEMMA, "model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912,
+                   "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 262144,
+                   "max_position_embeddings": 32768, "sliding_window": 512, "sliding_window_pattern": 6,
+                   "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0},
+    # Phi-4-mini's LongRoPE factors are left out: a preset is a shape (memory plans, benchmarks), not weights
+    "phi-4-mini": {"model_type": "phi3", "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 8192,
+                   "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+                   "max_position_embeddings": 131072, "partial_rotary_factor": 0.75, "rope_theta": 10000.0,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "olmo-2-0425-1b": {"model_type": "olmo2", "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+                       "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+                       "vocab_size": 100352, "max_position_embeddings": 4096, "rope_theta": 500000.0,
+                       "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "smollm3-3b": {"model_type": "smollm3", "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 11008,
+                   "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 128256,
+                   "max_position_embeddings": 65536, "rope_theta": 5000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": True, "no_rope_layer_interval": 4},
 }
 
 

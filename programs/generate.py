@@ -141,7 +141,11 @@ def generate(
     head = model.output_layer()
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
+    history = tokens  # every position so far: LongRoPE recomputes the cache once, past its original context
+    switch = model.config.rope_switch_length
     for _ in range(max_new_tokens):
+        if switch is not None and 0 < cache.length <= switch < cache.length + tokens.shape[1]:
+            cache.length, tokens = 0, history  # as transformers: the short-factor keys are stale from here on
         step_mask = mask[:, : cache.length + tokens.shape[1]] if padded else None
         hidden = model.hidden_states(tokens, attention_mask=step_mask, cache=cache)[:, -1]
         logits = model.logits(hidden, output_layer=head)  # the last position only: no [prompt, vocab] logits
@@ -159,6 +163,8 @@ def generate(
         if done.all():
             break
         tokens = next_ids[:, None]
+        if switch is not None:
+            history = torch.cat([history, tokens], dim=1)
     return outputs
 
 

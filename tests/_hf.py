@@ -9,6 +9,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 
+# the families' defaults (Llama 3's, OLMo's, ...) lie outside the tiny vocabulary
+SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
 # name -> (transformers config class name, config overrides)
 ARCHS = {
     "llama2": ("LlamaConfig", {}),
@@ -20,6 +23,29 @@ ARCHS = {
     "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
     "smollm2": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "smollm3": ("SmolLM3Config", {**SPECIAL_IDS, "num_hidden_layers": 4, "no_rope_layer_interval": 2,
+                                  "attention_bias": True}),
+    "olmo2": ("Olmo2Config", {**SPECIAL_IDS, "num_hidden_layers": 3}),
+    # soft-caps small enough that tanh bends the tiny model's scores and logits
+    "gemma2": ("Gemma2Config", {**SPECIAL_IDS, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 4,
+                                "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3}),
+    "gemma3": ("Gemma3TextConfig", {
+        **SPECIAL_IDS, "head_dim": 32, "num_hidden_layers": 3, "sliding_window": 4, "query_pre_attn_scalar": 32,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    # LongRoPE with an original context of 8: the tests' longer inputs take the long factors, shorter ones the
+    # short factors (and generation crosses from one to the other)
+    "phi3": ("Phi3Config", {**SPECIAL_IDS, "sliding_window": 6, "original_max_position_embeddings": 8,
+                            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                "long_factor": [1.5 + 0.5 * i for i in range(8)]}}),
+    "phi4-mini": ("Phi3Config", {**SPECIAL_IDS, "tie_word_embeddings": True, "partial_rotary_factor": 0.75,
+                                 "original_max_position_embeddings": 8,
+                                 "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.75,
+                                                     "short_factor": [1.0 + 0.2 * i for i in range(6)],
+                                                     "long_factor": [2.0 + 0.3 * i for i in range(6)]}}),
 }
 
 

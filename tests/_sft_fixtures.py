@@ -18,8 +18,14 @@ MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_at
              tie_word_embeddings=True)
 
 
-def build_model_folder(folder: Path, seed: int = 0) -> Path:
-    """A random transformers Llama saved with the ChatML BPE tokenizer of ``_tokfixtures`` (vocab 600 < 640)."""
+# Another family of the same size: ``build_model_folder(folder, family="gemma2")``.
+FAMILIES = {"llama": ("LlamaConfig", {}),
+            "gemma2": ("Gemma2Config", {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16,
+                                        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0})}
+
+
+def build_model_folder(folder: Path, seed: int = 0, family: str = "llama") -> Path:
+    """A random transformers model saved with the ChatML BPE tokenizer of ``_tokfixtures`` (vocab 600 < 640)."""
     import transformers
 
     from _tokfixtures import build_bpe_folder
@@ -28,8 +34,9 @@ def build_model_folder(folder: Path, seed: int = 0) -> Path:
     tok = json.loads((folder / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**MODEL, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                                      bos_token_id=None)
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**MODEL, **extra, eos_token_id=ids["<|im_end|>"],
+                                             pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
     (folder / "generation_config.json").write_text(

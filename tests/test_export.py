@@ -214,7 +214,7 @@ def check_gguf(path, model, dtype, arch):
         assert torch.equal(t, tensor.to(want_dtype)), name
     if rope3:
         base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        torch.testing.assert_close(base / got["rope_freqs.weight"], rope_inv_freq(cfg), rtol=1e-5, atol=0)
+        torch.testing.assert_close(base / got["rope_freqs.weight"], rope_inv_freq(cfg.rotary), rtol=1e-5, atol=0)
     return reader
 
 
@@ -440,7 +440,7 @@ def test_llama3_rope_factors_match_the_forward():
     base = 1.0 / (config.rope_theta ** (torch.arange(0, 128, 2).float() / 128))
     factors = llama3_rope_factors(config)
     assert factors[0] == 1.0 and factors[-1] == 32.0
-    torch.testing.assert_close(base / factors, rope_inv_freq(config), rtol=1e-5, atol=0)
+    torch.testing.assert_close(base / factors, rope_inv_freq(config.rotary), rtol=1e-5, atol=0)
 
 
 def test_gguf_from_a_quantized_checkpoint_is_dequantized(llama, tmp_path):

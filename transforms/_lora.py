@@ -109,6 +109,11 @@ def lora_spec(model: Model) -> LoraSpec | None:
     return next(iter(specs), None)
 
 
+FUSED_PARTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+"""Separate projection name -> the fused projection that holds it (models with ``fused_projections``)."""
+
+
 def resolve_targets(model: Model, targets: str | Sequence[str]) -> list[str]:
     """Module paths selected by ``targets``.
 
@@ -116,9 +121,15 @@ def resolve_targets(model: Model, targets: str | Sequence[str]) -> list[str]:
     path, as PEFT's ``target_modules``), a glob over module paths
     (``"model.layers.1*.mlp.*"``), ``"all-linear"`` (every linear but
     ``lm_head``, as PEFT) or ``"lm_head"``.
+
+    Fused projections (Phi-3/4's ``qkv_proj`` and ``gate_up_proj``) stay fused: a target naming a part
+    (``q_proj``, ``k_proj``, ``v_proj``; ``gate_proj``, ``up_proj``) selects the whole fused projection, which
+    gets one adapter in the checkpoint's layout (as PEFT adapts these models).
     """
     if isinstance(targets, str):
         targets = (targets,)
+    if model.config.fused_projections:
+        targets = tuple(dict.fromkeys(FUSED_PARTS.get(t, t) for t in targets))
     candidates = linear_paths(model.config)
     chosen = []
     for path in candidates:
