@@ -31,6 +31,11 @@ MODEL_CARDS = {
     "qwen3-4b": ("Qwen3-4B", "4.0", "3.6"),
     "qwen3-8b": ("Qwen3-8B", "8.2", "6.95"),
     "mistral-7b-v0.3": ("Mistral-7B-Instruct-v0.3", "7.25", None),
+    "gemma-2-2b": ("gemma-2-2b-it", "2.6", None),
+    "gemma-3-1b": ("gemma-3-1b-it", "1.0", None),
+    "phi-4-mini": ("Phi-4-mini-instruct", "3.8", None),
+    "olmo-2-0425-1b": ("OLMo-2-0425-1B-Instruct", "1.5", None),
+    "smollm3-3b": ("SmolLM3-3B", "3.1", None),
 }
 PRESET_OF = {hub: shape for shape, (hub, _, _) in MODEL_CARDS.items()}
 
@@ -42,7 +47,7 @@ def as_printed(billions: float, printed: str) -> bool:
 
 
 def test_every_program_has_its_configs():
-    assert len(SFT) == 18
+    assert len(SFT) == 23
     assert {program for program, _ in CONFIGS} == {"sft", "eval", "generate", "quantize"}
 
 

@@ -259,7 +259,6 @@ def test_tensorboard_without_the_package_is_a_clear_error(config, monkeypatch):
 
 
 def test_tensorboard_events_file_reads_back(config):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = run_sft(config, "max_steps=3", "log.tensorboard=true")
