@@ -264,3 +264,15 @@ def test_failed_rank_ends_the_job(fault, tmp_path, assets):
     assert time.time() - start < 120
     assert "rank" in stderr.lower() and ("1" in stderr)
     assert list((tmp_path / "out").glob("step_*"))  # the last complete checkpoint is kept for a re-run
+
+
+def test_two_process_run_scores_exact_match_and_merges(tmp_path, assets):
+    """The end of a 2-process LoRA run: exact match before/after (generation on the gathered model, rank 0) and
+    merge_at_end on the consolidated model."""
+    result = run(config(tmp_path, assets), "peft.method=lora", *COMMON, "data.val_fraction=0.25",
+                 "exact_match_samples=2", "max_new_tokens=4", "peft.merge_at_end=true", nproc=2)
+    assert "exact match on 2 held-out samples" in result.stdout, result.stdout
+    summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
+    assert {"exact_match_before", "exact_match_after"} <= summary.keys() and summary["processes"] == 2
+    merged = load_file(tmp_path / "out" / "final" / "merged" / "model.safetensors")
+    assert not any("lora_" in k for k in merged)
