@@ -318,9 +318,12 @@ def test_loss_softmax_block_as_the_loss_takes_it():
 
     config = {**CONFIG, "vocab_size": 32000}
     cpu, cuda = (estimate(config, method="full", dtype="bf16", batch_size=4, seq_len=256, device=d) for d in ("cpu", "cuda"))
-    assert (cpu.softmax_rows, cuda.softmax_rows) == (_loss._softmax_rows(32000, torch.device("cpu")), 524)
-    assert cuda.loss_chunk - cpu.loss_chunk == (524 - 16) * 32000 * 8
-    assert "16 rows at a time" in format_plan(cpu)
+    cpu_rows = _loss._softmax_rows(32000, torch.device("cpu"))
+    chunk = min(cpu.setup.chunk_size, 4 * 256)  # the loss's chunk: a block never holds more rows than it
+    assert cpu.softmax_rows == min(chunk, cpu_rows)
+    assert cuda.softmax_rows == min(chunk, _loss._softmax_rows(32000, torch.device("cuda"))) > cpu.softmax_rows
+    assert cuda.loss_chunk - cpu.loss_chunk == (cuda.softmax_rows - cpu.softmax_rows) * 32000 * 8  # fp32 x + probs
+    assert f"{cpu.softmax_rows} rows at a time" in format_plan(cpu)
 
 
 def test_plan_command_verdict_and_a_bad_target():
