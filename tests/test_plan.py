@@ -198,9 +198,12 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("stack,dtype", [("lora", "bf16"), ("full", "bf16"), ("lora+checkpoint", "fp32"), ("qlora", "bf16"),
-                                         ("full", "fp32"), ("full+bf16state", "bf16")])
-def test_step_peak_matches_live_tensors(stack, dtype):
+# (stack, dtype, relative tolerance): each a little above its measured error (plan / live - 1), which is
+# deterministic: lora -5.5%, full -0.3%, lora+checkpoint -1.8%, qlora -6.1%, full fp32 +1.4%, bf16 state -0.4%.
+@pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.065), ("full", "bf16", 0.01),
+                                             ("lora+checkpoint", "fp32", 0.025), ("qlora", "bf16", 0.07),
+                                             ("full", "fp32", 0.02), ("full+bf16state", "bf16", 0.01)])
+def test_step_peak_matches_live_tensors(stack, dtype, rel):
     """The whole step (value_and_grad, clip, in-place AdamW), as programs/sft.py runs it."""
     config = {**CONFIG, "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8,
               "num_key_value_heads": 4, "vocab_size": 4096, "num_hidden_layers": 4}
@@ -224,7 +227,7 @@ def test_step_peak_matches_live_tensors(stack, dtype):
     method, *rest = stack.split("+")
     p = estimate(config, method=method, dtype=dtype, batch_size=4, seq_len=128, checkpoint="checkpoint" in rest,
                  mask=True, state_dtype=state_dtype)
-    assert p.tensor_peak == pytest.approx(tracker.peak, rel=0.07), (p.peak_phase, p.phases, tracker.peak)
+    assert p.tensor_peak == pytest.approx(tracker.peak, rel=rel), (p.peak_phase, p.phases, tracker.peak)
 
 
 @pytest.mark.parametrize("config", [CONFIG, {**CONFIG, "tie_word_embeddings": True, "attention_bias": True,
