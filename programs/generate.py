@@ -62,16 +62,16 @@ class GenerateConfig:
 CONFIG = GenerateConfig
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids ``[batch]`` from last-position logits ``[batch, vocab]``.
+def next_token_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The fp32 distribution ``[batch, vocab]`` :func:`sample_next` draws from when ``temperature > 0``.
 
-    ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided
-    by the temperature, restricted to the ``top_k`` most likely tokens and to
-    the smallest set whose probability reaches ``top_p``, then sampled.
+    The logits are divided by the temperature, restricted to the ``top_k`` most
+    likely tokens, then to the smallest set whose probability reaches ``top_p``
+    (transformers' order: temperature, top-k, top-p), and renormalised.
     """
     if temperature <= 0:
-        return logits.argmax(-1)
+        raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -82,7 +82,19 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
         drop_sorted = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
         drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids ``[batch]`` from last-position logits ``[batch, vocab]``.
+
+    ``temperature == 0`` is greedy (argmax); otherwise a draw from :func:`next_token_probs`.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def cut_at_stop(text: str, stop: Iterable[str]) -> str:

@@ -49,7 +49,10 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
         assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["utilisation"] > 0
         assert r["peak_memory"] > 0 and len(r["losses"]) == results["settings"]["warmup"] + results["settings"]["steps"]
         if r["case"]["system"] == "ftprog":
-            assert r["plan"]["peak"] > 0 and "plan_error" in r
+            # The quick preset's tiny shape: the plan's fixed CPU runtime overhead (measured on cpu-default) over-
+            # counts it, measured +34% to +44% (sft: +38%, -15% for the approximate packed case); the README's
+            # 10.6% is the cpu-target preset's. Bounded at that measured level: a planner off by more shows here.
+            assert r["plan"]["peak"] > 0 and abs(r["plan_error"]) <= 0.6, (r["label"], r["plan_error"])
             assert r["reuse_freed_memory"] is True  # as sft does on the CPU (this machine's libc is glibc)
         else:
             assert "reuse_freed_memory" not in r
@@ -66,6 +69,8 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
     for r in sft:
         assert 0 < r["trained_tokens"] < r["real_tokens"] <= r["batch_cells"]
         assert r["effective_tokens_per_s"] > 0
+        if r["case"]["system"] == "ftprog":
+            assert abs(r["plan_error"]) <= 0.6, (r["label"], r["plan_error"])  # as the train cases above
     packed = next(r for r in sft if r["case"]["system"] == "ftprog" and r["case"]["setting"] == "best")
     padded = next(r for r in sft if r["case"]["system"] == "ftprog" and r["case"]["setting"] == "default")
     assert packed["trained_tokens"] == padded["trained_tokens"]  # same samples, batched differently

@@ -711,7 +711,7 @@ def test_split_validation(tok, tmp_path):
     rows = [Row({"text": str(i)}, "f", line=i) for i in range(10)]
     rtrain, rval = split_validation(rows, 3, seed=1)
     assert len(rval) == 3 and sorted(r.line for r in rtrain + rval) == list(range(10))
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="cannot hold out 10 of 10 samples for validation and still train"):
         split_validation(rows, 10)
 
     f = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))

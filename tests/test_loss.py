@@ -60,11 +60,15 @@ def test_softmax_in_row_blocks_matches_one_pass(monkeypatch, rows):
         assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
 
 
-def test_softmax_block_sizes():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _loss._softmax_rows(32000, cpu) == 16 and _loss._softmax_rows(128256, cpu) == 4
-    assert _loss._softmax_rows(10**7, cpu) == 1  # a vocabulary wider than the block: one row at a time
-    assert _loss._softmax_rows(128256, cuda) == 130
+@pytest.mark.parametrize("device, block", [("cpu", "_SOFTMAX_BLOCK_CPU"), ("cuda", "_SOFTMAX_BLOCK_CUDA")])
+def test_softmax_block_is_the_most_rows_that_fit_the_block(device, block):
+    """As many ``[rows, vocab]`` fp32 rows as the device's block holds, at least one (a vocabulary wider than it)."""
+    elements = getattr(_loss, block)
+    for vocab in (96, 32000, 128256, 151936, elements - 1, elements, elements + 1, 10 * elements):
+        rows = _loss._softmax_rows(vocab, torch.device(device))
+        assert rows >= 1, vocab
+        assert rows * vocab <= elements or rows == 1, vocab  # fits, unless one row alone is wider
+        assert (rows + 1) * vocab > elements, vocab  # and one more row would not
 
 
 def test_bf16_close_to_fp32_and_no_grad_path():

@@ -1,6 +1,7 @@
 """Functional optimizers, gradient clipping and schedules against torch.optim / transformers."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -373,16 +374,28 @@ def test_load_state_dict_errors():
 
 
 def test_bad_arguments():
-    for bad in (dict(lr=-1e-3), dict(lr=float("nan")), dict(lr=1e-3, betas=(1.0, 0.999)),
-                dict(lr=1e-3, betas=(0.9, -0.1)), dict(lr=1e-3, betas=(0.9,)), dict(lr=1e-3, eps=-1.0),
-                dict(lr=1e-3, weight_decay=-0.1), dict(lr=1e-3, fused="yes")):
-        with pytest.raises(ValueError):
+    for bad, message in [
+        (dict(lr=-1e-3), "lr must be in [0, inf), got -0.001"),
+        (dict(lr=float("nan")), "lr must be in [0, inf), got nan"),
+        (dict(lr=1e-3, betas=(1.0, 0.999)), "betas[0] must be in [0, 1), got 1.0"),
+        (dict(lr=1e-3, betas=(0.9, -0.1)), "betas[1] must be in [0, 1), got -0.1"),
+        (dict(lr=1e-3, betas=(0.9,)), "betas must be a pair (beta1, beta2), got (0.9,)"),
+        (dict(lr=1e-3, eps=-1.0), "eps must be in [0, inf), got -1.0"),
+        (dict(lr=1e-3, weight_decay=-0.1), "weight_decay must be in [0, inf), got -0.1"),
+        (dict(lr=1e-3, fused="yes"), "fused must be None, True or False, got 'yes'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
             adamw(**bad)
-    with pytest.raises(TypeError, match="lr"):
+    with pytest.raises(TypeError, match="lr must be a number, got str"):
         adamw("1e-3")
-    for bad in (dict(lr=-0.1), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, momentum=1.5),
-                dict(lr=0.1, nesterov=True), dict(lr=0.1, weight_decay=-1.0)):
-        with pytest.raises(ValueError):
+    for bad, message in [
+        (dict(lr=-0.1), "lr must be in [0, inf), got -0.1"),
+        (dict(lr=0.1, momentum=-0.5), "momentum must be in [0, 1], got -0.5"),
+        (dict(lr=0.1, momentum=1.5), "momentum must be in [0, 1], got 1.5"),
+        (dict(lr=0.1, nesterov=True), "nesterov=True needs momentum > 0"),
+        (dict(lr=0.1, weight_decay=-1.0), "weight_decay must be in [0, inf), got -1.0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
             sgd(**bad)
     params = make_params()
     opt = adamw(lambda step: -1.0)

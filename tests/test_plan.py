@@ -198,9 +198,12 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("stack,dtype", [("lora", "bf16"), ("full", "bf16"), ("lora+checkpoint", "fp32"), ("qlora", "bf16"),
-                                         ("full", "fp32"), ("full+bf16state", "bf16")])
-def test_step_peak_matches_live_tensors(stack, dtype):
+# (stack, dtype, relative tolerance): each a little above its measured error (plan / live - 1), which is
+# deterministic: lora -5.5%, full -0.3%, lora+checkpoint -1.8%, qlora -6.1%, full fp32 +1.4%, bf16 state -0.4%.
+@pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.065), ("full", "bf16", 0.01),
+                                             ("lora+checkpoint", "fp32", 0.025), ("qlora", "bf16", 0.07),
+                                             ("full", "fp32", 0.02), ("full+bf16state", "bf16", 0.01)])
+def test_step_peak_matches_live_tensors(stack, dtype, rel):
     """The whole step (value_and_grad, clip, in-place AdamW), as programs/sft.py runs it."""
     config = {**CONFIG, "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 8,
               "num_key_value_heads": 4, "vocab_size": 4096, "num_hidden_layers": 4}
@@ -224,7 +227,7 @@ def test_step_peak_matches_live_tensors(stack, dtype):
     method, *rest = stack.split("+")
     p = estimate(config, method=method, dtype=dtype, batch_size=4, seq_len=128, checkpoint="checkpoint" in rest,
                  mask=True, state_dtype=state_dtype)
-    assert p.tensor_peak == pytest.approx(tracker.peak, rel=0.07), (p.peak_phase, p.phases, tracker.peak)
+    assert p.tensor_peak == pytest.approx(tracker.peak, rel=rel), (p.peak_phase, p.phases, tracker.peak)
 
 
 @pytest.mark.parametrize("config", [CONFIG, {**CONFIG, "tie_word_embeddings": True, "attention_bias": True,
@@ -318,9 +321,12 @@ def test_loss_softmax_block_as_the_loss_takes_it():
 
     config = {**CONFIG, "vocab_size": 32000}
     cpu, cuda = (estimate(config, method="full", dtype="bf16", batch_size=4, seq_len=256, device=d) for d in ("cpu", "cuda"))
-    assert (cpu.softmax_rows, cuda.softmax_rows) == (_loss._softmax_rows(32000, torch.device("cpu")), 524)
-    assert cuda.loss_chunk - cpu.loss_chunk == (524 - 16) * 32000 * 8
-    assert "16 rows at a time" in format_plan(cpu)
+    cpu_rows = _loss._softmax_rows(32000, torch.device("cpu"))
+    chunk = min(cpu.setup.chunk_size, 4 * 256)  # the loss's chunk: a block never holds more rows than it
+    assert cpu.softmax_rows == min(chunk, cpu_rows)
+    assert cuda.softmax_rows == min(chunk, _loss._softmax_rows(32000, torch.device("cuda"))) > cpu.softmax_rows
+    assert cuda.loss_chunk - cpu.loss_chunk == (cuda.softmax_rows - cpu.softmax_rows) * 32000 * 8  # fp32 x + probs
+    assert f"{cpu.softmax_rows} rows at a time" in format_plan(cpu)
 
 
 def test_plan_command_verdict_and_a_bad_target():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftprog.core import CheckpointError, flatten, from_config, load_pretrained, perplexity, save_pretrained
+from ftprog.core import CheckpointError, flatten, from_config, is_plain, load_pretrained, perplexity, save_pretrained
 from ftprog.programs.quantize import CONFIG, quantized_model, run
 from ftprog.transforms import (
     is_quantized_checkpoint, load_adapter, load_quantized, lora, merge, quantize, save_adapter,
@@ -199,10 +199,15 @@ def test_output_never_replaces_the_model_or_unasked_folders(folders, tmp_path):
 
 def test_unsupported_shapes_are_listed_or_refused(tmp_path):
     folder = save_pretrained(from_config({**CONFIG_JSON, "intermediate_size": 200}, seed=0), tmp_path / "m")
-    report = run(_cfg({"model_path": folder, "scheme": "nf4", "output_dir": str(tmp_path / "q")}), {})
+    cfg = _cfg({"model_path": folder, "scheme": "nf4", "output_dir": str(tmp_path / "q")})
+    report = run(cfg, {})
     assert report["unquantized_linears"] and all("mlp" in p for p in report["unquantized_linears"])
+    # The reloaded mix of nf4 and float linears computes what the in-memory quantized model computes.
     tokens = torch.tensor([[1, 2, 3]])
-    assert load_quantized(tmp_path / "q")(tokens).shape == (1, 3, 640)
+    loaded, (_, qmodel) = load_quantized(tmp_path / "q"), quantized_model(cfg)
+    assert {p for p, t in flatten(loaded.params).items() if is_plain(t)} == \
+        {p for p, t in flatten(qmodel.params).items() if is_plain(t)}
+    assert torch.equal(loaded(tokens), qmodel(tokens))
     with pytest.raises(ValueError, match="skip_unsupported"):
         run(_cfg({"model_path": folder, "scheme": "nf4", "skip_unsupported": False,
                   "output_dir": str(tmp_path / "q2")}), {})
@@ -212,7 +217,8 @@ def test_quantized_folder_is_refused_by_other_loaders_and_checked_by_ours(folder
     folder, _, _ = folders
     out = tmp_path / "q"
     run(_cfg({"model_path": folder, "scheme": "int4", "output_dir": str(out)}), {})
-    with pytest.raises((FileNotFoundError, CheckpointError)):
+    with pytest.raises(CheckpointError, match=r"an ft-prog quantized checkpoint; load it with "
+                                              r"ftprog\.transforms\.load_quantized\(path\)"):
         load_pretrained(out)
     with pytest.raises(ValueError, match="already quantized"):
         run(_cfg({"model_path": out, "output_dir": str(tmp_path / "again")}), {})
@@ -238,25 +244,44 @@ def test_transformers_refuses_the_quantized_folder(folders, tmp_path):
     folder, _, _ = folders
     out = tmp_path / "q"
     run(_cfg({"model_path": folder, "scheme": "int8", "output_dir": str(out)}), {})
-    with pytest.raises(OSError):
-        transformers.AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # transformers' words: its weights are
+        transformers.AutoModelForCausalLM.from_pretrained(out)           # in no file it reads
 
 
-def test_generate_runs_on_the_loaded_quantized_model(folders, tmp_path):
-    from ftprog.programs.generate import generate
+@pytest.mark.parametrize("scheme, dtype", [("int8", "fp32"), ("nf4", "bf16")])  # (bf16 int8: the float tokens)
+def test_generate_on_the_quantized_folder_equals_the_in_memory_model(folders, tmp_path, scheme, dtype):
+    """Greedy tokens of the folder `run quantize` wrote: those of the model quantized in memory, which differ
+    from the float model's; through generate() and (int8; nf4 on CPU is slow) `run generate` on the folder."""
+    from ftprog.core import load_tokenizer
+    from ftprog.programs import generate as gen
+    from ftprog.programs.config import from_dict
 
-    folder, _, _ = folders
+    # Untied: the tied random model repeats its last token whatever its precision.
+    untied = from_config({**CONFIG_JSON, "tie_word_embeddings": False}, seed=3).replace(source=str(folders[0]))
+    folder = save_pretrained(untied, tmp_path / "untied")
     out = tmp_path / "q"
-    run(_cfg({"model_path": folder, "scheme": "nf4", "dtype": "bf16", "output_dir": str(out)}), {})
+    cfg = _cfg({"model_path": folder, "scheme": scheme, "dtype": dtype, "output_dir": str(out)})
+    run(cfg, {})
+    float_model, qmodel = quantized_model(cfg)
     loaded = load_quantized(out)
-    tokens = [[5, 6, 7, 8]]
-    new = generate(loaded, tokens, max_new_tokens=4)[0]
-    assert len(new) == 4
+    prompts = [[5, 6, 7, 8]]
+    new = gen.generate(loaded, prompts, max_new_tokens=6)
+    assert new == gen.generate(qmodel, prompts, max_new_tokens=6)
+    assert new != gen.generate(float_model, prompts, max_new_tokens=6)  # quantization shows in the tokens
+    if scheme != "int8":
+        return
     # Greedy with the cache equals greedy over the full sequence.
-    seq = torch.tensor(tokens)
-    for token in new:
+    seq = torch.tensor(prompts)
+    for token in new[0]:
         assert loaded(seq)[0, -1].argmax().item() == token
         seq = torch.cat([seq, torch.tensor([[token]])], 1)
+    # The program on the folder (the quantized checkpoint loaded as it is).
+    gcfg = from_dict(gen.CONFIG, {"model": {"path": str(out)}, "prompt": "The quick brown fox",
+                                  "max_new_tokens": 8, "stream": False}, source="test")
+    tokenizer = load_tokenizer(out)
+    ids = gen.encode_prompt(tokenizer, gcfg.prompt, gcfg)
+    expected = gen.generate(qmodel, [ids], max_new_tokens=8, stop_ids=tokenizer.stop_ids)[0]
+    assert gen.run(gcfg) == [tokenizer.decode(expected, skip_special_tokens=True)]
 
 
 def test_cli_demo_config(tmp_path, monkeypatch):

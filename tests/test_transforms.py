@@ -55,16 +55,15 @@ def test_adapter_stacks_match_peft(arch, stack, tmp_path):
         assert rel_err(g, expected[path]) <= 1e-5, path
 
 
-@pytest.mark.parametrize("arch", ["llama2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama2", "qwen3", "llama3.2-tied"])
 def test_full_finetune_grads_match_transformers(arch, tmp_path):
     hf = save_hf(arch, tmp_path)
     model = checkpoint(load_pretrained(tmp_path))
     tokens = torch.randint(0, model.config.vocab_size, (2, 10))
     loss, grads = value_and_grad(loss_fn)(model, tokens)
     causal_lm_loss(hf(tokens).logits, tokens).backward()
-    expected = {n: p.grad for n, p in hf.named_parameters()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    expected = {n: p.grad for n, p in hf.named_parameters()}  # tied: one shared embedding, both uses' gradient
+    assert ("lm_head.weight" in expected) == (not model.config.tie_word_embeddings) == ("lm_head.weight" in grads)
     assert grads.keys() == expected.keys()
     for path, g in grads.items():
         assert rel_err(g, expected[path]) <= 1e-5, path
@@ -135,10 +134,11 @@ def test_cast_bf16_lora(tmp_path):
     loss, grads = value_and_grad(loss_fn)(adapted, tokens)
     ref_loss = causal_lm_loss(ref(tokens).logits, tokens)
     ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
+    # Measured: loss 1.7e-5 relative (6e-6 to 6e-5 over other token draws), gradients at most 1.4e-2.
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
     expected = peft_grads(ref)
     for path, g in grads.items():
-        assert rel_err(g, expected[path]) <= 5e-2, path
+        assert rel_err(g, expected[path]) <= 2e-2, path
 
 
 def test_compile_equals_eager(tmp_path):
