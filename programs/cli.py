@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from importlib.metadata import version as _dist_version
@@ -65,6 +66,9 @@ def _messages(prefix: str = "error", config_exit: int = 2) -> Iterator[None]:
 
         if isinstance(e, (ValueError, OSError, RunError)):
             _say(f"{prefix}: {e}", debug)
+        elif _lost_peer(e):
+            _say(f"{prefix}: lost contact with another process of this run (it failed, was killed or hangs; its own "
+                 f"message, if any, is above): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", debug)
         elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
             _say(f"{prefix}: out of memory ({e}); lower batch_size or seq_len, or set activation_checkpointing=true "
                  "(`ft-prog plan` predicts the peak)", debug)
@@ -72,6 +76,18 @@ def _messages(prefix: str = "error", config_exit: int = 2) -> Iterator[None]:
             _say("ft-prog: unexpected error; this is a bug in ft-prog, please report it with this traceback:", False)
             traceback.print_exc()
         raise typer.Exit(1) from None
+
+
+def _lost_peer(e: Exception) -> bool:
+    """A collective that failed because another rank of a multi-process run is gone or stuck (not a bug here)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "pair closure", "Timed out"))
 
 
 def _say(message: str, with_traceback: bool) -> None:

@@ -273,6 +273,9 @@ def test_failed_rank_ends_the_job(fault, tmp_path, assets):
         assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ", root), stderr[-3000:]
         assert re.search(killed, failures), stderr[-3000:]  # (gloo's own words for the timeout vary)
     assert list((tmp_path / "out").glob("step_*"))  # the last complete checkpoint is kept for a re-run
+    # the surviving rank says what happened in one line, not "a bug in ft-prog" with a traceback
+    assert "rank 0: " in stderr and "lost contact with another process of this run" in stderr, stderr[-3000:]
+    assert "this is a bug in ft-prog" not in stderr
 
 
 def test_two_process_run_scores_exact_match_and_merges(tmp_path, assets):
