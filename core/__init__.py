@@ -18,7 +18,7 @@ from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._perplexity import perplexity, perplexity_windows
 from ._presets import PRESETS, preset
-from ._tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
+from ._tokenizer import CHATML_TEMPLATE, Tokenizer, fold_system, load_tokenizer
 from ._tree import (
     combine, flatten, is_dtensor, is_plain, is_quantized, is_static, matches, partition, select, tree_map, unflatten,
 )
@@ -26,7 +26,7 @@ from ._tree import (
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
     "Decoder", "KVCache", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS", "Prepare",
-    "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "flatten", "from_config", "is_dtensor",
+    "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "flatten", "fold_system", "from_config", "is_dtensor",
     "is_plain", "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths", "load_datasets",
     "load_pretrained", "load_tokenizer", "make_model", "matches", "optim", "param_shapes", "partition", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",

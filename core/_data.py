@@ -70,6 +70,8 @@ from typing import Any, Protocol
 import attrs
 import torch
 
+from ._tokenizer import fold_system
+
 IGNORE_INDEX = -100
 """The target value of positions that are not trained (``cross_entropy(..., ignore_index=-100)``)."""
 
@@ -388,6 +390,8 @@ class Format:
         template: None (or ``"model"``) to use the tokenizer's chat template, ``"chatml"`` for ChatML, or a Jinja
             template string.
         train_on_input: train on every token (prompts too), not only assistant turns.
+        fold_system: put a system message at the start of the first user turn (``system + "\n\n" + user``),
+            for chat templates without a system role (Gemma's).
     """
 
     kind: str = attrs.field(default="auto")
@@ -395,6 +399,7 @@ class Format:
     system_prompt: str | None = None
     template: str | None = None
     train_on_input: bool = False
+    fold_system: bool = False
 
     @kind.validator
     def _check_kind(self, _attribute, value):
@@ -487,7 +492,7 @@ def _messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
         raise _BadRow("every assistant turn is empty")
     if fmt.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": fmt.system_prompt})
-    return messages
+    return _folded(messages) if fmt.fold_system else messages
 
 
 def _instruct_messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
@@ -506,7 +511,15 @@ def _instruct_messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, s
     else:
         user = instruction + "\n\n" + extra
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return _folded(messages) if fmt.fold_system else messages
+
+
+def _folded(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    try:
+        return fold_system(messages)
+    except ValueError as e:
+        raise _BadRow(str(e)) from None
 
 
 def _bounded(text: str, tokenizer: TokenizerLike, seq_len: int) -> str:
@@ -698,6 +711,7 @@ def tokenize_dataset(
     system_prompt: str | None = None,
     template: str | None = None,
     train_on_input: bool = False,
+    fold_system: bool = False,
     skip_bad: bool = False,
     allow_empty: bool = False,
 ) -> TokenizedDataset:
@@ -712,7 +726,7 @@ def tokenize_dataset(
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     rows = list(rows)
     if isinstance(fmt, str):
-        fmt = Format(fmt, columns or {}, system_prompt, template, train_on_input)
+        fmt = Format(fmt, columns or {}, system_prompt, template, train_on_input, fold_system)
     if fmt.kind == "auto":
         fmt = attrs.evolve(fmt, kind=detect_format(rows, fmt.columns))
     if fmt.kind in ("instruct", "chat"):
@@ -783,6 +797,7 @@ class DataConfig:
         template: ``"model"`` (or None / ""): the tokenizer's chat template; ``"chatml"``; or a Jinja template.
         system_prompt: system message for instruct/chat rows that have none ("" for none).
         train_on_input: train on prompts too.
+        fold_system: put system messages at the start of the first user turn (templates without a system role).
         val_path: a separate validation source ("" or None: none).
         val_split: without ``val_path``, the validation split of ``path`` (or of ``val_path``), used when the
             source is a folder or Hub repo that has files for it.
@@ -799,6 +814,7 @@ class DataConfig:
     template: str | None = "model"
     system_prompt: str | None = None
     train_on_input: bool = False
+    fold_system: bool = False
     val_path: str | None = None
     val_split: str | None = "validation"
     val_fraction: float = 0.0
@@ -814,7 +830,7 @@ def format_of(config: Any) -> Format:
         template = None
     return Format(getattr(config, "format", "auto"), getattr(config, "columns", None) or {},
                   getattr(config, "system_prompt", None) or None, template,
-                  bool(getattr(config, "train_on_input", False)))
+                  bool(getattr(config, "train_on_input", False)), bool(getattr(config, "fold_system", False)))
 
 
 def load_datasets(config: Any, tokenizer: TokenizerLike, *, seq_len: int | None = None,

@@ -160,12 +160,29 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **self.special_tokens)
         except Exception as e:  # the template is untrusted code: anything it raises is a template error
+            if messages and messages[0]["role"] == "system" and "system" in str(e).lower():
+                raise ValueError(f"{self.source}: the chat template has no system role ({e}); set fold_system=true "
+                                 "(data.fold_system in sft) to put the system message at the start of the first "
+                                 "user turn, or leave the system message out") from e
             raise ValueError(f"{self.source}: chat template failed: {e}") from e
 
     def _need(self, token_id: int | None, name: str) -> int:
         if token_id is None:
             raise ValueError(f"{self.source} has no {name} token")
         return token_id
+
+
+def fold_system(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with a leading system message moved to the start of the first user turn (``system + "\n\n"
+    + user``), for chat templates without a system role (Gemma's); unchanged without one. ValueError when no user
+    turn follows it."""
+    messages = [dict(m) for m in messages]
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    if len(messages) < 2 or messages[1].get("role") != "user":
+        raise ValueError("fold_system: the system message is not followed by a user turn to fold it into")
+    system, user = messages[0]["content"], messages[1]["content"]
+    return [{**messages[1], "content": f"{system}\n\n{user}" if system else user}, *messages[2:]]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

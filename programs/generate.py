@@ -18,7 +18,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from ..core import KVCache, Model, Tokenizer, as_dtype, load_pretrained, load_tokenizer, read_config
+from ..core import KVCache, Model, Tokenizer, as_dtype, fold_system, load_pretrained, load_tokenizer, read_config
 from .config import in_range
 from .demo_assets import resolve
 from .run_guard import check_output
@@ -37,6 +37,9 @@ class GenerateConfig:
     """Render each prompt as a user message through the model's chat template (with the generation prompt)."""
     system_prompt: str = ""
     """With ``chat``: a system message put first."""
+    fold_system: bool = False
+    """With ``chat``: put the system message at the start of the first user turn (templates without a system
+    role, e.g. Gemma's)."""
     max_new_tokens: int = attrs.field(default=128, validator=in_range(1))
     temperature: float = attrs.field(default=0.0, validator=in_range(0))
     """0: greedy."""
@@ -242,6 +245,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict[str, Any]], cfg:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if cfg.system_prompt and messages[0].get("role") != "system":
             messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        if cfg.fold_system:
+            messages = fold_system(messages)
         return tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
     return tokenizer.encode(prompt, add_bos=tokenizer.add_bos_token and tokenizer.bos_id is not None)
 

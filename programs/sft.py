@@ -156,7 +156,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     d = cfg.data
     data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
                           template=d.template, system_prompt=d.system_prompt or None,
-                          train_on_input=d.train_on_input, val_path=d.val_path or None, val_split=d.val_split,
+                          train_on_input=d.train_on_input, fold_system=d.fold_system, val_path=d.val_path or None,
+                          val_split=d.val_split,
                           val_fraction=d.val_fraction, skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
     train_data, val_data = load_datasets(data_cfg, tokenizer)
     # compiled and packed: every batch one shape (the last one filled up with empty rows), so one compile

@@ -27,6 +27,9 @@ class DataSection:
     """Chat template: the tokenizer's own, or ChatML for models without one."""
     system_prompt: str = ""
     train_on_input: bool = False
+    fold_system: bool = False
+    """Put a system message (the row's or ``system_prompt``) at the start of the first user turn: for chat
+    templates without a system role (Gemma's)."""
     val_path: str = ""
     """Validation data; empty: ``val_split`` of the same source if it has one, else ``val_fraction``."""
     val_split: str = "validation"

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -736,3 +737,36 @@ def test_split_validation(tok, tmp_path):
 def test_format_validation():
     with pytest.raises(DataError, match="unknown data format"):
         Format("sharegpt")
+
+
+# Gemma's chat template in its essentials: no system role (it raises), user/model turns.
+GEMMA_LIKE_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_template_without_a_system_role_says_so_and_folds_on_request(tok, tmp_path):
+    gemma_tok = tok.with_chat_template(GEMMA_LIKE_TEMPLATE)
+    rows = [Row({"instruction": "reverse abc", "output": "cba", "system": "Be brief."}, "g.jsonl", line=1)]
+    with pytest.raises(DataError, match=r"g.jsonl:1: .*the chat template has no system role \(System role not "
+                                        r"supported\); set fold_system=true \(data.fold_system in sft\)"):
+        tokenize_dataset(rows, gemma_tok, "instruct", 64)
+    data = tokenize_dataset(rows, gemma_tok, "instruct", 64, fold_system=True)
+    text = gemma_tok.decode(data[0][0].tolist())
+    assert text.startswith("<start_of_turn>user\nBe brief.\n\nreverse abc<end_of_turn>\n<start_of_turn>model\ncba")
+    chat = [Row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "c", line=1)]
+    folded = tokenize_dataset(chat, gemma_tok, "chat", 64, system_prompt="Sys", fold_system=True)
+    assert gemma_tok.decode(folded[0][0].tolist()).startswith("<start_of_turn>user\nSys\n\nhi<end_of_turn>")
+    with pytest.raises(DataError, match="fold_system: the system message is not followed by a user turn"):
+        tokenize_dataset([Row({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+                              "c", line=1)], gemma_tok, "chat", 64, fold_system=True)
+    # generation's chat prompts follow the same rule
+    from ftprog.programs.generate import GenerateConfig, encode_prompt
+
+    cfg = GenerateConfig(chat=True, system_prompt="Be brief.")
+    with pytest.raises(ValueError, match="the chat template has no system role"):
+        encode_prompt(gemma_tok, "hi", cfg)
+    ids = encode_prompt(gemma_tok, "hi", attrs.evolve(cfg, fold_system=True))
+    assert gemma_tok.decode(ids) == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
