@@ -179,7 +179,7 @@ def build_hf(case: dict[str, Any]):
     if method == "qlora":
         raise RuntimeError("unavailable: QLoRA in transformers needs bitsandbytes 4-bit layers (not installed; "
                            "no CPU kernels)")
-    attn = case.get("attn_implementation", "sdpa")
+    attn = case.get("attn_implementation", _hf_attention(case))
     model = transformers.AutoModelForCausalLM.from_pretrained(case["checkpoint"], dtype=torch_dtype(case["dtype"]),
                                                               attn_implementation=attn).to(case["device"])
     model.config.use_cache = False
@@ -255,6 +255,11 @@ def _import_torchtune() -> None:
 
     for name in ("torchtune.models.llama3", "benchmarks.torchtune_worker"):
         importlib.import_module(name)
+
+
+def _hf_attention(case: dict[str, Any]) -> str:
+    """SDPA where transformers has it; Gemma 2 has only eager attention there (its scores are soft-capped)."""
+    return "eager" if _config(case).get("model_type") == "gemma2" else "sdpa"
 
 
 def _config(case: dict[str, Any]) -> dict[str, Any]:
@@ -597,7 +602,8 @@ def run_generate(case: dict[str, Any]) -> dict[str, Any]:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            case["checkpoint"], dtype=torch_dtype(case["dtype"]), attn_implementation="sdpa").to(device).eval()
+            case["checkpoint"], dtype=torch_dtype(case["dtype"]), attn_implementation=_hf_attention(case)
+        ).to(device).eval()
         ids = torch.tensor([prompt], device=device)
 
         def run(n: int) -> list[int]:

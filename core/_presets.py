@@ -41,6 +41,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-default": {**_LLAMA, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                     "num_key_value_heads": 4, "intermediate_size": 1408, "vocab_size": 32000,
                     "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    # cpu-default's size in Gemma 2's architecture: sliding-window (128) and global layers, both soft-caps
+    "gemma2-cpu": {**_GEMMA, "model_type": "gemma2", "hidden_size": 512, "intermediate_size": 1408,
+                   "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
+                   "query_pre_attn_scalar": 64, "vocab_size": 32000, "max_position_embeddings": 4096,
+                   "sliding_window": 128, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                   "rope_theta": 10000.0},
     "llama-3.2-1b": _llama32(2048, 16, 32, 8192),
     "llama-3.2-3b": _llama32(3072, 28, 24, 8192),
     "llama-3.1-8b": {**_llama32(4096, 32, 32, 14336, tied=False), "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
