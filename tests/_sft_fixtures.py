@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -91,3 +92,34 @@ schedule = "constant"
 progress = false
 """)
     return path
+
+
+# Fixtures the sft test files share (imported by name into each): one intra-op thread, the model folder, the data
+# file and a config over both.
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread in-process (the tests' subprocesses get ``OMP_NUM_THREADS=1``: same count, so their
+    results compare bit for bit); on a shared 2-core machine, OpenMP threads spinning against other jobs made the
+    sft tests 6x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("sft-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("sft-data") / "train.jsonl", reverse_rows(48))
+
+
+@pytest.fixture
+def config(tmp_path, model_dir, train_file):
+    """A small fp32 config file (output_dir = tmp_path/out)."""
+    return write_config(tmp_path / "sft.toml", model_dir, train_file, tmp_path / "out")

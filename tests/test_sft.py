@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _sft_fixtures import build_model_folder, reverse_rows, write_config, write_jsonl
+# config, model_dir, one_thread (autouse), train_file: pytest fixtures shared with the other sft test file
+from _sft_fixtures import config, model_dir, one_thread, reverse_rows, train_file, write_config, write_jsonl  # noqa: F401
 from ftprog.core import DataError, load_pretrained, save_pretrained
 from ftprog.programs import run_state, sft
 from ftprog.programs.cli import CONFIG_DIR, app
@@ -60,33 +61,6 @@ TIMEOUT = 600  # generous: the machine may be shared; the runs themselves take s
 # ------------------------------------------------------------------------------------------------ helpers
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread in-process and in the subprocesses (same count, so their results compare bit for bit):
-    on a shared 2-core machine, OpenMP threads spinning against other jobs made this file 6x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return build_model_folder(tmp_path_factory.mktemp("sft-model") / "model")
-
-
-@pytest.fixture(scope="session")
-def train_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("sft-data") / "train.jsonl", reverse_rows(48))
-
-
-@pytest.fixture
-def config(tmp_path, model_dir, train_file):
-    """A small fp32 config file (output_dir = tmp_path/out)."""
-    return write_config(tmp_path / "sft.toml", model_dir, train_file, tmp_path / "out")
 
 
 def run_sft(config_file: Path, *overrides: str) -> Path:

@@ -18,37 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _sft_fixtures import build_model_folder, reverse_rows, write_config, write_jsonl
+# config, model_dir, one_thread (autouse), train_file: pytest fixtures shared with the other sft test file
+from _sft_fixtures import config, model_dir, one_thread, reverse_rows, train_file, write_config, write_jsonl  # noqa: F401
 from ftprog.programs import run_state, sft
 from ftprog.programs.cli import CONFIG_DIR
 from ftprog.programs.config import load_config
 from ftprog.programs.run_guard import RunError
 
 QUIET = ["log.plot=false"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: steadier on a shared 2-core machine (and the runs are tiny)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_folder(tmp_path_factory.mktemp("surface-model") / "model")
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("surface-data") / "train.jsonl", reverse_rows(48))
-
-
-@pytest.fixture
-def config(tmp_path, model_dir, train_file):
-    return write_config(tmp_path / "sft.toml", model_dir, train_file, tmp_path / "out")
 
 
 def run_sft(config_file: Path, *overrides: str) -> Path:
