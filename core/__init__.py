@@ -13,7 +13,7 @@ from ._data import (
 from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare
 from ._grad import value_and_grad
 from ._linear import dense_weight, is_training, linear, linear_kind, register_linear, set_training
-from ._loss import token_loss_sum
+from ._loss import token_logprobs, token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._perplexity import perplexity, perplexity_windows
@@ -30,7 +30,7 @@ __all__ = [
     "is_plain", "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths", "load_datasets",
     "load_pretrained", "load_tokenizer", "make_model", "matches", "optim", "param_shapes", "partition", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
-    "save_pretrained", "select", "set_training", "split_validation", "token_loss_sum", "tokenize_dataset", "tree_map",
+    "save_pretrained", "select", "set_training", "split_validation", "token_logprobs", "token_loss_sum", "tokenize_dataset", "tree_map",
     "unflatten", "value_and_grad",
 ]
 

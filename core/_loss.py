@@ -36,6 +36,27 @@ def _softmax_rows(vocab: int, device: torch.device) -> int:
     return max(1, (_SOFTMAX_BLOCK_CPU if device.type == "cpu" else _SOFTMAX_BLOCK_CUDA) // vocab)
 
 
+def _block_nll(rows: torch.Tensor, targets: torch.Tensor, cap: float | None, grad: bool) -> torch.Tensor:
+    """``[r]`` fp32 ``-log softmax(softcap(rows))[target]`` of a block of logits ``rows [r, vocab]``; with
+    ``grad``, ``rows`` is overwritten by the gradient of that NLL (``softmax - one_hot``, through the softcap).
+
+    One fp32 softmax pass serves loss and gradient: ``-log p_target = (max - x_target) - log p_max``, where
+    ``p_max >= 1 / vocab`` never underflows.
+    """
+    x = rows.float()
+    if cap is not None:
+        capped = torch.tanh(x / cap)
+        x = capped * cap
+    probs = torch.softmax(x, dim=-1)
+    nll = x.amax(-1) - x.gather(1, targets[:, None]).squeeze(1) - probs.amax(-1).log()
+    if grad:
+        probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+        if cap is not None:  # d softcap(z) / dz = 1 - tanh(z / cap)^2
+            probs *= 1 - capped * capped
+        rows.copy_(probs)
+    return nll
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum_i CE(softcap(h_i W^T), t_i)`` with grads for ``h`` (and ``W``) computed chunk by chunk in the forward.
 
@@ -54,22 +75,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             logits = h @ weight.T
-            # softmax, loss and d(sum CE)/d logits = softmax - one_hot(target), a few rows at a time; the
-            # gradient overwrites the logits it came from. One fp32 softmax pass serves loss and gradient:
-            # -log p_target = (max - x_target) - log p_max, where p_max >= 1 / vocab never underflows.
+            # softmax, loss and d(sum CE)/d logits, a few rows at a time; the gradient overwrites the logits
             for r in range(0, len(t), block):
-                rows, tr = logits[r : r + block], t[r : r + block]
-                x = rows.float()
-                if cap is not None:
-                    capped = torch.tanh(x / cap)
-                    x = capped * cap
-                probs = torch.softmax(x, dim=-1)
-                total += (x.amax(-1) - x.gather(1, tr[:, None]).squeeze(1) - probs.amax(-1).log()).sum()
-                if need_grad:
-                    probs[torch.arange(len(tr), device=tr.device), tr] -= 1
-                    if cap is not None:  # d softcap(z) / dz = 1 - tanh(z / cap)^2
-                        probs *= 1 - capped * capped
-                    rows.copy_(probs)
+                total += _block_nll(logits[r : r + block], t[r : r + block], cap, need_grad).sum()
             if not need_grad:
                 continue
             if hidden_grad:
@@ -114,9 +122,67 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, None
 
 
+class _LinearTokenNLL(torch.autograd.Function):
+    """``[n]`` fp32 ``CE(softcap(h_i W^T), t_i)`` per row, for a frozen ``W``; ``d/dh`` is computed chunk by chunk in
+    the forward (unscaled) and scaled by each row's incoming gradient in the backward."""
+
+    @staticmethod
+    def forward(hidden, weight, targets, chunk_size, hidden_grad, cap):
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden_grad else None
+        block = _softmax_rows(weight.shape[0], hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            logits = h @ weight.T
+            for r in range(0, len(t), block):
+                tr = t[r : r + block]
+                nll[start + r : start + r + len(tr)] = _block_nll(logits[r : r + block], tr, cap, hidden_grad)
+            if hidden_grad:
+                grad_hidden[start : start + chunk_size] = logits @ weight
+        return nll, grad_hidden
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grad_hidden = output
+        if grad_hidden is not None:
+            ctx.mark_non_differentiable(grad_hidden)
+        ctx.save_for_backward(grad_hidden)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_nll, _gh):
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_nll is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        return grad_hidden * grad_nll[:, None].to(grad_hidden.dtype), None, None, None, None, None
+
+
+def _chunk_logprobs(model: Model, head: Any, hidden: torch.Tensor, targets: torch.Tensor,
+                    training: bool) -> torch.Tensor:
+    logits = model.logits(hidden, training=training, output_layer=head).float()
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
 def _chunk_loss(model: Model, head: Any, hidden: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
     logits = model.logits(hidden, training=training, output_layer=head).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _target_rows(model: Model, tokens, targets, attention_mask, position_ids, training):
+    """``(hidden [n, hidden], target ids [n], keep [batch * seq] bool)`` of the positions with a target."""
+    hidden = model.hidden_states(tokens, attention_mask=attention_mask, position_ids=position_ids,
+                                 training=training)
+    keep = targets.reshape(-1) != IGNORE
+    return hidden.reshape(-1, hidden.shape[-1])[keep], targets.reshape(-1)[keep], keep
+
+
+def _fusable_weight(head: Any, dtype: torch.dtype) -> torch.Tensor | None:
+    """The output layer's weight when the fused losses can use it: plain, or quantized (frozen) used
+    dequantized; None for an adapted layer or one with a bias (those go through ``Model.logits``)."""
+    if "bias" in head or linear_kind(head) is not None:
+        return None
+    return head["weight"] if is_plain(head["weight"]) else dense_weight(head, dtype)
 
 
 def token_loss_sum(
@@ -138,15 +204,11 @@ def token_loss_sum(
 
     Divide by the number of targets (over all micro-batches of a step) for the mean.
     """
-    hidden = model.hidden_states(tokens, attention_mask=attention_mask, position_ids=position_ids,
-                                 training=training)
-    keep = targets.reshape(-1) != IGNORE
-    hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
-    targets = targets.reshape(-1)[keep]
+    hidden, targets, _ = _target_rows(model, tokens, targets, attention_mask, position_ids, training)
     head = model.output_layer()
     grad = torch.is_grad_enabled()
-    if "bias" not in head and linear_kind(head) is None:  # plain, or quantized (frozen) used dequantized
-        weight = head["weight"] if is_plain(head["weight"]) else dense_weight(head, hidden.dtype)
+    weight = _fusable_weight(head, hidden.dtype)
+    if weight is not None:
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, grad and hidden.requires_grad,
                                          grad and weight.requires_grad, model.config.final_softcap)[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -154,3 +216,37 @@ def token_loss_sum(
         total = total + checkpoint(_chunk_loss, model, head, hidden[start : start + chunk_size],
                                    targets[start : start + chunk_size], training, use_reentrant=False)
     return total
+
+
+def token_logprobs(
+    model: Model,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    training: bool = True,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``[batch, seq]`` fp32 ``log p(targets)`` at positions whose target is not ``-100`` (0 elsewhere).
+
+    Same arguments as :func:`token_loss_sum`, and the same memory bound: only target positions go through the
+    output layer, ``chunk_size`` at a time, so full-vocabulary fp32 logits never exist for the whole batch. Sum
+    a row for a sequence's log-probability (preference losses). With a frozen output layer (LoRA, or no grad)
+    the gradient for the hidden states is taken in the same pass; a trainable one recomputes each chunk in the
+    backward.
+    """
+    hidden, ids, keep = _target_rows(model, tokens, targets, attention_mask, position_ids, training)
+    head = model.output_layer()
+    weight = _fusable_weight(head, hidden.dtype)
+    if weight is not None and not (torch.is_grad_enabled() and weight.requires_grad):
+        nll = _LinearTokenNLL.apply(hidden, weight, ids, chunk_size, torch.is_grad_enabled() and hidden.requires_grad,
+                                    model.config.final_softcap)[0]
+        picked = -nll
+    else:
+        parts = [checkpoint(_chunk_logprobs, model, head, hidden[start : start + chunk_size],
+                            ids[start : start + chunk_size], training, use_reentrant=False)
+                 for start in range(0, hidden.shape[0], chunk_size)]
+        picked = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_scatter(keep, picked)
+    return out.view(targets.shape)

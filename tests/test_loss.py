@@ -1,10 +1,11 @@
 """Chunked, masked cross-entropy against the plain full-logits computation."""
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ftprog.core import _loss, from_config, preset, token_loss_sum, value_and_grad
+from ftprog.core import _loss, from_config, preset, token_logprobs, token_loss_sum, value_and_grad
 from ftprog.transforms import cast, lora
 
 
@@ -129,3 +130,50 @@ def test_second_backward_through_the_same_loss_fails_loudly():
     assert (grad - ref).norm() <= 1e-5 * ref.norm()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, weight)
+
+
+def reference_logprobs(model, tokens, targets):
+    logits = model(tokens, training=True).float().log_softmax(-1)
+    picked = logits.gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    return torch.where(targets != -100, picked, torch.zeros(()))
+
+
+def weighted(fn):
+    """A loss that weights each sequence's summed log-prob differently (as preference losses do)."""
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    return lambda m, a, b: (fn(m, a, b).sum(-1) * weights).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1024])
+@pytest.mark.parametrize("tied,method", [(False, "full"), (True, "full"), (False, "lora"), (True, "lora"),
+                                         (False, "lora-lm_head"), (False, "softcap")])
+def test_token_logprobs_match_full_logits_values_and_grads(tied, method, chunk_size):
+    config = from_config({**preset("tiny"), "tie_word_embeddings": tied}).config
+    if method == "softcap":  # Gemma 2's final-logit soft-capping, on the tiny shape
+        config = attrs.evolve(config, final_softcap=3.0)
+    model = from_config(config, seed=1)
+    if method in ("lora", "softcap"):
+        model = perturb(lora(model, rank=4, alpha=8, targets="all-linear"))
+    if method == "lora-lm_head":
+        model = perturb(lora(model, rank=4, alpha=8, targets=["q_proj", "lm_head"]))
+    tokens, targets = batch(model.config.vocab_size)
+    ref = reference_logprobs(model, tokens, targets)
+    got = token_logprobs(model, tokens, targets, chunk_size=chunk_size)
+    assert got.shape == targets.shape and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0) and bool((got[targets == -100] == 0).all())
+    ref_loss, ref_grads = value_and_grad(weighted(reference_logprobs))(model, tokens, targets)
+    loss, grads = value_and_grad(weighted(lambda m, a, b: token_logprobs(m, a, b, chunk_size=chunk_size)))(
+        model, tokens, targets)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    for path, g in grads.items():
+        assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
+
+
+def test_token_logprobs_without_grad_and_without_targets():
+    model = lora(from_config("tiny", seed=2), rank=4, alpha=8)
+    tokens, targets = batch(model.config.vocab_size)
+    with torch.no_grad():
+        got = token_logprobs(model, tokens, targets, training=False)
+    assert torch.allclose(got, reference_logprobs(model, tokens, targets), atol=1e-5)
+    empty = torch.full_like(targets, -100)
+    assert not token_logprobs(model, tokens, empty).any()
