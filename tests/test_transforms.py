@@ -5,7 +5,7 @@ import torch
 
 from _hf import save_hf
 from _oracle import causal_lm_loss, peft_grads, peft_reference
-from ftprog.core import flatten, load_pretrained, value_and_grad
+from ftprog.core import flatten, from_config, load_pretrained, preset, value_and_grad
 from ftprog.transforms import cast, checkpoint, compile, freeze, has_adapters, lora, lora_spec, merge, trainable
 
 
@@ -198,3 +198,27 @@ def test_checkpoint_lowers_activation_memory(tmp_path):
     every_other = saved_activation_bytes(checkpoint(model, every=2), tokens)
     assert every_layer < every_other < plain
     assert every_layer < 0.5 * plain
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_without_adapters_is_the_base_model_sharing_every_tensor(method):
+    from ftprog.transforms import quantize, without_adapters
+
+    base = from_config({**preset("tiny"), "hidden_size": 128, "intermediate_size": 256}, seed=3)
+    if method == "qlora":  # (k/v projections are too small for NF4's blocks: left in float)
+        with pytest.warns(UserWarning, match="left unquantized"):
+            base = quantize(base, "nf4", skip_unsupported=True)
+    adapted = checkpoint(lora(base, rank=4, alpha=8, targets="all-linear", dora=method == "dora"))
+    # trained adapters: the view must ignore them, not merely start equal
+    adapted = adapted.with_params({p: t + 0.1 for p, t in adapted.trainable_params().items()})
+    reference = without_adapters(adapted)
+    tokens = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reference(tokens), base(tokens))
+        assert not torch.equal(adapted(tokens), base(tokens))
+    assert reference.trainable == frozenset()
+    base_leaves, ref_leaves = flatten(base.params), flatten(reference.params)
+    assert set(ref_leaves) == set(base_leaves)
+    assert all(ref_leaves[p] is base_leaves[p] for p in base_leaves)  # shared, not copied
+    with pytest.raises(ValueError, match="no adapters"):
+        without_adapters(base)

@@ -10,7 +10,7 @@ shared. Beside them, the file formats of what they make: PEFT adapter folders
 
 from ._adapter_io import load_adapter, save_adapter
 from ._base import COMMUTES, ORDER, ORDER_TEXT, check_order
-from ._lora import LoraSpec, adapted_paths, has_adapters, lora, lora_spec, merge, resolve_targets
+from ._lora import LoraSpec, adapted_paths, has_adapters, lora, lora_spec, merge, resolve_targets, without_adapters
 from ._quantize import SCHEMES, param_bytes, quantize
 from ._quantized_io import is_quantized_checkpoint, load_quantized, save_quantized
 from ._runtime import Compiled, cast, checkpoint, compile, uncompile
@@ -24,5 +24,5 @@ __all__ = [
     "COMMUTES", "ORDER", "ORDER_TEXT", "SCHEMES", "Compiled", "LoraSpec", "adapted_paths", "cast", "check_order",
     "checkpoint", "compile", "freeze", "has_adapters", "is_quantized_checkpoint", "load_adapter", "load_quantized",
     "lora", "lora_spec", "merge", "param_bytes", "quantize", "resolve_targets", "save_adapter", "save_quantized",
-    "shard", "trainable", "uncompile", "unshard",
+    "shard", "trainable", "uncompile", "unshard", "without_adapters",
 ]

@@ -195,6 +195,20 @@ def lora(model: Model, *, rank: int, alpha: float, dropout: float = 0.0,
     return record(model, "lora", params=unflatten(flat), trainable=frozenset(new))
 
 
+def without_adapters(model: Model) -> Model:
+    """The base model under the adapters, as a view: every adapter leaf left out, every other tensor shared.
+
+    Its logits are those of the model before ``lora`` (DoRA: before its magnitudes too), whatever the adapters
+    learned since: the reference model of preference tuning at no extra weight memory. Forward wrappers
+    (checkpoint, shard, compile) stay; nothing is trainable. ValueError when the model has no adapters.
+    """
+    leaves = adapter_leaves(model)
+    if not leaves:
+        raise ValueError("without_adapters: the model has no adapters (full fine-tuning needs a frozen copy)")
+    kept = {p: t for p, t in flatten(model.params).items() if p not in leaves}
+    return model.replace(params=unflatten(kept), trainable=frozenset())
+
+
 def merge(model: Model, dtype: torch.dtype | None = None) -> Model:
     """Fold the adapters into the base weights: a plain model with the same logits.
 
