@@ -33,8 +33,8 @@ import tomli_w
 from ..core import ConfigError
 
 __all__ = [
-    "BuiltinConfig", "ConfigError", "builtin_configs", "deep_merge", "from_dict", "in_range", "load_config",
-    "parse_overrides", "to_dict", "to_toml",
+    "BuiltinConfig", "ConfigError", "TOML_KEY", "builtin_configs", "deep_merge", "from_dict", "in_range",
+    "load_config", "parse_overrides", "to_dict", "to_toml", "toml_key",
 ]
 
 EXTENDS_KEY = "extends"
@@ -68,6 +68,16 @@ def in_range(low: float | None = None, high: float | None = None, *, low_open: b
     return check
 
 
+TOML_KEY = "toml_key"
+"""``attrs.field(metadata={TOML_KEY: "lambda"})``: the TOML key of a field whose name cannot be it (a Python
+keyword such as ``lambda``)."""
+
+
+def toml_key(field: Any) -> str:
+    """The key of an attrs field in TOML and overrides: its ``TOML_KEY`` metadata, else its name."""
+    return field.metadata.get(TOML_KEY, field.name)
+
+
 # --------------------------------------------------------------------------------------------------
 # dict -> attrs
 
@@ -96,16 +106,16 @@ class _Parser:
             raise self.fail(prefix, f"invalid value for {label} {{where}}: expected a table of "
                                     f"{cls.__name__} keys, got {_show(data)}")
         hints = _type_hints(cls)
-        fields = {f.name: f for f in attrs.fields(cls) if f.init}
+        fields = {toml_key(f): f for f in attrs.fields(cls) if f.init}
         kwargs = {}
         for name, value in data.items():
             key = _join(prefix, str(name))
             if name not in fields:
                 raise self.unknown_key(key, prefix, str(name), fields)
             field = fields[name]
-            kwargs[field.alias or name] = self.convert(hints.get(name, field.type), value, key)
+            kwargs[field.alias or field.name] = self.convert(hints.get(field.name, field.type), value, key)
         for name, field in fields.items():
-            if field.default is attrs.NOTHING and (field.alias or name) not in kwargs:
+            if field.default is attrs.NOTHING and (field.alias or field.name) not in kwargs:
                 raise self.fail(_join(prefix, name), f"missing required key '{_join(prefix, name)}' {{where}}")
         try:
             return cls(**kwargs)
@@ -279,7 +289,7 @@ def _join(prefix: str, name: str) -> str:
 def to_dict(config: Any) -> Any:
     """The config as plain nested dicts/lists/scalars (tuples become lists, paths strings), keyed like the TOML."""
     if attrs.has(type(config)):
-        return {f.name: to_dict(getattr(config, f.name)) for f in attrs.fields(type(config)) if f.init}
+        return {toml_key(f): to_dict(getattr(config, f.name)) for f in attrs.fields(type(config)) if f.init}
     if isinstance(config, Mapping):
         return {str(k): to_dict(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):

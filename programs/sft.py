@@ -18,9 +18,6 @@ at the end of the step and exit (code 130, 143, 138).
 from __future__ import annotations
 
 import math
-import shutil
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,68 +25,19 @@ from typing import Any
 import attrs
 import torch
 
-from ..core import (
-    Model, as_dtype, load_pretrained, load_tokenizer, optim, read_config, reuse_freed_memory, token_loss_sum,
-    value_and_grad,
-)
-from ..core._checkpoint import recover_interrupted_swaps
+from ..core import Model, load_tokenizer, optim, read_config, token_loss_sum, value_and_grad
 from ..core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
-from ..transforms import checkpoint, compile, lora, merge, quantize, shard, trainable
 from . import distributed, run_guard, run_state
 from .config import to_toml
 from .demo_assets import resolve
 from .generate import generate
 from .metrics import MetricsLog, plot_losses
 from .sft_config import SFTConfig
+from .training import (
+    apply_gradients, build_model, build_optimizer, plan_start, save_final, save_or_stop, setup_process,
+)
 
 CONFIG = SFTConfig
-
-
-def build_model(cfg: SFTConfig, device: torch.device, mesh: Any = None) -> tuple[Model, Model]:
-    """``(base, model)``: the loaded (and for QLoRA quantized) base, and the model to train.
-
-    Transform order: quantize -> lora -> checkpoint -> shard (over ``mesh``, several processes) -> compile.
-    """
-    base = load_pretrained(resolve(cfg.model.path), dtype=as_dtype(cfg.dtype), device=device)
-    method = cfg.peft.method
-    if method == "qlora":
-        base = quantize(base, "nf4")
-    if method == "none":
-        model = trainable(base)
-    else:
-        model = lora(base, rank=cfg.peft.rank, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
-                     targets=tuple(cfg.peft.targets), dora=method == "dora", rslora=cfg.peft.rslora, seed=cfg.seed)
-    if cfg.activation_checkpointing:
-        model = checkpoint(model)
-    if mesh is not None:
-        model = shard(model, mesh)
-    if cfg.compile:
-        model = compile(model)
-    return base, model
-
-
-def build_optimizer(cfg: SFTConfig, total_steps: int, say=print) -> Any:
-    """The optimizer and schedule of ``cfg``; a warmup longer than the run is cut to it (``say`` notes it)."""
-    o = cfg.optimizer
-    warmup = min(o.warmup_steps, total_steps)
-    if warmup < o.warmup_steps:
-        say(f"note: optimizer.warmup_steps={o.warmup_steps} is longer than the run ({total_steps} steps); warming "
-            f"up over all {total_steps} steps instead", flush=True)
-    schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, warmup)
-    if o.name == "sgd":
-        return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay, state_dtype=o.state_dtype)
-    return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                       state_dtype=o.state_dtype)
-
-
-def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, torch.Tensor]:
-    """``(grads clipped to global norm max_norm (0: not clipped), their global norm before clipping)``.
-
-    The grads are scaled in place: they are this step's own tensors from ``value_and_grad``.
-    """
-    if max_norm > 0:
-        return optim.clip_by_global_norm(grads, max_norm, inplace=True)
-    return grads, torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads.values()]))
 
 
 def step_loss(model: Model, batches: list, num_targets: int) -> torch.Tensor:
@@ -141,13 +89,7 @@ def run(cfg: SFTConfig, resolved: dict[str, Any]) -> Path:
 
 def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo) -> Path:
     out = Path(cfg.output_dir)
-    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed + dist.rank)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cpu":  # the next step reuses what this one frees, as CUDA's caching allocator does
-        reuse_freed_memory()
-    say = print if dist.is_main else (lambda *args, **kwargs: None)
+    device, say = setup_process(cfg, dist)
 
     # 1. Data first: a bad file fails before any weights load.
     model_path = resolve(cfg.model.path)
@@ -172,13 +114,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     # 2. Where to continue, decided before anything is loaded or deleted: the newest intact checkpoint, whose
     # settings and data must be this run's (resume=false: none; the earlier run's checkpoints go in step 4).
     fingerprint = run_guard.data_fingerprint(train_data)
-    earlier = [] if cfg.resume else run_state.checkpoints(out)
-    point = run_state.ResumePoint()
-    if cfg.resume:
-        point = run_state.find_resume_point(out, run_guard.flat_config(resolved), fingerprint, RESUME_RULES,
-                                            cfg.resume_allow_changes, total_steps)
-    for replaced in [out / "final", *earlier]:  # never a folder this run replaces or removes
-        run_guard.check_output(replaced, sources=[model_path, data_cfg.path, data_cfg.val_path], overwrite=True)
+    start = plan_start(cfg, resolved, fingerprint, RESUME_RULES, total_steps,
+                       sources=[model_path, data_cfg.path, data_cfg.val_path])
 
     # 3. Model and transforms; optimizer over the trainable leaves.
     base, model = build_model(cfg, device, dist.mesh)
@@ -188,32 +125,10 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
 
     # 4. Only now is anything removed: what interrupted saves left, damaged checkpoints, with resume=false the
     # earlier run's checkpoints (else they would outrank this run's).
-    distributed.barrier()
-    if dist.is_main:
-        for done in recover_interrupted_swaps(out, ["final"]):
-            say(done, flush=True)
-        for partial in run_state.remove_partial(out):
-            say(f"removed {partial.name}: an incomplete checkpoint of an interrupted save", flush=True)
-        for folder, why in point.damaged:
-            say(f"{why}: removing the damaged checkpoint {folder.name}; resuming from {point.checkpoint.name}",
-                flush=True)
-            shutil.rmtree(folder)
-        if earlier:
-            say(f"resume=false: removing the earlier run's checkpoints {', '.join(p.name for p in earlier)}",
-                flush=True)
-            for old in earlier:
-                shutil.rmtree(old)
-    distributed.barrier()
+    start.clear(dist, say)
 
     # 5. Resume (same command; the changes the rules accept are printed and recorded).
-    state = {"step": 0, "tokens": 0, "loader": loader.state_dict(), "extra": {}}
-    if point.checkpoint is not None:
-        model, opt_state, state = run_state.restore(point.checkpoint, model, base, opt, opt_state)
-        loader.load_state_dict(state["loader"])
-        state["extra"].setdefault("config_changes", []).extend(attrs.asdict(c) for c in point.changes)
-        say(f"resumed from {point.checkpoint} (step {state['step']})", flush=True)
-        if point.changes:
-            say("changed settings: " + "; ".join(c.describe() for c in point.changes), flush=True)
+    model, opt_state, state = start.restore(model, base, opt, opt_state, loader, say)
     state["data_fingerprint"] = fingerprint
     log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
                      tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
@@ -244,16 +159,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                 loss = loss + part.cpu()
                 grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
             loss = distributed.all_sum(loss)  # each rank holds its share of the global mean
-            grads, grad_norm = clip_gradients(grads, cfg.optimizer.max_grad_norm)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                last = run_state.checkpoints(out)
-                raise run_guard.RunError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at "
-                                         f"step {step + 1}; stopped before updating. Last good checkpoint: "
-                                         f"{last[-1] if last else 'none'} (lower optimizer.lr?)")
-            lr = opt.lr_at(opt_state.count)
-            # in place: the program owns these tensors, and a functional copy would cost params-sized memory
-            params, opt_state = opt.update(grads, opt_state, model.trainable_params(), inplace=True)
-            model = model.with_params(params)
+            model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
+                                                              cfg.optimizer.max_grad_norm, step, out)
             step += 1
             state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
                          loader=loader.state_dict())
@@ -264,16 +171,7 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                 log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})
-            stop = run_guard.agreed_stop(stop_request) if step < total_steps else 0
-            due = clock.due() or bool(cfg.save_every and step % cfg.save_every == 0)
-            if due and step < total_steps or stop:
-                where = save(step)
-                clock.saved()
-            if stop:
-                log.close()
-                say(f"\ninterrupted ({signal.Signals(stop).name}): saved {where} (step {step}); run the same "
-                    "command to resume", file=sys.stderr)
-                raise SystemExit(run_guard.exit_code(stop))
+            save_or_stop(cfg, step, total_steps, stop_request, clock, save, log, say)
 
     # 7. Final evaluation and outputs (rank 0, on the gathered model).
     model = run_state.consolidate(model)
@@ -303,19 +201,6 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
 def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:
     return DataLoader(val_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, shuffle=False,
                       fixed_shape=cfg.packing and cfg.compile)
-
-
-def save_final(cfg: SFTConfig, out: Path, model: Model, state: dict, resolved: dict) -> Path:
-    """``out/final``: the HF model (full) or the PEFT adapter (+ ``merged/`` when asked)."""
-    final = out / "final"
-    run_state.save_model(model, final)
-    changes = run_guard.changes_header(state["extra"].get("config_changes", []))
-    (final / "ft-prog-config.toml").write_text(changes + to_toml(resolved))
-    if cfg.peft.method != "none" and cfg.peft.merge_at_end:
-        from ..core import save_pretrained
-
-        save_pretrained(merge(model), final / "merged")
-    return final
 
 
 def _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id) -> None:

@@ -16,17 +16,17 @@ class ModelSection:
 
 
 @attrs.frozen
-class DataSection:
+class DataSourceSection:
+    """Where the data comes from and how rows become token ids; each program adds its ``format``."""
+
     path: str = ""
     """A local file or folder (json, jsonl, csv, parquet, txt), a Hub dataset repo id, or ``builtin:demo-data``."""
-    format: Literal["instruct", "chat", "text"] = "instruct"
     split: str = "train"
     columns: dict[str, str] = attrs.field(factory=dict)
     """Column mapping, e.g. ``{instruction = "prompt", output = "completion"}``."""
     template: Literal["model", "chatml"] = "model"
     """Chat template: the tokenizer's own, or ChatML for models without one."""
     system_prompt: str = ""
-    train_on_input: bool = False
     fold_system: bool = False
     """Put a system message (the row's or ``system_prompt``) at the start of the first user turn: for chat
     templates without a system role (Gemma's)."""
@@ -35,6 +35,12 @@ class DataSection:
     val_split: str = "validation"
     val_fraction: float = attrs.field(default=0.0, validator=in_range(0))
     skip_bad: bool = False
+
+
+@attrs.frozen
+class DataSection(DataSourceSection):
+    format: Literal["instruct", "chat", "text"] = "instruct"
+    train_on_input: bool = False
 
 
 @attrs.frozen
@@ -79,9 +85,11 @@ class LogSection:
 
 
 @attrs.frozen
-class SFTConfig:
+class TrainingConfig:
+    """What every training program's config has: the model and its transforms, the optimizer, the run's length,
+    checkpoints and resume, logging."""
+
     model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
     peft: PeftSection = PeftSection()
     optimizer: OptimizerSection = OptimizerSection()
     log: LogSection = LogSection()
@@ -93,8 +101,6 @@ class SFTConfig:
     max_steps: int = attrs.field(default=0, validator=in_range(0))
     """Stop after this many optimizer steps (0: run ``epochs`` epochs)."""
     epochs: int = attrs.field(default=1, validator=in_range(1))
-    packing: bool = True
-    """Pack samples into rows of ``seq_len`` (document masks keep them apart): no compute spent on padding."""
     activation_checkpointing: bool = False
     compile: bool = False
     threads: int = attrs.field(default=0, validator=in_range(0))
@@ -113,7 +119,14 @@ class SFTConfig:
     """Settings (dotted keys or globs, e.g. ``["optimizer.lr"]``) allowed to differ from the checkpoint's on
     resume, on purpose; the change is recorded in summary.json and final/ft-prog-config.toml."""
     eval_every: int = attrs.field(default=0, validator=in_range(0))
-    """Validation loss every N steps (0: only at the end, if there is validation data)."""
+    """Validation metrics every N steps (0: only at the end, if there is validation data)."""
+    max_new_tokens: int = attrs.field(default=32, validator=in_range(1))
+
+
+@attrs.frozen
+class SFTConfig(TrainingConfig):
+    data: DataSection = DataSection()
+    packing: bool = True
+    """Pack samples into rows of ``seq_len`` (document masks keep them apart): no compute spent on padding."""
     exact_match_samples: int = attrs.field(default=0, validator=in_range(0))
     """Score greedy answers on this many validation samples before and after training (instruct/chat)."""
-    max_new_tokens: int = attrs.field(default=32, validator=in_range(1))

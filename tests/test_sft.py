@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 # config, model_dir, one_thread (autouse), train_file: pytest fixtures shared with the other sft test file
 from _sft_fixtures import config, model_dir, one_thread, reverse_rows, train_file, write_config, write_jsonl  # noqa: F401
 from ftprog.core import DataError, load_pretrained, save_pretrained
-from ftprog.programs import run_state, sft
+from ftprog.programs import run_state, sft, training
 from ftprog.programs.cli import CONFIG_DIR, app
 from ftprog.programs.config import load_config
 from ftprog.programs.run_guard import RunError
@@ -146,7 +146,7 @@ def test_method_trains_and_final_loads(method, config, model_dir, tmp_path, monk
     import transformers
     out = tmp_path / "out"
     reuse_calls = []
-    monkeypatch.setattr(sft, "reuse_freed_memory", lambda: reuse_calls.append(1) or True)
+    monkeypatch.setattr(training, "reuse_freed_memory", lambda: reuse_calls.append(1) or True)
     final = run_sft(config, f"peft.method={method}", "max_steps=8", *METHODS[method])
     assert final == out / "final"
     assert reuse_calls == [1]  # on the CPU, freed host memory is kept for the next step
@@ -307,7 +307,7 @@ def test_compiled_packed_run_sees_one_batch_shape(config, model_dir, train_file,
 
         return model.replace(forward=Compiled(model.forward, forward))
 
-    monkeypatch.setattr(sft, "compile", recording_compile)
+    monkeypatch.setattr(training, "compile", recording_compile)
     steps = -(-rows // batch)  # one epoch, the last batch included
     run_sft(config, "compile=true", "packing=true", f"batch_size={batch}", f"max_steps={steps}", "log.plot=false")
     assert len(shapes) == steps and set(shapes) == {(batch, 64)}
@@ -322,7 +322,7 @@ def forbid_model_load(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("load_pretrained called before the inputs were checked")
 
-    monkeypatch.setattr(sft, "load_pretrained", refuse)
+    monkeypatch.setattr(training, "load_pretrained", refuse)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 # config, model_dir, one_thread (autouse), train_file: pytest fixtures shared with the other sft test file
 from _sft_fixtures import config, model_dir, one_thread, reverse_rows, train_file, write_config, write_jsonl  # noqa: F401
-from ftprog.programs import run_state, sft
+from ftprog.programs import run_state, sft, training
 from ftprog.programs.cli import CONFIG_DIR
 from ftprog.programs.config import load_config
 from ftprog.programs.run_guard import RunError
@@ -183,8 +183,8 @@ def test_epochs_set_the_number_of_steps(epochs, grad_accum, config, model_dir, t
 def test_activation_checkpointing_gives_the_same_losses(config, tmp_path, monkeypatch):
     """With LoRA dropout on, so the recomputed forward must redraw the same masks."""
     calls = []
-    real = sft.checkpoint
-    monkeypatch.setattr(sft, "checkpoint", lambda model: calls.append(1) or real(model))
+    real = training.checkpoint
+    monkeypatch.setattr(training, "checkpoint", lambda model: calls.append(1) or real(model))
     common = ["max_steps=4", "peft.method=lora", "peft.dropout=0.1", "optimizer.lr=1e-2"]
     plain = run_sft(config, *common, f"output_dir={tmp_path / 'a'}")
     assert calls == []
