@@ -31,6 +31,7 @@ app = typer.Typer(
 # Each program's built-in configs are the TOML files in programs/configs/NAME/.
 PROGRAMS: dict[str, tuple[str, str]] = {
     "sft": ("ftprog.programs.sft", "supervised fine-tuning: full, LoRA, DoRA, QLoRA"),
+    "dpo": ("ftprog.programs.dpo", "preference tuning: DPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
     "generate": ("ftprog.programs.generate", "generate text (KV cache, greedy or sampled, chat, batches)"),
     "eval": ("ftprog.programs.evaluate", "lm-evaluation-harness tasks and perplexity"),
     "quantize": ("ftprog.programs.quantize", "post-training weight-only quantization (int8, int4, nf4)"),

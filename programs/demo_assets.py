@@ -1,5 +1,9 @@
 """Offline assets of the embedded demo: a tiny model, its tokenizer and a generated dataset.
 
+The preference demo (`ft-prog run dpo --config demo`) starts from the sft demo's trained model
+(``builtin:demo-sft-model``: the sft demo is run once to make it) and a generated preference set on the same
+task (``builtin:demo-preference-data``: chosen = the reversal, rejected = a plausible wrong one).
+
 The demo task is string reversal: the user message is a few lowercase letters,
 the assistant answers them reversed ("stone" -> "enots"). A randomly
 initialised model cannot do it; a couple of minutes of fine-tuning on 2 CPU
@@ -16,11 +20,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 DEMO_MODEL = "builtin:demo-model"
 DEMO_DATA = "builtin:demo-data"
+DEMO_SFT_MODEL = "builtin:demo-sft-model"
+DEMO_PREFERENCE_DATA = "builtin:demo-preference-data"
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -48,7 +55,12 @@ def resolve(value: str) -> str:
         return str(demo_model())
     if value == DEMO_DATA:
         return str(demo_data())
-    raise ValueError(f"unknown built-in asset {value!r}; available: {DEMO_MODEL}, {DEMO_DATA}")
+    if value == DEMO_SFT_MODEL:
+        return str(demo_sft_model())
+    if value == DEMO_PREFERENCE_DATA:
+        return str(demo_preference_data())
+    raise ValueError(f"unknown built-in asset {value!r}; available: {DEMO_MODEL}, {DEMO_DATA}, {DEMO_SFT_MODEL}, "
+                     f"{DEMO_PREFERENCE_DATA}")
 
 
 def _write_tokenizer(folder: Path) -> int:
@@ -111,5 +123,60 @@ def demo_data() -> Path:
     for name, count, seed in (("train", 4000, 1), ("validation", 200, 2)):
         tmp = folder / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in demo_rows(count, seed)))
+        tmp.replace(folder / f"{name}.jsonl")
+    return folder
+
+
+def demo_sft_model() -> Path:
+    """The sft demo's trained model (``ft-prog run sft --config demo``), trained once under the cache folder."""
+    folder = cache_dir() / "sft-model"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from . import sft
+    from .cli import CONFIG_DIR
+    from .config import load_config
+
+    run_dir = cache_dir() / "sft-run"
+    print(f"preparing the starting model: training the sft demo once into {run_dir} (about a minute)", flush=True)
+    cfg, resolved = load_config(sft.CONFIG, "demo", [f"output_dir={run_dir}", "log.progress=false", "log.plot=false"],
+                                builtin_dir=CONFIG_DIR / "sft")
+    final = sft.run(cfg, resolved)
+    staging = cache_dir() / f".sft-model-{os.getpid()}"
+    shutil.copytree(final, staging)
+    staging.replace(folder)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return folder
+
+
+def wrong_reversal(word: str, rng: random.Random) -> str:
+    """A plausible wrong answer for reversing ``word``: unreversed, two letters swapped, one dropped or doubled."""
+    right = word[::-1]
+    for _ in range(10):
+        kind = rng.choice(("unreversed", "swap", "drop", "double"))
+        i = rng.randrange(len(right) - 1)
+        wrong = {"unreversed": word, "swap": right[:i] + right[i + 1] + right[i] + right[i + 2:],
+                 "drop": right[:i] + right[i + 1:], "double": right[:i] + right[i] + right[i:]}[kind]
+        if wrong != right:
+            return wrong
+    return right + right[-1]
+
+
+def demo_preference_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """``count`` preference rows on the demo task: ``prompt`` (letters), ``chosen`` (the reversal), ``rejected``."""
+    rng = random.Random(seed)
+    return [{"prompt": r["instruction"], "chosen": r["output"], "rejected": wrong_reversal(r["instruction"], rng)}
+            for r in demo_rows(count, seed)]
+
+
+def demo_preference_data() -> Path:
+    """The preference demo's folder: ``train.jsonl`` (2000 pairs) and ``validation.jsonl`` (200 pairs), on words
+    other than the sft demo's."""
+    folder = cache_dir() / "preference-data"
+    if (folder / "validation.jsonl").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count, seed in (("train", 2000, 11), ("validation", 200, 12)):
+        tmp = folder / f".{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in demo_preference_rows(count, seed)))
         tmp.replace(folder / f"{name}.jsonl")
     return folder

@@ -1,0 +1,344 @@
+"""`ft-prog run dpo`: preference tuning (DPO, IPO, hinge, robust DPO, SimPO, ORPO, KTO), full or with adapters.
+
+Read it top to bottom: data, where to continue, the model and its reference, the loop, the final save. The
+machinery around the loop (checkpoints, exact resume, lock, preemption, metrics) is sft's
+(:mod:`ftprog.programs.training`).
+
+One step: the chosen and rejected responses of a batch of pairs go through one forward as one batch (chosen
+rows first); their log-probabilities come from the chunked output layer (:func:`ftprog.core.token_logprobs`:
+never full-vocabulary logits for the whole batch); the reference model's log-probabilities of the same rows
+come from the model with its adapters switched off (LoRA / DoRA / QLoRA: no second copy of the weights), a
+frozen copy (full fine-tuning, or ``ref.path``), or a table computed once before training
+(``ref.precompute``). The loss (``loss.type``) is a pure function of those per-sequence log-probs
+(:mod:`ftprog.core._preference`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from ..core import (
+    Model, as_dtype, dpo_loss, kto_loss, load_pretrained, load_tokenizer, optim, orpo_loss, read_config, simpo_loss,
+    token_logprobs, uses_average_logps, value_and_grad,
+)
+from ..core._data import DataConfig, PreferenceLoader, load_preference_datasets
+from ..transforms import without_adapters
+from . import distributed, reference, run_guard, run_state
+from .config import to_toml
+from .demo_assets import resolve
+from .dpo_config import DPOConfig
+from .metrics import MetricsLog, plot_losses
+from .sft import RESUME_RULES as SFT_RESUME_RULES
+from .sft import exact_match
+from .training import (
+    apply_gradients, build_model, build_optimizer, plan_start, run_transforms, save_final, save_or_stop,
+    setup_process,
+)
+
+CONFIG = DPOConfig
+
+RESUME_RULES = attrs.evolve(SFT_RESUME_RULES, may_change=(*SFT_RESUME_RULES.may_change, "eval_samples"))
+"""As sft's: run length, saving, logging and evaluation settings may change on resume; the loss, reference, data
+and everything that shapes the saved state may not (unless listed in ``resume_allow_changes``)."""
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+           "logps/rejected")
+"""What a step logs beside lr, tokens, tokens/s and the gradient norm (means over the step's pairs)."""
+
+
+def sequence_logps(model: Model, tokens: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor,
+                   training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed log-probs [rows], scored tokens [rows])`` of each row's response (targets not -100)."""
+    logps = token_logprobs(model, tokens, targets, attention_mask=attention_mask, training=training)
+    return logps.sum(-1), (targets != -100).sum(-1)
+
+
+def pair_loss(cfg: DPOConfig, policy: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor | None,
+              kl: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """``(per-pair (KTO: per-sample) losses, metric sums)`` from summed response log-probs.
+
+    ``policy``, ``counts``, ``ref``: ``[2 * pairs]`` (chosen rows, then rejected rows) or, for KTO, ``[samples]``
+    with ``labels`` (desirable) and ``kl`` (the batch's KL estimate, a 0-d tensor). The metric sums are over the
+    pairs (samples) of this micro-batch; the program divides them by the step's global count.
+    """
+    loss = cfg.loss
+    scored = policy / counts.clamp(min=1) if uses_average_logps(loss.type) else policy
+    if loss.type == "kto":
+        out = kto_loss(scored, ref, labels, kl, beta=loss.beta, desirable_weight=loss.desirable_weight,
+                       undesirable_weight=loss.undesirable_weight)
+        good, bad = labels, ~labels
+        return out.losses, {"rewards/chosen": out.rewards[good].sum(), "rewards/rejected": out.rewards[bad].sum(),
+                            "logps/chosen": policy[good].detach().sum(), "logps/rejected": policy[bad].detach().sum(),
+                            "chosen": good.sum(), "rejected": bad.sum()}
+    n = policy.shape[0] // 2
+    chosen, rejected = scored[:n], scored[n:]
+    if loss.type == "simpo":
+        out = simpo_loss(chosen, rejected, beta=loss.beta, gamma=loss.gamma, label_smoothing=loss.label_smoothing)
+    elif loss.type == "orpo":
+        out = orpo_loss(chosen, rejected, -chosen, lam=loss.lambda_)
+    else:
+        out = dpo_loss(chosen, rejected, ref[:n], ref[n:], kind=loss.type, beta=loss.beta,
+                       label_smoothing=loss.label_smoothing)
+    margin = out.chosen_rewards - out.rejected_rewards
+    return out.losses, {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
+                        "rewards/margin": margin.sum(), "rewards/accuracy": (margin > 0).float().sum(),
+                        "logps/chosen": policy[:n].detach().sum(), "logps/rejected": policy[n:].detach().sum()}
+
+
+def step_loss(model: Model, cfg: DPOConfig, batch: Any, ref: torch.Tensor | None, kl: torch.Tensor | None,
+              count: int) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the step's mean loss (``count``: pairs, or KTO samples, of the whole step over
+    all ranks), and its metric sums."""
+    policy, counts = sequence_logps(model, batch.tokens, batch.targets, batch.attention_mask)
+    losses, sums = pair_loss(cfg, policy, counts, ref, kl, batch.labels)
+    return losses.sum() / count, sums
+
+
+def run(cfg: DPOConfig, resolved: dict[str, Any]) -> Path:
+    dist = distributed.setup()  # one process, or one rank of a torchrun job (`ft-prog run dpo --nproc N`)
+    with run_guard.exclusive_output_dir(Path(cfg.output_dir), enabled=dist.is_main):  # one run per output_dir
+        return _train(cfg, resolved, dist)
+
+
+def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo) -> Path:
+    out = Path(cfg.output_dir)
+    device, say = setup_process(cfg, dist)
+    _check_settings(cfg)
+
+    # 1. Data first: a bad file fails before any weights load.
+    model_path = resolve(cfg.model.path)
+    read_config(model_path)
+    ref_path = resolve(cfg.ref.path) if cfg.ref.path else None
+    if ref_path:
+        read_config(ref_path)
+    tokenizer = load_tokenizer(model_path)
+    d = cfg.data
+    data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
+                          template=d.template, system_prompt=d.system_prompt or None, fold_system=d.fold_system,
+                          val_path=d.val_path or None, val_split=d.val_split, val_fraction=d.val_fraction,
+                          skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
+    train_data, val_data = load_preference_datasets(data_cfg, tokenizer)
+    _check_data(cfg, train_data)
+    loader = PreferenceLoader(train_data, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
+                              world_size=dist.world_size)
+    run_batches = None if cfg.max_steps else loader.total_batches(cfg.epochs)
+    total_steps = cfg.max_steps or math.ceil(run_batches / cfg.grad_accum)
+    say(f"data: {train_data.stats.summary()}; {total_steps} steps of {cfg.grad_accum} x {cfg.batch_size} "
+        f"{'samples' if cfg.loss.type == 'kto' else 'pairs'}", flush=True)
+
+    # 2. Where to continue, decided before anything is loaded or deleted.
+    fingerprint = run_guard.data_fingerprint(train_data)
+    start = plan_start(cfg, resolved, fingerprint, RESUME_RULES, total_steps,
+                       sources=[model_path, ref_path, data_cfg.path, data_cfg.val_path])
+
+    # 3. Model, transforms, optimizer, and the reference.
+    base, model = build_model(cfg, device, dist.mesh)
+    opt = build_optimizer(cfg, total_steps, say)
+    opt_state = opt.init(model.trainable_params())
+    splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
+    reference_of = _reference(cfg, model, ref_path or model_path, device, dist, splits, fingerprint, say)
+
+    # 4. Only now is anything removed; 5. resume.
+    start.clear(dist, say)
+    model, opt_state, state = start.restore(model, base, opt, opt_state, loader, say)
+    state["data_fingerprint"] = fingerprint
+    log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
+                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+                     config=resolved, enabled=dist.is_main)
+    stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
+    if val_data is not None and "val_before" not in state["extra"]:
+        state["extra"]["val_before"] = evaluate(model, reference_of, cfg, val_data, device, dist, stop_ids, pad_id)
+        log.write("before training: " + _describe(state["extra"]["val_before"]))
+
+    def save(step: int) -> Path:
+        return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
+                                         to_toml(resolved), cfg.keep_last)
+
+    # 6. The loop.
+    grad_fn = value_and_grad(step_loss, has_aux=True)
+    batches = loader.forever()
+    start_time, start_tokens = time.perf_counter(), state["tokens"]
+    step = state["step"]
+    clock = run_guard.SaveClock(cfg.save_every_minutes, is_main=dist.is_main)
+    with run_guard.stop_between_steps() as stop_request:
+        while step < total_steps:
+            accum = cfg.grad_accum if run_batches is None else min(cfg.grad_accum, run_batches - step * cfg.grad_accum)
+            micro = [next(batches).to(device) for _ in range(accum)]
+            count = max(sum(b.global_num_pairs for b in micro), 1)  # over all ranks: the exact global mean
+            loss, sums, grads = torch.zeros(()), {}, None
+            for b in micro:
+                ref, kl = reference_of(model, b)
+                (part, parts), g = grad_fn(model, cfg, b, ref, kl, count)
+                loss = loss + part.cpu()
+                sums = {k: sums.get(k, 0) + v.detach().float().cpu() for k, v in parts.items()}
+                grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+            loss = distributed.all_sum(loss)
+            model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
+                                                              cfg.optimizer.max_grad_norm, step, out)
+            step += 1
+            state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
+                         loader=loader.state_dict())
+            if step % cfg.log.every == 0 or step == total_steps:
+                speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
+                record = {"step": step, **_means(sums, count), "loss": loss.item(), "lr": lr,
+                          "tokens": state["tokens"], "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(),
+                          "epoch": loader.epoch}
+                log.log(record)
+                log.progress(step, loss=loss.item(), acc=record.get("rewards/accuracy", float("nan")),
+                             tok_s=round(speed))
+            if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                log.log({"step": step, **_prefixed(evaluate(model, reference_of, cfg, val_data, device, dist,
+                                                            stop_ids, pad_id, exact=False))})
+            save_or_stop(cfg, step, total_steps, stop_request, clock, save, log, say)
+
+    # 7. Final evaluation and outputs (rank 0 reports; evaluation is collective under sharding).
+    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
+               "data": attrs.asdict(train_data.stats), "processes": dist.world_size, "loss_type": cfg.loss.type}
+    if val_data is not None:
+        after = evaluate(model, reference_of, cfg, val_data, device, dist, stop_ids, pad_id)
+        summary["val_before"], summary["val_after"] = state["extra"]["val_before"], after
+        log.log({"step": step, **_prefixed(after)})
+    model = run_state.consolidate(model)
+    if not dist.is_main:
+        distributed.teardown()
+        return out / "final"
+    if state["extra"].get("config_changes"):
+        summary["config_changes"] = state["extra"]["config_changes"]
+    final = save_final(cfg, out, model, state, resolved)
+    log.close()
+    if cfg.log.plot:
+        plot_losses(log.records, out / "loss_curve.png")
+    lines = [f"done: {step} steps, {state['tokens']} tokens in {summary['seconds']} s"]
+    if val_data is not None:
+        lines.append(f"held-out {_describe(summary['val_before'])} before -> {_describe(summary['val_after'])} after")
+    lines.append(f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
+    print("\n".join(lines), flush=True)
+    import orjson
+
+    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    distributed.teardown()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+
+
+ReferenceFn = Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]
+"""``(model, batch, split="train") -> (reference summed log-probs of the batch's rows or None, KTO's KL estimate
+or None)``; ``split`` names the dataset the batch came from ("train" or "val")."""
+
+
+def _reference(cfg: DPOConfig, model: Model, path: str, device: torch.device, dist: distributed.DistInfo,
+               splits: dict[str, Any], fingerprint: str, say) -> ReferenceFn:
+    """How this run gets reference log-probs, chosen once: none (SimPO, ORPO), the adapters-off view of the model
+    being trained, a frozen copy (full fine-tuning or ``ref.path``), or a table computed before training."""
+    if cfg.loss.type in ("simpo", "orpo"):
+        return lambda model, batch, split="train": (None, None)
+    if cfg.ref.precompute:
+        frozen = _frozen_reference(cfg, path, device, dist)
+        table = reference.precompute(frozen, splits, Path(cfg.output_dir), fingerprint, path, cfg.batch_size,
+                                     device, dist, say)
+        del frozen  # the table replaces it: training holds one model
+        return lambda model, batch, split="train": (table.lookup(batch, split), None)
+    if not cfg.ref.path and cfg.peft.method != "none":
+        return lambda model, batch, split="train": _scored(without_adapters(model), model, batch, cfg)
+    frozen = _frozen_reference(cfg, path, device, dist)
+    return lambda model, batch, split="train": _scored(frozen, model, batch, cfg)
+
+
+def _frozen_reference(cfg: DPOConfig, path: str, device: torch.device, dist: distributed.DistInfo) -> Model:
+    ref = load_pretrained(path, dtype=as_dtype(cfg.dtype), device=device).replace(trainable=frozenset())
+    return run_transforms(attrs.evolve(cfg, activation_checkpointing=False), ref, dist.mesh)
+
+
+@torch.no_grad()
+def _scored(ref: Model, model: Model, batch: Any, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's summed log-probs of the batch's rows and, for KTO, the batch's KL estimate: the mean over
+    its mismatched prompt/completion pairs (all ranks) of the policy's minus the reference's log-probs, clamped at
+    0 and without gradient, as TRL's KTOTrainer computes it."""
+    logps, _ = sequence_logps(ref, batch.tokens, batch.targets, batch.attention_mask, training=False)
+    if cfg.loss.type != "kto":
+        return logps, None
+    policy_kl, _ = sequence_logps(model, batch.kl_tokens, batch.kl_targets, batch.kl_attention_mask, training=False)
+    ref_kl, _ = sequence_logps(ref, batch.kl_tokens, batch.kl_targets, batch.kl_attention_mask, training=False)
+    total = distributed.all_sum((policy_kl - ref_kl).sum().cpu())
+    return logps, (total / max(batch.global_num_pairs, 1)).clamp(min=0).to(logps.device)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: Model, reference_of: ReferenceFn, cfg: DPOConfig, data: Any, device: torch.device,
+             dist: distributed.DistInfo, stop_ids, pad_id, exact: bool = True) -> dict[str, float]:
+    """Held-out means: the loss and the reward metrics over every pair of ``data``, and (``eval_samples``, when
+    ``exact``) the share of greedy answers equal to the chosen response."""
+    loader = PreferenceLoader(data, cfg.batch_size, shuffle=False, rank=dist.rank, world_size=dist.world_size)
+    sums, count = {}, 0
+    for batch in loader:
+        batch = batch.to(device)
+        ref, kl = reference_of(model, batch, "val")
+        policy, counts = sequence_logps(model, batch.tokens, batch.targets, batch.attention_mask, training=False)
+        losses, parts = pair_loss(cfg, policy, counts, ref, kl, batch.labels)
+        parts["loss"] = losses.sum()
+        sums = {k: sums.get(k, 0) + v.float().cpu() for k, v in parts.items()}
+        count += batch.global_num_pairs
+    result = _means(sums, max(count, 1))
+    if exact and cfg.eval_samples:
+        result["exact_match"] = exact_match(model, data.chosen, cfg.eval_samples, cfg.max_new_tokens, stop_ids,
+                                            pad_id)
+    return result
+
+
+def _means(sums: dict, count: int) -> dict[str, float]:
+    """Global means of summed metrics (KTO: chosen/rejected sums over their own sample counts)."""
+    sums = {k: distributed.all_sum(v) for k, v in sorted(sums.items())}
+    per = {"rewards/chosen": sums.get("chosen"), "logps/chosen": sums.get("chosen"),
+           "rewards/rejected": sums.get("rejected"), "logps/rejected": sums.get("rejected")}
+    out = {}
+    for key, value in sums.items():
+        if key in ("chosen", "rejected"):
+            continue
+        n = per.get(key)
+        n = count if n is None else float(n)
+        out[key] = float(value) / n if n else float("nan")
+    return out
+
+
+def _prefixed(result: dict[str, float]) -> dict[str, float]:
+    return {f"val_{k}": v for k, v in result.items()}
+
+
+def _describe(result: dict[str, float]) -> str:
+    parts = [f"reward accuracy {result['rewards/accuracy']:.1%}"] if "rewards/accuracy" in result else []
+    parts += [f"loss {result['loss']:.4f}"]
+    if "exact_match" in result:
+        parts.append(f"exact match {result['exact_match']:.1%}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def _check_settings(cfg: DPOConfig) -> None:
+    if cfg.ref.precompute and cfg.loss.type == "kto":
+        raise run_guard.RunError("ref.precompute does not work with loss.type='kto': its KL pairs are drawn from "
+                                 "each batch; leave ref.precompute=false")
+    if cfg.ref.precompute and cfg.loss.type in ("simpo", "orpo"):
+        raise run_guard.RunError(f"ref.precompute: loss.type={cfg.loss.type!r} needs no reference model")
+
+
+def _check_data(cfg: DPOConfig, data: Any) -> None:
+    paired = data.rejected is not None
+    if cfg.loss.type == "kto" and paired:
+        raise run_guard.RunError(f"loss.type='kto' takes unpaired rows (prompt, completion, label); {cfg.data.path} "
+                                 "holds pairs (chosen, rejected): use a paired loss (dpo, ipo, ...)")
+    if cfg.loss.type != "kto" and not paired:
+        raise run_guard.RunError(f"loss.type={cfg.loss.type!r} takes pairs (prompt, chosen, rejected); "
+                                 f"{cfg.data.path} holds unpaired rows (completion, label): use loss.type='kto'")
