@@ -1259,6 +1259,7 @@ class PreferenceStats:
         dropped: rows dropped because a response had no trained token left after truncation.
         tokens: tokens in the kept samples (chosen and rejected both counted).
         trained_tokens: response tokens (the mask) in the kept samples.
+        paired: whether the data is pairs (else unpaired samples).
     """
 
     rows: int = 0
@@ -1571,8 +1572,8 @@ def tokenize_preferences(
 
     Layouts (see the module docstring): pairs (``prompt`` / ``chosen`` / ``rejected``, strings or message lists)
     or, unpaired, ``prompt`` / ``completion`` / ``label``. ``paired`` None detects the layout from the first row
-    (:func:`detect_paired`); True / False demands it. Samples longer than ``seq_len`` are fitted as
-    :func:`_fit` describes and counted. A malformed row raises :class:`DataError` (``"file:line: problem"``)
+    (:func:`detect_paired`); True / False demands it. Samples longer than ``seq_len`` are cut as the module
+    docstring says (prompt from the left, the same prompt for both sides of a pair) and counted. A malformed row raises :class:`DataError` (``"file:line: problem"``)
     unless ``skip_bad``, which skips and counts it; no pair left raises DataError unless ``allow_empty``.
     """
     if seq_len < 2:
