@@ -7,8 +7,9 @@ from . import _optim as optim
 from ._checkpoint import CheckpointError, as_dtype, load_pretrained, read_config, save_pretrained
 from ._config import ConfigError, ModelConfig
 from ._data import (
-    Batch, DataConfig, DataError, DataLoader, TokenizedDataset, load_datasets, read_rows, split_validation,
-    tokenize_dataset,
+    Batch, DataConfig, DataError, DataLoader, PreferenceBatch, PreferenceDataset, PreferenceLoader, PreferenceStats,
+    TokenizedDataset, load_datasets, load_preference_datasets, read_rows, split_validation, tokenize_dataset,
+    tokenize_preferences,
 )
 from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare
 from ._grad import value_and_grad
@@ -25,12 +26,14 @@ from ._tree import (
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
-    "Decoder", "KVCache", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS", "Prepare",
-    "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "flatten", "fold_system", "from_config", "is_dtensor",
-    "is_plain", "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths", "load_datasets",
-    "load_pretrained", "load_tokenizer", "make_model", "matches", "optim", "param_shapes", "partition", "perplexity",
-    "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
-    "save_pretrained", "select", "set_training", "split_validation", "token_logprobs", "token_loss_sum", "tokenize_dataset", "tree_map",
-    "unflatten", "value_and_grad",
+    "Decoder", "KVCache", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS",
+    "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceStats", "Prepare", "TokenizedDataset",
+    "Tokenizer", "as_dtype", "combine", "dense_weight", "flatten", "fold_system", "from_config", "is_dtensor",
+    "is_plain", "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths",
+    "load_datasets", "load_preference_datasets", "load_pretrained", "load_tokenizer", "make_model", "matches",
+    "optim", "param_shapes", "partition", "perplexity", "perplexity_windows", "preset", "read_config", "read_rows",
+    "register_linear", "reuse_freed_memory", "save_pretrained", "select", "set_training", "split_validation",
+    "token_logprobs", "token_loss_sum", "tokenize_dataset",
+    "tokenize_preferences", "tree_map", "unflatten", "value_and_grad",
 ]
 

@@ -53,6 +53,27 @@ whatever the split.
 
 Malformed rows raise :class:`DataError` naming the file and line (or row) and the problem, or with
 ``skip_bad=True`` are skipped and counted in :attr:`TokenizedDataset.stats`.
+
+**Preference data** (``format = "preference"``, :func:`load_preference_datasets` -> :class:`PreferenceDataset`,
+batched by :class:`PreferenceLoader`), from the same sources:
+
+* pairs: ``prompt``, ``chosen``, ``rejected``. Strings: the prompt is a user turn, each response the assistant's
+  turn. Message lists (UltraFeedback-binarized, HH-RLHF style): ``chosen`` / ``rejected`` that start with a
+  non-assistant message hold the whole conversation (a ``prompt`` field is then not used); lists that start with
+  the assistant's message hold only the response, and ``prompt`` (a string or a message list) goes before it. The
+  response is the final message, which must be the assistant's; the prompt is every message before it and must
+  be the same in ``chosen`` and ``rejected``; the two responses must differ.
+* unpaired (KTO): ``prompt``, ``completion`` (as ``chosen`` above), ``label`` (true/false, 1/0, or the strings
+  ``"true"`` / ``"false"`` / ``"1"`` / ``"0"``).
+* the layout: a ``chosen`` column in the first row means pairs, else a ``completion`` column means unpaired
+  (``paired=True/False`` demands one). CSV cells holding a JSON array are message lists.
+* a ``system`` column or ``system_prompt`` adds a system message; ``fold_system``, ``template`` and ``columns``
+  work as for SFT.
+
+Each sample is prompt + response through the chat template, the mask on the response (and its end-of-turn token).
+Too long for ``seq_len``: the response keeps its tokens and the prompt is cut from the left (a leading bos
+stays), by the longer response of a pair so that both keep the same prompt tokens; a response too long to fit
+beside :data:`MIN_PROMPT_TOKENS` of prompt is cut at its end. :class:`PreferenceStats` counts the cuts.
 """
 
 from __future__ import annotations
@@ -63,7 +84,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -369,7 +390,7 @@ class TokenizerLike(Protocol):
     def with_chat_template(self, template: str) -> TokenizerLike: ...
 
 
-FORMATS = ("auto", "instruct", "chat", "text")
+FORMATS = ("auto", "instruct", "chat", "text", "preference")
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
           "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "bing": "assistant"}
 
@@ -383,9 +404,11 @@ class Format:
     """How rows become a chat or a text (see the module docstring).
 
     Attributes:
-        kind: ``"auto"``, ``"instruct"``, ``"chat"`` or ``"text"``.
+        kind: ``"auto"``, ``"instruct"``, ``"chat"``, ``"text"``, or ``"preference"`` (read by
+            :func:`tokenize_preferences`, not :func:`tokenize_dataset`).
         columns: canonical name -> dataset column (``instruction``, ``input``, ``output``, ``system``,
-            ``messages``, ``text``), e.g. ``{"instruction": "prompt", "output": "completion"}``.
+            ``messages``, ``text``; preference data: ``prompt``, ``chosen``, ``rejected``, ``completion``,
+            ``label``), e.g. ``{"instruction": "prompt", "output": "completion"}``.
         system_prompt: a system message for rows that have none (instruct and chat).
         template: None (or ``"model"``) to use the tokenizer's chat template, ``"chatml"`` for ChatML, or a Jinja
             template string.
@@ -469,6 +492,19 @@ def _messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
             conv = _json_loads(conv)
         except json.JSONDecodeError as e:
             raise _BadRow(f"field {column!r} is a string that is not JSON: {e.msg}") from e
+    messages = _parse_messages(conv, column)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _BadRow("the conversation has no assistant turn")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _BadRow("every assistant turn is empty")
+    if fmt.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    return _folded(messages) if fmt.fold_system else messages
+
+
+def _parse_messages(conv: Any, column: str) -> list[dict[str, str]]:
+    """OpenAI (``role``/``content``) or ShareGPT (``from``/``value``) messages -> ``[{"role", "content"}]`` with
+    the roles system / user / assistant."""
     if not isinstance(conv, list):
         raise _BadRow(f"field {column!r} should be a list of messages, got {_type_name(conv)}")
     messages = []
@@ -486,13 +522,7 @@ def _messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
         if content is None:
             raise _BadRow(f"message {i} ({role}) has no content")
         messages.append({"role": _ROLES[role.lower()], "content": _content(content, i)})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise _BadRow("the conversation has no assistant turn")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _BadRow("every assistant turn is empty")
-    if fmt.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
-    return _folded(messages) if fmt.fold_system else messages
+    return messages
 
 
 def _instruct_messages(data: Mapping[str, Any], fmt: Format) -> list[dict[str, str]]:
@@ -522,8 +552,9 @@ def _folded(messages: list[dict[str, str]]) -> list[dict[str, str]]:
         raise _BadRow(str(e)) from None
 
 
-def _bounded(text: str, tokenizer: TokenizerLike, seq_len: int) -> str:
-    """``text``, or a prefix of it that still encodes to more than ``seq_len`` tokens (plus a margin).
+def _bounded(text: str, tokenizer: TokenizerLike, seq_len: int, *, keep_end: bool = False) -> str:
+    """``text``, or a prefix of it that still encodes to more than ``seq_len`` tokens (plus a margin); with
+    ``keep_end``, a suffix (for prompts, which are cut from the left).
 
     Samples are cut to ``seq_len`` tokens, so tokenizing the whole of a huge row (a 10 MB line took 4 GB)
     is wasted work: a prefix of ``16 * (seq_len + margin)`` characters is tried, doubled until it is long
@@ -534,8 +565,9 @@ def _bounded(text: str, tokenizer: TokenizerLike, seq_len: int) -> str:
     enough = seq_len + _BOUND_MARGIN
     size = 16 * enough
     while size < len(text):
-        if len(tokenizer.encode(text[:size])) > enough:
-            return text[:size]
+        part = text[-size:] if keep_end else text[:size]
+        if len(tokenizer.encode(part)) > enough:
+            return part
         size *= 2
     return text
 
@@ -727,6 +759,9 @@ def tokenize_dataset(
     rows = list(rows)
     if isinstance(fmt, str):
         fmt = Format(fmt, columns or {}, system_prompt, template, train_on_input, fold_system)
+    if fmt.kind == "preference":
+        raise DataError("format 'preference' is preference data (chosen/rejected or completion/label): read it "
+                        "with load_preference_datasets or tokenize_preferences")
     if fmt.kind == "auto":
         fmt = attrs.evolve(fmt, kind=detect_format(rows, fmt.columns))
     if fmt.kind in ("instruct", "chat"):
@@ -763,10 +798,11 @@ def tokenize_dataset(
     return data
 
 
-def split_validation(data: TokenizedDataset | Sequence[Row], fraction: float, seed: int = 0):
+def split_validation(data: TokenizedDataset | PreferenceDataset | Sequence[Row], fraction: float, seed: int = 0):
     """``(train, val)``: a deterministic random ``fraction`` (or, if >= 1, that many samples) held out.
 
-    Works on a :class:`TokenizedDataset` or a list of rows; both parts keep the original order. At least one
+    Works on a :class:`TokenizedDataset`, a :class:`PreferenceDataset` (pairs held out whole) or a list of
+    rows; both parts keep the original order. At least one
     sample is held out for a positive fraction, and at least one is left to train on (else DataError).
     """
     n = len(data)
@@ -777,7 +813,7 @@ def split_validation(data: TokenizedDataset | Sequence[Row], fraction: float, se
         raise DataError(f"cannot hold out {k} of {n} samples for validation and still train")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     val_idx, train_idx = sorted(perm[:k]), sorted(perm[k:])
-    if isinstance(data, TokenizedDataset):
+    if isinstance(data, (TokenizedDataset, PreferenceDataset)):
         return data.subset(train_idx), data.subset(val_idx)
     return [data[i] for i in train_idx], [data[i] for i in val_idx]
 
@@ -791,7 +827,8 @@ class DataConfig:
 
     Attributes:
         path: a file, folder or Hub dataset id (see :func:`read_rows`).
-        format: ``"auto"``, ``"instruct"``, ``"chat"`` or ``"text"``.
+        format: ``"auto"``, ``"instruct"``, ``"chat"`` or ``"text"`` (:func:`load_datasets`), or ``"preference"``
+            (:func:`load_preference_datasets`).
         split: the split to read from folders / Hub repos.
         columns: canonical -> dataset column names (see :class:`Format`).
         template: ``"model"`` (or None / ""): the tokenizer's chat template; ``"chatml"``; or a Jinja template.
@@ -843,12 +880,18 @@ def load_datasets(config: Any, tokenizer: TokenizerLike, *, seq_len: int | None 
     ``val_fraction`` hold-out of the training samples; none.
     """
     seq_len = seq_len if seq_len is not None else getattr(config, "seq_len", 2048)
-    seed = seed if seed is not None else getattr(config, "seed", 0)
     skip_bad = bool(getattr(config, "skip_bad", False))
     fmt = format_of(config)
+    return _train_and_validation(
+        config, lambda rows: tokenize_dataset(rows, tokenizer, fmt, seq_len, skip_bad=skip_bad), seed)
+
+
+def _train_and_validation(config: Any, tokenize: Callable[[list[Row]], Any], seed: int | None) -> tuple[Any, Any]:
+    """``(train, val or None)`` of a data config, each tokenized by ``tokenize(rows)``; where validation comes
+    from is :func:`load_datasets`'s rule."""
+    seed = seed if seed is not None else getattr(config, "seed", 0)
     path = str(config.path)
-    train = tokenize_dataset(read_rows(path, split=getattr(config, "split", "train") or "train"), tokenizer, fmt,
-                             seq_len, skip_bad=skip_bad)
+    train = tokenize(read_rows(path, split=getattr(config, "split", "train") or "train"))
     val_path = getattr(config, "val_path", None) or None
     val_split = getattr(config, "val_split", None) or None
     rows = None
@@ -863,7 +906,7 @@ def load_datasets(config: Any, tokenizer: TokenizerLike, *, seq_len: int | None 
         except _NoSplit:
             rows = None
     if rows is not None:
-        return train, tokenize_dataset(rows, tokenizer, fmt, seq_len, skip_bad=skip_bad)
+        return train, tokenize(rows)
     fraction = float(getattr(config, "val_fraction", 0.0) or 0.0)
     if fraction > 0:
         return split_validation(train, fraction, seed)
@@ -1191,3 +1234,492 @@ class DataLoader:
             raise ValueError(f"invalid data loader state {dict(state)} ({self.num_batches(epoch)} batches in "
                              f"epoch {epoch})")
         self.epoch, self.batch_index = epoch, index
+
+
+# ---------------------------------------------------------------------------------------------- preference data
+
+MIN_PROMPT_TOKENS = 16
+"""When a response alone does not fit ``seq_len``, the prompt keeps this many tokens (or all of it, if fewer; at
+most ``seq_len // 2``) and the response is cut at its end."""
+
+
+@attrs.define
+class PreferenceStats:
+    """What tokenizing preference data kept, cut and dropped.
+
+    Attributes:
+        rows: rows read.
+        samples: pairs kept (paired data) or samples kept (unpaired data).
+        desirable: unpaired data: kept samples labelled desirable (``label`` true); the rest are undesirable.
+        skipped: malformed rows skipped (``skip_bad=True``).
+        skipped_examples: ``"where: problem"`` for the first few skipped rows.
+        truncated_prompts: rows whose prompt was cut from the left to fit ``seq_len``.
+        truncated_responses: responses cut at their end (a response alone longer than ``seq_len`` minus a
+            minimal prompt); a pair may count twice.
+        dropped: rows dropped because a response had no trained token left after truncation.
+        tokens: tokens in the kept samples (chosen and rejected both counted).
+        trained_tokens: response tokens (the mask) in the kept samples.
+        paired: whether the data is pairs (else unpaired samples).
+    """
+
+    rows: int = 0
+    samples: int = 0
+    desirable: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = attrs.field(factory=list)
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    paired: bool = True
+
+    def summary(self) -> str:
+        if self.paired:
+            what = f"{self.samples} pairs"
+        else:
+            what = (f"{self.samples} samples ({self.desirable} desirable, {self.samples - self.desirable} "
+                    "undesirable)")
+        text = f"{what} from {self.rows} rows, {self.tokens} tokens ({self.trained_tokens} in responses)"
+        notes = [f"{n} {what}" for n, what in ((self.skipped, "bad rows skipped"),
+                                               (self.truncated_prompts, "prompts truncated"),
+                                               (self.truncated_responses, "responses truncated"),
+                                               (self.dropped, "dropped with no response tokens")) if n]
+        return text + ("; " + ", ".join(notes) if notes else "")
+
+
+@attrs.frozen(eq=False)
+class PreferenceDataset:
+    """Tokenized preference data: pairs (DPO and its variants) or labelled samples (KTO).
+
+    Every sample is ``prompt + response`` with the mask True on the response tokens only (the template's
+    end-of-turn token after it included, as its assistant mask has it); tokens the template writes after that
+    are dropped. The prompt is the tokens before the first trained token.
+
+    Attributes:
+        chosen: paired: prompt + chosen response per pair; unpaired: prompt + completion per sample.
+        rejected: paired: prompt + rejected response, aligned with ``chosen`` by index, with the same prompt
+            tokens; unpaired: None.
+        labels: unpaired: ``[n]`` bool, True for desirable completions; paired: None.
+        stats: :class:`PreferenceStats`.
+        bos_id: the tokenizer's bos id (a leading bos is kept when a prompt is cut from the left), or None.
+    """
+
+    chosen: TokenizedDataset
+    rejected: TokenizedDataset | None
+    labels: torch.Tensor | None
+    stats: PreferenceStats = attrs.field(factory=PreferenceStats)
+    bos_id: int | None = None
+
+    def __attrs_post_init__(self):
+        if (self.rejected is None) == (self.labels is None):
+            raise ValueError("a PreferenceDataset has either rejected samples (paired) or labels (unpaired)")
+        other = self.rejected if self.rejected is not None else self.labels
+        if len(other) != len(self.chosen):
+            raise ValueError(f"{len(self.chosen)} chosen samples but {len(other)} rejected samples / labels")
+
+    def __len__(self) -> int:
+        """Pairs (paired) or samples (unpaired)."""
+        return len(self.chosen)
+
+    @property
+    def paired(self) -> bool:
+        return self.rejected is not None
+
+    @property
+    def seq_len(self) -> int:
+        return self.chosen.seq_len
+
+    @property
+    def pad_id(self) -> int:
+        return self.chosen.pad_id
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[n]`` int64: the longer sample's token count of each pair (the sample's, unpaired)."""
+        if self.rejected is None:
+            return self.chosen.lengths
+        return torch.maximum(self.chosen.lengths, self.rejected.lengths)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors that define the content (ids, masks, offsets of both sides, or labels)."""
+        c, r = self.chosen, self.rejected
+        tail = (r.ids, r.mask, r.offsets) if r is not None else (self.labels,)
+        return (c.ids, c.mask, c.offsets, *tail)
+
+    def subset(self, indices: Iterable[int]) -> PreferenceDataset:
+        """The pairs (samples) at ``indices``, in that order; stats recounted for them (row counts kept)."""
+        indices = [int(i) for i in indices]
+        chosen = self.chosen.subset(indices)
+        rejected = self.rejected.subset(indices) if self.rejected is not None else None
+        labels = self.labels[torch.tensor(indices, dtype=torch.int64)] if self.labels is not None else None
+        parts = [d for d in (chosen, rejected) if d is not None]
+        stats = attrs.evolve(self.stats, samples=len(indices), tokens=sum(d.num_tokens for d in parts),
+                             trained_tokens=sum(d.num_targets for d in parts),
+                             desirable=int(labels.sum()) if labels is not None else 0)
+        return attrs.evolve(self, chosen=chosen, rejected=rejected, labels=labels, stats=stats)
+
+    def prompt_length(self, index: int) -> int:
+        """Tokens of sample ``index``'s prompt (before its first trained token)."""
+        _, mask = self.chosen[index]
+        return int(mask.int().argmax())
+
+    def kl_sample(self, prompt_index: int, completion_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)``: the prompt of sample ``prompt_index`` with the completion of ``completion_index``
+        (KTO's mismatched pair), fitted to ``seq_len`` as tokenizing fits samples."""
+        ids, _ = self.chosen[prompt_index]
+        prompt = ids[: self.prompt_length(prompt_index)].tolist()
+        ids, mask = self.chosen[completion_index]
+        start = self.prompt_length(completion_index)
+        fitted = _fit(prompt, [(ids[start:].tolist(), mask[start:].tolist())], self.seq_len, self.bos_id)
+        (response, response_mask), = fitted.responses
+        return (torch.tensor(fitted.prompt + response, dtype=torch.int64),
+                torch.tensor([False] * len(fitted.prompt) + response_mask, dtype=torch.bool))
+
+
+def detect_paired(rows: Sequence[Row], columns: Mapping[str, str] | None = None) -> bool:
+    """Whether preference ``rows`` are paired, from the first parsed row: a ``chosen`` column -> paired;
+    else a ``completion`` column -> unpaired (KTO); else DataError."""
+    columns = columns or {}
+    first = next((r for r in rows if r.data is not None), None)
+    if first is None:
+        raise DataError("cannot detect the preference layout: no row could be parsed"
+                        + (f" (first: {rows[0].where}: {rows[0].error})" if rows else ""))
+    keys = first.data.keys()
+    if columns.get("chosen", "chosen") in keys:
+        return True
+    if columns.get("completion", "completion") in keys:
+        return False
+    raise DataError(f"{first.where}: cannot tell the preference layout from columns {sorted(map(str, keys))}; "
+                    "expected 'chosen' and 'rejected' (pairs) or 'completion' and 'label' (unpaired, KTO); "
+                    "map yours with columns")
+
+
+def _label(data: Mapping[str, Any], fmt: Format) -> bool:
+    column = fmt.column("label")
+    value = data.get(column)
+    if value is None:
+        raise _BadRow(f"missing field {column!r} (the row has: {', '.join(map(str, list(data)[:10]))})")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise _BadRow(f"field {column!r} should be true/false (or 1/0), got {value!r}")
+
+
+def _prompt_messages(data: Mapping[str, Any], fmt: Format, from_csv: bool) -> list[dict[str, str]]:
+    """The ``prompt`` field as messages: a string is one user turn; a message list is taken as is."""
+    column = fmt.column("prompt")
+    value = _cell(data.get(column), from_csv)
+    if value is None:
+        raise _BadRow(f"missing field {column!r} (the row has: {', '.join(map(str, list(data)[:10]))})")
+    if isinstance(value, str):
+        if not value.strip():
+            raise _BadRow(f"empty field {column!r}")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        messages = _parse_messages(value, column)
+        if not messages:
+            raise _BadRow(f"empty field {column!r}")
+        return messages
+    raise _BadRow(f"field {column!r} should be a string or a list of messages, got {_type_name(value)}")
+
+
+def _cell(value: Any, from_csv: bool) -> Any:
+    """A CSV cell holding a JSON array (a message list) decoded; anything else unchanged."""
+    if from_csv and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            decoded = _json_loads(value)
+        except json.JSONDecodeError:
+            return value
+        return decoded if isinstance(decoded, list) else value
+    return value
+
+
+def _conversation(data: Mapping[str, Any], fmt: Format, name: str, from_csv: bool) -> list[dict[str, str]]:
+    """Prompt + response of the response field ``name`` (``chosen``, ``rejected``, ``completion``), ending with
+    the assistant's response; system prompt and folding applied."""
+    column = fmt.column(name)
+    label = repr(column) if column == name else f"{column!r} ({name})"
+    value = _cell(data.get(column), from_csv)
+    if value is None:
+        raise _BadRow(f"missing field {label} (the row has: {', '.join(map(str, list(data)[:10]))})")
+    if isinstance(value, str):
+        messages = [*_prompt_messages(data, fmt, from_csv), {"role": "assistant", "content": value}]
+    elif isinstance(value, list):
+        messages = _parse_messages(value, column)
+        if not messages or messages[0]["role"] == "assistant":  # the response only: the prompt is `prompt`
+            messages = _prompt_messages(data, fmt, from_csv) + messages
+    else:
+        raise _BadRow(f"field {label} should be a string or a list of messages, got {_type_name(value)}")
+    if messages[-1]["role"] != "assistant":
+        raise _BadRow(f"the last message of {label} is a {messages[-1]['role']} message, expected the "
+                      "assistant's response")
+    if not messages[-1]["content"].strip():
+        raise _BadRow(f"empty response in {label}")
+    if len(messages) < 2:
+        raise _BadRow(f"{label} has no prompt before the response")
+    system = _field(data, fmt, "system", required=False) or fmt.system_prompt
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return _folded(messages) if fmt.fold_system else messages
+
+
+def _preference_conversations(data: Mapping[str, Any], fmt: Format, paired: bool,
+                              from_csv: bool) -> list[list[dict[str, str]]]:
+    """``[chosen, rejected]`` (sharing every message but the last) or ``[completion]`` conversations of a row."""
+    if not paired:
+        return [_conversation(data, fmt, "completion", from_csv)]
+    chosen = _conversation(data, fmt, "chosen", from_csv)
+    rejected = _conversation(data, fmt, "rejected", from_csv)
+    names = f"{fmt.column('chosen')!r} and {fmt.column('rejected')!r}"
+    if chosen[:-1] != rejected[:-1]:
+        differ = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+        where = f"message {differ} differs" if differ is not None else "different numbers of messages"
+        raise _BadRow(f"{names} do not share the prompt before the response ({where})")
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise _BadRow(f"{names} are the same response")
+    return [chosen, rejected]
+
+
+def _response_span(ids: list[int], mask: list[bool]) -> tuple[int, int]:
+    """``(start, end)`` of the last run of trained tokens: the final assistant response and its end of turn."""
+    end = len(mask)
+    while end and not mask[end - 1]:
+        end -= 1
+    if not end:
+        raise _BadRow("the response has no tokens after the chat template")
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    return start, end
+
+
+@attrs.frozen
+class _Fitted:
+    prompt: list[int]
+    responses: list[tuple[list[int], list[bool]]]
+    prompt_cut: bool
+    responses_cut: int
+
+
+def _fit(prompt: list[int], responses: list[tuple[list[int], list[bool]]], seq_len: int,
+         bos_id: int | None) -> _Fitted:
+    """Cut ``prompt + response`` to ``seq_len`` for every response, keeping one prompt for all: the prompt loses
+    tokens from the left (a leading bos stays) to make room for the longest response; a response that does not
+    fit beside :data:`MIN_PROMPT_TOKENS` of prompt is cut at its end."""
+    longest = max(len(ids) for ids, _ in responses)
+    keep = min(len(prompt), max(seq_len - longest, min(MIN_PROMPT_TOKENS, seq_len // 2)))
+    room = seq_len - keep
+    cut = [(ids[:room], mask[:room]) for ids, mask in responses]
+    responses_cut = sum(len(ids) > room for ids, _ in responses)
+    if keep == len(prompt):
+        return _Fitted(prompt, cut, False, responses_cut)
+    if bos_id is not None and prompt and prompt[0] == bos_id and keep > 0:
+        kept = [bos_id] + (prompt[len(prompt) - keep + 1:] if keep > 1 else [])
+    else:
+        kept = prompt[len(prompt) - keep:]
+    return _Fitted(kept, cut, True, responses_cut)
+
+
+def _encode_preference(conversations: list[list[dict[str, str]]], tokenizer: TokenizerLike,
+                       seq_len: int) -> tuple[list[int], list[tuple[list[int], list[bool]]]]:
+    """``(prompt ids, [(response ids, response mask)])`` of one row's conversations, one shared prompt.
+
+    The prompt is the tokens the conversations share before their responses (normally all of them; a tokenizer
+    may merge the prompt's last characters with the response's first differently in each); the tokens between it
+    and a response's trained tokens belong to that response, untrained.
+    """
+    encoded = []
+    for messages in conversations:
+        bounded = [{**m, "content": _bounded(m["content"], tokenizer, seq_len, keep_end=True)}
+                   for m in messages[:-1]]
+        last = messages[-1]
+        bounded.append({**last, "content": _bounded(last["content"], tokenizer, seq_len)})
+        try:
+            ids, mask = tokenizer.encode_chat(bounded)
+        except ValueError as e:
+            raise _BadRow(f"chat template: {e}") from e
+        ids = list(ids)
+        encoded.append((ids, *_response_span(ids, [bool(m) for m in mask])))
+    shared = min(start for _, start, _ in encoded)
+    first = encoded[0][0]
+    for ids, _, _ in encoded[1:]:
+        shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+    if shared == 0:
+        raise _BadRow("the chat template writes nothing before the response")
+    responses = [(ids[shared:end], [False] * (start - shared) + [True] * (end - start))
+                 for ids, start, end in encoded]
+    return first[:shared], responses
+
+
+def tokenize_preferences(
+    rows: Iterable[Row],
+    tokenizer: TokenizerLike,
+    seq_len: int = 2048,
+    *,
+    paired: bool | None = None,
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    template: str | None = None,
+    fold_system: bool = False,
+    skip_bad: bool = False,
+    allow_empty: bool = False,
+) -> PreferenceDataset:
+    """Preference ``rows`` tokenized through the chat template into a :class:`PreferenceDataset`.
+
+    Layouts (see the module docstring): pairs (``prompt`` / ``chosen`` / ``rejected``, strings or message lists)
+    or, unpaired, ``prompt`` / ``completion`` / ``label``. ``paired`` None detects the layout from the first row
+    (:func:`detect_paired`); True / False demands it. Samples longer than ``seq_len`` are cut as the module
+    docstring says (prompt from the left, the same prompt for both sides of a pair) and counted. A malformed row raises :class:`DataError` (``"file:line: problem"``)
+    unless ``skip_bad``, which skips and counts it; no pair left raises DataError unless ``allow_empty``.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    rows = list(rows)
+    fmt = Format("preference", columns or {}, system_prompt, template, False, fold_system)
+    if paired is None:
+        paired = detect_paired(rows, fmt.columns)
+    tokenizer = chat_tokenizer(tokenizer, fmt.template)
+    stats = PreferenceStats(rows=len(rows), paired=paired)
+    sides: list[list[tuple[list[int], list[bool]]]] = [[], []] if paired else [[]]
+    labels: list[bool] = []
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise _BadRow(row.error)
+            label = _label(row.data, fmt) if not paired else None
+            conversations = _preference_conversations(row.data, fmt, paired, row.file.lower().endswith(".csv"))
+            prompt, responses = _encode_preference(conversations, tokenizer, seq_len)
+        except _BadRow as e:
+            if not skip_bad:
+                raise DataError(f"{row.where}: {e} (set skip_bad to skip bad rows)") from None
+            stats.skipped += 1
+            if len(stats.skipped_examples) < 10:
+                stats.skipped_examples.append(f"{row.where}: {e}")
+            continue
+        fitted = _fit(prompt, responses, seq_len, tokenizer.bos_id)
+        stats.truncated_prompts += fitted.prompt_cut
+        stats.truncated_responses += fitted.responses_cut
+        if not all(any(mask) for _, mask in fitted.responses):
+            stats.dropped += 1
+            continue
+        for side, (ids, mask) in zip(sides, fitted.responses):
+            side.append((fitted.prompt + ids, [False] * len(fitted.prompt) + mask))
+        if label is not None:
+            labels.append(label)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    parts = [TokenizedDataset.from_samples(side, seq_len, pad_id) for side in sides]
+    stats.samples = len(parts[0])
+    stats.desirable = sum(labels)
+    stats.tokens = sum(d.num_tokens for d in parts)
+    stats.trained_tokens = sum(d.num_targets for d in parts)
+    data = PreferenceDataset(parts[0], parts[1] if paired else None,
+                             None if paired else torch.tensor(labels, dtype=torch.bool), stats, tokenizer.bos_id)
+    if not len(data) and not allow_empty:
+        where = rows[0].file if rows else "the dataset"
+        detail = f"; first skipped: {stats.skipped_examples[0]}" if stats.skipped_examples else ""
+        raise DataError(f"{where}: no usable preference samples ({stats.summary()}){detail}")
+    return data
+
+
+def load_preference_datasets(config: Any, tokenizer: TokenizerLike, *, paired: bool | None = None,
+                             seq_len: int | None = None,
+                             seed: int | None = None) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+    """``(train, val or None)`` of preference data (``config.format == "preference"``), validation found as
+    :func:`load_datasets` finds it; ``paired`` as in :func:`tokenize_preferences` (the validation data must have
+    the training data's layout)."""
+    if getattr(config, "format", None) != "preference":
+        raise DataError(f"preference data needs data.format = 'preference', got {getattr(config, 'format', None)!r}")
+    if getattr(config, "train_on_input", False):
+        raise DataError("train_on_input does not apply to preference data (only responses are scored)")
+    seq_len = seq_len if seq_len is not None else getattr(config, "seq_len", 2048)
+    fmt = format_of(config)
+    layout = {"paired": paired}
+
+    def tokenize(rows: list[Row]) -> PreferenceDataset:
+        data = tokenize_preferences(rows, tokenizer, seq_len, paired=layout["paired"], columns=fmt.columns,
+                                    system_prompt=fmt.system_prompt, template=fmt.template,
+                                    fold_system=fmt.fold_system, skip_bad=bool(getattr(config, "skip_bad", False)))
+        layout["paired"] = data.paired
+        return data
+
+    return _train_and_validation(config, tokenize, seed)
+
+
+@attrs.frozen(eq=False)
+class PreferenceBatch:
+    """One batch of preference data for ``model(tokens, **batch.model_kwargs())``; targets as in :class:`Batch`.
+
+    Attributes:
+        tokens: ``[R, S]`` int64. Paired: ``R = 2 * num_pairs``, the chosen samples first, then the rejected
+            ones (rows ``i`` and ``num_pairs + i`` are one pair), so one forward scores both. Unpaired:
+            ``R = num_pairs`` samples.
+        targets: ``[R, S]`` int64, the next token where it is a response token, else ``-100``.
+        attention_mask: ``[R, S]`` int64, 1 on real tokens.
+        labels: unpaired: ``[R]`` bool (True: desirable); paired: None.
+        kl_tokens, kl_targets, kl_attention_mask: unpaired: ``[R, S']`` KTO's mismatched samples: row ``j`` is
+            the prompt of global-batch sample ``g`` with the completion of global-batch sample ``(g - 1) mod n``
+            (``g`` = this rank's ``j``-th sample, ``n`` = the global batch size), as TRL's KTOTrainer pairs them;
+            paired: None.
+        num_pairs: pairs in this batch (paired), or samples (unpaired).
+        num_tokens: real tokens in ``tokens``.
+        global_num_pairs: ``num_pairs`` summed over every rank's slice of the global batch: divide a rank's
+            summed loss by it, then sum gradients across ranks, for the exact mean over the global batch.
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor
+    num_pairs: int
+    num_tokens: int
+    global_num_pairs: int
+    labels: torch.Tensor | None = None
+    kl_tokens: torch.Tensor | None = None
+    kl_targets: torch.Tensor | None = None
+    kl_attention_mask: torch.Tensor | None = None
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """``{"attention_mask": ...}`` for the forward of ``tokens``."""
+        return {"attention_mask": self.attention_mask}
+
+    def kl_model_kwargs(self) -> dict[str, torch.Tensor]:
+        """``{"attention_mask": ...}`` for the forward of ``kl_tokens``."""
+        return {"attention_mask": self.kl_attention_mask}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        names = ("tokens", "targets", "attention_mask", "labels", "kl_tokens", "kl_targets", "kl_attention_mask")
+        return attrs.evolve(self, **{name: move(getattr(self, name)) for name in names})
+
+
+class PreferenceLoader(DataLoader):
+    """Deterministic, resumable batches of a :class:`PreferenceDataset`: :class:`DataLoader`'s order, epochs,
+    resume state and data-parallel slicing, over pairs (samples, unpaired). ``batch_size`` is pairs per global
+    batch; every rank keeps pairs ``rank::world_size`` of it, both rows of a pair on the same rank. Padded
+    batches only."""
+
+    def __init__(self, dataset: PreferenceDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, pad_to_multiple_of: int = 1):
+        super().__init__(dataset, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank,
+                         world_size=world_size, pad_to_multiple_of=pad_to_multiple_of)
+
+    def batch(self, epoch: int, index: int) -> PreferenceBatch:
+        """This rank's slice of global batch ``index`` of ``epoch`` (random access; no state change)."""
+        data: PreferenceDataset = self.dataset
+        units = self._plan(epoch)[index]
+        mine = units[self.rank :: self.world_size]
+        collate = lambda samples: collate_padded(samples, data.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                                                 max_len=self.seq_len)
+        if data.rejected is not None:
+            rows = collate([data.chosen[i] for i in mine] + [data.rejected[i] for i in mine])
+            return PreferenceBatch(rows.tokens, rows.targets, rows.attention_mask, len(mine), rows.num_tokens,
+                                   len(units))
+        rows = collate([data.chosen[i] for i in mine])
+        n = len(units)
+        kl = collate([data.kl_sample(units[g], units[(g - 1) % n]) for g in range(self.rank, n, self.world_size)])
+        labels = data.labels[torch.tensor(mine, dtype=torch.int64)]
+        return PreferenceBatch(rows.tokens, rows.targets, rows.attention_mask, len(mine), rows.num_tokens, n,
+                               labels, kl.tokens, kl.targets, kl.attention_mask)
