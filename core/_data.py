@@ -1668,6 +1668,8 @@ class PreferenceBatch:
         num_tokens: real tokens in ``tokens``.
         global_num_pairs: ``num_pairs`` summed over every rank's slice of the global batch: divide a rank's
             summed loss by it, then sum gradients across ranks, for the exact mean over the global batch.
+        indices: ``[num_pairs]`` int64 dataset indices of this batch's pairs (samples).
+        global_indices: ``[global_num_pairs]`` int64 dataset indices of the whole global batch.
     """
 
     tokens: torch.Tensor
@@ -1676,10 +1678,12 @@ class PreferenceBatch:
     num_pairs: int
     num_tokens: int
     global_num_pairs: int
+    indices: torch.Tensor
     labels: torch.Tensor | None = None
     kl_tokens: torch.Tensor | None = None
     kl_targets: torch.Tensor | None = None
     kl_attention_mask: torch.Tensor | None = None
+    global_indices: torch.Tensor | None = None
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """``{"attention_mask": ...}`` for the forward of ``tokens``."""
@@ -1713,13 +1717,15 @@ class PreferenceLoader(DataLoader):
         mine = units[self.rank :: self.world_size]
         collate = lambda samples: collate_padded(samples, data.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
                                                  max_len=self.seq_len)
+        indices = torch.tensor(mine, dtype=torch.int64)
+        global_indices = torch.tensor(units, dtype=torch.int64)
         if data.rejected is not None:
             rows = collate([data.chosen[i] for i in mine] + [data.rejected[i] for i in mine])
             return PreferenceBatch(rows.tokens, rows.targets, rows.attention_mask, len(mine), rows.num_tokens,
-                                   len(units))
+                                   len(units), indices, global_indices=global_indices)
         rows = collate([data.chosen[i] for i in mine])
         n = len(units)
         kl = collate([data.kl_sample(units[g], units[(g - 1) % n]) for g in range(self.rank, n, self.world_size)])
-        labels = data.labels[torch.tensor(mine, dtype=torch.int64)]
         return PreferenceBatch(rows.tokens, rows.targets, rows.attention_mask, len(mine), rows.num_tokens, n,
-                               labels, kl.tokens, kl.targets, kl.attention_mask)
+                               indices, data.labels[indices], kl.tokens, kl.targets, kl.attention_mask,
+                               global_indices)
