@@ -165,11 +165,10 @@ _MINUS_LN2 = -math.log(2)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x < 0`` without cancellation (expm1 near 0, log1p far from it). Each branch
-    sees only the inputs it handles, so the branch not taken never yields an inf gradient."""
-    near_zero = x > _MINUS_LN2
-    return torch.where(near_zero, torch.log(-torch.expm1(torch.clamp(x, min=_MINUS_LN2))),
-                       torch.log1p(-torch.exp(torch.clamp(x, max=_MINUS_LN2))))
+    """``log(1 - exp(x))`` for ``x < 0`` without cancellation (expm1 near 0, log1p far from it)."""
+    # the log1p branch sees only its own inputs: near 0, exp(x) rounds to 1 and log1p(-1) = -inf, whose gradient,
+    # though not selected, would turn the where's gradient into nan
+    return torch.where(x > _MINUS_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x.clamp(max=_MINUS_LN2))))
 
 
 def orpo_loss(

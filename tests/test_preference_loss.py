@@ -281,13 +281,16 @@ def all_losses(chosen, rejected):
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_large_margins_stay_finite(sign):
     """Margins of +-1e4 (log-probs of -1e-3 against -1e4): every loss and its gradient finite; the logistic
-    losses saturate to 0 or grow linearly instead of overflowing."""
+    losses saturate to 0 or grow linearly instead of overflowing. ORPO's gradient stays finite as p -> 1."""
     chosen = torch.tensor([-1e-3, -1e4, -0.5]) if sign > 0 else torch.tensor([-1e4, -1e-3, -1e4])
     rejected = torch.tensor([-1e4, -1e-3, -1e4]) if sign > 0 else torch.tensor([-1e-3, -1e4, -0.5])
     chosen.requires_grad_()
     for kind, result in all_losses(chosen, rejected).items():
         assert torch.isfinite(result.losses).all(), kind
         assert torch.isfinite(grads(result.losses.mean(), [chosen])[0]).all(), kind
+    near_certain = torch.tensor([-1e-8, -1e-4], requires_grad=True)  # ORPO's log(1 - p) as p -> 1
+    orpo = orpo_loss(near_certain, torch.tensor([-2.0, -1e4]), torch.tensor(1.0), lam=0.1)
+    assert torch.isfinite(grads(orpo.losses.mean(), [near_certain])[0]).all()
     dpo = dpo_loss(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([sign * 1e4]))
     expected = 0.0 if sign > 0 else 1e3  # margin sign * 1e4, beta 0.1: -log sigmoid(-1e3) = 1e3
     torch.testing.assert_close(dpo.losses, torch.tensor([expected]), **TOL)
