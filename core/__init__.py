@@ -18,6 +18,10 @@ from ._loss import token_logprobs, token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._perplexity import perplexity, perplexity_windows
+from ._preference import (
+    LOSS_TYPES, PreferenceLoss, dpo_loss, kto_loss, needs_reference, orpo_loss, reward_metrics, simpo_loss,
+    uses_average_logps,
+)
 from ._presets import PRESETS, preset
 from ._tokenizer import CHATML_TEMPLATE, Tokenizer, fold_system, load_tokenizer
 from ._tree import (
@@ -26,14 +30,15 @@ from ._tree import (
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
-    "Decoder", "KVCache", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS",
-    "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceStats", "Prepare", "TokenizedDataset",
-    "Tokenizer", "as_dtype", "combine", "dense_weight", "flatten", "fold_system", "from_config", "is_dtensor",
-    "is_plain", "is_quantized", "is_static", "is_training", "linear", "linear_kind", "linear_paths",
-    "load_datasets", "load_preference_datasets", "load_pretrained", "load_tokenizer", "make_model", "matches",
-    "optim", "param_shapes", "partition", "perplexity", "perplexity_windows", "preset", "read_config", "read_rows",
-    "register_linear", "reuse_freed_memory", "save_pretrained", "select", "set_training", "split_validation",
-    "token_logprobs", "token_loss_sum", "tokenize_dataset",
-    "tokenize_preferences", "tree_map", "unflatten", "value_and_grad",
+    "Decoder", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS",
+    "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss", "PreferenceStats", "Prepare",
+    "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "dpo_loss", "flatten", "fold_system",
+    "from_config", "is_dtensor", "is_plain", "is_quantized", "is_static", "is_training", "kto_loss", "linear",
+    "linear_kind", "linear_paths", "load_datasets", "load_preference_datasets", "load_pretrained", "load_tokenizer",
+    "make_model", "matches", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
+    "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
+    "reward_metrics", "save_pretrained", "select", "set_training", "simpo_loss", "split_validation",
+    "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences", "tree_map", "unflatten",
+    "uses_average_logps", "value_and_grad",
 ]
 
