@@ -69,11 +69,11 @@ def pair_loss(cfg: DPOConfig, policy: torch.Tensor, counts: torch.Tensor, ref: t
     """
     loss = cfg.loss
     scored = policy / counts.clamp(min=1) if uses_average_logps(loss.type) else policy
-    if loss.type == "kto":
-        out = kto_loss(scored, ref, labels, kl, beta=loss.beta, desirable_weight=loss.desirable_weight,
-                       undesirable_weight=loss.undesirable_weight)
+    if loss.type == "kto":  # kl: the global estimate, passed as a one-sample KL batch against a zero reference
+        out = kto_loss(scored, ref, labels, kl.reshape(1), torch.zeros(1, device=kl.device), beta=loss.beta,
+                       desirable_weight=loss.desirable_weight, undesirable_weight=loss.undesirable_weight)
         good, bad = labels, ~labels
-        return out.losses, {"rewards/chosen": out.rewards[good].sum(), "rewards/rejected": out.rewards[bad].sum(),
+        return out.losses, {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
                             "logps/chosen": policy[good].detach().sum(), "logps/rejected": policy[bad].detach().sum(),
                             "chosen": good.sum(), "rejected": bad.sum()}
     n = policy.shape[0] // 2

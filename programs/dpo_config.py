@@ -12,9 +12,6 @@ import attrs
 from .config import TOML_KEY, in_range
 from .sft_config import DataSourceSection, TrainingConfig
 
-LOSS_TYPES = ("dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto")
-
-
 @attrs.frozen
 class PreferenceDataSection(DataSourceSection):
     format: Literal["preference"] = "preference"

@@ -184,15 +184,18 @@ FINGERPRINT_KEY = "data.fingerprint"
 
 
 def data_fingerprint(dataset: Any) -> str:
-    """``"<n> samples, <n> tokens, blake2b <hex>"`` of a :class:`~ftprog.core.TokenizedDataset`'s content.
+    """``"<n> samples, <n> tokens, blake2b <hex>"`` of a :class:`~ftprog.core.TokenizedDataset`'s content (of the
+    ``tensors()`` of a dataset that has them, such as a :class:`~ftprog.core.PreferenceDataset`).
 
     Hashing what the loop trains on (after reading, templating, truncation and skipping) catches a changed
     data file, Hub revision, tokenizer or filter alike; it costs one pass over memory already loaded.
     """
     digest = hashlib.blake2b(digest_size=8)
-    for t in (dataset.ids, dataset.mask, dataset.offsets):
+    tensors = dataset.tensors() if hasattr(dataset, "tensors") else (dataset.ids, dataset.mask, dataset.offsets)
+    for t in tensors:
         digest.update(t.contiguous().cpu().numpy().view("uint8"))
-    return f"{len(dataset)} samples, {dataset.num_tokens} tokens, blake2b {digest.hexdigest()}"
+    size = f", {dataset.num_tokens} tokens" if hasattr(dataset, "num_tokens") else ""
+    return f"{len(dataset)} samples{size}, blake2b {digest.hexdigest()}"
 
 
 def read_checkpoint_config(checkpoint: Path) -> dict[str, Any]:
