@@ -9,23 +9,32 @@ dequantized), merges ``adapter`` when one is given, and writes one of:
   ``adapter_model.safetensors``) plus the base model's tokenizer files; ``PeftModel.from_pretrained``
   loads it over the base. Needs ``adapter``; the base is loaded to check the adapter fits it.
 - ``gguf``: one ``.gguf`` file for llama.cpp (and Ollama, LM Studio, ...), written with the ``gguf``
-  package the way llama.cpp's ``convert_hf_to_gguf.py`` writes these families:
-  general.architecture ``llama`` (Llama 2/3/3.1/3.2, SmolLM2, Mistral without sliding window),
-  ``qwen2`` (Qwen2/2.5 without sliding window) or ``qwen3``; tensors named by the ``gguf``
-  package's tensor-name map of that architecture: ``token_embd``, ``blk.N.attn_norm / attn_q / attn_k / attn_v / attn_output / attn_q_norm / attn_k_norm /
-  ffn_norm / ffn_gate / ffn_up / ffn_down`` (``.weight``, ``.bias``), ``output_norm``,
-  ``output`` (absent with tied embeddings), and for llama3 RoPE scaling ``rope_freqs`` (the
-  per-frequency divisors, as the convert script computes them). For ``llama`` the Q and K
-  projections (weights and biases) are permuted from the Hugging Face rotary layout (halves)
-  to llama.cpp's (interleaved pairs), as the convert script does. Matrices are stored in
-  ``dtype`` (f32, f16 or bf16; default: the checkpoint's), 1-D tensors (norms, biases,
-  rope_freqs) in f32. Metadata: context/embedding/feed-forward lengths, block count, head counts,
-  key/value lengths, RoPE base, dimension count and linear scaling, RMS-norm epsilon, vocabulary
-  size, and the tokenizer: ``gpt2`` (tokens, token types, merges, pre-tokenizer) for byte-level
-  BPE ``tokenizer.json`` and Llama 3 tiktoken ``tokenizer.model``; ``llama`` (tokens, scores,
-  token types) for sentencepiece ``tokenizer.model``; bos/eos/pad/unk ids, add-bos/add-eos and
-  the chat template. Sliding-window attention (which llama.cpp's llama/qwen2 graphs ignore) and
-  llama3 RoPE scaling outside the llama architecture are refused.
+  package the way llama.cpp's ``convert_hf_to_gguf.py`` writes these families. general.architecture
+  (:data:`_GGUF_ARCHS`): ``llama`` (Llama 2/3/3.1/3.2, SmolLM2, Mistral), ``qwen2``, ``qwen3``,
+  ``gemma2``, ``gemma3`` (``gemma3_text``, also a multimodal ``gemma3`` folder's language model),
+  ``phi3`` (Phi-3/3.5/4), ``olmo2``, ``smollm3``. Tensors are named by the ``gguf`` package's
+  tensor-name map of that architecture (``token_embd``, ``blk.N.attn_q / attn_qkv / attn_q_norm /
+  post_attention_norm / ffn_up / post_ffw_norm ...``, ``output_norm``, ``output`` unless tied); fused
+  Phi-3 projections stay fused (``attn_qkv``, gate-and-up ``ffn_up``). Per family, from the
+  :class:`ModelConfig`: norm scales get ``norm_offset`` added (Gemma's stored ``scale - 1``); Q/K
+  (weights, biases) are permuted from Hugging Face's half-split rotary layout to the adjacent pairs
+  of llama.cpp's ``llama`` and ``smollm3`` graphs; llama3 RoPE scaling writes ``rope_freqs``,
+  LongRoPE ``rope_factors_long`` / ``rope_factors_short`` plus the original context and attention
+  factor (llama.cpp picks the long factors by context size, n_ctx above the original, where
+  ft-prog picks them per call); sliding windows (Gemma) write the window and the per-layer
+  pattern, Gemma 3 the local layers' RoPE base, Gemma 2 its soft-caps. Matrices are stored in
+  ``dtype`` (f32, f16 or bf16; default: the checkpoint's), 1-D tensors (norms, biases, factors)
+  in f32. Metadata: context/embedding/feed-forward lengths, block count, head counts, key/value
+  lengths, RoPE base, rotated dims (partial rotary) and linear scaling, RMS-norm epsilon,
+  vocabulary size, and the tokenizer: ``gpt2`` (tokens, token types, merges, pre-tokenizer) for
+  byte-level BPE ``tokenizer.json`` and Llama 3 tiktoken ``tokenizer.model``; ``llama`` (tokens,
+  scores, token types) for sentencepiece ``tokenizer.model``; bos/eos/pad/unk ids, add-bos/add-eos
+  and the chat template. What llama.cpp's graph of the architecture would compute differently is
+  refused with an ExportError naming the model_type and the difference: a sliding window that binds
+  where the graph has none (Mistral, Qwen2, Phi-3), biases the graph does not add, layers without
+  RoPE other than SmolLM3's every 4th, a Gemma attention scale other than llama.cpp's (it takes
+  ``head_dim ** -0.5``, ``(hidden / heads) ** -0.5`` for the 27B sizes), RoPE scalings the graph
+  does not read.
 - ``executorch``: ``torch.export`` of the whole-sequence forward (``tokens [1, seq] -> logits
   [1, seq, vocab]``, ``seq`` dynamic from 2 to ``max_seq_len``), saved as ``.pt2``
   (``torch.export.save``) and, when the ``executorch`` package is installed
