@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,14 @@ TOKENIZER_FILES = (
 )
 # Buffers some exporters write that are not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Where a multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model, by the transformers
+# version that saved it: stored prefix -> ft-prog's. Checkpoints on the Hub and transformers 5 use the first,
+# transformers 4.50-4.57 the second.
+_LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                            "model.language_model.": "model."}
+# ...and the parts of it that are not the language model (left out when loading).
+_NON_LANGUAGE_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                          "model.multi_modal_projector.")
 
 
 class CheckpointError(ValueError):
@@ -121,7 +130,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     config = read_config(folder)
     dtype = as_dtype(dtype)
     expected = param_shapes(config)
-    files = _weight_map(folder)
+    files, stored = language_model_tensors(_weight_map(folder), folder)
     present = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some exporters also write the tied copy
@@ -147,9 +156,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         with handle:
             for name in names:
                 try:
-                    tensor = handle.get_tensor(name)
+                    tensor = handle.get_tensor(stored.get(name, name))
                 except (SafetensorError, OSError, ValueError) as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                    raise CheckpointError(f"{file}: cannot read tensor {stored.get(name, name)!r} ({e})") from None
                 if tuple(tensor.shape) != expected[name]:
                     raise CheckpointError(
                         f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {expected[name]}"
@@ -159,6 +168,28 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
                 flat[name] = tensor.to(device) if device is not None else tensor
     params = _tree.unflatten({n: flat[n] for n in expected})
     return make_model(config, params, source=str(folder.resolve()))
+
+
+def language_model_tensors(files: dict[str, Path], folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """``files`` (``{stored name: file}``) keyed by ft-prog's names, and ``{ft-prog name: stored name}`` where
+    they differ: a multimodal checkpoint's language model (``language_model.model.*`` or
+    ``model.language_model.*``) becomes ``model.*``; its vision tower and projector are left out, with a note."""
+    if not any(name.startswith(tuple(_LANGUAGE_MODEL_PREFIXES)) for name in files):
+        return files, {}
+    renamed, stored, left_out = {}, {}, 0
+    for name, file in files.items():
+        prefix = next((p for p in _LANGUAGE_MODEL_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            ours = _LANGUAGE_MODEL_PREFIXES[prefix] + name[len(prefix):]
+            renamed[ours], stored[ours] = file, name
+        elif name.startswith(_NON_LANGUAGE_PREFIXES):
+            left_out += 1
+        else:
+            renamed[name] = file
+    if left_out:
+        warnings.warn(f"{folder}: a multimodal checkpoint; loaded its language model only, {left_out} vision "
+                      "tower/projector tensors were left out", stacklevel=3)
+    return renamed, stored
 
 
 def _parse_size(size: int | str) -> int:

@@ -48,6 +48,13 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                     "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0},
 }
 _GEMMA = ("gemma2", "gemma3_text")
+# Gemma3TextConfig's defaults: a multimodal ``gemma3`` config.json's ``text_config`` often lists only the keys that
+# differ from them (e.g. google/gemma-3-4b-it), so they are filled in where ft-prog needs a value.
+_GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+}
 
 
 @attrs.frozen
@@ -161,12 +168,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build from a parsed Hugging Face config dict; errors name ``source`` and the key."""
+        """Build from a parsed Hugging Face config dict; errors name ``source`` and the key.
+
+        A multimodal ``gemma3`` config (Gemma3ForConditionalGeneration) gives its language model: the
+        ``gemma3_text`` config of its ``text_config`` (see :func:`multimodal_text_config`).
+        """
+        if d.get("model_type") in MULTIMODAL:
+            d = multimodal_text_config(d, source)
         model_type = d.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"{source}: unsupported model_type {model_type!r}; ft-prog supports "
-                f"{', '.join(sorted(ARCHITECTURES))}"
+                f"{', '.join(sorted([*ARCHITECTURES, *MULTIMODAL]))}"
             )
         raw, d = d, {**_FAMILY_DEFAULTS[model_type], **d}
 
@@ -313,6 +326,23 @@ class ModelConfig:
             d["sliding_window"] = windows.pop() if windows else d.get("sliding_window")
             d["layer_types"] = layer_types
         return d
+
+
+# multimodal model_type -> the model_type of its language model (loaded without the vision tower).
+MULTIMODAL = {"gemma3": "gemma3_text"}
+
+
+def multimodal_text_config(d: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """The language model's config.json dict of a multimodal config ``d`` (``gemma3``): its ``text_config`` with
+    Gemma3TextConfig's defaults filled in and the top level's token ids, dtype and tying where it has none."""
+    text = d.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError(f"{source}: model_type {d['model_type']!r} needs a 'text_config' object (the language "
+                          "model's config)")
+    top = {k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+                             "tie_word_embeddings") if d.get(k) is not None}
+    return {**_GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": MULTIMODAL[d["model_type"]],
+            "architectures": [ARCHITECTURES[MULTIMODAL[d["model_type"]]]]}
 
 
 def _rotary(theta: float, scaling: Mapping[str, Any] | None, head_dim: int, partial: float, max_positions: int

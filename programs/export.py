@@ -9,23 +9,32 @@ dequantized), merges ``adapter`` when one is given, and writes one of:
   ``adapter_model.safetensors``) plus the base model's tokenizer files; ``PeftModel.from_pretrained``
   loads it over the base. Needs ``adapter``; the base is loaded to check the adapter fits it.
 - ``gguf``: one ``.gguf`` file for llama.cpp (and Ollama, LM Studio, ...), written with the ``gguf``
-  package the way llama.cpp's ``convert_hf_to_gguf.py`` writes these families:
-  general.architecture ``llama`` (Llama 2/3/3.1/3.2, SmolLM2, Mistral without sliding window),
-  ``qwen2`` (Qwen2/2.5 without sliding window) or ``qwen3``; tensors named by the ``gguf``
-  package's tensor-name map of that architecture: ``token_embd``, ``blk.N.attn_norm / attn_q / attn_k / attn_v / attn_output / attn_q_norm / attn_k_norm /
-  ffn_norm / ffn_gate / ffn_up / ffn_down`` (``.weight``, ``.bias``), ``output_norm``,
-  ``output`` (absent with tied embeddings), and for llama3 RoPE scaling ``rope_freqs`` (the
-  per-frequency divisors, as the convert script computes them). For ``llama`` the Q and K
-  projections (weights and biases) are permuted from the Hugging Face rotary layout (halves)
-  to llama.cpp's (interleaved pairs), as the convert script does. Matrices are stored in
-  ``dtype`` (f32, f16 or bf16; default: the checkpoint's), 1-D tensors (norms, biases,
-  rope_freqs) in f32. Metadata: context/embedding/feed-forward lengths, block count, head counts,
-  key/value lengths, RoPE base, dimension count and linear scaling, RMS-norm epsilon, vocabulary
-  size, and the tokenizer: ``gpt2`` (tokens, token types, merges, pre-tokenizer) for byte-level
-  BPE ``tokenizer.json`` and Llama 3 tiktoken ``tokenizer.model``; ``llama`` (tokens, scores,
-  token types) for sentencepiece ``tokenizer.model``; bos/eos/pad/unk ids, add-bos/add-eos and
-  the chat template. Sliding-window attention (which llama.cpp's llama/qwen2 graphs ignore) and
-  llama3 RoPE scaling outside the llama architecture are refused.
+  package the way llama.cpp's ``convert_hf_to_gguf.py`` writes these families. general.architecture
+  (:data:`_GGUF_ARCHS`): ``llama`` (Llama 2/3/3.1/3.2, SmolLM2, Mistral), ``qwen2``, ``qwen3``,
+  ``gemma2``, ``gemma3`` (``gemma3_text``, also a multimodal ``gemma3`` folder's language model),
+  ``phi3`` (Phi-3/3.5/4), ``olmo2``, ``smollm3``. Tensors are named by the ``gguf`` package's
+  tensor-name map of that architecture (``token_embd``, ``blk.N.attn_q / attn_qkv / attn_q_norm /
+  post_attention_norm / ffn_up / post_ffw_norm ...``, ``output_norm``, ``output`` unless tied); fused
+  Phi-3 projections stay fused (``attn_qkv``, gate-and-up ``ffn_up``). Per family, from the
+  :class:`ModelConfig`: norm scales get ``norm_offset`` added (Gemma's stored ``scale - 1``); Q/K
+  (weights, biases) are permuted from Hugging Face's half-split rotary layout to the adjacent pairs
+  of llama.cpp's ``llama`` and ``smollm3`` graphs; llama3 RoPE scaling writes ``rope_freqs``,
+  LongRoPE ``rope_factors_long`` / ``rope_factors_short`` plus the original context and attention
+  factor (llama.cpp picks the long factors by context size, n_ctx above the original, where
+  ft-prog picks them per call); sliding windows (Gemma) write the window and the per-layer
+  pattern, Gemma 3 the local layers' RoPE base, Gemma 2 its soft-caps. Matrices are stored in
+  ``dtype`` (f32, f16 or bf16; default: the checkpoint's), 1-D tensors (norms, biases, factors)
+  in f32. Metadata: context/embedding/feed-forward lengths, block count, head counts, key/value
+  lengths, RoPE base, rotated dims (partial rotary) and linear scaling, RMS-norm epsilon,
+  vocabulary size, and the tokenizer: ``gpt2`` (tokens, token types, merges, pre-tokenizer) for
+  byte-level BPE ``tokenizer.json`` and Llama 3 tiktoken ``tokenizer.model``; ``llama`` (tokens,
+  scores, token types) for sentencepiece ``tokenizer.model``; bos/eos/pad/unk ids, add-bos/add-eos
+  and the chat template. What llama.cpp's graph of the architecture would compute differently is
+  refused with an ExportError naming the model_type and the difference: a sliding window that binds
+  where the graph has none (Mistral, Qwen2, Phi-3), biases the graph does not add, layers without
+  RoPE other than SmolLM3's every 4th, a Gemma attention scale other than llama.cpp's (it takes
+  ``head_dim ** -0.5``, ``(hidden / heads) ** -0.5`` for the 27B sizes), RoPE scalings the graph
+  does not read.
 - ``executorch``: ``torch.export`` of the whole-sequence forward (``tokens [1, seq] -> logits
   [1, seq, vocab]``, ``seq`` dynamic from 2 to ``max_seq_len``), saved as ``.pt2``
   (``torch.export.save``) and, when the ``executorch`` package is installed
@@ -46,6 +55,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from ..core import (
@@ -186,7 +196,41 @@ def export_peft(model_path: str, adapter: str | os.PathLike | None, output: Path
 
 # ---------------------------------------------------------------------------------------------- gguf
 
-_GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+@attrs.frozen
+class LlamaCppArch:
+    """What llama.cpp's graph of one GGUF architecture represents beyond the plain pre-norm decoder.
+
+    ``biases``: the checkpoint biases its graph adds (``qkv``, ``o``, ``mlp``); llama.cpp refuses a file with others.
+    ``pairwise_rope``: the graph rotates adjacent pairs (GGML rope mode 0), so Q/K are permuted (:func:`llama_permute`).
+    ``rope_types``: the RoPE scalings it reads. ``windows``: interleaved sliding-window layers (one window, per-layer
+    pattern). ``softcap``: attention and final-logit soft-capping. ``no_rope_every``: it skips RoPE on every n-th
+    layer, fixed in llama.cpp, not read from the file. ``scale_by_hidden_at``: Gemma: the attention scale is not
+    in the file; llama.cpp takes ``head_dim ** -0.5``, or ``(hidden / heads) ** -0.5`` at this layer count (27B).
+    """
+
+    name: str
+    biases: tuple[str, ...] = ()
+    pairwise_rope: bool = False
+    rope_types: tuple[str, ...] = ("default", "linear")
+    windows: bool = False
+    softcap: bool = False
+    no_rope_every: int | None = None
+    scale_by_hidden_at: int | None = None
+
+
+# model_type -> the llama.cpp architecture its GGUF is written as.
+_GGUF_ARCHS = {
+    "llama": LlamaCppArch("llama", ("qkv", "o", "mlp"), pairwise_rope=True, rope_types=("default", "linear", "llama3")),
+    "mistral": LlamaCppArch("llama", ("qkv", "o", "mlp"), pairwise_rope=True,
+                            rope_types=("default", "linear", "llama3")),
+    "qwen2": LlamaCppArch("qwen2", ("qkv",)),
+    "qwen3": LlamaCppArch("qwen3"),
+    "gemma2": LlamaCppArch("gemma2", windows=True, softcap=True, scale_by_hidden_at=46),
+    "gemma3_text": LlamaCppArch("gemma3", windows=True, scale_by_hidden_at=62),
+    "phi3": LlamaCppArch("phi3", rope_types=("default", "longrope")),
+    "olmo2": LlamaCppArch("olmo2"),
+    "smollm3": LlamaCppArch("smollm3", pairwise_rope=True, no_rope_every=4),
+}
 
 
 @functools.cache
@@ -201,7 +245,7 @@ def _gguf_tensor_names(arch: str, num_layers: int):
 def gguf_tensor_name(hf_name: str, config) -> str:
     """llama.cpp's name of a tensor of a model with ``config``, from the ``gguf`` package's tensor-name map:
     ``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``."""
-    arch = _gguf_arch(config)
+    arch = _gguf_arch(config).name
     name = _gguf_tensor_names(arch, config.num_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise ExportError(f"no GGUF name for tensor {hf_name!r} in llama.cpp's {arch!r} architecture")
@@ -219,21 +263,58 @@ def llama_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _gguf_arch(config) -> str:
+def _gguf_arch(config) -> LlamaCppArch:
+    """llama.cpp's architecture for ``config``; ExportError when its graph would compute something else."""
     arch = _GGUF_ARCHS.get(config.model_type)
     if arch is None:
         raise ExportError(f"GGUF export does not support model_type {config.model_type!r} "
                           f"(supported: {', '.join(sorted(_GGUF_ARCHS))})")
-    windows = {w for w in config.layer_windows if w is not None}
-    if windows:
-        raise ExportError(f"GGUF export: model_type {config.model_type!r} with sliding-window attention (window "
-                          f"{sorted(windows)[0]}) is not supported: llama.cpp's {arch!r} graph attends to the whole "
-                          "context, so the exported model would compute something else")
-    kind = (config.rope_scaling or {}).get("rope_type", "default")
-    if kind == "llama3" and arch != "llama":
-        raise ExportError(f"GGUF export: llama3 RoPE scaling is only represented for the llama architecture, "
-                          f"not {arch!r}")
+    problem = _gguf_mismatch(config, arch)
+    if problem:
+        raise ExportError(f"GGUF export: model_type {config.model_type!r} {problem}, which llama.cpp's "
+                          f"{arch.name!r} graph does not represent, so the exported model would compute something "
+                          "else")
     return arch
+
+
+def _gguf_mismatch(config, arch: LlamaCppArch) -> str | None:
+    """What of ``config`` llama.cpp's ``arch`` graph cannot compute, as words; None when it can."""
+    biases = {"qkv": config.qkv_bias, "o": config.o_bias, "mlp": config.mlp_bias}
+    extra = [kind for kind, present in biases.items() if present and kind not in arch.biases]
+    if extra:
+        return f"has {'/'.join(extra)} projection biases"
+    windows = {w for w in config.layer_windows if w is not None}
+    binding = {w for w in windows if w < config.max_position_embeddings}  # wider windows never bind
+    if binding and not arch.windows:
+        return f"has sliding-window attention (window {min(binding)})"
+    if len(windows) > 1:
+        return f"has sliding windows of different sizes {sorted(windows)}"
+    kinds = {dict(r.scaling or {}).get("rope_type", "default") for r in config.layer_rotary if r is not None}
+    if kinds - set(arch.rope_types):
+        return f"has {sorted(kinds - set(arch.rope_types))[0]} RoPE scaling"
+    local = {r for r, w in zip(config.layer_rotary, config.layer_windows) if r is not None and w is not None}
+    rotaries = {r for r in config.layer_rotary if r is not None} - (local if arch.windows else set())
+    if len(rotaries) > 1 or len(local) > 1 or any(r.scaling for r in local if arch.windows):
+        return "has a RoPE other than one global table (and, with sliding windows, one unscaled local one)"
+    no_rope = tuple(r is None for r in config.layer_rotary)
+    every = arch.no_rope_every
+    if no_rope != tuple(every is not None and (i + 1) % every == 0 for i in range(config.num_layers)):
+        layers = [i for i, skip in enumerate(no_rope) if skip]
+        return f"has layers without RoPE {layers} (llama.cpp: every {every}th)" if every else \
+            f"has layers without RoPE {layers}"
+    if (config.attn_softcap or config.final_softcap) and not arch.softcap:
+        return "has soft-capping"
+    if arch.softcap and not (config.attn_softcap and config.final_softcap):
+        return "has no attention or no final soft-capping (llama.cpp always caps both)"
+    if arch.scale_by_hidden_at is not None:
+        dims = config.hidden_size // config.num_heads if config.num_layers == arch.scale_by_hidden_at \
+            else config.head_dim
+        if not math.isclose(config.attn_scale, dims ** -0.5, rel_tol=1e-6):
+            return (f"has attention scale {config.attn_scale:.6g} (query_pre_attn_scalar "
+                    f"{config.attn_scale ** -2:.6g}; llama.cpp takes {dims})")
+    elif config.attn_scale is not None:
+        return f"has attention scale {config.attn_scale:.6g}"
+    return None
 
 
 def llama3_rope_factors(config) -> torch.Tensor:
@@ -286,53 +367,36 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
             raise ExportError("export_gguf: the model has no source folder to read the tokenizer from; pass vocab=")
         vocab = gguf_vocab(model.source, config.vocab_size)
 
-    # (gguf name, tensor, ggml type) in file order; the Q/K permutation is applied when the tensor is written.
-    entries: list[tuple[str, torch.Tensor, Any]] = [
-        (gguf_tensor_name(hf_name, config), tensor,
+    # (gguf name, Hugging Face name, tensor, ggml type) in file order; tensors are converted when written.
+    entries: list[tuple[str, str, torch.Tensor, Any]] = [
+        (gguf_tensor_name(hf_name, config), hf_name, tensor,
          qtypes[dtype] if tensor.dim() >= 2 else gguf.GGMLQuantizationType.F32)
         for hf_name, tensor in flat.items()]
-    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads} if arch == "llama" else {}
-    if (config.rope_scaling or {}).get("rope_type") == "llama3":
-        entries.append(("rope_freqs.weight", llama3_rope_factors(config), gguf.GGMLQuantizationType.F32))
+    f32 = gguf.GGMLQuantizationType.F32
+    entries += [(name, name, t, f32) for name, t in _gguf_extra_tensors(config).items()]
 
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, arch.name)
     try:
         writer.add_name(Path(model.source).name if model.source else "ft-prog model")
         writer.add_file_type(file_types[dtype])
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_heads)
-        writer.add_head_count_kv(config.num_kv_heads)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        if (config.rope_scaling or {}).get("rope_type") == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+        _add_gguf_hparams(writer, config, arch)
         vocab.add_to(writer)
 
         numpy_of = {gguf.GGMLQuantizationType.F32: (torch.float32, np.float32),
                     gguf.GGMLQuantizationType.F16: (torch.float16, np.float16),
                     gguf.GGMLQuantizationType.BF16: (torch.bfloat16, np.uint16)}
-        for name, t, qtype in entries:
+        for name, _, t, qtype in entries:
             np_dtype = np.dtype(numpy_of[qtype][1])
             writer.add_tensor_info(name, tuple(t.shape), np_dtype, t.numel() * np_dtype.itemsize, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, t, qtype in entries:  # one tensor converted at a time
-            module = name.split(".")[-2]  # blk.0.attn_q.weight -> attn_q
-            if module in heads:
-                t = llama_permute(t, heads[module])
+        for _, hf_name, t, qtype in entries:  # one tensor converted at a time
+            t = _gguf_tensor(hf_name, t, config, arch)
             torch_dtype = numpy_of[qtype][0]
             t = t.detach().to("cpu", torch_dtype).contiguous()
             array = t.view(torch.int16).numpy().view(np.uint16) if torch_dtype == torch.bfloat16 else t.numpy()
@@ -345,6 +409,68 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
         tmp.unlink(missing_ok=True)
         raise
     return output
+
+
+def _add_gguf_hparams(writer, config, arch: LlamaCppArch) -> None:
+    """The model's shape and behaviour as the ``{arch}.*`` metadata keys llama.cpp reads."""
+    import gguf
+
+    rotary = config.rotary
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(rotary.dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    scaling = rotary.scaling_dict
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if scaling.get("rope_type") == "longrope":  # the factors are tensors (_gguf_extra_tensors)
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_attn_factors(float(scaling["attention_factor"]))
+    windows = [w for w in config.layer_windows if w is not None]
+    if arch.windows and windows:
+        writer.add_sliding_window(windows[0])
+        writer.add_sliding_window_pattern([w is not None for w in config.layer_windows])
+        local = next(r for r, w in zip(config.layer_rotary, config.layer_windows) if w is not None)
+        writer.add_rope_freq_base_swa(local.theta)
+    if arch.softcap:
+        writer.add_attn_logit_softcapping(config.attn_softcap)
+        writer.add_final_logit_softcapping(config.final_softcap)
+
+
+def _gguf_extra_tensors(config) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp reads that the checkpoint does not hold: RoPE frequency factors (f32)."""
+    import gguf
+
+    scaling = config.rotary.scaling_dict
+    if scaling.get("rope_type") == "llama3":
+        return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
+    if scaling.get("rope_type") == "longrope":
+        return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight":
+                torch.tensor(scaling["long_factor"], dtype=torch.float32),
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight":
+                torch.tensor(scaling["short_factor"], dtype=torch.float32)}
+    return {}
+
+
+def _gguf_tensor(hf_name: str, tensor: torch.Tensor, config, arch: LlamaCppArch) -> torch.Tensor:
+    """A checkpoint tensor as llama.cpp computes with it: norm scales with ``norm_offset`` added (Gemma stores
+    ``scale - 1``), Q/K in the pairwise rotary layout for ``pairwise_rope`` graphs."""
+    if config.norm_offset and hf_name.endswith("norm.weight"):
+        return tensor.float() + config.norm_offset
+    if arch.pairwise_rope and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return llama_permute(tensor, config.num_heads)
+    if arch.pairwise_rope and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return llama_permute(tensor, config.num_kv_heads)
+    return tensor
 
 
 # ------------------------------------------------------------------------------------- gguf tokenizer

@@ -75,3 +75,22 @@ def save_hf(arch: str, folder, seed: int = 0, **save_kwargs):
     model = hf_model(arch, seed)
     model.save_pretrained(folder, **save_kwargs)
     return model
+
+
+def hf_gemma3_multimodal(seed: int = 0, **text_overrides):
+    """A random Gemma3ForConditionalGeneration (fp32, eval) whose language model is ``ARCHS["gemma3"]``'s, with a
+    one-layer vision tower (image token id 95); norms and biases randomised too."""
+    import transformers
+
+    torch.manual_seed(seed)
+    text = hf_config("gemma3", **text_overrides).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=95, boi_token_index=93, eoi_token_index=94)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()

@@ -173,7 +173,8 @@ def _unpermute(w, n_head):
 
 
 def check_gguf(path, model, dtype, arch):
-    """Every tensor of ``path`` equals ``model``'s (permutation undone for llama); the metadata is there."""
+    """Every tensor of ``path`` equals ``model``'s (permutation undone where llama.cpp rotates pairs, Gemma's +1 on
+    norms); RoPE factor tensors and the metadata are there."""
     cfg = model.config
     reader = gguf.GGUFReader(path)
     assert _field(reader, "general.architecture") == arch
@@ -181,7 +182,7 @@ def check_gguf(path, model, dtype, arch):
         f"{arch}.context_length": cfg.max_position_embeddings, f"{arch}.embedding_length": cfg.hidden_size,
         f"{arch}.block_count": cfg.num_layers, f"{arch}.feed_forward_length": cfg.intermediate_size,
         f"{arch}.attention.head_count": cfg.num_heads, f"{arch}.attention.head_count_kv": cfg.num_kv_heads,
-        f"{arch}.attention.key_length": cfg.head_dim, f"{arch}.rope.dimension_count": cfg.head_dim,
+        f"{arch}.attention.key_length": cfg.head_dim, f"{arch}.rope.dimension_count": cfg.rotary.dim,
         f"{arch}.vocab_size": cfg.vocab_size,
     }
     for key, value in expect.items():
@@ -197,24 +198,34 @@ def check_gguf(path, model, dtype, arch):
         assert re.sub(r"^blk\.\d+\.", "blk.{bid}.", name.rsplit(".", 1)[0]) in valid, name
     flat = flatten(model.params)
     names = {gguf_tensor_name(p, cfg) for p in flat}
-    rope3 = (cfg.rope_scaling or {}).get("rope_type") == "llama3"
-    assert set(got) == names | ({"rope_freqs.weight"} if rope3 else set())
+    rope = cfg.rotary.scaling_dict
+    extra = {"llama3": {"rope_freqs.weight"}, "longrope": {"rope_factors_long.weight", "rope_factors_short.weight"}}
+    assert set(got) == names | extra.get(rope.get("rope_type"), set())
     assert ("output.weight" in got) == (not cfg.tie_word_embeddings)
     ggml = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     types = {t.name: t.tensor_type.name for t in reader.tensors}
+    pairwise = arch in ("llama", "smollm3")
     for hf_name, tensor in flat.items():
         name = gguf_tensor_name(hf_name, cfg)
         t = got[name]
-        if arch == "llama" and ".q_proj." in hf_name:
+        if pairwise and ".q_proj." in hf_name:
             t = _unpermute(t, cfg.num_heads)
-        elif arch == "llama" and ".k_proj." in hf_name:
+        elif pairwise and ".k_proj." in hf_name:
             t = _unpermute(t, cfg.num_kv_heads)
         want_dtype = dtype if tensor.dim() == 2 else torch.float32
         assert types[name] == ggml[want_dtype], name
+        if hf_name.endswith("norm.weight"):
+            tensor = tensor.float() + cfg.norm_offset  # Gemma: llama.cpp multiplies by the stored weight
         assert torch.equal(t, tensor.to(want_dtype)), name
-    if rope3:
+    if rope.get("rope_type") == "llama3":
         base = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
         torch.testing.assert_close(base / got["rope_freqs.weight"], rope_inv_freq(cfg.rotary), rtol=1e-5, atol=0)
+    if rope.get("rope_type") == "longrope":
+        assert got["rope_factors_long.weight"].tolist() == pytest.approx(list(rope["long_factor"]))
+        assert got["rope_factors_short.weight"].tolist() == pytest.approx(list(rope["short_factor"]))
+        assert _field(reader, f"{arch}.rope.scaling.original_context_length") == \
+            rope["original_max_position_embeddings"]
+        assert _field(reader, f"{arch}.rope.scaling.attn_factor") == pytest.approx(rope["attention_factor"])
     return reader
 
 
@@ -251,18 +262,32 @@ def test_gguf_llama_with_adapter(llama, tmp_path):
     assert _field(reader, "tokenizer.chat_template") == tok.chat_template
 
 
+# Tiny configs as llama.cpp computes them (the _hf.ARCHS defaults that it cannot are refused, test_gguf_refusals).
+LLAMA_CPP_CONFIGS = {
+    "gemma2": {"query_pre_attn_scalar": 32},  # llama.cpp's Gemma attention scale is head_dim ** -0.5
+    "phi3": {"sliding_window": None},  # llama.cpp's phi3 graph has no sliding window
+    "smollm3": {"no_rope_layer_interval": 4, "attention_bias": False},  # no RoPE on every 4th layer, no biases
+}
+
+
 @pytest.mark.parametrize("arch, gguf_arch, dtype", [
     ("qwen2-tied", "qwen2", torch.bfloat16),
     ("qwen3", "qwen3", torch.float32),
     ("llama-bias-headdim", "llama", torch.bfloat16),
     ("smollm2", "llama", torch.float16),
+    ("gemma2", "gemma2", torch.bfloat16),
+    ("gemma3", "gemma3", torch.float16),
+    ("phi3", "phi3", torch.float32),
+    ("phi4-mini", "phi3", torch.bfloat16),
+    ("olmo2", "olmo2", torch.float16),
+    ("smollm3", "smollm3", torch.float32),
 ])
 def test_gguf_families(arch, gguf_arch, dtype, tmp_path):
     from _hf import hf_model
     from _tokfixtures import build_bpe_folder
 
     folder = tmp_path / arch
-    hf_model(arch, vocab_size=640).save_pretrained(folder)
+    hf_model(arch, vocab_size=640, **LLAMA_CPP_CONFIGS.get(arch, {})).save_pretrained(folder)
     build_bpe_folder(folder)
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     path = export(folder, tmp_path / "out", "gguf", dtype=name)
@@ -270,13 +295,32 @@ def test_gguf_families(arch, gguf_arch, dtype, tmp_path):
     model = load_pretrained(folder)
     reader = check_gguf(path, model, dtype, gguf_arch)
     names = {t.name for t in reader.tensors}
-    if arch == "qwen3":
+    key = lambda k: _field(reader, f"{gguf_arch}.{k}")  # noqa: E731
+    if arch in ("qwen3", "gemma3", "olmo2"):
         assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
     if arch == "qwen2-tied":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
     if arch == "llama-bias-headdim":
         assert {"blk.0.attn_q.bias", "blk.0.attn_output.bias", "blk.1.ffn_gate.bias"} <= names
-        assert _field(reader, "llama.attention.key_length") == 24
+        assert key("attention.key_length") == 24
+    if arch in ("gemma2", "gemma3"):  # sandwich norms; windows per layer
+        assert {"blk.1.attn_norm.weight", "blk.1.post_attention_norm.weight", "blk.1.ffn_norm.weight",
+                "blk.1.post_ffw_norm.weight"} <= names
+        assert key("attention.sliding_window") == 4
+        assert key("attention.sliding_window_pattern") == [w is not None for w in model.config.layer_windows]
+    if arch == "gemma2":
+        assert key("attn_logit_softcapping") == pytest.approx(0.5)
+        assert key("final_logit_softcapping") == pytest.approx(0.3)
+    if arch == "gemma3":  # global layers: base 1e6 with linear scaling 8; local layers: base 1e4
+        assert key("rope.freq_base_swa") == 10000.0 and key("rope.scaling.factor") == 8.0
+        assert key("rope.scaling.type") == "linear"
+    if arch.startswith("phi"):  # fused projections stay fused
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.ffn_gate.weight" not in names
+    if arch == "phi4-mini":
+        assert key("rope.dimension_count") == 12  # partial rotary: 0.75 of head_dim 16
+    if arch == "olmo2":  # post-norm layers: no pre-norm tensors
+        assert {"blk.2.post_attention_norm.weight", "blk.2.post_ffw_norm.weight"} <= names
+        assert not any(n.endswith(("attn_norm.weight", "ffn_norm.weight")) for n in names)
 
 
 def test_gguf_sentencepiece_and_tiktoken_tokenizers(tmp_path):
@@ -323,37 +367,62 @@ def test_gguf_sentencepiece_and_tiktoken_tokenizers(tmp_path):
     assert _field(reader, "tokenizer.ggml.eos_token_id") == n + 9  # <|eot_id|>
 
 
-# llama.cpp (n_threads=1) against ft-prog's fp32 logits, max |logit| about 0.6; measured max abs difference:
-# fp32 export with an f32 KV cache 4.2e-7 (llama3.1) / 3.3e-7 (qwen3); fp16 export with llama.cpp's default f16 KV
-# cache 8.4e-4 / 3.8e-4 (f16 weights, and activations rounded to f16 in llama.cpp's f16 matmul).
-@pytest.mark.parametrize("arch", ["llama3.1", "qwen3"])
-@pytest.mark.parametrize("dtype, kv_f32, atol", [("fp32", True, 1e-6), ("fp16", False, 1.5e-3)], ids=["fp32", "fp16"])
-def test_gguf_runs_in_llama_cpp(arch, dtype, kv_f32, atol, tmp_path):
+# llama.cpp (n_threads=1) against ft-prog's fp32 logits: the largest difference allowed for an fp32 export with an
+# f32 KV cache and for an fp16 export with llama.cpp's default f16 KV cache (f16 weights, and activations rounded to
+# f16 in llama.cpp's f16 matmul). Max |logit| is 0.3 to 1; measured max abs differences in the comments
+# (fp32 / fp16). Gemma's fp32 bound is wider because ggml's CPU GELU reads an fp16 table (GGML_GELU_FP16): the GeGLU
+# output carries f16 rounding even in an fp32 model. Phi-3's LongRoPE (factors up to 5, attention factor 1.15)
+# sharpens the attention further, so its few float ulps of RoPE differences show a little more.
+LLAMA_CPP_BOUNDS = {
+    "llama3.1": (1e-6, 1.5e-3),  # 4.2e-7 / 8.4e-4
+    "qwen3": (1e-6, 1.5e-3),  # 3.3e-7 / 3.8e-4
+    "gemma2": (5e-4, 1.5e-3),  # 1.6e-4 / 5.7e-4 (GELU table)
+    "gemma3": (1e-3, 2.5e-3),  # 3.5e-4 / 1.2e-3 (GELU table)
+    "phi3": (4e-6, 5e-3),  # 1.7e-6 / 2.3e-3 (LongRoPE)
+    "phi4-mini": (4e-6, 5e-3),  # 1.6e-6 / 2.9e-3 (LongRoPE)
+    "olmo2": (1e-6, 1.5e-3),  # 6.2e-7 / 7.0e-4
+    "smollm3": (1e-6, 1.5e-3),  # 5.7e-7 / 9.1e-4
+}
+
+
+@pytest.mark.parametrize("arch", list(LLAMA_CPP_BOUNDS))
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gguf_runs_in_llama_cpp(arch, dtype, tmp_path):
     """llama.cpp itself (llama-cpp-python, when installed) computes our logits and our tokenization."""
     llama_cpp = optional_oracle("llama_cpp", ORACLES)
     from _hf import hf_model
     from _tokfixtures import build_bpe_folder
 
-    hf = hf_model(arch, vocab_size=640, max_position_embeddings=256)
+    hf = hf_model(arch, vocab_size=640, max_position_embeddings=256, **LLAMA_CPP_CONFIGS.get(arch, {}))
+    c = hf.config
+    q_k_rows = (c.num_attention_heads + c.num_key_value_heads) * (getattr(c, "head_dim", None)
+                                                                  or c.hidden_size // c.num_attention_heads)
     with torch.no_grad():  # sharp attention, so that a wrong RoPE layout would show
         for name, p in hf.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(10)
-    hf.save_pretrained(tmp_path / arch)
-    build_bpe_folder(tmp_path / arch)
-    path = export(tmp_path / arch, tmp_path / "m.gguf", "gguf", dtype=dtype)
-    kv = llama_cpp.GGML_TYPE_F32 if kv_f32 else None  # None: llama.cpp's default (f16)
+            elif name.endswith("qkv_proj.weight"):
+                p[:q_k_rows].mul_(10)
+    # A folder (so general.name) without "phi" in it: llama.cpp then looks up Phi-3's <|end|>, which the tiny
+    # tokenizer lacks.
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    build_bpe_folder(folder)
+    path = export(folder, tmp_path / "m.gguf", "gguf", dtype=dtype)
+    kv = llama_cpp.GGML_TYPE_F32 if dtype == "fp32" else None  # None: llama.cpp's default (f16)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
                           type_k=kv, type_v=kv)
+    # 32 tokens: past Phi-3's original context (8), where both ft-prog and llama.cpp (n_ctx 64) take the long factors
     ids = torch.randint(0, 600, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]))
-    model = load_pretrained(tmp_path / arch)
+    model = load_pretrained(folder)
     assert model.dtype == torch.float32
     want = model(torch.tensor([ids]))[0].detach()
-    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    print(f"{arch} {dtype}: max |logit| {want.abs().max():.3g}, max abs difference {(got - want).abs().max():.3g}")
+    torch.testing.assert_close(got, want, rtol=0, atol=LLAMA_CPP_BOUNDS[arch][dtype == "fp16"])
     text = "Hello, world! <|im_start|>user\nThe quick brown fox 2024.<|im_end|>"
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == load_tokenizer(tmp_path / arch).encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == load_tokenizer(folder).encode(text)
 
 
 def test_gguf_of_the_demo_model(tmp_path, monkeypatch):
@@ -379,6 +448,28 @@ def test_gguf_refusals(tmp_path):
         hf_model(arch).save_pretrained(folder)
         with pytest.raises(ExportError, match="sliding-window"):
             export(folder, tmp_path / "w.gguf", "gguf")
+    # What llama.cpp's graph of a family computes differently is refused before the weights load, naming
+    # model_type and the difference (the _hf.ARCHS defaults; LLAMA_CPP_CONFIGS holds their exportable variants).
+    graph = "which llama.cpp's '{}' graph does not represent"
+    for arch, overrides, message in [
+        ("gemma2", {}, r"model_type 'gemma2' has attention scale 0.204124 \(query_pre_attn_scalar 24; llama.cpp "
+                       r"takes 32\), " + graph.format("gemma2")),
+        ("gemma2", {"query_pre_attn_scalar": 32, "attn_logit_softcapping": None},
+         r"'gemma2' has no attention or no final soft-capping \(llama.cpp always caps both\)"),
+        ("phi3", {}, r"model_type 'phi3' has sliding-window attention \(window 6\), " + graph.format("phi3")),
+        ("smollm3", {"attention_bias": False}, r"model_type 'smollm3' has layers without RoPE \[1, 3\] \(llama.cpp: every 4th\)"),
+        ("smollm3", {"no_rope_layer_interval": 4}, r"model_type 'smollm3' has qkv/o projection biases"),
+        ("olmo2", {"attention_bias": True}, r"model_type 'olmo2' has qkv/o projection biases"),
+        ("qwen3", {"attention_bias": True},
+         r"model_type 'qwen3' has qkv/o projection biases"),
+        ("llama2", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                        "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}},
+         r"model_type 'llama' has longrope RoPE scaling, " + graph.format("llama")),
+    ]:
+        folder = tmp_path / f"{arch}-refused"
+        hf_model(arch, **overrides).save_pretrained(folder)
+        with pytest.raises(ExportError, match=message):
+            export(folder, tmp_path / "r.gguf", "gguf")
     folder = tmp_path / "notok"
     hf_model("llama2").save_pretrained(folder)
     with pytest.raises(ExportError, match="needs the model's tokenizer"):

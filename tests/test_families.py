@@ -269,3 +269,52 @@ def test_checkpoint_and_shard_equal_eager(family, tmp_path, process_group):
         assert rel_err(g, eager_grads[path]) <= 1e-5, path
     with torch.no_grad():
         assert (unshard(sharded)(tokens) - adapted(tokens)).abs().max() <= 1e-6
+
+
+def test_multimodal_gemma3_loads_as_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder loads as its gemma3_text language model (vision tower left out, with
+    a note), in both weight layouts: transformers 5's and the Hub's ``language_model.model.*`` and transformers
+    4.5x's ``model.language_model.*``. Its logits equal the multimodal model's on text; it trains and generates as
+    transformers does; saved, it is a gemma3_text folder that Gemma3ForCausalLM loads."""
+    from safetensors.torch import load_file, save_file
+
+    from _hf import hf_gemma3_multimodal
+    from ftprog.programs.generate import generate
+
+    hf = hf_gemma3_multimodal()
+    hf.save_pretrained(tmp_path / "mm")
+    stored = load_file(tmp_path / "mm" / "model.safetensors")
+    assert any(k.startswith("language_model.model.layers.") for k in stored)  # the layout transformers 5.25 saves
+    older = tmp_path / "mm-4.5x"  # the same weights as transformers 4.50-4.57 saved them
+    older.mkdir()
+    (older / "config.json").write_text((tmp_path / "mm" / "config.json").read_text())
+    renames = {"language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
+               "multi_modal_projector.": "model.multi_modal_projector."}
+    save_file({next((new + k[len(old):] for old, new in renames.items() if k.startswith(old)), k): t
+               for k, t in stored.items()}, older / "model.safetensors")
+
+    tokens = torch.randint(0, 90, (2, 10))  # text only: below the image tokens (93-95)
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+    for folder in (tmp_path / "mm", older):
+        with pytest.warns(UserWarning, match=r"multimodal checkpoint; loaded its language model only, \d+ vision"):
+            model = load_pretrained(folder)
+        assert model.config.model_type == "gemma3_text" and model.config.layer_windows == (4, 4, None)
+        with torch.no_grad():
+            assert (model(tokens) - want).abs().max() <= 1e-4
+
+    loss, grads = value_and_grad(lambda m, t: causal_lm_loss(m(t, training=True), t))(model, tokens)
+    assert torch.isfinite(loss) and grads.keys() == set(model.trainable)
+    prompt = tokens[:1].tolist()
+    with torch.no_grad():
+        hf_new = hf.generate(input_ids=tokens[:1], do_sample=False, max_new_tokens=5, min_new_tokens=5,
+                             eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    assert generate(model, prompt, max_new_tokens=5) == [hf_new]
+
+    out = save_pretrained(model, tmp_path / "text")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
+    text_hf = transformers.Gemma3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (text_hf(tokens).logits - want).abs().max() <= 1e-4
+        assert torch.equal(load_pretrained(out)(tokens), model(tokens))
