@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -82,3 +83,184 @@ def test_one_step_equals_a_two_model_transformers_peft_implementation(method, tm
     assert grads.keys() == oracle.keys()
     for path, g in grads.items():
         assert (g - oracle[path]).norm() <= 1e-5 * oracle[path].norm() + 1e-9, path
+
+
+# ------------------------------------------------------------------------------------------- the program
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from _sft_fixtures import model_dir, one_thread, write_jsonl  # noqa: E402,F401
+from test_sft import ONE_THREAD, TIMEOUT, assert_bitwise_equal, cli, losses, records, wait_for, weights  # noqa: E402
+
+# `ft-prog run dpo`, each micro-batch slowed after its forward (numerics untouched) and counted in $DPO_TEST_CALLS,
+# so a signal can be aimed at the middle of a step.
+SLOW_CLI = [sys.executable, "-c", """
+import os, time
+from ftprog.programs import dpo
+from ftprog.programs.cli import main
+fast, calls = dpo.step_loss, [0]
+def slow(*args, **kwargs):
+    out = fast(*args, **kwargs)
+    calls[0] += 1
+    with open(os.environ["DPO_TEST_CALLS"], "w") as f:
+        f.write(str(calls[0]))
+    time.sleep(0.25)
+    return out
+dpo.step_loss = slow
+main()
+"""]
+
+
+def preference_rows(count: int, seed: int = 0, kto: bool = False) -> list[dict]:
+    """Reversal pairs: chosen = the reversed word, rejected = the word itself (KTO: one of them, labelled)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 8)))
+        if kto:
+            good = i % 2 == 0
+            rows.append({"prompt": word, "completion": word[::-1] if good else word, "label": good})
+        else:
+            rows.append({"prompt": word, "chosen": word[::-1], "rejected": word})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("dpo-data") / "pairs.jsonl", preference_rows(24))
+
+
+@pytest.fixture
+def dpo_config(tmp_path, model_dir, pairs_file):  # noqa: F811
+    path = tmp_path / "dpo.toml"
+    path.write_text(f"""\
+dtype = "fp32"
+seq_len = 64
+batch_size = 4
+max_steps = 4
+output_dir = {json.dumps(str(tmp_path / "out"))}
+
+[model]
+path = {json.dumps(str(model_dir))}
+
+[data]
+path = {json.dumps(str(pairs_file))}
+val_fraction = 4
+
+[peft]
+method = "lora"
+targets = ["all-linear"]
+rank = 4
+alpha = 8.0
+
+[optimizer]
+lr = 1e-3
+schedule = "constant"
+
+[log]
+progress = false
+plot = false
+""")
+    return path
+
+
+def run_dpo(config_file: Path, *overrides: str) -> Path:
+    cfg, resolved = load_config(dpo.CONFIG, config_file, list(overrides), builtin_dir=CONFIG_DIR / "dpo")
+    return dpo.run(cfg, resolved)
+
+
+def test_a_lora_run_logs_reward_metrics_and_writes_an_adapter(dpo_config, tmp_path, capsys):
+    from ftprog.transforms import load_adapter
+
+    final = run_dpo(dpo_config, "log.plot=true")
+    out = tmp_path / "out"
+    steps = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert set(dpo.METRICS) <= r.keys() and {"lr", "tokens", "tokens_per_s", "grad_norm"} <= r.keys()
+        assert r["rewards/margin"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-6)
+        assert 0 <= r["rewards/accuracy"] <= 1
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: the policy is the reference
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["val_after"]["loss"] < math.log(2)  # held-out pairs moved the preferred way
+    assert (out / "loss_curve.png").is_file()
+    model_path = load_config(dpo.CONFIG, dpo_config, [], builtin_dir=CONFIG_DIR / "dpo")[0].model.path
+    adapted = load_adapter(load_pretrained(model_path), final)
+    assert adapted.trainable
+    printed = capsys.readouterr().out
+    assert "held-out reward accuracy 0.0%" in printed and "data: 20 pairs from 24 rows" in printed
+
+
+def test_resume_after_sigkill_is_exact(dpo_config, tmp_path):
+    overrides = ["max_steps=6", "save_every=2", "peft.dropout=0.1"]
+    run_dpo(dpo_config, *overrides, f"output_dir={tmp_path / 'a'}")
+    out = tmp_path / "b"
+    args = ["run", "dpo", "--config", str(dpo_config), *overrides, f"output_dir={out}"]
+    calls = tmp_path / "calls"
+    proc = subprocess.Popen([*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD, "DPO_TEST_CALLS": str(calls)})
+    wait_for(out / "step_2", proc)
+    wait_for(calls, proc, at_least=3)  # mid step 3
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    assert_bitwise_equal(weights(out / "final"), weights(tmp_path / "a" / "final"))
+    assert losses(out) == losses(tmp_path / "a")
+    assert [step for step, _ in losses(out)] == list(range(1, 7))
+
+
+def test_a_bad_preference_row_is_one_message(dpo_config, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*preference_rows(3), {"prompt": "abc", "chosen": "cba"}])
+    done = cli("run", "dpo", "--config", str(dpo_config), f"data.path={bad}")
+    assert done.returncode != 0
+    assert f"{bad}:4:" in done.stderr and "rejected" in done.stderr and "skip_bad" in done.stderr
+    assert "Traceback" not in done.stderr and not list((tmp_path / "out").glob("step_*"))
+
+
+def test_kto_rows_with_a_paired_loss_are_refused(dpo_config, tmp_path):
+    kto = write_jsonl(tmp_path / "kto.jsonl", preference_rows(8, kto=True))
+    done = cli("run", "dpo", "--config", str(dpo_config), f"data.path={kto}", "data.val_fraction=0")
+    assert done.returncode != 0 and "loss.type='kto'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "simpo", "orpo", "kto"])
+def test_every_loss_type_trains(loss, dpo_config, tmp_path):
+    overrides = [f"loss.type={loss}", "max_steps=3"]
+    if loss == "kto":
+        kto = write_jsonl(tmp_path / "kto.jsonl", preference_rows(24, kto=True))
+        overrides.append(f"data.path={kto}")
+    if loss == "robust":
+        overrides.append("loss.label_smoothing=0.1")
+    run_dpo(dpo_config, *overrides)
+    steps = [r for r in records(tmp_path / "out") if "loss" in r]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
+    assert "rewards/chosen" in steps[0] and "logps/rejected" in steps[0]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert math.isfinite(summary["val_after"]["loss"])
+
+
+def test_precomputed_reference_equals_a_frozen_copy(dpo_config, tmp_path, capsys):
+    """Full fine-tuning: the reference table computed before training gives the losses of a frozen copy, and a
+    resumed run reads the table instead of scoring again."""
+    common = ["peft.method=none", "optimizer.lr=1e-4", "max_steps=3"]
+    run_dpo(dpo_config, *common, f"output_dir={tmp_path / 'copy'}")
+    run_dpo(dpo_config, *common, "ref.precompute=true", "save_every=2", f"output_dir={tmp_path / 'table'}")
+    assert "reference: scoring 24 pairs" in capsys.readouterr().out
+    assert (tmp_path / "table" / "reference" / "logps.safetensors").is_file()
+    a, b = losses(tmp_path / "copy"), losses(tmp_path / "table")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
+    run_dpo(dpo_config, *common, "ref.precompute=true", "max_steps=4", f"output_dir={tmp_path / 'table'}")
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "reference: scoring" not in printed
