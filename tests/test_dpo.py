@@ -312,3 +312,17 @@ def test_demo_runs_offline_as_the_first_command(tmp_path):
     assert after["exact_match"] > before["exact_match"], (before, after)
     assert "held-out reward accuracy 0.0%" in done.stdout
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_the_lora_reference_costs_no_memory():
+    """Peak memory of a LoRA DPO step (chosen + rejected rows, the adapters-off reference) is within a few percent
+    of a LoRA SFT step on the same rows, and a reference holding its own copy of the weights would not be."""
+    script = Path(__file__).parent / "_step_memory.py"
+    peak = {}
+    for kind in ("sft", "dpo", "dpo-copy"):
+        done = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=TIMEOUT,
+                              env={**os.environ, **ONE_THREAD})
+        assert done.returncode == 0, done.stderr[-2000:]
+        peak[kind] = json.loads(done.stdout.splitlines()[-1])["peak_kib"]
+    assert peak["dpo"] <= 1.08 * peak["sft"], peak
+    assert peak["dpo-copy"] >= 1.15 * peak["sft"], peak  # the test would see a copy
