@@ -111,9 +111,12 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training (and validation) loss against step, as a PNG; None when nothing was logged."""
+    """Training (and validation) loss against step, as a PNG, with a reward-accuracy panel beside it when the run
+    logged one (preference tuning); None when nothing was logged."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    accuracy = [(r["step"], r["rewards/accuracy"]) for r in records if "rewards/accuracy" in r]
+    val_accuracy = [(r["step"], r["val_rewards/accuracy"]) for r in records if "val_rewards/accuracy" in r]
     if not train:
         return None
     import matplotlib
@@ -121,14 +124,26 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    panels = 2 if accuracy else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("loss" if accuracy else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if accuracy:
+        ax = axes[0][1]
+        ax.plot(*zip(*accuracy), label="train reward accuracy", linewidth=1.2)
+        if val_accuracy:
+            ax.plot(*zip(*val_accuracy), "o-", label="validation reward accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward accuracy (chosen > rejected)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

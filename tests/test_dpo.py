@@ -190,7 +190,8 @@ def test_a_lora_run_logs_reward_metrics_and_writes_an_adapter(dpo_config, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert summary["val_after"]["loss"] < math.log(2)  # held-out pairs moved the preferred way
-    assert (out / "loss_curve.png").is_file()
+    png = (out / "loss_curve.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 1400  # PNG width: the loss panel and the reward-accuracy panel
     model_path = load_config(dpo.CONFIG, dpo_config, [], builtin_dir=CONFIG_DIR / "dpo")[0].model.path
     adapted = load_adapter(load_pretrained(model_path), final)
     assert adapted.trainable

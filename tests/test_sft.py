@@ -159,7 +159,8 @@ def test_method_trains_and_final_loads(method, config, model_dir, tmp_path, monk
     assert [r["tokens"] for r in logged] == sorted({r["tokens"] for r in logged})  # strictly increasing
     first, last = logged[0]["loss"], logged[-1]["loss"]
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (out / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 700  # one panel: the loss
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["tokens"] == logged[-1]["tokens"]
 
