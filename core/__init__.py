@@ -19,7 +19,7 @@ from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._perplexity import perplexity, perplexity_windows
 from ._preference import (
-    LOSS_TYPES, PreferenceLoss, dpo_loss, kto_loss, needs_reference, orpo_loss, reward_metrics, simpo_loss,
+    LOSS_TYPES, PreferenceLoss, dpo_loss, kto_kl, kto_loss, needs_reference, orpo_loss, reward_metrics, simpo_loss,
     uses_average_logps,
 )
 from ._presets import PRESETS, preset
@@ -33,7 +33,7 @@ __all__ = [
     "Decoder", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS",
     "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss", "PreferenceStats", "Prepare",
     "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "dpo_loss", "flatten", "fold_system",
-    "from_config", "is_dtensor", "is_plain", "is_quantized", "is_static", "is_training", "kto_loss", "linear",
+    "from_config", "is_dtensor", "is_plain", "is_quantized", "is_static", "is_training", "kto_kl", "kto_loss", "linear",
     "linear_kind", "linear_paths", "load_datasets", "load_preference_datasets", "load_pretrained", "load_tokenizer",
     "make_model", "matches", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",

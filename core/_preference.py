@@ -196,29 +196,34 @@ def orpo_loss(
     return PreferenceLoss(losses, lam * policy_chosen.detach(), lam * policy_rejected.detach())
 
 
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's batch KL estimate ``z0 = max(0, mean(policy_kl_logps - ref_kl_logps))`` (0-d, detached): the mean is
+    taken before the clamp, as TRL does.
+
+    ``policy_kl_logps``, ``ref_kl_logps``: ``[kl_samples]`` summed log-probs of mismatched prompt/completion pairs
+    (each prompt with another sample's completion). Under data parallelism take the mean over every rank's pairs
+    (TRL: the mean of the per-process means, equal counts per process) and clamp it the same way.
+    """
+    return (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     desirable: torch.Tensor,
-    policy_kl_logps: torch.Tensor,
-    ref_kl_logps: torch.Tensor,
+    kl: torch.Tensor,
     *,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> PreferenceLoss:
-    """KTO on unpaired samples, with ``r = policy - ref`` and the batch KL estimate ``z0``:
+    """KTO on unpaired samples, with ``r = policy - ref`` and the batch KL estimate ``z0`` (:func:`kto_kl`):
     desirable ``w_d (1 - sigmoid(beta (r - z0)))``, undesirable ``w_u (1 - sigmoid(beta (z0 - r)))``.
-
-    ``z0 = max(0, mean(policy_kl_logps - ref_kl_logps))``, detached: the mean is taken before the clamp, as TRL
-    does. Under data parallelism TRL clamps the mean of the per-process means: all-gather the KL log-probs
-    (equal counts per process) before calling this to get the same value.
 
     Args:
         policy_logps, ref_logps: ``[samples]`` fp32 log-probs of each completion, summed over its tokens.
         desirable: ``[samples]`` bool, True for a desirable completion (all True or all False is fine).
-        policy_kl_logps, ref_kl_logps: ``[kl_samples]`` summed log-probs of mismatched prompt/completion pairs
-            (each prompt with another sample's completion), for ``z0`` only.
+        kl: ``z0``, a 0-d tensor (no gradient flows into it).
 
     Returns:
         per-sample losses in input order (their mean is TRL's loss); rewards ``beta * r`` of the desirable
@@ -228,7 +233,7 @@ def kto_loss(
     _check_positive(desirable_weight, "loss.desirable_weight")
     _check_positive(undesirable_weight, "loss.undesirable_weight")
     desirable = desirable.bool()  # a 0/1 label column works too; an integer index tensor must not
-    z0 = (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0)
+    z0 = kl.detach()
     ratio = policy_logps - ref_logps
     # 1 - sigmoid(x) written as sigmoid(-x): exact where 1 - sigmoid(x) would cancel
     losses = torch.where(desirable, desirable_weight * torch.sigmoid(beta * (z0 - ratio)),

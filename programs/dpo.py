@@ -69,9 +69,8 @@ def pair_loss(cfg: DPOConfig, policy: torch.Tensor, counts: torch.Tensor, ref: t
     """
     loss = cfg.loss
     scored = policy / counts.clamp(min=1) if uses_average_logps(loss.type) else policy
-    if loss.type == "kto":  # kl: the global estimate, passed as a one-sample KL batch against a zero reference
-        out = kto_loss(scored, ref, labels, kl.reshape(1), torch.zeros(1, device=kl.device), beta=loss.beta,
-                       desirable_weight=loss.desirable_weight, undesirable_weight=loss.undesirable_weight)
+    if loss.type == "kto":
+        out = kto_loss(scored, ref, labels, kl, beta=loss.beta, desirable_weight=loss.desirable_weight, undesirable_weight=loss.undesirable_weight)
         good, bad = labels, ~labels
         return out.losses, {"rewards/chosen": out.chosen_rewards.sum(), "rewards/rejected": out.rejected_rewards.sum(),
                             "logps/chosen": policy[good].detach().sum(), "logps/rejected": policy[bad].detach().sum(),
@@ -267,7 +266,7 @@ def _scored(ref: Model, model: Model, batch: Any, cfg: DPOConfig) -> tuple[torch
         return logps, None
     policy_kl, _ = sequence_logps(model, batch.kl_tokens, batch.kl_targets, batch.kl_attention_mask, training=False)
     ref_kl, _ = sequence_logps(ref, batch.kl_tokens, batch.kl_targets, batch.kl_attention_mask, training=False)
-    total = distributed.all_sum((policy_kl - ref_kl).sum().cpu())
+    total = distributed.all_sum((policy_kl - ref_kl).sum().cpu())  # kto_kl's mean-then-clamp, over all ranks
     return logps, (total / max(batch.global_num_pairs, 1)).clamp(min=0).to(logps.device)
 
 

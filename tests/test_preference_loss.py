@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from _oracle import optional_oracle
 
 from ftprog.core import (
-    LOSS_TYPES, ConfigError, PreferenceLoss, dpo_loss, kto_loss, needs_reference, orpo_loss, reward_metrics,
+    LOSS_TYPES, ConfigError, PreferenceLoss, dpo_loss, kto_kl, kto_loss, needs_reference, orpo_loss, reward_metrics,
     simpo_loss, uses_average_logps,
 )
 
@@ -227,7 +227,7 @@ def test_kto_matches_trl(beta, desirable_weight, undesirable_weight, kl_mean):
     not), with no gradient into it."""
     policy, ref, desirable, policy_kl, ref_kl = kto_inputs(kl_mean, MIXED)
     policy_kl.requires_grad_()
-    ours = kto_loss(policy, ref, desirable, policy_kl, ref_kl, beta=beta, desirable_weight=desirable_weight,
+    ours = kto_loss(policy, ref, desirable, kto_kl(policy_kl, ref_kl), beta=beta, desirable_weight=desirable_weight,
                     undesirable_weight=undesirable_weight)
     chosen_rewards, rejected_rewards = iter(ours.chosen_rewards), iter(ours.rejected_rewards)
     for i, is_desirable in enumerate(MIXED):
@@ -250,7 +250,7 @@ def test_kto_one_sided_batch_matches_trl(desirable):
     """A batch of only desirable (or only undesirable) samples: TRL's loss and gradient; the missing side's rewards
     are empty and its metrics left out."""
     policy, ref, labels, policy_kl, ref_kl = kto_inputs(0.7, desirable)
-    ours = kto_loss(policy, ref, labels, policy_kl, ref_kl, beta=0.2, desirable_weight=1.2, undesirable_weight=0.9)
+    ours = kto_loss(policy, ref, labels, kto_kl(policy_kl, ref_kl), beta=0.2, desirable_weight=1.2, undesirable_weight=0.9)
     loss, trl_metrics = trl_kto(0.2, 1.2, 0.9, policy, ref, labels, policy_kl, ref_kl, range(4))
     torch.testing.assert_close(ours.losses.mean(), loss.detach(), **TOL)
     torch.testing.assert_close(grads(ours.losses.mean(), [policy])[0], grads(loss, [policy])[0], **TOL)
@@ -273,8 +273,8 @@ def all_losses(chosen, rejected):
            for kind in ("dpo", "ipo", "hinge", "robust")},
         "simpo": simpo_loss(chosen, rejected, beta=2.0, gamma=1.0, label_smoothing=0.1),
         "orpo": orpo_loss(chosen, rejected, torch.tensor(1.0), lam=0.1),
-        "kto": kto_loss(kto_policy, torch.zeros_like(kto_policy), desirable, kto_policy.detach(),
-                        torch.zeros_like(kto_policy), beta=0.1),
+        "kto": kto_loss(kto_policy, torch.zeros_like(kto_policy), desirable, kto_kl(kto_policy.detach(),
+                        torch.zeros_like(kto_policy)), beta=0.1),
     }
 
 
@@ -318,7 +318,7 @@ def test_logps_table_covers_every_loss_type():
     (lambda x: dpo_loss(x, x, x, x, kind="sigmoid"), "loss.type", "is not one of"),
     (lambda x: simpo_loss(x, x, beta=-1.0, gamma=0.5), "loss.beta", "should be > 0"),
     (lambda x: orpo_loss(x, x, x, lam=0.0), "loss.lambda", "should be > 0"),
-    (lambda x: kto_loss(x, x, x > 0, x, x, undesirable_weight=0.0), "loss.undesirable_weight", "should be > 0"),
+    (lambda x: kto_loss(x, x, x > 0, kto_kl(x, x), undesirable_weight=0.0), "loss.undesirable_weight", "should be > 0"),
 ])
 def test_bad_settings_name_their_config_key(call, key, message):
     with pytest.raises(ConfigError, match=message) as error:
