@@ -8,8 +8,8 @@ from ._checkpoint import CheckpointError, as_dtype, load_pretrained, read_config
 from ._config import ConfigError, ModelConfig
 from ._data import (
     Batch, DataConfig, DataError, DataLoader, PreferenceBatch, PreferenceDataset, PreferenceLoader, PreferenceStats,
-    TokenizedDataset, load_datasets, load_preference_datasets, read_rows, split_validation, tokenize_dataset,
-    tokenize_preferences,
+    PromptDataset, PromptStats, TokenizedDataset, load_datasets, load_preference_datasets, load_prompt_datasets,
+    read_rows, split_validation, tokenize_dataset, tokenize_preferences, tokenize_prompts,
 )
 from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare
 from ._grad import value_and_grad
@@ -17,6 +17,7 @@ from ._linear import dense_weight, is_training, linear, linear_kind, register_li
 from ._loss import token_logprobs, token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
+from ._grpo import GRPO_LOSS_TYPES, group_advantages, grpo_loss_sum, grpo_normalizer, grpo_token_loss, nan_std
 from ._perplexity import perplexity, perplexity_windows
 from ._preference import (
     LOSS_TYPES, PreferenceLoss, dpo_loss, kto_kl, kto_loss, needs_reference, orpo_loss, reward_metrics, simpo_loss,
@@ -30,15 +31,17 @@ from ._tree import (
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
-    "Decoder", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model", "ModelConfig", "PRESETS",
-    "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss", "PreferenceStats", "Prepare",
-    "TokenizedDataset", "Tokenizer", "as_dtype", "combine", "dense_weight", "dpo_loss", "flatten", "fold_system",
-    "from_config", "is_dtensor", "is_plain", "is_quantized", "is_static", "is_training", "kto_kl", "kto_loss", "linear",
-    "linear_kind", "linear_paths", "load_datasets", "load_preference_datasets", "load_pretrained", "load_tokenizer",
-    "make_model", "matches", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
+    "Decoder", "GRPO_LOSS_TYPES", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model",
+    "ModelConfig", "PRESETS", "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss",
+    "PreferenceStats", "Prepare", "PromptDataset", "PromptStats", "TokenizedDataset", "Tokenizer", "as_dtype",
+    "combine", "dense_weight", "dpo_loss", "flatten", "fold_system", "from_config", "group_advantages",
+    "grpo_loss_sum", "grpo_normalizer", "grpo_token_loss", "is_dtensor", "is_plain", "is_quantized", "is_static",
+    "is_training", "kto_kl", "kto_loss", "linear", "linear_kind", "linear_paths", "load_datasets",
+    "load_preference_datasets", "load_pretrained", "load_prompt_datasets", "load_tokenizer", "make_model",
+    "matches", "nan_std", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
     "reward_metrics", "save_pretrained", "select", "set_training", "simpo_loss", "split_validation",
-    "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences", "tree_map", "unflatten",
-    "uses_average_logps", "value_and_grad",
+    "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences", "tokenize_prompts", "tree_map",
+    "unflatten", "uses_average_logps", "value_and_grad",
 ]
 

@@ -74,6 +74,10 @@ Each sample is prompt + response through the chat template, the mask on the resp
 Too long for ``seq_len``: the response keeps its tokens and the prompt is cut from the left (a leading bos
 stays), by the longer response of a pair so that both keep the same prompt tokens; a response too long to fit
 beside :data:`MIN_PROMPT_TOKENS` of prompt is cut at its end. :class:`PreferenceStats` counts the cuts.
+
+**Prompt data** (``format = "prompt"``, :func:`load_prompt_datasets` -> :class:`PromptDataset`, for sampling in
+RL): a ``prompt`` (a string: one user turn; or a message list ending with the user's) through the chat template
+with the generation prompt; the row's other columns travel with it (rewards read them).
 """
 
 from __future__ import annotations
@@ -390,7 +394,7 @@ class TokenizerLike(Protocol):
     def with_chat_template(self, template: str) -> TokenizerLike: ...
 
 
-FORMATS = ("auto", "instruct", "chat", "text", "preference")
+FORMATS = ("auto", "instruct", "chat", "text", "preference", "prompt")
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
           "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "bing": "assistant"}
 
@@ -762,6 +766,9 @@ def tokenize_dataset(
     if fmt.kind == "preference":
         raise DataError("format 'preference' is preference data (chosen/rejected or completion/label): read it "
                         "with load_preference_datasets or tokenize_preferences")
+    if fmt.kind == "prompt":
+        raise DataError("format 'prompt' is prompts to sample from: read it with load_prompt_datasets or "
+                        "tokenize_prompts")
     if fmt.kind == "auto":
         fmt = attrs.evolve(fmt, kind=detect_format(rows, fmt.columns))
     if fmt.kind in ("instruct", "chat"):
@@ -813,7 +820,7 @@ def split_validation(data: TokenizedDataset | PreferenceDataset | Sequence[Row],
         raise DataError(f"cannot hold out {k} of {n} samples for validation and still train")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     val_idx, train_idx = sorted(perm[:k]), sorted(perm[k:])
-    if isinstance(data, (TokenizedDataset, PreferenceDataset)):
+    if isinstance(data, (TokenizedDataset, PreferenceDataset, PromptDataset)):
         return data.subset(train_idx), data.subset(val_idx)
     return [data[i] for i in train_idx], [data[i] for i in val_idx]
 
@@ -1729,3 +1736,130 @@ class PreferenceLoader(DataLoader):
         return PreferenceBatch(rows.tokens, rows.targets, rows.attention_mask, len(mine), rows.num_tokens, n,
                                indices, data.labels[indices], kl.tokens, kl.targets, kl.attention_mask,
                                global_indices)
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+@attrs.define
+class PromptStats:
+    """What tokenizing prompt rows kept and dropped (``too_long``: prompts that leave no room to answer)."""
+
+    rows: int = 0
+    prompts: int = 0
+    skipped: int = 0
+    skipped_examples: list[str] = attrs.field(factory=list)
+    too_long: int = 0
+
+    def summary(self) -> str:
+        notes = [f"{n} {what}" for n, what in ((self.skipped, "bad rows skipped"),
+                                               (self.too_long, "dropped: longer than seq_len - max_new_tokens")) if n]
+        return f"{self.prompts} prompts from {self.rows} rows" + ("; " + ", ".join(notes) if notes else "")
+
+
+@attrs.frozen(eq=False)
+class PromptDataset:
+    """Prompts for sampling (RL): token ids through the chat template with the generation prompt, each row's other
+    columns (what reward functions read), its prompt as given (a string or a message list) and where it came from.
+
+    Attributes:
+        ids: per prompt, ``list[int]``.
+        prompts: per prompt, the row's prompt value (a string, or a list of messages).
+        columns: per prompt, the row's other columns (``dict``).
+        where: per prompt, ``"file:line"``.
+        stats: :class:`PromptStats`.
+    """
+
+    ids: list[list[int]]
+    prompts: list[Any]
+    columns: list[dict[str, Any]]
+    where: list[str]
+    stats: PromptStats = attrs.field(factory=PromptStats)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: Iterable[int]) -> PromptDataset:
+        indices = [int(i) for i in indices]
+        return PromptDataset([self.ids[i] for i in indices], [self.prompts[i] for i in indices],
+                             [self.columns[i] for i in indices], [self.where[i] for i in indices],
+                             attrs.evolve(self.stats, prompts=len(indices)))
+
+    def as_tokenized(self, seq_len: int, pad_id: int) -> TokenizedDataset:
+        """The prompt ids as a :class:`TokenizedDataset` (for :class:`DataLoader`'s order, epochs and resume, and
+        the data fingerprint)."""
+        return TokenizedDataset.from_samples([(ids, [True] * len(ids)) for ids in self.ids], seq_len, pad_id)
+
+
+def tokenize_prompts(rows: Iterable[Row], tokenizer: TokenizerLike, max_prompt_tokens: int, *,
+                     columns: Mapping[str, str] | None = None, system_prompt: str | None = None,
+                     template: str | None = None, fold_system: bool = False, skip_bad: bool = False,
+                     allow_empty: bool = False) -> PromptDataset:
+    """Prompt rows -> :class:`PromptDataset`. A row's ``prompt`` (``columns`` maps another name) is a string (one
+    user turn) or a chat message list ending with a user turn; it goes through the chat template with the
+    generation prompt, ``system_prompt`` / ``fold_system`` as for sft. Prompts longer than
+    ``max_prompt_tokens`` are dropped and counted; malformed rows are DataError ``"file:line: problem"`` unless
+    ``skip_bad``."""
+    rows = list(rows)
+    column = dict(columns or {}).get("prompt", "prompt")
+    tokenizer = chat_tokenizer(tokenizer, template)
+    stats = PromptStats(rows=len(rows))
+    out = PromptDataset([], [], [], [], stats)
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise _BadRow(row.error)
+            value = row.data.get(column)
+            if isinstance(value, str):
+                if not value.strip():
+                    raise _BadRow(f"empty field {column!r}")
+                messages = [{"role": "user", "content": value}]
+            elif value is None:
+                raise _BadRow(f"missing field {column!r} (the row has: {', '.join(map(str, list(row.data)[:10]))})")
+            else:
+                messages = _parse_messages(value, column)
+                if not messages or messages[-1]["role"] != "user":
+                    raise _BadRow(f"field {column!r}: the last message must be the user's (the prompt to answer)")
+            if system_prompt and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            if fold_system:
+                messages = _folded(messages)
+            try:
+                ids = list(tokenizer.encode_chat(messages, add_generation_prompt=True)[0])
+            except ValueError as e:
+                raise _BadRow(f"chat template: {e}") from e
+        except _BadRow as e:
+            if not skip_bad:
+                raise DataError(f"{row.where}: {e} (set skip_bad to skip bad rows)") from None
+            stats.skipped += 1
+            if len(stats.skipped_examples) < 10:
+                stats.skipped_examples.append(f"{row.where}: {e}")
+            continue
+        if len(ids) > max_prompt_tokens:
+            stats.too_long += 1
+            continue
+        out.ids.append(ids)
+        out.prompts.append(value)
+        out.columns.append({k: v for k, v in row.data.items() if k != column})
+        out.where.append(row.where)
+    stats.prompts = len(out)
+    if not len(out) and not allow_empty:
+        where = rows[0].file if rows else "the dataset"
+        raise DataError(f"{where}: no usable prompts ({stats.summary()})")
+    return out
+
+
+def load_prompt_datasets(config: Any, tokenizer: TokenizerLike, max_prompt_tokens: int, *,
+                         seed: int | None = None) -> tuple[PromptDataset, PromptDataset | None]:
+    """``(train, val or None)`` of prompt data (``config.format == "prompt"``), validation found as
+    :func:`load_datasets` finds it."""
+    if getattr(config, "format", None) != "prompt":
+        raise DataError(f"prompt data needs data.format = 'prompt', got {getattr(config, 'format', None)!r}")
+    fmt = format_of(config)
+
+    def tokenize(rows: list[Row]) -> PromptDataset:
+        return tokenize_prompts(rows, tokenizer, max_prompt_tokens, columns=fmt.columns,
+                                system_prompt=fmt.system_prompt, template=fmt.template, fold_system=fmt.fold_system,
+                                skip_bad=bool(getattr(config, "skip_bad", False)))
+
+    return _train_and_validation(config, tokenize, seed)

@@ -36,9 +36,11 @@ def _softmax_rows(vocab: int, device: torch.device) -> int:
     return max(1, (_SOFTMAX_BLOCK_CPU if device.type == "cpu" else _SOFTMAX_BLOCK_CUDA) // vocab)
 
 
-def _block_nll(rows: torch.Tensor, targets: torch.Tensor, cap: float | None, grad: bool) -> torch.Tensor:
-    """``[r]`` fp32 ``-log softmax(softcap(rows))[target]`` of a block of logits ``rows [r, vocab]``; with
-    ``grad``, ``rows`` is overwritten by the gradient of that NLL (``softmax - one_hot``, through the softcap).
+def _block_nll(rows: torch.Tensor, targets: torch.Tensor, cap: float | None, grad: bool,
+               temperature: float = 1.0) -> torch.Tensor:
+    """``[r]`` fp32 ``-log softmax(softcap(rows) / temperature)[target]`` of a block of logits ``rows [r, vocab]``;
+    with ``grad``, ``rows`` is overwritten by the gradient of that NLL (``softmax - one_hot``, through the
+    temperature and the softcap).
 
     One fp32 softmax pass serves loss and gradient: ``-log p_target = (max - x_target) - log p_max``, where
     ``p_max >= 1 / vocab`` never underflows.
@@ -47,10 +49,14 @@ def _block_nll(rows: torch.Tensor, targets: torch.Tensor, cap: float | None, gra
     if cap is not None:
         capped = torch.tanh(x / cap)
         x = capped * cap
+    if temperature != 1.0:
+        x = x / temperature
     probs = torch.softmax(x, dim=-1)
     nll = x.amax(-1) - x.gather(1, targets[:, None]).squeeze(1) - probs.amax(-1).log()
     if grad:
         probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+        if temperature != 1.0:
+            probs /= temperature
         if cap is not None:  # d softcap(z) / dz = 1 - tanh(z / cap)^2
             probs *= 1 - capped * capped
         rows.copy_(probs)
@@ -127,7 +133,7 @@ class _LinearTokenNLL(torch.autograd.Function):
     the forward (unscaled) and scaled by each row's incoming gradient in the backward."""
 
     @staticmethod
-    def forward(hidden, weight, targets, chunk_size, hidden_grad, cap):
+    def forward(hidden, weight, targets, chunk_size, hidden_grad, cap, temperature):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden_grad else None
         block = _softmax_rows(weight.shape[0], hidden.device)
@@ -137,7 +143,8 @@ class _LinearTokenNLL(torch.autograd.Function):
             logits = h @ weight.T
             for r in range(0, len(t), block):
                 tr = t[r : r + block]
-                nll[start + r : start + r + len(tr)] = _block_nll(logits[r : r + block], tr, cap, hidden_grad)
+                nll[start + r : start + r + len(tr)] = _block_nll(logits[r : r + block], tr, cap, hidden_grad,
+                                                                  temperature)
             if hidden_grad:
                 grad_hidden[start : start + chunk_size] = logits @ weight
         return nll, grad_hidden
@@ -154,13 +161,13 @@ class _LinearTokenNLL(torch.autograd.Function):
     def backward(ctx, grad_nll, _gh):
         (grad_hidden,) = ctx.saved_tensors
         if grad_nll is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        return grad_hidden * grad_nll[:, None].to(grad_hidden.dtype), None, None, None, None, None
+            return None, None, None, None, None, None, None
+        return grad_hidden * grad_nll[:, None].to(grad_hidden.dtype), None, None, None, None, None, None
 
 
-def _chunk_logprobs(model: Model, head: Any, hidden: torch.Tensor, targets: torch.Tensor,
-                    training: bool) -> torch.Tensor:
-    logits = model.logits(hidden, training=training, output_layer=head).float()
+def _chunk_logprobs(model: Model, head: Any, hidden: torch.Tensor, targets: torch.Tensor, training: bool,
+                    temperature: float) -> torch.Tensor:
+    logits = model.logits(hidden, training=training, output_layer=head).float() / temperature
     return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
@@ -227,8 +234,11 @@ def token_logprobs(
     position_ids: torch.Tensor | None = None,
     training: bool = True,
     chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``[batch, seq]`` fp32 ``log p(targets)`` at positions whose target is not ``-100`` (0 elsewhere).
+    """``[batch, seq]`` fp32 ``log p(targets)`` at positions whose target is not ``-100`` (0 elsewhere), ``p`` the
+    softmax of the logits divided by ``temperature`` (the distribution sampling at that temperature draws from,
+    before top-k / top-p).
 
     Same arguments as :func:`token_loss_sum`, and the same memory bound: only target positions go through the
     output layer, ``chunk_size`` at a time, so full-vocabulary fp32 logits never exist for the whole batch. Sum
@@ -241,12 +251,12 @@ def token_logprobs(
     weight = _fusable_weight(head, hidden.dtype)
     if weight is not None and not (torch.is_grad_enabled() and weight.requires_grad):
         nll = _LinearTokenNLL.apply(hidden, weight, ids, chunk_size, torch.is_grad_enabled() and hidden.requires_grad,
-                                    model.config.final_softcap)[0]
+                                    model.config.final_softcap, temperature)[0]
         picked = -nll
     else:
         parts = [checkpoint(_chunk_logprobs, model, head, hidden[start : start + chunk_size],
-                            ids[start : start + chunk_size], training, use_reentrant=False)
+                            ids[start : start + chunk_size], training, temperature, use_reentrant=False)
                  for start in range(0, hidden.shape[0], chunk_size)]
-        picked = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        picked = torch.cat(parts) if parts else hidden.sum(-1).float()  # no targets: empty, still in the graph
     out = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_scatter(keep, picked)
     return out.view(targets.shape)

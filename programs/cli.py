@@ -32,6 +32,7 @@ app = typer.Typer(
 PROGRAMS: dict[str, tuple[str, str]] = {
     "sft": ("ftprog.programs.sft", "supervised fine-tuning: full, LoRA, DoRA, QLoRA"),
     "dpo": ("ftprog.programs.dpo", "preference tuning: DPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
+    "grpo": ("ftprog.programs.grpo", "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO"),
     "generate": ("ftprog.programs.generate", "generate text (KV cache, greedy or sampled, chat, batches)"),
     "eval": ("ftprog.programs.evaluate", "lm-evaluation-harness tasks and perplexity"),
     "quantize": ("ftprog.programs.quantize", "post-training weight-only quantization (int8, int4, nf4)"),

@@ -121,7 +121,9 @@ def generate(
     stop_strings: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     on_tokens: Callable[[list[int | None]], None] | None = None,
-) -> list[list[int]]:
+    return_logprobs: bool = False,
+    all_steps: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens.
 
     Prompts are left-padded into one batch; the KV cache holds exactly the
@@ -130,7 +132,12 @@ def generate(
     contains one of ``stop_strings`` (the tokens that wrote it are included;
     cut the text with :func:`cut_at_stop`). ``on_tokens`` receives each step's
     new token per row, None for finished rows (for streaming). Returns the new
-    tokens of each prompt.
+    tokens of each prompt; with ``return_logprobs`` also each new token's fp32
+    log-probability under ``log_softmax(logits / temperature)`` (temperature 0:
+    1), the distribution before top-k / top-p (what a training forward
+    recomputes with :func:`ftprog.core.token_logprobs`). ``all_steps``: run
+    all ``max_new_tokens`` forwards even once every row has stopped (ranks
+    sharing a sharded model must run as many forwards as each other).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -156,6 +163,7 @@ def generate(
     head = model.output_layer()
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
     history = tokens  # every position so far: LongRoPE recomputes the cache once, past its original context
     switch = model.config.rope_switch_length
     for _ in range(max_new_tokens):
@@ -167,20 +175,25 @@ def generate(
         next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         next_ids = torch.where(done, pad_id, next_ids)
         step, finished = next_ids.tolist(), done.tolist()
+        if return_logprobs:
+            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+            picked = scaled.log_softmax(-1).gather(1, next_ids[:, None]).squeeze(1).tolist()
         for row in range(batch):
             if not finished[row]:
                 outputs[row].append(step[row])
+                if return_logprobs:
+                    logprobs[row].append(picked[row])
                 if stop_strings and any(s in decode(outputs[row][-window:]) for s in stop_strings):
                     done[row] = True
         if on_tokens is not None:
             on_tokens([None if d else t for t, d in zip(step, finished)])
         done |= torch.isin(next_ids, stops)
-        if done.all():
+        if done.all() and not all_steps:
             break
         tokens = next_ids[:, None]
         if switch is not None:
             history = torch.cat([history, tokens], dim=1)
-    return outputs
+    return (outputs, logprobs) if return_logprobs else outputs
 
 
 # --------------------------------------------------------------------------------------------- the program

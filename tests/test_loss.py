@@ -177,3 +177,27 @@ def test_token_logprobs_without_grad_and_without_targets():
     assert torch.allclose(got, reference_logprobs(model, tokens, targets), atol=1e-5)
     empty = torch.full_like(targets, -100)
     assert not token_logprobs(model, tokens, empty).any()
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "softcap"])
+def test_token_logprobs_at_a_temperature(method):
+    """log softmax(logits / T): what sampling at temperature T draws from (GRPO's ratios use it)."""
+    config = from_config("tiny").config
+    if method == "softcap":
+        config = attrs.evolve(config, final_softcap=3.0)
+    model = from_config(config, seed=4)
+    model = perturb(lora(model, rank=4, alpha=8, targets="all-linear")) if method != "full" else model
+    tokens, targets = batch(model.config.vocab_size)
+
+    def reference(m, a, b):
+        logits = (m(a, training=True).float() / 0.7).log_softmax(-1)
+        picked = logits.gather(2, b.clamp(min=0)[..., None]).squeeze(2)
+        return torch.where(b != -100, picked, torch.zeros(()))
+
+    fused = lambda m, a, b: token_logprobs(m, a, b, chunk_size=7, temperature=0.7)
+    assert torch.allclose(fused(model, tokens, targets), reference(model, tokens, targets), atol=1e-5)
+    (ref_loss, ref_grads), (loss, grads) = (value_and_grad(weighted(f))(model, tokens, targets)
+                                            for f in (reference, fused))
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    for path, g in grads.items():
+        assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
