@@ -122,6 +122,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             whole = c.qk_norm == "projection"
             shapes[pre + "self_attn.q_norm.weight"] = (c.q_dim if whole else c.head_dim,)
             shapes[pre + "self_attn.k_norm.weight"] = (c.kv_dim if whole else c.head_dim,)
+        if c.moe is not None and i in c.moe.sparse_layers:
+            shapes.update(_expert_shapes(c, f"{pre}{c.moe.block}."))
+            continue
         mlp = (("gate_up_proj", (2 * c.intermediate_size, c.hidden_size)),) if c.fused_projections else (
             ("gate_proj", (c.intermediate_size, c.hidden_size)), ("up_proj", (c.intermediate_size, c.hidden_size)))
         for name, shape in (*mlp, ("down_proj", (c.hidden_size, c.intermediate_size))):
@@ -134,16 +137,37 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _expert_shapes(c: ModelConfig, block: str) -> dict[str, tuple[int, ...]]:
+    """The router and experts of one sparse layer, ``{hf_name: shape}`` (``block``: ``model.layers.{i}.mlp.``)."""
+    m = c.moe
+    gate, up, down = m.projections
+    shapes = {f"{block}gate.weight": (m.num_experts, c.hidden_size)}
+    for e in range(m.num_experts):
+        shapes[f"{block}experts.{e}.{gate}.weight"] = (m.intermediate_size, c.hidden_size)
+        shapes[f"{block}experts.{e}.{up}.weight"] = (m.intermediate_size, c.hidden_size)
+        shapes[f"{block}experts.{e}.{down}.weight"] = (c.hidden_size, m.intermediate_size)
+    return shapes
+
+
 def linear_paths(config: ModelConfig) -> list[str]:
     """Module paths of every linear layer (``model.layers.0.self_attn.q_proj``, ..., ``lm_head``).
 
+    A sparse layer lists each expert's projections (``model.layers.0.mlp.experts.3.gate_proj``); its router
+    (``...mlp.gate``) is not listed, so LoRA's ``all-linear`` and quantization leave it as it is.
     ``lm_head`` is listed only when it has its own weight (untied embeddings).
     """
-    names = (("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-             if config.fused_projections else
-             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in names]
+    attn = (("self_attn.qkv_proj", "self_attn.o_proj") if config.fused_projections else
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+    dense = (("mlp.gate_up_proj", "mlp.down_proj") if config.fused_projections else
+             ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    moe = config.moe
+    paths = []
+    for i in range(config.num_layers):
+        names = attn + dense
+        if moe is not None and i in moe.sparse_layers:
+            names = attn + tuple(f"{moe.block}.experts.{e}.{proj}" for e in range(moe.num_experts)
+                                 for proj in moe.projections)
+        paths += [f"model.layers.{i}.{name}" for name in names]
     return paths if config.tie_word_embeddings else paths + ["lm_head"]
 
 
