@@ -420,13 +420,10 @@ def grouped_experts(p: Mapping, x: torch.Tensor, weights: torch.Tensor, experts:
     order = torch.argsort(slot_expert, stable=True)
     token = order // top_k
     counts = torch.bincount(slot_expert, minlength=len(p)).tolist()
-    grouped = x[token]
-    outputs, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            outputs.append(expert_mlp(p[str(e)], grouped[start : start + count], config))
-        start += count
-    y = torch.cat(outputs) * weights.reshape(-1)[order, None]
+    # split, not slicing: its backward is one concatenation rather than a zero-filled copy per slice
+    groups = x[token].split(counts)
+    y = torch.cat([expert_mlp(p[str(e)], group, config) for e, group in enumerate(groups) if len(group)])
+    y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
