@@ -11,7 +11,7 @@ from ._data import (
     TokenizedDataset, load_datasets, load_preference_datasets, read_rows, split_validation, tokenize_dataset,
     tokenize_preferences,
 )
-from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare
+from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare, router_aux_loss
 from ._grad import value_and_grad
 from ._linear import dense_weight, is_training, linear, linear_kind, register_linear, set_training
 from ._loss import token_logprobs, token_loss_sum
@@ -37,7 +37,7 @@ __all__ = [
     "linear_kind", "linear_paths", "load_datasets", "load_preference_datasets", "load_pretrained", "load_tokenizer",
     "make_model", "matches", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
-    "reward_metrics", "save_pretrained", "select", "set_training", "simpo_loss", "split_validation",
+    "reward_metrics", "router_aux_loss", "save_pretrained", "select", "set_training", "simpo_loss", "split_validation",
     "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences", "tree_map", "unflatten",
     "uses_average_logps", "value_and_grad",
 ]

@@ -44,6 +44,15 @@ class Model:
         """Final normed hidden states ``[batch, seq, hidden]`` (the output layer not applied)."""
         return self.forward(self.params, tokens, return_hidden=True, **kwargs)
 
+    def with_router_logits(self, sink: list) -> Model:
+        """This model, whose every forward also appends its router logits to ``sink``.
+
+        For a loss that runs the forward itself (``token_loss_sum``) while the router's load-balancing loss
+        (:func:`ftprog.core.router_aux_loss`) needs the same forward's router logits: each sparse layer's
+        ``[batch * seq, experts]``, in layer order (nothing for a dense model).
+        """
+        return self.replace(forward=RouterLogitsTap(self.forward, sink))
+
     def output_layer(self) -> Mapping:
         """The linear node that maps hidden states to logits (the embeddings when tied), ready for use."""
         return self.decoder.output_layer(self.params)
@@ -92,6 +101,20 @@ class Model:
 
     def num_params(self) -> int:
         return _tree.num_params(self.params)
+
+
+@attrs.frozen(eq=False)
+class RouterLogitsTap:
+    """A forward wrapper (see :meth:`Model.with_router_logits`): runs ``inner`` with ``return_router_logits``,
+    appends the router logits to ``sink`` and returns the rest."""
+
+    inner: Callable
+    sink: list
+
+    def __call__(self, params: Mapping, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out, router_logits = self.inner(params, tokens, return_router_logits=True, **kwargs)
+        self.sink.extend(router_logits)
+        return out
 
 
 def make_model(config: ModelConfig, params: dict[str, Any], source: str | None = None,
