@@ -419,7 +419,10 @@ def grouped_experts(p: Mapping, x: torch.Tensor, weights: torch.Tensor, experts:
     slot_expert = experts.reshape(-1)
     order = torch.argsort(slot_expert, stable=True)
     token = order // top_k
-    counts = torch.bincount(slot_expert, minlength=len(p)).tolist()
+    if x.device.type == "meta":  # memory planning: no values to route by, so tokens spread evenly
+        counts = [len(slot_expert) // len(p) + (e < len(slot_expert) % len(p)) for e in range(len(p))]
+    else:
+        counts = torch.bincount(slot_expert, minlength=len(p)).tolist()
     # split, not slicing: its backward is one concatenation rather than a zero-filled copy per slice
     groups = x[token].split(counts)
     y = torch.cat([expert_mlp(p[str(e)], group, config) for e, group in enumerate(groups) if len(group)])
