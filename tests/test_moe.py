@@ -309,3 +309,28 @@ def test_expert_lora_gradients_and_router_target(tmp_path):
         lora(load_pretrained(tmp_path), rank=2, alpha=4, targets=("q_proj", "gate"))
     with pytest.raises(ValueError, match=r"\['w9'\] match no linear layer.*'experts'.*'w1'"):
         lora(load_pretrained(tmp_path), rank=2, alpha=4, targets=("w9",))
+
+
+def test_sft_adds_and_logs_the_router_loss(tmp_path, monkeypatch):
+    """`ft-prog run sft` on a mixture of experts: the step loss is cross-entropy plus router_aux_loss_coef times
+    the load-balancing loss, which metrics.jsonl logs as ``aux_loss``; LoRA on attention and experts trains."""
+    import _sft_fixtures
+    from typer.testing import CliRunner
+
+    from _sft_fixtures import build_model_folder, reverse_rows, write_config, write_jsonl
+    from ftprog.programs.cli import app
+
+    monkeypatch.setitem(_sft_fixtures.FAMILIES, "mixtral", ("MixtralConfig", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.5}))
+    model = build_model_folder(tmp_path / "model", family="mixtral")
+    data = write_jsonl(tmp_path / "train.jsonl", reverse_rows(24))
+    cfg = write_config(tmp_path / "sft.toml", model, data, tmp_path / "out")
+    overrides = ["peft.method=lora", 'peft.targets=["q_proj", "experts"]', "max_steps=3", "grad_accum=2",
+                 "optimizer.lr=1e-2", "log.every=1"]
+    run = CliRunner().invoke(app, ["run", "sft", "--config", str(cfg), *overrides])
+    assert run.exit_code == 0, run.output
+    records = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r]
+    assert len(records) == 3
+    # the balancing loss is num_experts * sum f_e P_e: 1 when perfectly balanced, at most num_experts
+    assert all(1.0 <= r["aux_loss"] <= 4.0 for r in records)
