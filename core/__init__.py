@@ -11,7 +11,7 @@ from ._data import (
     PromptDataset, PromptStats, TokenizedDataset, load_datasets, load_preference_datasets, load_prompt_datasets,
     read_rows, split_validation, tokenize_dataset, tokenize_preferences, tokenize_prompts,
 )
-from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare
+from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare, router_aux_loss
 from ._grad import value_and_grad
 from ._linear import dense_weight, is_training, linear, linear_kind, register_linear, set_training
 from ._loss import token_logprobs, token_loss_sum
@@ -40,8 +40,8 @@ __all__ = [
     "load_preference_datasets", "load_pretrained", "load_prompt_datasets", "load_tokenizer", "make_model",
     "matches", "nan_std", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
-    "reward_metrics", "save_pretrained", "select", "set_training", "simpo_loss", "split_validation",
-    "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences", "tokenize_prompts", "tree_map",
-    "unflatten", "uses_average_logps", "value_and_grad",
+    "reward_metrics", "router_aux_loss", "save_pretrained", "select", "set_training", "simpo_loss",
+    "split_validation", "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences",
+    "tokenize_prompts", "tree_map", "unflatten", "uses_average_logps", "value_and_grad",
 ]
 

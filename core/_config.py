@@ -27,6 +27,8 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 _ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -39,6 +41,11 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"tie_word_embeddings": False},
     "olmo2": {"tie_word_embeddings": False},
     "phi3": {"tie_word_embeddings": False, "original_max_position_embeddings": 4096},
+    "mixtral": {"tie_word_embeddings": False, "rope_theta": 1000000.0, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0},
+    "qwen3_moe": {"tie_word_embeddings": False, "num_experts": 128, "num_experts_per_tok": 8,
+                  "moe_intermediate_size": 768, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "router_aux_loss_coef": 0.001},
     "smollm3": {"tie_word_embeddings": True, "rope_theta": 2000000.0},
     "gemma2": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
                "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
@@ -70,6 +77,34 @@ class Rotary:
     @property
     def scaling_dict(self) -> dict[str, Any]:
         return dict(self.scaling or ())
+
+
+@attrs.frozen
+class MoE:
+    """The sparse mixture-of-experts MLP of some layers (Mixtral, Qwen3-MoE), as the checkpoint lays it out.
+
+    A sparse layer's node ``block`` holds the router ``gate`` (a linear ``[num_experts, hidden]``) and
+    ``experts.{e}``, each a gated MLP whose ``projections`` (gate, up, down) are linears of width
+    ``intermediate_size``. Each token goes to the ``top_k`` experts of highest router softmax probability,
+    weighted by those probabilities (renormalised to sum to 1 when ``normalize_top_k``).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    sparse_layers: tuple[int, ...]
+    """Indices of the layers with experts; the others have the dense MLP ``mlp``."""
+    normalize_top_k: bool = True
+    aux_loss_coef: float = 0.001
+    """``router_aux_loss_coef``: the weight of the load-balancing loss in the training loss."""
+    jitter: float = 0.0
+    """Training only: the router and experts' input is multiplied by uniform noise in ``[1 - jitter, 1 + jitter]``
+    (Mixtral's ``router_jitter_noise``)."""
+    block: str = "mlp"
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    weights_in_hidden_dtype: bool = False
+    """Routing weights are cast to the hidden states' dtype before they scale the experts' outputs (Qwen3-MoE);
+    else the scaling happens in fp32 and the product is cast back (Mixtral)."""
 
 
 class ConfigError(ValueError):
@@ -135,6 +170,8 @@ class ModelConfig:
     """Attention scores become ``cap * tanh(scores / cap)`` before masking (Gemma 2)."""
     final_softcap: float | None = None
     """Logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
+    moe: MoE | None = None
+    """The experts of sparse layers (Mixtral, Qwen3-MoE); None for a dense model."""
     layer_rotary: tuple[Rotary | None, ...] = attrs.field(
         default=attrs.Factory(lambda self: (self.rotary,) * self.num_layers, takes_self=True))
     bos_token_id: int | None = None
@@ -249,9 +286,9 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(d.get("tie_word_embeddings")),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=attention_bias if model_type not in ("qwen2", "mistral") else False,
+            o_bias=attention_bias if model_type not in ("qwen2", "mistral", "mixtral") else False,
             mlp_bias=bool(d.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
-            qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}.get(model_type),
+            qk_norm={"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "olmo2": "projection"}.get(model_type),
             layer_windows=windows,
             fused_projections=model_type == "phi3",
             partial_rotary_factor=partial,
@@ -263,6 +300,7 @@ class ModelConfig:
             attn_scale=need("query_pre_attn_scalar", float) ** -0.5 if gemma else None,
             attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
             final_softcap=d.get("final_logit_softcapping") if gemma else None,
+            moe=_moe(d, model_type, num_layers, need, source),
             layer_rotary=layer_rotary,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
@@ -298,7 +336,7 @@ class ModelConfig:
         )
         if self.dtype is not None:
             d["torch_dtype"] = d["dtype"] = self.dtype
-        if self.model_type in ("llama", "qwen3", "olmo2", "smollm3", *_GEMMA):
+        if self.model_type in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3", *_GEMMA):
             d["attention_bias"] = self.qkv_bias
         if self.model_type in ("llama", "smollm3"):
             d["mlp_bias"] = self.mlp_bias
@@ -314,7 +352,10 @@ class ModelConfig:
             d["no_rope_layers"] = [int(r is not None) for r in self.layer_rotary]
         windows = {w for w in self.layer_windows if w is not None}
         layer_types = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
-        if self.model_type in ("mistral", "phi3"):
+        if self.model_type in ("mistral", "phi3", "mixtral"):
+            d["sliding_window"] = windows.pop() if windows else None
+        elif self.model_type == "qwen3_moe":
+            d["use_sliding_window"] = bool(windows)
             d["sliding_window"] = windows.pop() if windows else None
         elif self.model_type in ("qwen2", "qwen3", "smollm3"):
             d["use_sliding_window"] = bool(windows)
@@ -325,6 +366,26 @@ class ModelConfig:
         elif self.model_type in _GEMMA:
             d["sliding_window"] = windows.pop() if windows else d.get("sliding_window")
             d["layer_types"] = layer_types
+        if self.moe is not None:
+            d.update(self._moe_hf())
+        return d
+
+    def _moe_hf(self) -> dict[str, Any]:
+        """The config.json keys of :attr:`moe`."""
+        m = self.moe
+        d = {"num_experts_per_tok": m.top_k, "router_aux_loss_coef": m.aux_loss_coef}
+        if self.model_type == "mixtral":
+            d.update(num_local_experts=m.num_experts, router_jitter_noise=m.jitter)
+            return d
+        # Qwen3-MoE: dense layers are those that mlp_only_layers names or decoder_sparse_step skips
+        step = self.hf.get("decoder_sparse_step", 1) or 1
+        by_step = [i for i in range(self.num_layers) if (i + 1) % step == 0]
+        if not set(m.sparse_layers) <= set(by_step):
+            raise ConfigError(f"{self.model_type}: sparse layers {list(m.sparse_layers)} cannot be written as "
+                              f"decoder_sparse_step {step} and mlp_only_layers")
+        d.update(moe_intermediate_size=m.intermediate_size, norm_topk_prob=m.normalize_top_k,
+                 decoder_sparse_step=step, mlp_only_layers=sorted(set(by_step) - set(m.sparse_layers)))
+        d["num_local_experts" if "num_local_experts" in self.hf else "num_experts"] = m.num_experts
         return d
 
 
@@ -382,15 +443,40 @@ def _read_rope(rope: Mapping[str, Any], d: Mapping[str, Any], source: str, what:
     return theta, scaling
 
 
+def _moe(d: Mapping[str, Any], model_type: str, num_layers: int, need: Any, source: str) -> MoE | None:
+    """The :class:`MoE` of a Mixtral or Qwen3-MoE config (None for other families)."""
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return None
+    experts_key = "num_local_experts" if model_type == "mixtral" or "num_local_experts" in d else "num_experts"
+    num_experts, top_k = need(experts_key), need("num_experts_per_tok")
+    if not 1 <= top_k <= num_experts:
+        raise ConfigError(f"{source}: num_experts_per_tok {top_k} should be between 1 and {experts_key} "
+                          f"{num_experts}")
+    coef = float(d.get("router_aux_loss_coef", 0.001))
+    if model_type == "mixtral":
+        return MoE(num_experts, top_k, need("intermediate_size"), tuple(range(num_layers)), normalize_top_k=True,
+                   aux_loss_coef=coef, jitter=float(d.get("router_jitter_noise") or 0.0), block="block_sparse_moe",
+                   projections=("w1", "w3", "w2"))
+    step = need("decoder_sparse_step")
+    if step < 1:
+        raise ConfigError(f"{source}: decoder_sparse_step should be >= 1, got {step}")
+    dense = set(d.get("mlp_only_layers") or ())
+    if not dense <= set(range(num_layers)):
+        raise ConfigError(f"{source}: mlp_only_layers {sorted(dense)} name layers outside 0..{num_layers - 1}")
+    sparse = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    return MoE(num_experts, top_k, need("moe_intermediate_size"), sparse,
+               normalize_top_k=bool(d.get("norm_topk_prob")), aux_loss_coef=coef, weights_in_hidden_dtype=True)
+
+
 def _layer_windows(d: Mapping[str, Any], model_type: str, num_layers: int, source: str) -> tuple[int | None, ...]:
     window = d.get("sliding_window")
-    if model_type in ("qwen2", "qwen3", "smollm3") and not d.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3") and not d.get("use_sliding_window", False):
         window = None
     if window is None:
         return (None,) * num_layers
     if not isinstance(window, int) or window < 1:
         raise ConfigError(f"{source}: sliding_window should be a positive integer, got {window!r}")
-    if model_type in ("mistral", "phi3"):
+    if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe"):
         return (window,) * num_layers
     layer_types = d.get("layer_types")
     if layer_types is None and model_type == "smollm3":

@@ -1,5 +1,5 @@
 """One decoder-only transformer for Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2/3, OLMo 2,
-Gemma 2, Gemma 3 and Phi-3/3.5/4.
+Gemma 2, Gemma 3, Phi-3/3.5/4, and the mixtures of experts Mixtral and Qwen3-MoE.
 
 Pure functions over a parameter tree keyed like the Hugging Face checkpoint
 (``model.layers.0.self_attn.q_proj.weight``). RMSNorm (pre, post or both
@@ -7,7 +7,9 @@ around each block), RoPE per layer (default, linear, llama3, longrope; partial o
 grouped-query attention through ``F.scaled_dot_product_attention`` with
 causal, padding, sliding-window and document (packed) masks (an explicit
 softmax where scores are soft-capped), SwiGLU or GeGLU; q/k/v and gate/up as separate or fused
-projections, as the checkpoint holds them. Every projection goes
+projections, as the checkpoint holds them; sparse layers route each token to its top-k experts
+(:func:`route`) and compute the experts grouped, one matmul per expert over its tokens
+(:func:`grouped_experts`). Every projection goes
 through :func:`ftprog.core._linear.linear`. What differs between families is a
 :class:`ModelConfig` field; nothing here reads the family name.
 
@@ -181,6 +183,8 @@ class LayerContext:
             attend), or None for plain causal attention.
         cache: the :class:`KVCache` being read and extended, or None.
         training: training mode (dropout on).
+        router_logits: where a sparse layer puts its router logits ``[batch * seq, experts]`` (under its
+            index) when the caller asked for them, else None.
     """
 
     config: ModelConfig
@@ -190,6 +194,7 @@ class LayerContext:
     mask: torch.Tensor | None
     cache: KVCache | None
     training: bool
+    router_logits: dict[int, torch.Tensor] | None = None
 
 
 LayerFn = Callable[[Mapping, torch.Tensor, LayerContext], torch.Tensor]
@@ -233,7 +238,8 @@ class Decoder:
         cache: KVCache | None = None,
         training: bool = False,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
+        return_router_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Logits ``[batch, seq, vocab]`` for ``tokens [batch, seq]`` (int64).
 
         Args:
@@ -247,6 +253,9 @@ class Decoder:
             training: training mode (dropout in the layers that have it).
             return_hidden: return the final normed hidden states ``[batch, seq,
                 hidden]`` instead of logits (see :meth:`logits`).
+            return_router_logits: return ``(logits or hidden, router_logits)``: each sparse layer's router
+                logits ``[batch * seq, experts]``, in layer order (empty for a dense model); the input of
+                :func:`router_aux_loss`.
         """
         cfg = self.config
         batch, seq = tokens.shape
@@ -275,14 +284,16 @@ class Decoder:
                 seq, kv_len, key_padding=attention_mask, documents=documents, window=window, device=tokens.device
             ) if needs_mask else None
 
+        router_logits: dict[int, torch.Tensor] | None = {} if return_router_logits else None
         for i in range(cfg.num_layers):
             cos, sin = tables.get(cfg.layer_rotary[i], (None, None))
-            ctx = LayerContext(cfg, i, cos, sin, masks[cfg.layer_windows[i]], cache, training)
+            ctx = LayerContext(cfg, i, cos, sin, masks[cfg.layer_windows[i]], cache, training, router_logits)
             x = self.layer_fn(i)(inner["layers"][str(i)], x, ctx)
         x = norm(x, self._prepared(inner["norm"]), cfg)
         if cache is not None:
             cache.length = kv_len
-        return x if return_hidden else self.logits(params, x, training=training)
+        out = x if return_hidden else self.logits(params, x, training=training)
+        return out if router_logits is None else (out, tuple(router_logits[i] for i in sorted(router_logits)))
 
     def layer_fn(self, index: int) -> LayerFn:
         """Layer ``index`` as it runs: parameters prepared, training mode set, then every wrap applied."""
@@ -327,15 +338,24 @@ class Decoder:
 
 def layer(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """One decoder layer: ``x [batch, seq, hidden] -> same``, norms placed as ``config.norm_placement`` says."""
-    cfg, attn, ffn = ctx.config, p["self_attn"], p["mlp"]
+    cfg, attn = ctx.config, p["self_attn"]
     if cfg.norm_placement == "pre":
         x = x + attention(attn, norm(x, p["input_layernorm"], cfg), ctx)
-        return x + mlp(ffn, norm(x, p["post_attention_layernorm"], cfg), cfg)
+        return x + feed_forward(p, norm(x, p["post_attention_layernorm"], cfg), ctx)
     if cfg.norm_placement == "post":
         x = x + norm(attention(attn, x, ctx), p["post_attention_layernorm"], cfg)
-        return x + norm(mlp(ffn, x, cfg), p["post_feedforward_layernorm"], cfg)
+        return x + norm(feed_forward(p, x, ctx), p["post_feedforward_layernorm"], cfg)
     x = x + norm(attention(attn, norm(x, p["input_layernorm"], cfg), ctx), p["post_attention_layernorm"], cfg)
-    return x + norm(mlp(ffn, norm(x, p["pre_feedforward_layernorm"], cfg), cfg), p["post_feedforward_layernorm"], cfg)
+    return x + norm(feed_forward(p, norm(x, p["pre_feedforward_layernorm"], cfg), ctx),
+                    p["post_feedforward_layernorm"], cfg)
+
+
+def feed_forward(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """The layer's MLP: dense, or its experts in a sparse layer. ``p`` is the layer's parameter node."""
+    moe = ctx.config.moe
+    if moe is not None and ctx.index in moe.sparse_layers:
+        return sparse_mlp(p[moe.block], x, ctx)
+    return mlp(p["mlp"], x, ctx.config)
 
 
 def layer_norm_names(config: ModelConfig) -> tuple[str, ...]:
@@ -356,6 +376,92 @@ def mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     else:
         gate, up = linear(x, p["gate_proj"]), linear(x, p["up_proj"])
     return linear(_ACTIVATIONS[config.hidden_act](gate) * up, p["down_proj"])
+
+
+def sparse_mlp(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """A mixture-of-experts MLP: ``[batch, seq, hidden] -> same``; ``p`` holds the router ``gate`` and ``experts``."""
+    moe = ctx.config.moe
+    batch, seq, hidden = x.shape
+    if ctx.training and moe.jitter > 0:
+        x = x * torch.empty_like(x).uniform_(1.0 - moe.jitter, 1.0 + moe.jitter)
+    flat = x.reshape(batch * seq, hidden)
+    logits = linear(flat, p["gate"])
+    if ctx.router_logits is not None:
+        ctx.router_logits[ctx.index] = logits
+    weights, experts = route(logits, moe.top_k, moe.normalize_top_k)
+    if moe.weights_in_hidden_dtype:
+        weights = weights.to(logits.dtype)
+    return grouped_experts(p["experts"], flat, weights, experts, ctx.config).view(batch, seq, hidden)
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: ``(weights [tokens, k] fp32, experts [tokens, k] int64)`` from router ``logits [tokens, E]``.
+
+    The softmax over all experts (in fp32) gives each expert's probability; a token keeps its ``top_k`` most
+    probable experts, weighted by their probabilities, renormalised to sum to 1 when ``normalize``.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def grouped_experts(p: Mapping, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                    config: ModelConfig) -> torch.Tensor:
+    """``sum_k weights[t, k] * expert_{experts[t, k]}(x[t])`` for tokens ``x [tokens, hidden]``.
+
+    The (token, expert) pairs are sorted by expert, so each expert's tokens form one contiguous slice: one
+    gated-MLP call per expert that got tokens (through :func:`linear`, so adapters and quantized weights of
+    single experts work), never a loop over tokens. ``p`` holds ``{"0": expert node, ...}``.
+    """
+    top_k = experts.shape[1]
+    slot_expert = experts.reshape(-1)
+    order = torch.argsort(slot_expert, stable=True)
+    token = order // top_k
+    if x.device.type == "meta":  # memory planning: no values to route by, so tokens spread evenly
+        counts = [len(slot_expert) // len(p) + (e < len(slot_expert) % len(p)) for e in range(len(p))]
+    else:
+        counts = torch.bincount(slot_expert, minlength=len(p)).tolist()
+    # split, not slicing: its backward is one concatenation rather than a zero-filled copy per slice
+    groups = x[token].split(counts)
+    y = torch.cat([expert_mlp(p[str(e)], group, config) for e, group in enumerate(groups) if len(group)])
+    y = y * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+def expert_mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """One expert's gated MLP ``[tokens, hidden] -> same``; its projections are named as the checkpoint names them."""
+    gate, up, down = config.moe.projections
+    return linear(_ACTIVATIONS[config.hidden_act](linear(x, p[gate])) * linear(x, p[up]), p[down])
+
+
+def router_aux_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], config: ModelConfig,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The router's load-balancing loss (Switch Transformer), as transformers' ``load_balancing_loss_func``.
+
+    ``num_experts * sum_e f_e * P_e`` where, over the tokens of every sparse layer together, ``f_e`` is how
+    many times expert ``e`` is among a token's top-k over the number of tokens and ``P_e`` its mean router
+    probability. ``attention_mask [batch, seq]`` (1: real token) leaves padding out. Not yet multiplied by
+    ``config.moe.aux_loss_coef``. fp32 scalar; 0 for a dense model.
+    """
+    moe = config.moe
+    if moe is None or not router_logits:
+        return torch.zeros(())
+    device = router_logits[0].device
+    counts = torch.zeros(moe.num_experts, device=device)
+    prob_sums = torch.zeros(moe.num_experts, device=device)
+    rows = torch.zeros((), device=device)
+    mask = None if attention_mask is None else attention_mask.reshape(-1, 1).to(device, torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits, dim=-1)  # in the logits' dtype, as transformers
+        chosen = torch.topk(probs, moe.top_k, dim=-1).indices
+        token_weight = torch.ones_like(chosen, dtype=torch.float32) if mask is None else mask.expand_as(chosen)
+        counts = counts.scatter_add(0, chosen.reshape(-1), token_weight.reshape(-1))
+        probs = probs.float()
+        prob_sums = prob_sums + (probs if mask is None else probs * mask).sum(dim=0)
+        rows = rows + (probs.shape[0] if mask is None else mask.sum())
+    return moe.num_experts * torch.sum((counts / rows) * (prob_sums / rows))
 
 
 def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:

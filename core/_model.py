@@ -44,6 +44,15 @@ class Model:
         """Final normed hidden states ``[batch, seq, hidden]`` (the output layer not applied)."""
         return self.forward(self.params, tokens, return_hidden=True, **kwargs)
 
+    def with_router_logits(self, sink: list) -> Model:
+        """This model, whose every forward also appends its router logits to ``sink``.
+
+        For a loss that runs the forward itself (``token_loss_sum``) while the router's load-balancing loss
+        (:func:`ftprog.core.router_aux_loss`) needs the same forward's router logits: each sparse layer's
+        ``[batch * seq, experts]``, in layer order (nothing for a dense model).
+        """
+        return self.replace(forward=RouterLogitsTap(self.forward, sink))
+
     def output_layer(self) -> Mapping:
         """The linear node that maps hidden states to logits (the embeddings when tied), ready for use."""
         return self.decoder.output_layer(self.params)
@@ -94,6 +103,20 @@ class Model:
         return _tree.num_params(self.params)
 
 
+@attrs.frozen(eq=False)
+class RouterLogitsTap:
+    """A forward wrapper (see :meth:`Model.with_router_logits`): runs ``inner`` with ``return_router_logits``,
+    appends the router logits to ``sink`` and returns the rest."""
+
+    inner: Callable
+    sink: list
+
+    def __call__(self, params: Mapping, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out, router_logits = self.inner(params, tokens, return_router_logits=True, **kwargs)
+        self.sink.extend(router_logits)
+        return out
+
+
 def make_model(config: ModelConfig, params: dict[str, Any], source: str | None = None,
                trainable: Iterable[str] | None = None) -> Model:
     """A model with the standard decoder forward; every leaf trainable unless given."""
@@ -122,6 +145,9 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             whole = c.qk_norm == "projection"
             shapes[pre + "self_attn.q_norm.weight"] = (c.q_dim if whole else c.head_dim,)
             shapes[pre + "self_attn.k_norm.weight"] = (c.kv_dim if whole else c.head_dim,)
+        if c.moe is not None and i in c.moe.sparse_layers:
+            shapes.update(_expert_shapes(c, f"{pre}{c.moe.block}."))
+            continue
         mlp = (("gate_up_proj", (2 * c.intermediate_size, c.hidden_size)),) if c.fused_projections else (
             ("gate_proj", (c.intermediate_size, c.hidden_size)), ("up_proj", (c.intermediate_size, c.hidden_size)))
         for name, shape in (*mlp, ("down_proj", (c.hidden_size, c.intermediate_size))):
@@ -134,16 +160,37 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _expert_shapes(c: ModelConfig, block: str) -> dict[str, tuple[int, ...]]:
+    """The router and experts of one sparse layer, ``{hf_name: shape}`` (``block``: ``model.layers.{i}.mlp.``)."""
+    m = c.moe
+    gate, up, down = m.projections
+    shapes = {f"{block}gate.weight": (m.num_experts, c.hidden_size)}
+    for e in range(m.num_experts):
+        shapes[f"{block}experts.{e}.{gate}.weight"] = (m.intermediate_size, c.hidden_size)
+        shapes[f"{block}experts.{e}.{up}.weight"] = (m.intermediate_size, c.hidden_size)
+        shapes[f"{block}experts.{e}.{down}.weight"] = (c.hidden_size, m.intermediate_size)
+    return shapes
+
+
 def linear_paths(config: ModelConfig) -> list[str]:
     """Module paths of every linear layer (``model.layers.0.self_attn.q_proj``, ..., ``lm_head``).
 
+    A sparse layer lists each expert's projections (``model.layers.0.mlp.experts.3.gate_proj``); its router
+    (``...mlp.gate``) is not listed, so LoRA's ``all-linear`` and quantization leave it as it is.
     ``lm_head`` is listed only when it has its own weight (untied embeddings).
     """
-    names = (("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-             if config.fused_projections else
-             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-    paths = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in names]
+    attn = (("self_attn.qkv_proj", "self_attn.o_proj") if config.fused_projections else
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+    dense = (("mlp.gate_up_proj", "mlp.down_proj") if config.fused_projections else
+             ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    moe = config.moe
+    paths = []
+    for i in range(config.num_layers):
+        names = attn + dense
+        if moe is not None and i in moe.sparse_layers:
+            names = attn + tuple(f"{moe.block}.experts.{e}.{proj}" for e in range(moe.num_experts)
+                                 for proj in moe.projections)
+        paths += [f"model.layers.{i}.{name}" for name in names]
     return paths if config.tie_word_embeddings else paths + ["lm_head"]
 
 

@@ -84,6 +84,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 128256,
                    "max_position_embeddings": 65536, "rope_theta": 5000000.0, "rms_norm_eps": 1e-6,
                    "tie_word_embeddings": True, "no_rope_layer_interval": 4},
+    # mixtures of experts
+    "mixtral-8x7b-v0.1": {"model_type": "mixtral", "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                     "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02,
+                     "bos_token_id": 1, "eos_token_id": 2},
+    "qwen3-30b-a3b": {**_QWEN3, "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                      "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                      "tie_word_embeddings": False, "num_experts": 128, "num_experts_per_tok": 8,
+                      "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": [], "router_aux_loss_coef": 0.001},
 }
 
 

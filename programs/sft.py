@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import torch
 
-from ..core import Model, load_tokenizer, optim, read_config, token_loss_sum, value_and_grad
+from ..core import Model, load_tokenizer, optim, read_config, router_aux_loss, token_loss_sum, value_and_grad
 from ..core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
 from . import distributed, run_guard, run_state
 from .config import to_toml
@@ -40,10 +40,19 @@ from .training import (
 CONFIG = SFTConfig
 
 
-def step_loss(model: Model, batches: list, num_targets: int) -> torch.Tensor:
-    """Mean loss over the targets of all micro-batches of a step (this micro-batch's share)."""
+def step_loss(model: Model, batches: list, num_targets: int, aux_share: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(loss, router aux loss)``: this micro-batch's share of the step's mean loss over all targets, plus,
+    for a mixture of experts, ``aux_share`` times its router load-balancing loss (returned unweighted, detached;
+    None for a dense model)."""
     batch = batches[0]
-    return token_loss_sum(model, batch.tokens, batch.targets, **batch.model_kwargs()) / num_targets
+    router_logits: list = []
+    tapped = model if model.config.moe is None else model.with_router_logits(router_logits)
+    loss = token_loss_sum(tapped, batch.tokens, batch.targets, **batch.model_kwargs()) / num_targets
+    if not router_logits:
+        return loss, None
+    aux = router_aux_loss(router_logits, model.config, batch.attention_mask)
+    return loss + aux_share * aux, aux.detach()
 
 
 @torch.no_grad()
@@ -143,7 +152,7 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                                          to_toml(resolved), cfg.keep_last)
 
     # 6. The loop. Stop signals are acted on between steps, so the checkpoint they save is a consistent one.
-    grad_fn = value_and_grad(step_loss)
+    grad_fn = value_and_grad(step_loss, has_aux=True)
     batches = loader.forever()
     start_time, start_tokens = time.perf_counter(), state["tokens"]
     step = state["step"]
@@ -153,10 +162,13 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             accum = cfg.grad_accum if run_batches is None else min(cfg.grad_accum, run_batches - step * cfg.grad_accum)
             micro = [next(batches).to(device) for _ in range(accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
-            loss, grads = torch.zeros(()), None
+            loss, aux_loss, grads = torch.zeros(()), None, None
+            # the router loss of a mixture of experts: its coefficient times the mean over micro-batches and ranks
+            aux_share = model.config.moe.aux_loss_coef / (len(micro) * dist.world_size) if model.config.moe else 0.0
             for b in micro:
-                part, g = grad_fn(model, [b], num_targets)
+                (part, aux), g = grad_fn(model, [b], num_targets, aux_share)
                 loss = loss + part.cpu()
+                aux_loss = None if aux is None else (aux.cpu() if aux_loss is None else aux_loss + aux.cpu())
                 grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
             loss = distributed.all_sum(loss)  # each rank holds its share of the global mean
             model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
@@ -166,8 +178,11 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                          loader=loader.state_dict())
             if step % cfg.log.every == 0 or step == total_steps:
                 speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
-                log.log({"step": step, "loss": loss.item(), "lr": lr, "tokens": state["tokens"],
-                         "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(), "epoch": loader.epoch})
+                record = {"step": step, "loss": loss.item(), "lr": lr, "tokens": state["tokens"],
+                          "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(), "epoch": loader.epoch}
+                if aux_loss is not None:  # the router's load-balancing loss, unweighted (included in loss)
+                    record["aux_loss"] = distributed.all_sum(aux_loss).item() / (len(micro) * dist.world_size)
+                log.log(record)
                 log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})

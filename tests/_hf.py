@@ -47,12 +47,30 @@ ARCHS = {
                                                      "short_factor": [1.0 + 0.2 * i for i in range(6)],
                                                      "long_factor": [2.0 + 0.3 * i for i in range(6)]}}),
 }
+# Mixtures of experts (tests/test_moe.py): 4-8 experts, top-2; a sliding window for Mixtral; dense and sparse layers
+# mixed for Qwen3-MoE (mlp_only_layers, decoder_sparse_step), renormalised top-k or not. Kept out of ARCHS while
+# load_adapter refuses peft's fused-expert adapters (``target_parameters``), which peft writes for Qwen3-MoE when
+# test_generate's adapter names ``down_proj``.
+MOE_ARCHS = {
+    "mixtral": ("MixtralConfig", {**SPECIAL_IDS, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                  "sliding_window": 5, "router_aux_loss_coef": 0.02}),
+    "qwen3-moe": ("Qwen3MoeConfig", {**SPECIAL_IDS, "head_dim": 32, "num_hidden_layers": 3, "num_experts": 8,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True,
+                                     "mlp_only_layers": [1], "decoder_sparse_step": 1, "router_aux_loss_coef": 0.02}),
+    "qwen3-moe-step2": ("Qwen3MoeConfig", {**SPECIAL_IDS, "num_hidden_layers": 4, "num_experts": 6,
+                                           "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                           "decoder_sparse_step": 2, "use_sliding_window": True,
+                                           "sliding_window": 6}),
+}
+# Routers are drawn this much sharper than transformers' init (std 0.02), so that routing is decisive: a token's
+# top-k experts do not hinge on rounding.
+ROUTER_SCALE = 20.0
 
 
 def hf_config(arch: str, **overrides):
     import transformers
 
-    cls_name, extra = ARCHS[arch]
+    cls_name, extra = ARCHS[arch] if arch in ARCHS else MOE_ARCHS[arch]
     kw = {**TINY, **extra, **overrides}
     return getattr(transformers, cls_name)(**kw)
 
@@ -67,6 +85,8 @@ def hf_model(arch: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(ROUTER_SCALE)
     return model.eval()
 
 

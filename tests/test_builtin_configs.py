@@ -36,6 +36,8 @@ MODEL_CARDS = {
     "phi-4-mini": ("Phi-4-mini-instruct", "3.8", None),
     "olmo-2-0425-1b": ("OLMo-2-0425-1B-Instruct", "1.5", None),
     "smollm3-3b": ("SmolLM3-3B", "3.1", None),
+    "mixtral-8x7b-v0.1": ("Mixtral-8x7B-Instruct-v0.1", "46.7", None),
+    "qwen3-30b-a3b": ("Qwen3-30B-A3B", "30.5", "29.9"),
 }
 PRESET_OF = {hub: shape for shape, (hub, _, _) in MODEL_CARDS.items()}
 
@@ -47,7 +49,7 @@ def as_printed(billions: float, printed: str) -> bool:
 
 
 def test_every_program_has_its_configs():
-    assert len(SFT) == 23
+    assert len(SFT) == 25
     assert {program for program, _ in CONFIGS} == {"sft", "dpo", "grpo", "eval", "generate", "quantize"}
 
 

@@ -29,6 +29,8 @@ from ..core._tree import get
 from ._base import check_order, record
 
 ALL_LINEAR = "all-linear"
+EXPERTS = "experts"
+"""The LoRA target that selects every expert projection of a mixture of experts."""
 SPEC_KEY = "lora"
 """The key of an adapted node's static :class:`LoraSpec` leaf."""
 
@@ -125,6 +127,10 @@ def resolve_targets(model: Model, targets: str | Sequence[str]) -> list[str]:
     Fused projections (Phi-3/4's ``qkv_proj`` and ``gate_up_proj``) stay fused: a target naming a part
     (``q_proj``, ``k_proj``, ``v_proj``; ``gate_proj``, ``up_proj``) selects the whole fused projection, which
     gets one adapter in the checkpoint's layout (as PEFT adapts these models).
+
+    Mixtures of experts: ``"experts"`` selects every projection of every expert (each gets its own adapter, in
+    the checkpoint's per-expert layout); a projection name (``w1``, ``gate_proj``) selects it in every expert
+    (and, for Qwen3-MoE, in the dense layers' MLPs). The router (``gate``) is not a target.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -135,13 +141,20 @@ def resolve_targets(model: Model, targets: str | Sequence[str]) -> list[str]:
     for path in candidates:
         name = path.rsplit(".", 1)[-1]
         for t in targets:
-            if (t == ALL_LINEAR and path != "lm_head") or t in (name, path) or matches(path, t):
+            if (t == ALL_LINEAR and path != "lm_head") or t in (name, path) or matches(path, t) or \
+                    (t == EXPERTS and f".{EXPERTS}." in path):
                 chosen.append(path)
                 break
     unknown = [t for t in targets if t != ALL_LINEAR and not any(
-        t in (p, p.rsplit(".", 1)[-1]) or matches(p, t) for p in candidates)]
+        t in (p, p.rsplit(".", 1)[-1]) or matches(p, t) or (t == EXPERTS and f".{EXPERTS}." in p)
+        for p in candidates)]
     if unknown:
+        if "gate" in unknown and model.config.moe is not None:
+            raise ValueError("lora target 'gate' is a mixture of experts' router; ft-prog adapts the attention "
+                             "and expert projections only (the router is trained in full fine-tuning)")
         names = sorted({p.rsplit(".", 1)[-1] for p in candidates})
+        if model.config.moe is not None:
+            names = sorted({n for n in names if not n.isdigit()} | {EXPERTS})
         hint = " (tied embeddings: lm_head has no weight of its own)" if "lm_head" in unknown else ""
         raise ValueError(f"lora targets {unknown} match no linear layer{hint}; linear names are {names}")
     return chosen
