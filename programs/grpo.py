@@ -117,6 +117,10 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
     if cfg.batch_size % dist.world_size:
         raise run_guard.RunError(f"batch_size {cfg.batch_size} (prompts) must be a multiple of the {dist.world_size} "
                                  "processes")
+    if cfg.save_every % cfg.num_iterations or cfg.eval_every % cfg.num_iterations:
+        raise run_guard.RunError(f"save_every ({cfg.save_every}) and eval_every ({cfg.eval_every}) must be multiples "
+                                 f"of num_iterations ({cfg.num_iterations}): checkpoints and evaluations come "
+                                 "between rollouts")
     if cfg.max_new_tokens >= cfg.seq_len:
         raise run_guard.RunError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in seq_len "
                                  f"({cfg.seq_len})")

@@ -291,6 +291,8 @@ def test_bad_input_is_one_message(grpo_config, tmp_path):
     assert done.returncode != 0 and "no such file" in done.stderr
     done = cli("run", "grpo", "--config", str(grpo_config), "reward.weights=[1.0]")
     assert done.returncode != 0 and "reward.weights has 1 values for 2 reward.functions" in done.stderr
+    done = cli("run", "grpo", "--config", str(grpo_config), "num_iterations=2", "save_every=3")
+    assert done.returncode != 0 and "must be multiples of num_iterations (2)" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -305,3 +307,16 @@ def test_demo_runs_offline_as_the_first_command(tmp_path):
     before, after = summary["eval_before"]["rewards/exact_match"], summary["eval_after"]["rewards/exact_match"]
     assert after >= before + 0.15, (before, after)
     assert "held-out reward (greedy, 100 prompts)" in done.stdout
+
+
+def test_two_processes_split_the_prompts(grpo_config, tmp_path):
+    """`ft-prog run --nproc 2 grpo`: each rank samples its half of the prompts (groups stay on one rank) with the
+    sharded model, generating in lockstep; metrics are over both ranks' completions."""
+    out = tmp_path / "two"
+    done = cli("run", "--nproc", "2", "grpo", "--config", str(grpo_config), f"output_dir={out}", "max_steps=2",
+               "loss.scale_rewards=batch", "loss.beta=0.05")
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all("kl" in r for r in steps)
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    assert (out / "final" / "adapter_model.safetensors").is_file()
