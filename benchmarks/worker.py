@@ -313,16 +313,26 @@ def profile_step(step, device: str) -> dict[str, Any]:
     ops in :data:`MATMUL_OPS`), ``attention``, ``optimizer``, ``softmax`` (the loss's vocabulary softmax, and
     any attention computed outside SDPA), ``other`` (element-wise ops, norms, copies, embedding, ...).
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=profiler_activities(device)) as prof:
         t0 = time.perf_counter()
         step()
         sync(device)
         step_s = time.perf_counter() - t0
+    return time_breakdown(prof, device, step_s)
+
+
+def profiler_activities(device: str) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+
+
+def time_breakdown(prof, device: str, step_s: float) -> dict[str, Any]:
+    """:func:`profile_step`'s result from a finished ``torch.profiler.profile`` of one step of ``step_s`` seconds."""
+    cuda = device.startswith("cuda")
     parts = {"matmul": 0.0, **{name: 0.0 for name, _ in TIME_CATEGORIES}, "other": 0.0}
     for ev in prof.key_averages():
         if not ev.key.startswith("aten::"):
@@ -631,7 +641,14 @@ def run_generate(case: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_s": n_new / times[n_new], "decode_tokens_per_s": decode, "output": outputs}
 
 
-KINDS = {"weights": run_weights, "peak": run_peak, "train": run_train, "sft": run_sft, "generate": run_generate}
+def run_dpo(case: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.dpo_worker import run_dpo
+
+    return run_dpo(case)
+
+
+KINDS = {"weights": run_weights, "peak": run_peak, "train": run_train, "sft": run_sft, "generate": run_generate,
+         "dpo": run_dpo}
 
 
 def main(argv: list[str] | None = None) -> int:
