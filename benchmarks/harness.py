@@ -94,7 +94,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  sft=dict(n=96, seed=0, seq_len=512, median=160, sigma=0.6, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
                  generate=dict(prompt_len=32, new_tokens=64, repeats=3),
-                 dpo=dict(batch=4, max_len=256, beta=0.1, warmup=2, steps=6,
+                 dpo=dict(batch=4, max_len=256, beta=0.1, warmup=2, steps=6, stacks=[[], ["checkpoint"]],
                           workload=dict(seed=0, prompt_median=80, response_median=48, sigma=0.6, min_len=8)),
                  peak_dtypes=["bf16", "fp32"], help_repeats=5, demo=True)
     elif name == "gpu":
@@ -185,14 +185,16 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
 
 def dpo_cases(s: dict[str, Any], dtype: str, threads: int | None, systems: list[str]) -> list[dict[str, Any]]:
     """The LoRA DPO step of ft-prog and of TRL's DPOTrainer on the preset's preference pairs (``s["dpo"]``): one
-    batch of pairs per step, ``warmup + steps`` of them (and one more for the profiled step)."""
+    batch of pairs per step, ``warmup + steps`` of them (and one more for the profiled step); each of the preset's
+    stacks (``checkpoint``: activation checkpointing in both, TRL's default)."""
     d = s["dpo"]
     n_pairs = d["batch"] * (d["warmup"] + d["steps"] + 1)
-    return [{"kind": "dpo", "system": system, "method": "lora", "stack": [], "shape": s["shape"],
+    stacks = [st for st in d.get("stacks", [[]]) if not set(st) & set(s["skip"])]
+    return [{"kind": "dpo", "system": system, "method": "lora", "stack": list(stack), "shape": s["shape"],
              "device": s["device"], "dtype": dtype, "threads": threads, "batch": d["batch"], "seq": d["max_len"],
              "rank": s["rank"], "targets": s["targets"], "warmup": d["warmup"], "steps": d["steps"], "beta": d["beta"],
              "profile": "profile" not in s["skip"], "workload": {**d["workload"], "n": n_pairs, "max_len": d["max_len"]}}
-            for system in systems]
+            for stack in stacks for system in systems]
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -334,19 +334,22 @@ def dpo_lines(r: dict[str, Any]) -> list[str]:
              "dropout; the reference is the model with its adapters off, computed under no_grad every step; "
              "AdamW lr 1e-4 constant, no weight decay, clipping 1.0. TRL: `trl.DPOTrainer`"
              + (f" {trl}" if trl else "") + " with a PEFT `LoraConfig`, `precompute_ref_log_probs=False`, no "
-             "gradient checkpointing, no autocast (model in its dtype). "
+             "gradient checkpointing (stack `checkpoint`: activation checkpointing in both, TRL's default), no "
+             "autocast (model in its dtype). "
              f"{c['warmup']} warm-up + {c['steps']} timed steps per process; tokens = real (non-padding) tokens of "
              "the chosen and rejected rows.", "",
-             "| system | step ms (median) | spread | tokens/s (median of runs) | tokens/s of each run | "
+             "| system | stack | step ms (median) | spread | tokens/s (median of runs) | tokens/s of each run | "
              "best-steps tokens/s | peak mem MiB | of which before the steps | loss at steps 0, 1, 2 | "
              "tokens / padded cells per step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for x in rows:
         if "error" in x:
-            lines.append(f"| {x['case']['system']} | {x['error'][:120]} |" + " |" * 8)
+            lines.append(f"| {x['case']['system']} | {'+'.join(x['case']['stack']) or '-'} | {x['error'][:120]} |"
+                         + " |" * 8)
             continue
         cells = ", ".join(f"{a}/{b}" for a, b in zip(x["step_tokens"], x["step_cells"]))
-        lines.append(f"| {NAMES.get(x['case']['system'], x['case']['system'])} | {x['time']['median_s'] * 1e3:,.0f} | "
+        lines.append(f"| {NAMES.get(x['case']['system'], x['case']['system'])} | {'+'.join(x['case']['stack']) or '-'} | "
+                     f"{x['time']['median_s'] * 1e3:,.0f} | "
                      f"{_pct(x['time']['spread'])} | {x['tokens_per_s']:,.0f} | "
                      f"{', '.join(f'{v:,.0f}' for v in x['tokens_per_s_runs'])} | {x['best_tokens_per_s']:,.0f} | "
                      f"{_mib(x.get('peak_memory'))} | {_mib(x.get('rss_before_steps'))} | {', '.join(f'{v:.6f}' for v in x['losses'][:3])} | {cells} |")
@@ -368,7 +371,13 @@ def dpo_lines(r: dict[str, Any]) -> list[str]:
                   f"tokens/s ({'met' if ok_speed else 'NOT met'}), <= {DPO_TARGET['memory_ratio']}x peak memory "
                   f"({'met' if ok_mem else 'NOT met'}).", ""]
     lines += time_breakdown_lines(rows, "### Where the DPO step's time goes")
-    return lines
+    for x in rows:
+        top = (x.get("time_breakdown") or {}).get("top_ops")
+        if top:
+            lines.append(f"- {NAMES.get(x['case']['system'], x['case']['system'])} "
+                         f"({'+'.join(x['case']['stack']) or 'base'}), most time: "
+                         + ", ".join(f"`{o['op']}` {o['s'] * 1e3:,.0f} ms ({o['calls']} calls)" for o in top[:6]))
+    return lines + [""]
 
 
 def chart(r: dict[str, Any], path: Path) -> Path | None:
