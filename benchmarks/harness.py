@@ -116,6 +116,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         value = getattr(args, key, None)
         if value is not None:
             s[key] = value
+    s["dpo"] = {**s["dpo"], **{k: getattr(args, k) for k in ("warmup", "steps") if getattr(args, k, None) is not None}}
     if args.threads:
         s["threads"] = [int(t) for t in args.threads.split(",")]
     if args.dtypes:
@@ -571,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--rank", type=int)
-    ap.add_argument("--warmup", type=int, help="untimed steps per run")
-    ap.add_argument("--steps", type=int, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, help="untimed steps per run (train and dpo cases)")
+    ap.add_argument("--steps", type=int, help="timed steps per run (train and dpo cases)")
     ap.add_argument("--rounds", type=int, help="round-robin repetitions of every case")
     ap.add_argument("--skip", help="comma-separated: hf, ftprog, extras, compile, checkpoint, dora, qlora, sft, "
                                    "generate, dpo, trl, startup, peak, torchtune, profile (the profiled step after "
