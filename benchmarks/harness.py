@@ -471,7 +471,7 @@ def dpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
             "step_scored": first["step_scored"], "time_breakdown": first.get("time_breakdown"),
             "params": first.get("params"), "trainable_params": first.get("trainable_params"),
             "reference": first.get("reference"), "trl_version": first.get("trl"),
-            "rss_before_steps": max(r["rss_before"] for r in ok if r.get("rss_before"))}
+            "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
 
 
 def _key(row: dict, *fields: str) -> tuple:

@@ -125,10 +125,14 @@ def markdown(r: dict[str, Any]) -> str:
     rows = r["rows"]
     lines = [f"# ft-prog benchmark `{r['name']}` (preset {r['preset']})", "", "## Machine", ""]
     lines += machine_lines(r)
-    lines += ["", f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
-              f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
-              f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; step "
-              "time = median over all timed steps, spread = (p90 - p10) / median.", ""]
+    lines.append("")
+    if any(x["case"]["kind"] != "dpo" for x in rows):  # the dpo cases describe their own settings
+        lines += [f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
+                  f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
+                  f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; "
+                  "step time = median over all timed steps, spread = (p90 - p10) / median.", ""]
+    else:
+        lines += [f"Each case: a fresh process, {s['rounds']} round(s) round-robin.", ""]
 
     if r.get("matmul_peak"):
         lines += ["## Matmul peak (torch.mm, measured in this run)", "",
@@ -308,7 +312,9 @@ def markdown(r: dict[str, Any]) -> str:
                                                                           if not tt.get("cases") else ""))
     else:
         tt_line = "skipped" if tt.get("skipped") else f"{tt.get('reason')}. {tt.get('note', '')}"
-    lines += ["## Baselines", "", "- transformers + PEFT: measured above.",
+    hf = "measured above" if any(x["case"]["system"] == "hf" for x in rows) else "not in this run"
+    lines += ["## Baselines", "", f"- transformers + PEFT: {hf}.",
+              "- TRL: measured above (DPO)." if any(x["case"]["system"] == "trl" for x in rows) else None,
               "- torchtune: " + tt_line,
               "- transformers QLoRA: unavailable (needs bitsandbytes 4-bit layers: not installed, no CPU kernels)."
               if any(x["case"].get("method") == "qlora" and x["case"]["system"] == "hf" for x in rows) else "", ""]
@@ -358,7 +364,13 @@ def dpo_lines(r: dict[str, Any]) -> list[str]:
               "Peak memory: the process's peak RSS over the warm-up and timed steps (weights, imports and optimizer "
               "state included; loading excluded), the largest over the runs; of which before the steps: its RSS "
               "just before the first step (libraries, weights, adapters; TRL: its optimizer object too), so the "
-              "difference is what the steps themselves add.", ""]
+              "difference is what the steps themselves add."
+              + (" ft-prog keeps freed host memory for the next step, as `ft-prog run dpo` does on the CPU "
+                 "(`reuse_freed_memory`); TRL runs with glibc's defaults." if any(x.get("reuse_freed_memory")
+                                                                                 for x in rows) else ""),
+              "", "Losses: in bf16 one update moves the loss by less than the rounding of the summed log-probs, so "
+              "the two systems' losses after step 0 differ by rounding (an fp32 run shows them agree; see "
+              "benchmarks/README.md).", ""]
     for sp in r.get("speedups", []):
         if "trl" not in sp or not sp["label"].startswith("dpo-"):
             continue

@@ -60,6 +60,11 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
         assert set(b["parts"]) == {"matmul", "attention", "optimizer", "softmax", "other"}
         assert b["parts"]["matmul"] > 0 and b["parts"]["attention"] > 0 and b["step_s"] > 0
         assert b["total_s"] == pytest.approx(sum(b["parts"].values()))
+        times = [o["s"] for o in b["top_ops"]]
+        assert times and times == sorted(times, reverse=True) and times[0] <= b["total_s"]
+    dpo = {r["case"]["system"]: r for r in results["rows"] if r["case"]["kind"] == "dpo"}
+    assert set(dpo) == {"ftprog", "trl"}  # the DPO case (checked in detail below): profiled like the train cases
+    assert all(r["time_breakdown"]["parts"]["matmul"] > 0 and r["time_breakdown"]["top_ops"] for r in dpo.values())
 
     # The same weights and batch give the same step-0 loss in both systems.
     assert results["loss_checks"] and all(c["ok"] for c in results["loss_checks"]), results["loss_checks"]
@@ -335,3 +340,13 @@ def test_dpo_pairs_fit_and_only_filters_cases():
     assert labels("--only", "dpo", "--skip", "trl") == ["dpo-ftprog-lora-base-bf16-t1"]
     with pytest.raises(SystemExit, match="case kinds"):
         labels("--only", "dpo,nonsense")
+
+
+def test_trl_logprob_head_probe_reports_time_and_memory():
+    from benchmarks.trl_logprob_head import measure
+
+    (r,) = measure(rows=16, hidden=8, vocab=64, repeats=1)
+    assert set(r) == {"policy_forward_s", "policy_backward_s", "policy_peak_mib", "reference_forward_s",
+                      "reference_peak_mib"}
+    assert all(r[k] > 0 for k in ("policy_forward_s", "policy_backward_s", "reference_forward_s"))
+    assert r["policy_peak_mib"] >= 0 and r["reference_peak_mib"] >= 0
