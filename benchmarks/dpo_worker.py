@@ -24,6 +24,7 @@ optimizer is built) to the end of the timed steps.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     out.update(_step_facts([x.num_tokens for x in b], [x.tokens.numel() for x in b],
                            [int((x.targets != -100).sum()) for x in b]))
     out.update(step_times=times[case["warmup"]:], warmup_times=times[: case["warmup"]], losses=losses)
+    shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
@@ -215,6 +217,7 @@ def _run_trl(case: dict[str, Any]) -> dict[str, Any]:
     out["params"] = sum(p.numel() for p in trainer.model.parameters())
     out["trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
     w = case["warmup"]
     out.update(_step_facts(record["tokens"][:n_steps], record["cells"][:n_steps], record["scored"][:n_steps]))
     out.update(step_times=record["times"][w:], warmup_times=record["times"][:w], losses=record["losses"][:n_steps])
