@@ -5,6 +5,7 @@
     python -m benchmarks --preset gpu                   # Llama 3.2 1B shape on one GPU (benchmarks/gpu.sh)
     python -m benchmarks --preset cpu-target --list     # print the cases only
     python -m benchmarks --preset cpu-target --torchtune-python tt/bin/python   # + torchtune (benchmarks/README.md)
+    python -m benchmarks --preset cpu-target --only dpo                 # the LoRA DPO step against TRL's DPOTrainer
 
 Every measurement runs in its own fresh interpreter (:mod:`benchmarks.worker`), so peak memory belongs to
 one configuration; the cases of a round run one after the other and rounds are rotated (round ``r`` starts
@@ -36,8 +37,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py); it runs the sft workload too.
 TORCHTUNE_METHODS = ("lora", "full")
 TORCHTUNE_STACKS = ((), ("checkpoint",))
-# Baselines ft-prog is compared against, in table order; ftprog-base: an earlier ft-prog (--ftprog-baseline).
-BASELINES = ("hf", "torchtune", "ftprog-base")
+# Baselines ft-prog is compared against, in table order; ftprog-base: an earlier ft-prog (--ftprog-baseline);
+# trl: TRL's DPOTrainer (the dpo cases).
+BASELINES = ("hf", "torchtune", "trl", "ftprog-base")
+# Case kinds a preset builds (--only picks some).
+CASE_KINDS = ("train", "sft", "generate", "dpo")
+# The issue's target for the DPO case: ft-prog's tokens/s at least this many times TRL's, its peak memory at most
+# this share of TRL's.
+DPO_TARGET = {"speedup": 1.3, "memory_ratio": 0.7}
 
 # Settings torchtune publishes peak memory for, as ft-prog cases of the same setting (last in the gpu preset, so
 # the time budget drops them first). torchtune publishes nothing for the Llama 3.2 1B shape.
@@ -72,8 +79,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  sft_settings={"ftprog": ["default", "best"], "hf": ["default"]},
                  sft=dict(n=16, seed=0, seq_len=64, median=24, sigma=0.6, min_len=6, prompt_frac=0.4, batch=4,
                           warmup=1),
-                 generate=dict(prompt_len=8, new_tokens=8, repeats=1), peak_dtypes=["bf16"], help_repeats=2,
-                 demo=False)
+                 generate=dict(prompt_len=8, new_tokens=8, repeats=1),
+                 dpo=dict(batch=2, max_len=64, beta=0.1, warmup=1, steps=2,
+                          workload=dict(seed=0, prompt_median=16, response_median=12, sigma=0.6, min_len=4)),
+                 peak_dtypes=["bf16"], help_repeats=2, demo=False)
     elif name == "cpu-target":
         s = dict(shape="cpu-default", device="cpu", dtypes=["bf16"], threads=[1, 2], batch=4, seq=256, rank=8,
                  targets=["q_proj", "v_proj"], warmup=2, steps=8, rounds=2, methods=["lora", "full"],
@@ -84,8 +93,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                          ("ftprog", "full", ("fp32-state",))],
                  sft=dict(n=96, seed=0, seq_len=512, median=160, sigma=0.6, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
-                 generate=dict(prompt_len=32, new_tokens=64, repeats=3), peak_dtypes=["bf16", "fp32"],
-                 help_repeats=5, demo=True)
+                 generate=dict(prompt_len=32, new_tokens=64, repeats=3),
+                 dpo=dict(batch=4, max_len=256, beta=0.1, warmup=2, steps=6, stacks=[[], ["checkpoint"]],
+                          workload=dict(seed=0, prompt_median=80, response_median=48, sigma=0.6, min_len=8)),
+                 peak_dtypes=["bf16", "fp32"], help_repeats=5, demo=True)
     elif name == "gpu":
         s = dict(shape="llama-3.2-1b", device="cuda", dtypes=["bf16"], threads=[None], batch=4, seq=2048, rank=8,
                  targets=["q_proj", "v_proj"], warmup=3, steps=10, rounds=1, methods=["lora"],
@@ -94,8 +105,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                          ("ftprog", "qlora", ())],
                  sft=dict(n=192, seed=0, seq_len=2048, median=300, sigma=0.7, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
-                 generate=dict(prompt_len=64, new_tokens=128, repeats=2), peak_dtypes=["bf16"], help_repeats=3,
-                 demo=False, published=PUBLISHED)
+                 generate=dict(prompt_len=64, new_tokens=128, repeats=2),
+                 dpo=dict(batch=4, max_len=1024, beta=0.1, warmup=2, steps=8,
+                          workload=dict(seed=0, prompt_median=300, response_median=200, sigma=0.6, min_len=16)),
+                 peak_dtypes=["bf16"], help_repeats=3, demo=False, published=PUBLISHED)
     else:
         raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu")
 
@@ -103,6 +116,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         value = getattr(args, key, None)
         if value is not None:
             s[key] = value
+    s["dpo"] = {**s["dpo"], **{k: getattr(args, k) for k in ("warmup", "steps") if getattr(args, k, None) is not None}}
     if args.threads:
         s["threads"] = [int(t) for t in args.threads.split(",")]
     if args.dtypes:
@@ -152,6 +166,13 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         for system in systems:
             cases.append({"kind": "generate", "system": system, "shape": s["shape"], "device": s["device"],
                           "dtype": dtype, "threads": threads, **s["generate"]})
+    if "dpo" not in skip:
+        cases += dpo_cases(s, dtype, threads, [x for x in ("ftprog", "trl") if x not in skip])
+    if args.only:
+        kinds = set(args.only.split(","))
+        if kinds - set(CASE_KINDS):
+            raise SystemExit(f"--only {args.only}: case kinds are {', '.join(CASE_KINDS)}")
+        cases = [c for c in cases if c["kind"] in kinds]
     if getattr(args, "ftprog_baseline", None):  # each ft-prog case, then the same on an earlier source tree (run
         # next to each other, so the machine's drifts hit both alike)
         cases = [x for c in cases for x in ([c, {**c, "system": "ftprog-base"}] if c["system"] == "ftprog" else [c])]
@@ -161,6 +182,20 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
             cases.append(_train("ftprog", p["method"], p["stack"], **{**common, **p["case"]}, dtype=p["dtype"],
                                 threads=s["threads"][-1], tag="published", reference=p["reference"]))
     return s, cases
+
+
+def dpo_cases(s: dict[str, Any], dtype: str, threads: int | None, systems: list[str]) -> list[dict[str, Any]]:
+    """The LoRA DPO step of ft-prog and of TRL's DPOTrainer on the preset's preference pairs (``s["dpo"]``): one
+    batch of pairs per step, ``warmup + steps`` of them (and one more for the profiled step); each of the preset's
+    stacks (``checkpoint``: activation checkpointing in both, TRL's default)."""
+    d = s["dpo"]
+    n_pairs = d["batch"] * (d["warmup"] + d["steps"] + 1)
+    stacks = [st for st in d.get("stacks", [[]]) if not set(st) & set(s["skip"])]
+    return [{"kind": "dpo", "system": system, "method": "lora", "stack": list(stack), "shape": s["shape"],
+             "device": s["device"], "dtype": dtype, "threads": threads, "batch": d["batch"], "seq": d["max_len"],
+             "rank": s["rank"], "targets": s["targets"], "warmup": d["warmup"], "steps": d["steps"], "beta": d["beta"],
+             "profile": "profile" not in s["skip"], "workload": {**d["workload"], "n": n_pairs, "max_len": d["max_len"]}}
+            for stack in stacks for system in systems]
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -229,6 +264,9 @@ def case_label(c: dict[str, Any]) -> str:
         return f"sft-{c['system']}-{c['setting']}-{c['dtype']}-t{c['threads'] or 'default'}"
     if c["kind"] == "generate":
         return f"generate-{c['system']}-{c['dtype']}-t{c['threads'] or 'default'}"
+    if c["kind"] == "dpo":
+        stack = "+".join(c["stack"]) or "base"
+        return f"dpo-{c['system']}-{c['method']}-{stack}-{c['dtype']}-t{c['threads'] or 'default'}"
     return c["kind"]
 
 
@@ -402,6 +440,8 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row["time"] = summarize_times(best["step_times"])
             row["first_loss"] = first.get("first_loss")
             row["check_loss"] = first.get("check_loss")  # on the baseline's first padded batch, if measured
+        elif case["kind"] == "dpo":
+            row.update(dpo_summary(case, ok))
         elif case["kind"] == "generate":
             best = max(ok, key=lambda r: r["tokens_per_s"])
             row.update({k: best[k] for k in ("prompt_len", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
@@ -417,6 +457,23 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
     return {"rows": rows, "loss_checks": loss_checks(rows), "speedups": speedups(rows)}
 
 
+def dpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
+    """A DPO row: tokens/s per run (the timed steps' real tokens over their time), their median, and the best-steps
+    figure (each step at its fastest over the runs: every run trains the same batches, so noise only adds time)."""
+    w = case["warmup"]
+    runs = [sum(r["step_tokens"][w:]) / sum(r["step_times"]) for r in ok]
+    fastest = [min(ts) for ts in zip(*(r["step_times"] for r in ok))]
+    first = ok[0]
+    return {"time": summarize_times([t for r in ok for t in r["step_times"]]), "tokens_per_s_runs": runs,
+            "tokens_per_s": statistics.median(runs), "best_tokens_per_s": sum(first["step_tokens"][w:]) / sum(fastest),
+            "first_step_s": first["warmup_times"][0] if first.get("warmup_times") else None,
+            "losses": first["losses"], "step_tokens": first["step_tokens"], "step_cells": first["step_cells"],
+            "step_scored": first["step_scored"], "time_breakdown": first.get("time_breakdown"),
+            "params": first.get("params"), "trainable_params": first.get("trainable_params"),
+            "reference": first.get("reference"), "trl_version": first.get("trl"),
+            "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
+
+
 def _key(row: dict, *fields: str) -> tuple:
     c = row["case"]
     return tuple(tuple(c.get(f)) if isinstance(c.get(f), list) else c.get(f) for f in fields)
@@ -428,23 +485,26 @@ def loss_checks(rows: list[dict]) -> list[dict]:
     fields = ("kind", "shape", "method", "stack", "dtype", "threads", "batch", "seq", "setting", "tag")
     ours = {_key(r, *fields): r for r in rows if r["case"]["system"] == "ftprog" and "error" not in r}
     for r in rows:
-        if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft"):
+        if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft", "dpo"):
             continue
         if r["case"]["kind"] == "sft" and r["case"]["setting"] != "default" and r.get("check_loss") is None:
             continue  # a best setting batches differently: comparable only where it measured the check loss
         mine = ours.get(_key(r, *fields))
         if mine is None:
             continue
-        a = mine["losses"][0] if r["case"]["kind"] == "train" else mine.get("first_loss")
-        b = r["losses"][0] if r["case"]["kind"] == "train" else r.get("first_loss")
+        a = mine["losses"][0] if r["case"]["kind"] in ("train", "dpo") else mine.get("first_loss")
+        b = r["losses"][0] if r["case"]["kind"] in ("train", "dpo") else r.get("first_loss")
         if a is None or b is None:
             continue
         rel = abs(a - b) / max(abs(b), 1e-12)
         check = {"label": mine["label"], "baseline": r["case"]["system"], "ftprog_loss": a, "baseline_loss": b,
                  "abs_diff": abs(a - b), "rel_diff": rel, "tolerance": LOSS_TOL[r["case"]["dtype"]],
                  "ok": rel <= LOSS_TOL[r["case"]["dtype"]]}
-        if r["case"]["kind"] == "train" and len(mine["losses"]) > 1 and len(r["losses"]) > 1:
+        if r["case"]["kind"] in ("train", "dpo") and len(mine["losses"]) > 1 and len(r["losses"]) > 1:
             check["ftprog_loss_step1"], check["baseline_loss_step1"] = mine["losses"][1], r["losses"][1]
+        if r["case"]["kind"] == "dpo":  # the same batches: the same real and padded tokens at every step
+            check["same_tokens"] = all(mine[k] == r[k] for k in ("step_tokens", "step_cells", "step_scored"))
+            check["ok"] = check["ok"] and check["same_tokens"]
         out.append(check)
     return out
 
@@ -454,7 +514,7 @@ def _per_round(row: dict) -> list[float]:
     if row["case"]["kind"] == "train":
         medians = row.get("round_medians_s") or []
         values = [row["tokens_per_s"] * row["time"]["median_s"] / m for m in medians]  # tokens per step / median
-    else:
+    else:  # sft: effective tokens/s; generate, dpo: tokens/s of each run
         values = row.get("effective_tokens_per_s_runs" if row["case"]["kind"] == "sft" else "tokens_per_s_runs", [])
     return values if len(values) == row.get("runs", len(values)) else []
 
@@ -471,7 +531,8 @@ def speedups(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["case"]["system"] != "ftprog" or "error" in r:
             continue
-        metric = {"train": "tokens_per_s", "sft": "effective_tokens_per_s", "generate": "tokens_per_s"}[r["case"]["kind"]]
+        metric = {"train": "tokens_per_s", "sft": "effective_tokens_per_s", "generate": "tokens_per_s",
+                  "dpo": "tokens_per_s"}[r["case"]["kind"]]
         entry: dict[str, Any] = {"label": r["label"], "metric": metric, "ftprog": r[metric]}
         for b in BASELINES:
             other = theirs[b].get(_key(r, *fields))
@@ -482,6 +543,8 @@ def speedups(rows: list[dict]) -> list[dict]:
             entry["speedup" + suffix] = r[metric] / other[metric]
             if r["case"]["kind"] == "train" and r.get("time") and other.get("time"):  # robust to added noise
                 entry["fastest_step_speedup" + suffix] = other["time"]["min_s"] / r["time"]["min_s"]
+            if r["case"]["kind"] == "dpo":  # the same batches: each step at its fastest over the runs
+                entry["fastest_step_speedup" + suffix] = r["best_tokens_per_s"] / other["best_tokens_per_s"]
             ours, base = _per_round(r), _per_round(other)
             if ours and len(ours) == len(base):  # round by round (runs next to each other), then the median
                 entry["paired_speedup" + suffix] = statistics.median(a / b for a, b in zip(ours, base))
@@ -509,13 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--rank", type=int)
-    ap.add_argument("--warmup", type=int, help="untimed steps per run")
-    ap.add_argument("--steps", type=int, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, help="untimed steps per run (train and dpo cases)")
+    ap.add_argument("--steps", type=int, help="timed steps per run (train and dpo cases)")
     ap.add_argument("--rounds", type=int, help="round-robin repetitions of every case")
     ap.add_argument("--skip", help="comma-separated: hf, ftprog, extras, compile, checkpoint, dora, qlora, sft, "
-                                   "generate, startup, peak, torchtune, profile (the profiled step after each "
-                                   "training case's timed steps), published (the gpu preset's cases with a "
+                                   "generate, dpo, trl, startup, peak, torchtune, profile (the profiled step after "
+                                   "each training case's timed steps), published (the gpu preset's cases with a "
                                    "published torchtune figure)")
+    ap.add_argument("--only", help="comma-separated case kinds to run: train, sft, generate, dpo (e.g. --only dpo: "
+                                   "the LoRA DPO step against TRL's DPOTrainer)")
     ap.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
                     help="time the demo's first training step")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
@@ -580,7 +645,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         for c in cases:
             if (c["shape"], c["dtype"]) == (shape, dtype):
                 c["checkpoint"] = str(path)
-                if c["kind"] == "sft":
+                if c["kind"] in ("sft", "dpo"):
                     c["workload"] = {**c["workload"], "vocab": configs[(shape, dtype)]["vocab_size"]}
 
     # 2. The matmul peak of each (dtype, threads) the cases use.
@@ -597,7 +662,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                                       "n": res["n"], "small_linear_s": res["small_linear_median_s"]})
 
     # 3. Baselines that may be missing, start-up time.
-    startup = time_startup(settings["help_repeats"], settings["demo"], out) if "startup" not in skip else {}
+    startup = (time_startup(settings["help_repeats"], settings["demo"], out)
+               if "startup" not in skip and not args.only else {})  # --only: those cases alone
 
     # 4. The cases, round-robin, each in a fresh process.
     runs: list[list[dict]] = [[] for _ in cases]

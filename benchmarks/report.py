@@ -20,7 +20,8 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-NAMES = {"ftprog": "ft-prog", "hf": "transformers", "torchtune": "torchtune", "ftprog-base": "ft-prog (baseline tree)"}
+NAMES = {"ftprog": "ft-prog", "hf": "transformers", "torchtune": "torchtune", "trl": "TRL",
+         "ftprog-base": "ft-prog (baseline tree)"}
 
 
 def _times(x: float | None) -> str:
@@ -73,13 +74,13 @@ def baseline_tree_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def time_breakdown_lines(train: list[dict[str, Any]]) -> list[str]:
-    """The "where the step time goes" table of the train rows that carry a profiled step."""
+def time_breakdown_lines(train: list[dict[str, Any]], heading: str = "## Where the step time goes") -> list[str]:
+    """The "where the step time goes" table of the train (or dpo) rows that carry a profiled step."""
     profiled = [x for x in train if "error" not in x and x.get("time_breakdown")]
     if not profiled:
         return []
     parts = list(profiled[0]["time_breakdown"]["parts"])
-    lines = ["## Where the step time goes", "",
+    lines = [heading, "",
              f"One more step per case under `torch.profiler`, after the timed ones ({profiled[0]['time_breakdown']['basis']}"
              "; share of the profiled total). Matmul: `mm`/`addmm`/`bmm`-like ops; attention: SDPA kernels; softmax: "
              "the loss's vocabulary softmax; other: element-wise ops, norms, copies, embedding. Busy: the profiled "
@@ -124,10 +125,14 @@ def markdown(r: dict[str, Any]) -> str:
     rows = r["rows"]
     lines = [f"# ft-prog benchmark `{r['name']}` (preset {r['preset']})", "", "## Machine", ""]
     lines += machine_lines(r)
-    lines += ["", f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
-              f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
-              f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; step "
-              "time = median over all timed steps, spread = (p90 - p10) / median.", ""]
+    lines.append("")
+    if any(x["case"]["kind"] != "dpo" for x in rows):  # the dpo cases describe their own settings
+        lines += [f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
+                  f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
+                  f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; "
+                  "step time = median over all timed steps, spread = (p90 - p10) / median.", ""]
+    else:
+        lines += [f"Each case: a fresh process, {s['rounds']} round(s) round-robin.", ""]
 
     if r.get("matmul_peak"):
         lines += ["## Matmul peak (torch.mm, measured in this run)", "",
@@ -209,6 +214,7 @@ def markdown(r: dict[str, Any]) -> str:
                   "ft-prog's peak over the baseline's (below 1 = ft-prog uses less).", ""]
 
     lines += baseline_tree_lines(r)
+    lines += dpo_lines(r)
 
     if r.get("loss_checks"):
         lines += ["## Same work? Step-0 loss, same weights and batch", "",
@@ -306,11 +312,84 @@ def markdown(r: dict[str, Any]) -> str:
                                                                           if not tt.get("cases") else ""))
     else:
         tt_line = "skipped" if tt.get("skipped") else f"{tt.get('reason')}. {tt.get('note', '')}"
-    lines += ["## Baselines", "", "- transformers + PEFT: measured above.",
+    hf = "measured above" if any(x["case"]["system"] == "hf" for x in rows) else "not in this run"
+    lines += ["## Baselines", "", f"- transformers + PEFT: {hf}.",
+              "- TRL: measured above (DPO)." if any(x["case"]["system"] == "trl" for x in rows) else None,
               "- torchtune: " + tt_line,
               "- transformers QLoRA: unavailable (needs bitsandbytes 4-bit layers: not installed, no CPU kernels)."
               if any(x["case"].get("method") == "qlora" and x["case"]["system"] == "hf" for x in rows) else "", ""]
     return "\n".join(line for line in lines if line is not None)
+
+
+def dpo_lines(r: dict[str, Any]) -> list[str]:
+    """The DPO section: each system's step, ft-prog against TRL, and the issue's target."""
+    from benchmarks.harness import DPO_TARGET
+
+    rows = [x for x in r["rows"] if x["case"]["kind"] == "dpo"]
+    if not rows:
+        return []
+    c, w = rows[0]["case"], rows[0]["case"]["workload"]
+    trl = next((x.get("trl_version") for x in rows if x.get("trl_version")), None)
+    lines = ["## DPO step (LoRA) against TRL's DPOTrainer", "",
+             f"Shape `{c['shape']}`, {c['dtype']}, {c['threads'] or 'default'} thread(s); batches of {c['batch']} "
+             f"preference pairs (chosen and rejected rows in one forward: {2 * c['batch']} rows, right-padded to the "
+             f"batch's longest), random tokens, log-normal lengths (prompt median {w['prompt_median']}, responses "
+             f"median {w['response_median']}, sigma {w['sigma']}; prompt + response <= max length {c['seq']}, so "
+             f"nothing is truncated), in ft-prog's shuffled order for both systems. Sigmoid DPO, beta {c['beta']}; "
+             f"LoRA r={c['rank']} alpha={2 * c['rank']} on {', '.join(c['targets'])}, same A matrices, B zero, no "
+             "dropout; the reference is the model with its adapters off, computed under no_grad every step; "
+             "AdamW lr 1e-4 constant, no weight decay, clipping 1.0. TRL: `trl.DPOTrainer`"
+             + (f" {trl}" if trl else "") + " with a PEFT `LoraConfig`, `precompute_ref_log_probs=False`, no "
+             "gradient checkpointing (stack `checkpoint`: activation checkpointing in both, TRL's default), no "
+             "autocast (model in its dtype). "
+             f"{c['warmup']} warm-up + {c['steps']} timed steps per process; tokens = real (non-padding) tokens of "
+             "the chosen and rejected rows.", "",
+             "| system | stack | step ms (median) | spread | tokens/s (median of runs) | tokens/s of each run | "
+             "best-steps tokens/s | peak mem MiB | of which before the steps | loss at steps 0, 1, 2 | "
+             "tokens / padded cells per step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in rows:
+        if "error" in x:
+            lines.append(f"| {x['case']['system']} | {'+'.join(x['case']['stack']) or '-'} | {x['error'][:120]} |"
+                         + " |" * 8)
+            continue
+        cells = ", ".join(f"{a}/{b}" for a, b in zip(x["step_tokens"], x["step_cells"]))
+        lines.append(f"| {NAMES.get(x['case']['system'], x['case']['system'])} | {'+'.join(x['case']['stack']) or '-'} | "
+                     f"{x['time']['median_s'] * 1e3:,.0f} | "
+                     f"{_pct(x['time']['spread'])} | {x['tokens_per_s']:,.0f} | "
+                     f"{', '.join(f'{v:,.0f}' for v in x['tokens_per_s_runs'])} | {x['best_tokens_per_s']:,.0f} | "
+                     f"{_mib(x.get('peak_memory'))} | {_mib(x.get('rss_before_steps'))} | {', '.join(f'{v:.6f}' for v in x['losses'][:3])} | {cells} |")
+    lines += ["", "tokens/s of each run: the timed steps' tokens over their time in that process; best steps: every "
+              "step at its fastest over the runs (all runs train the same batches; a busy machine only adds time). "
+              "Peak memory: the process's peak RSS over the warm-up and timed steps (weights, imports and optimizer "
+              "state included; loading excluded), the largest over the runs; of which before the steps: its RSS "
+              "just before the first step (libraries, weights, adapters; TRL: its optimizer object too), so the "
+              "difference is what the steps themselves add."
+              + (" ft-prog keeps freed host memory for the next step, as `ft-prog run dpo` does on the CPU "
+                 "(`reuse_freed_memory`); TRL runs with glibc's defaults." if any(x.get("reuse_freed_memory")
+                                                                                 for x in rows) else ""),
+              "", "Losses: in bf16 one update moves the loss by less than the rounding of the summed log-probs, so "
+              "the two systems' losses after step 0 differ by rounding (an fp32 run shows them agree; see "
+              "benchmarks/README.md).", ""]
+    for sp in r.get("speedups", []):
+        if "trl" not in sp or not sp["label"].startswith("dpo-"):
+            continue
+        speed, mem = sp.get("paired_speedup_trl", sp["speedup_trl"]), sp.get("memory_ratio_trl")
+        ok_speed = speed >= DPO_TARGET["speedup"]
+        ok_mem = mem is not None and mem <= DPO_TARGET["memory_ratio"]
+        lines += [f"**ft-prog against TRL** ({sp['label']}): tokens/s {sp['speedup_trl']:.2f}x (median of runs), "
+                  f"{_times(sp.get('paired_speedup_trl'))} round by round, {_times(sp.get('fastest_step_speedup_trl'))}"
+                  f" best steps; peak memory {_num(mem, '.2f')}x. Issue 17's target: >= {DPO_TARGET['speedup']}x "
+                  f"tokens/s ({'met' if ok_speed else 'NOT met'}), <= {DPO_TARGET['memory_ratio']}x peak memory "
+                  f"({'met' if ok_mem else 'NOT met'}).", ""]
+    lines += time_breakdown_lines(rows, "### Where the DPO step's time goes")
+    for x in rows:
+        top = (x.get("time_breakdown") or {}).get("top_ops")
+        if top:
+            lines.append(f"- {NAMES.get(x['case']['system'], x['case']['system'])} "
+                         f"({'+'.join(x['case']['stack']) or 'base'}), most time: "
+                         + ", ".join(f"`{o['op']}` {o['s'] * 1e3:,.0f} ms ({o['calls']} calls)" for o in top[:6]))
+    return lines + [""]
 
 
 def chart(r: dict[str, Any], path: Path) -> Path | None:

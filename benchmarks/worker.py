@@ -306,35 +306,50 @@ TIME_CATEGORIES = (("attention", ("scaled_dot_product", "flash_attention", "effi
 
 
 def profile_step(step, device: str) -> dict[str, Any]:
-    """One more step under ``torch.profiler``: ``{"basis", "step_s", "total_s", "parts": {category: s}}``.
+    """One more step under ``torch.profiler``: ``{"basis", "step_s", "total_s", "parts": {category: s}, "top_ops"}``
+    (``top_ops``: the 8 aten ops with the most time, ``{"op", "s", "calls"}``).
 
     CPU: the self CPU time of every aten op (one thread: about the step's wall time); CUDA: the GPU time of the
     kernels each op launched (``step_s - total_s`` is then time the GPU sat idle). Categories: ``matmul`` (the
     ops in :data:`MATMUL_OPS`), ``attention``, ``optimizer``, ``softmax`` (the loss's vocabulary softmax, and
     any attention computed outside SDPA), ``other`` (element-wise ops, norms, copies, embedding, ...).
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=profiler_activities(device)) as prof:
         t0 = time.perf_counter()
         step()
         sync(device)
         step_s = time.perf_counter() - t0
+    return time_breakdown(prof, device, step_s)
+
+
+def profiler_activities(device: str) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+
+
+def time_breakdown(prof, device: str, step_s: float) -> dict[str, Any]:
+    """:func:`profile_step`'s result from a finished ``torch.profiler.profile`` of one step of ``step_s`` seconds."""
+    cuda = device.startswith("cuda")
     parts = {"matmul": 0.0, **{name: 0.0 for name, _ in TIME_CATEGORIES}, "other": 0.0}
+    ops = []
     for ev in prof.key_averages():
         if not ev.key.startswith("aten::"):
             continue
         us = getattr(ev, "self_device_time_total", 0.0) if cuda else ev.self_cpu_time_total
+        ops.append((ev.key, us / 1e6, ev.count))
         if ev.key in MATMUL_OPS:
             category = "matmul"
         else:
             category = next((name for name, pieces in TIME_CATEGORIES if any(x in ev.key for x in pieces)), "other")
         parts[category] += us / 1e6
+    top = sorted(ops, key=lambda x: -x[1])[:8]
     return {"basis": "GPU kernel time" if cuda else "self CPU time of aten ops", "step_s": step_s,
-            "total_s": sum(parts.values()), "parts": parts}
+            "total_s": sum(parts.values()), "parts": parts,
+            "top_ops": [{"op": k, "s": t, "calls": n} for k, t, n in top]}
 
 
 def run_train(case: dict[str, Any]) -> dict[str, Any]:
@@ -631,7 +646,14 @@ def run_generate(case: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_s": n_new / times[n_new], "decode_tokens_per_s": decode, "output": outputs}
 
 
-KINDS = {"weights": run_weights, "peak": run_peak, "train": run_train, "sft": run_sft, "generate": run_generate}
+def run_dpo(case: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.dpo_worker import run_dpo
+
+    return run_dpo(case)
+
+
+KINDS = {"weights": run_weights, "peak": run_peak, "train": run_train, "sft": run_sft, "generate": run_generate,
+         "dpo": run_dpo}
 
 
 def main(argv: list[str] | None = None) -> int:

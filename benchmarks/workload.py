@@ -42,3 +42,27 @@ def summary(data: list[tuple[list[int], list[bool]]]) -> dict[str, float]:
     return {"samples": len(data), "tokens": tokens, "trained_tokens": trained,
             "mean_len": tokens / max(len(data), 1), "median_len": lengths[len(lengths) // 2] if lengths else 0,
             "max_len": lengths[-1] if lengths else 0, "prompt_share": 1 - trained / max(tokens, 1)}
+
+
+def preference_pairs(spec: dict[str, Any]) -> list[tuple[list[int], list[int], list[int]]]:
+    """``[(prompt, chosen, rejected)]`` token lists for ``spec`` (keys: n, seed, max_len, prompt_median,
+    response_median, sigma, min_len, vocab).
+
+    Prompt and response lengths are log-normal; the two responses of a pair differ in length and content.
+    ``len(prompt) + len(longer response) <= max_len``, so no system truncates anything.
+    """
+    rng = random.Random(spec.get("seed", 0))
+    sigma, low, max_len = spec.get("sigma", 0.6), spec.get("min_len", 4), spec["max_len"]
+
+    def length(median: float, high: int) -> int:
+        return max(low, min(high, int(round(rng.lognormvariate(math.log(median), sigma)))))
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, spec["vocab"]) for _ in range(n)]
+
+    out = []
+    for _ in range(spec["n"]):
+        chosen, rejected = (length(spec["response_median"], max_len // 2) for _ in range(2))
+        prompt = length(spec["prompt_median"], max_len - max(chosen, rejected))
+        out.append((tokens(prompt), tokens(chosen), tokens(rejected)))
+    return out

@@ -60,6 +60,11 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
         assert set(b["parts"]) == {"matmul", "attention", "optimizer", "softmax", "other"}
         assert b["parts"]["matmul"] > 0 and b["parts"]["attention"] > 0 and b["step_s"] > 0
         assert b["total_s"] == pytest.approx(sum(b["parts"].values()))
+        times = [o["s"] for o in b["top_ops"]]
+        assert times and times == sorted(times, reverse=True) and times[0] <= b["total_s"]
+    dpo = {r["case"]["system"]: r for r in results["rows"] if r["case"]["kind"] == "dpo"}
+    assert set(dpo) == {"ftprog", "trl"}  # the DPO case (checked in detail below): profiled like the train cases
+    assert all(r["time_breakdown"]["parts"]["matmul"] > 0 and r["time_breakdown"]["top_ops"] for r in dpo.values())
 
     # The same weights and batch give the same step-0 loss in both systems.
     assert results["loss_checks"] and all(c["ok"] for c in results["loss_checks"]), results["loss_checks"]
@@ -275,3 +280,73 @@ def test_earlier_ftprog_tree_runs_every_ftprog_case_and_is_reported(tmp_path):
     assert sp["fastest_step_speedup_ftprog-base"] == pytest.approx(0.99)
     md = "\n".join(report.baseline_tree_lines({"speedups": [sp]}))
     assert "earlier ft-prog" in md and "0.99x" in md and "0.990x (round by round)" in md
+
+
+def test_dpo_case_against_trl_does_the_same_work(tmp_path):
+    """``--only dpo`` on the tiny shape (fp32, so one update's effect shows above rounding): ft-prog and TRL's
+    DPOTrainer both train, see the same real and padded tokens at every step, start at loss log 2 (B = 0: the
+    policy is the reference), and agree on the loss after one and two updates; the report compares them."""
+    import math
+
+    out = tmp_path / "dpo"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "quick", "--only", "dpo", "--dtypes",
+                           "fp32", "--skip", "peak,profile", "--out-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["case"]["system"]: r for r in results["rows"]}
+    assert set(rows) == {"ftprog", "trl"} and all(r["case"]["kind"] == "dpo" for r in rows.values())
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    ours, trl = rows["ftprog"], rows["trl"]
+    assert trl["reference"] == "adapters disabled" and ours["trainable_params"] == trl["trainable_params"]
+    for r in (ours, trl):
+        assert r["tokens_per_s"] > 0 and r["best_tokens_per_s"] > 0 and r["peak_memory"] > 0
+        assert r["time"]["n"] == r["case"]["steps"]
+        assert r["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    n = ours["case"]["warmup"] + ours["case"]["steps"]
+    assert len(ours["step_tokens"]) == n and ours["step_tokens"] == trl["step_tokens"]
+    assert ours["step_cells"] == trl["step_cells"] and ours["step_scored"] == trl["step_scored"]
+    moved = [abs(x - math.log(2)) for x in ours["losses"][1:]]
+    assert min(moved) > 5e-6  # the updates changed the loss, by more than the systems disagree on it
+    assert ours["losses"][1:] == pytest.approx(trl["losses"][1:], abs=2e-6)
+
+    (check,) = results["loss_checks"]
+    assert check["baseline"] == "trl" and check["ok"] and check["same_tokens"]
+    (sp,) = results["speedups"]
+    assert sp["speedup_trl"] == pytest.approx(ours["tokens_per_s"] / trl["tokens_per_s"])
+    assert sp["memory_ratio_trl"] == pytest.approx(ours["peak_memory"] / trl["peak_memory"])
+    md = (out / "results.md").read_text()
+    assert "## DPO step (LoRA) against TRL's DPOTrainer" in md and "**ft-prog against TRL**" in md
+    assert "Issue 17's target" in md
+
+
+def test_dpo_pairs_fit_and_only_filters_cases():
+    spec = {"n": 40, "seed": 1, "max_len": 64, "prompt_median": 30, "response_median": 20, "sigma": 0.8,
+            "min_len": 4, "vocab": 100}
+    pairs = workload.preference_pairs(spec)
+    assert pairs == workload.preference_pairs(spec) and len(pairs) == 40
+    assert all(len(p) + max(len(c), len(r)) <= 64 and min(len(p), len(c), len(r)) >= 4 for p, c, r in pairs)
+    assert all(3 <= t < 100 for pair in pairs for part in pair for t in part)
+    assert any(c != r for _, c, r in pairs)
+
+    from benchmarks import harness
+
+    def labels(*argv):
+        args = harness.build_parser().parse_args(["--preset", "quick", *argv])
+        return [harness.case_label(c) for c in harness.preset_cases("quick", args)[1]]
+
+    assert labels("--only", "dpo") == ["dpo-ftprog-lora-base-bf16-t1", "dpo-trl-lora-base-bf16-t1"]
+    assert "dpo-trl-lora-base-bf16-t1" in labels() and not any(x.startswith("dpo-") for x in labels("--skip", "dpo"))
+    assert labels("--only", "dpo", "--skip", "trl") == ["dpo-ftprog-lora-base-bf16-t1"]
+    with pytest.raises(SystemExit, match="case kinds"):
+        labels("--only", "dpo,nonsense")
+
+
+def test_trl_logprob_head_probe_reports_time_and_memory():
+    from benchmarks.trl_logprob_head import measure
+
+    (r,) = measure(rows=16, hidden=8, vocab=64, repeats=1)
+    assert set(r) == {"policy_forward_s", "policy_backward_s", "policy_peak_mib", "reference_forward_s",
+                      "reference_peak_mib"}
+    assert all(r[k] > 0 for k in ("policy_forward_s", "policy_backward_s", "reference_forward_s"))
+    assert r["policy_peak_mib"] >= 0 and r["reference_peak_mib"] >= 0
