@@ -6,7 +6,7 @@ in the order ft-prog's ``PreferenceLoader`` shuffles them for epoch 0), the same
 the reference = the model with its adapters switched off, computed under ``no_grad`` for every batch, and the
 same AdamW step (``lr`` constant, no weight decay, global-norm clipping at 1.0).
 
-- ``ftprog``: the step ``programs/dpo.py`` runs: the adapters-off reference log-probs (``_scored`` on
+- ``ftprog``: the step ``programs/dpo.py`` runs: the adapters-off reference log-probs (``reference_logps`` on
   ``without_adapters(model)``), ``value_and_grad(step_loss)`` over one forward of the chosen and rejected rows,
   then ``apply_gradients`` (clip, check, in-place AdamW).
 - ``trl``: ``trl.DPOTrainer`` with a PEFT ``LoraConfig`` (it wraps the model itself and disables the adapters for
@@ -65,7 +65,7 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     from ftprog.core import (
         PreferenceDataset, PreferenceLoader, TokenizedDataset, optim, reuse_freed_memory, value_and_grad,
     )
-    from ftprog.programs.dpo import _scored, step_loss
+    from ftprog.programs.dpo import reference_logps, step_loss
     from ftprog.programs.dpo_config import DPOConfig, LossSection
     from ftprog.programs.training import apply_gradients
     from ftprog.transforms import without_adapters
@@ -97,7 +97,7 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
 
     def step(batch):
         model = state["model"]
-        ref, kl = _scored(without_adapters(model), model, batch, cfg)
+        ref, kl = reference_logps(without_adapters(model), model, batch, cfg)
         (loss, parts), grads = grad_fn(model, cfg, batch, ref, kl, batch.global_num_pairs)
         loss = loss.cpu()
         state["sums"] = {k: v.detach().float().cpu() for k, v in parts.items()}  # the program's metric sums

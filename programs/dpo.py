@@ -240,24 +240,24 @@ def _reference(cfg: DPOConfig, model: Model, path: str, device: torch.device, di
     if cfg.loss.type in ("simpo", "orpo"):
         return lambda model, batch, split="train": (None, None)
     if cfg.ref.precompute:
-        frozen = _frozen_reference(cfg, path, device, dist)
+        frozen = frozen_reference(cfg, path, device, dist)
         table = reference.precompute(frozen, splits, Path(cfg.output_dir), fingerprint, path, cfg.batch_size,
                                      device, dist, say)
         del frozen  # the table replaces it: training holds one model
         return lambda model, batch, split="train": (table.lookup(batch, split), None)
     if not cfg.ref.path and cfg.peft.method != "none":
-        return lambda model, batch, split="train": _scored(without_adapters(model), model, batch, cfg)
-    frozen = _frozen_reference(cfg, path, device, dist)
-    return lambda model, batch, split="train": _scored(frozen, model, batch, cfg)
+        return lambda model, batch, split="train": reference_logps(without_adapters(model), model, batch, cfg)
+    frozen = frozen_reference(cfg, path, device, dist)
+    return lambda model, batch, split="train": reference_logps(frozen, model, batch, cfg)
 
 
-def _frozen_reference(cfg: DPOConfig, path: str, device: torch.device, dist: distributed.DistInfo) -> Model:
+def frozen_reference(cfg: DPOConfig, path: str, device: torch.device, dist: distributed.DistInfo) -> Model:
     ref = load_pretrained(path, dtype=as_dtype(cfg.dtype), device=device).replace(trainable=frozenset())
     return run_transforms(attrs.evolve(cfg, activation_checkpointing=False), ref, dist.mesh)
 
 
 @torch.no_grad()
-def _scored(ref: Model, model: Model, batch: Any, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reference_logps(ref: Model, model: Model, batch: Any, cfg: DPOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's summed log-probs of the batch's rows and, for KTO, the batch's KL estimate: the mean over
     its mismatched prompt/completion pairs (all ranks) of the policy's minus the reference's log-probs, clamped at
     0 and without gradient, as TRL's KTOTrainer computes it."""

@@ -33,7 +33,7 @@ from ..transforms import without_adapters
 from . import distributed, rewards, run_guard, run_state
 from .config import to_toml
 from .demo_assets import resolve
-from .dpo import _frozen_reference
+from .dpo import frozen_reference
 from .generate import cut_at_stop, generate
 from .grpo_config import GRPOConfig
 from .metrics import MetricsLog, plot_losses
@@ -155,7 +155,7 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
     opt_state = opt.init(model.trainable_params())
     frozen = None
     if cfg.loss.beta and cfg.peft.method == "none":
-        frozen = _frozen_reference(cfg, model_path, device, dist)
+        frozen = frozen_reference(cfg, model_path, device, dist)
     reference_of = (lambda m: frozen) if frozen is not None else without_adapters
 
     # 4. Only now is anything removed; 5. resume.

@@ -38,7 +38,7 @@ else:
     if kind == "dpo-copy":  # what the adapters-off view saves: a reference holding its own weights
         reference = reference.replace(params=tree_map(torch.clone, reference.params))
     step = value_and_grad(dpo.step_loss, has_aux=True)
-    run = lambda: step(model, cfg, batch, dpo._scored(reference, model, batch, cfg)[0], None, pairs)
+    run = lambda: step(model, cfg, batch, dpo.reference_logps(reference, model, batch, cfg)[0], None, pairs)
 run()  # the first step allocates what later ones reuse
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 run()

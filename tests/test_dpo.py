@@ -68,7 +68,7 @@ def test_one_step_equals_a_two_model_transformers_peft_implementation(method, tm
     batch = random_pairs(base.config.vocab_size)
     cfg = config(type="dpo", beta=0.1)
 
-    ref_logps, _ = dpo._scored(reference, model, batch, cfg)
+    ref_logps, _ = dpo.reference_logps(reference, model, batch, cfg)
     (loss, _), grads = value_and_grad(dpo.step_loss, has_aux=True)(model, cfg, batch, ref_logps, None, 3)
 
     policy = hf_sequence_logps(policy_hf, batch)
