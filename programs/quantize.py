@@ -9,7 +9,11 @@ measure again. Sizes and perplexities before and after are printed and written t
 
 Schemes (torchao, see :func:`ftprog.transforms.quantize`): ``int8`` (symmetric per-row),
 ``int4`` (symmetric, groups of 32 input features; the ``IntxWeightOnlyConfig`` variant that runs on
-CPU), ``nf4`` (4-bit NormalFloat, block 64, double-quantized scalers in blocks of 256).
+CPU), ``nf4`` (4-bit NormalFloat, block 64, double-quantized scalers in blocks of 256), and the
+schemes quantization-aware training trains for (``qat.scheme`` of sft), in groups of ``group_size``:
+``int4-weight``, ``int8-weight``, ``int8-dynamic-act-int4-weight`` (int8 inputs per token too). A model
+trained with ``qat`` carries ``ft-prog-qat.json``: quantizing it with another scheme or group size is
+refused, since the result would not be the model it trained for.
 
 The output folder is a quantized checkpoint (:func:`ftprog.transforms.save_quantized`: config.json,
 ``model-quantized.safetensors`` with the torchao components, ``ft-prog-quantization.json``) that
@@ -27,7 +31,7 @@ import attrs
 import torch
 
 from ..core import (
-    Model, as_dtype, flatten, is_plain, is_quantized, load_pretrained, load_tokenizer, perplexity, read_config,
+    ConfigError, Model, as_dtype, flatten, is_plain, is_quantized, load_pretrained, load_tokenizer, perplexity, read_config,
 )
 from ..transforms import is_quantized_checkpoint, load_quantized, save_quantized
 from .config import in_range
@@ -43,7 +47,9 @@ class QuantizeConfig:
     model: ModelSection = ModelSection()
     adapter: str = ""
     """A PEFT adapter folder merged into the model before quantizing (empty: none)."""
-    scheme: Literal["int8", "int4", "nf4"] = "int8"
+    scheme: Literal["int8", "int4", "nf4", "int4-weight", "int8-weight", "int8-dynamic-act-int4-weight"] = "int8"
+    group_size: int = attrs.field(default=32, validator=in_range(0))
+    """Input features per scale for int4-weight, int8-weight and int8-dynamic-act-int4-weight (0: per row)."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     """Dtype of the model before quantization: of the unquantized tensors and of the computation."""
     output_dir: str = "runs/quantize"
@@ -58,7 +64,8 @@ class QuantizeConfig:
     """Perplexity windows start this many tokens apart, < max_length (0: max_length // 2), as ``run eval``'s."""
     skip_unsupported: bool = True
     """Leave weights whose shape the scheme cannot take (nf4: element count not divisible by 16384;
-    int4: in_features not divisible by 32) unquantized, listed in the report; false: an error."""
+    int4: in_features not divisible by 32, the grouped schemes by group_size) unquantized, listed in the
+    report; false: an error."""
 
 
 CONFIG = QuantizeConfig
@@ -102,11 +109,27 @@ def quantized_model(cfg: QuantizeConfig, device: torch.device | None = None) -> 
         raise ValueError(f"model.path {model_path!r} is already quantized; quantize the float model")
     if cfg.adapter and not Path(cfg.adapter).is_dir():
         raise FileNotFoundError(f"adapter folder {cfg.adapter!r} does not exist")
+    _check_qat_record(cfg, [model_path, cfg.adapter])
     dtype = as_dtype(cfg.dtype)
     model = load_pretrained(model_path, dtype=dtype, device=device)
     if cfg.adapter:
         model = merge(load_adapter(model, cfg.adapter), dtype=dtype)
-    return model, quantize(model, cfg.scheme, skip_unsupported=cfg.skip_unsupported)
+    return model, quantize(model, cfg.scheme, group_size=cfg.group_size, skip_unsupported=cfg.skip_unsupported)
+
+
+def _check_qat_record(cfg: QuantizeConfig, folders: list[str]) -> None:
+    """Refuse a scheme or group size other than the one a QAT-trained model (or adapter) trained for."""
+    from ..transforms import read_qat_record
+
+    for folder in filter(None, folders):
+        trained = read_qat_record(folder)
+        if trained is None:
+            continue
+        grouped = cfg.scheme in ("int4-weight", "int8-weight", "int8-dynamic-act-int4-weight")
+        if cfg.scheme != trained["scheme"] or (grouped and cfg.group_size != trained["group_size"]):
+            raise ConfigError(f"{Path(folder) / 'ft-prog-qat.json'}: this model was trained (qat) for "
+                              f"scheme={trained['scheme']} group_size={trained['group_size']}; quantize it with "
+                              f"those (got scheme={cfg.scheme} group_size={cfg.group_size})", key="scheme")
 
 
 def run(cfg: QuantizeConfig, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +165,7 @@ def run(cfg: QuantizeConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     from ..transforms import param_bytes
 
     report: dict[str, Any] = {
-        "scheme": cfg.scheme, "dtype": cfg.dtype, "output_dir": str(out),
+        "scheme": cfg.scheme, "group_size": cfg.group_size, "dtype": cfg.dtype, "output_dir": str(out),
         "source_disk_bytes": _folder_weight_bytes(Path(model_path)),
         "float_bytes": param_bytes(model),
         "quantized_disk_bytes": _folder_weight_bytes(out),

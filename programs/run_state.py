@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core import CheckpointError, Model, flatten, is_dtensor, load_pretrained, optim, save_pretrained
 from ..core._checkpoint import _replace_dir
-from ..transforms import has_adapters, load_adapter, save_adapter, uncompile, unshard
+from ..transforms import has_adapters, load_adapter, save_adapter, save_qat_record, uncompile, unshard, without_qat
 from . import distributed
 from .run_guard import (
     FINGERPRINT_KEY, Change, ResumeRules, RunError, check_resume, read_checkpoint_config,
@@ -59,11 +59,13 @@ SHARDED_DIR = "distributed"
 
 
 def save_model(model: Model, folder: Path) -> None:
-    """The trained part of ``model``: its adapter if it has one, else the whole HF model."""
+    """The trained part of ``model``: its adapter if it has one, else the whole HF model (float weights, with
+    ``ft-prog-qat.json`` naming the scheme to convert to when it trained with ``qat``)."""
     if has_adapters(model):
         save_adapter(model, folder)
     else:
-        save_pretrained(model, folder)
+        save_pretrained(without_qat(model), folder)
+    save_qat_record(model, folder)
 
 
 def consolidate(model: Model) -> Model:

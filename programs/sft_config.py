@@ -56,6 +56,16 @@ class PeftSection:
 
 
 @attrs.frozen
+class QatSection:
+    scheme: Literal["", "int8-dynamic-act-int4-weight", "int4-weight", "int8-weight"] = ""
+    """Quantization-aware training (empty: off): every linear but ``lm_head`` computes with torchao's
+    fake-quantized weights (and int8 per-token inputs for ``int8-dynamic-act-int4-weight``) while training;
+    convert the result with ``ft-prog run quantize`` and the same ``scheme`` and ``group_size``."""
+    group_size: int = attrs.field(default=32, validator=in_range(0))
+    """Input features per weight scale (0: one scale per output row)."""
+
+
+@attrs.frozen
 class OptimizerSection:
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = attrs.field(default=2e-4, validator=in_range(0, low_open=True))
@@ -91,6 +101,7 @@ class TrainingConfig:
 
     model: ModelSection = ModelSection()
     peft: PeftSection = PeftSection()
+    qat: QatSection = QatSection()
     optimizer: OptimizerSection = OptimizerSection()
     log: LogSection = LogSection()
     dtype: Literal["fp32", "bf16"] = "bf16"

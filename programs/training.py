@@ -19,9 +19,9 @@ from typing import Any
 import attrs
 import torch
 
-from ..core import Model, as_dtype, load_pretrained, optim, reuse_freed_memory
+from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, reuse_freed_memory
 from ..core._checkpoint import recover_interrupted_swaps
-from ..transforms import checkpoint, compile, lora, merge, quantize, shard, trainable
+from ..transforms import checkpoint, compile, lora, merge, qat, quantize, shard, trainable
 from . import distributed, run_guard, run_state
 from .config import to_toml
 from .demo_assets import resolve
@@ -39,14 +39,19 @@ def setup_process(cfg: Any, dist: distributed.DistInfo) -> tuple[torch.device, C
 
 
 def build_model(cfg: Any, device: torch.device, mesh: Any = None) -> tuple[Model, Model]:
-    """``(base, model)``: the loaded (and for QLoRA quantized) base, and the model to train.
+    """``(base, model)``: the loaded (and for QLoRA quantized, for QAT fake-quantized) base, and the model to train.
 
-    Transform order: quantize -> lora -> checkpoint -> shard (over ``mesh``, several processes) -> compile.
+    Transform order: quantize or qat -> lora -> checkpoint -> shard (over ``mesh``, several processes) -> compile.
     """
     base = load_pretrained(resolve(cfg.model.path), dtype=as_dtype(cfg.dtype), device=device)
     method = cfg.peft.method
     if method == "qlora":
         base = quantize(base, "nf4")
+    if cfg.qat.scheme:  # linears the quantize program would skip (shape) stay float here too
+        if method in ("qlora", "dora"):
+            raise ConfigError(f"qat.scheme={cfg.qat.scheme!r} needs peft.method none or lora, not {method!r}",
+                              key="qat.scheme")
+        base = qat(base, cfg.qat.scheme, group_size=cfg.qat.group_size, skip_unsupported=True)
     if method == "none":
         model = trainable(base)
     else:

@@ -111,7 +111,7 @@ def test_refused_order_names_both_transforms_and_the_order(first, second, proces
     with pytest.raises(ValueError, match=rf"{second}.*{first}|already") as error:
         then(model)
     if "already" not in str(error.value):
-        assert f"{second} after {first}" in str(error.value) and "order: cast -> quantize -> lora" in str(error.value)
+        assert f"{second} after {first}" in str(error.value) and "order: cast -> quantize/qat -> lora" in str(error.value)
 
 
 def test_uncompile_gives_the_eager_model_back_for_merge_and_generation():

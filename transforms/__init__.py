@@ -1,6 +1,6 @@
 """ft-prog transforms: ``Model -> Model`` functions that stack.
 
-The order they stack in is declared once, in ``ORDER`` (``ORDER_TEXT``: cast -> quantize ->
+The order they stack in is declared once, in ``ORDER`` (``ORDER_TEXT``: cast -> quantize/qat ->
 lora -> checkpoint -> shard -> compile, with the exceptions ``COMMUTES`` lists), and every
 transform checks it. Each returns a new model and leaves its input usable; frozen tensors are
 shared. Beside them, the file formats of what they make: PEFT adapter folders
@@ -10,8 +10,11 @@ shared. Beside them, the file formats of what they make: PEFT adapter folders
 
 from ._adapter_io import load_adapter, save_adapter
 from ._base import COMMUTES, ORDER, ORDER_TEXT, check_order
+from ._qat import (
+    QAT_SCHEMES, QatSpec, convert_qat, qat, qat_spec, read_qat_record, save_qat_record, without_qat,
+)
 from ._lora import LoraSpec, adapted_paths, has_adapters, lora, lora_spec, merge, resolve_targets, without_adapters
-from ._quantize import SCHEMES, param_bytes, quantize
+from ._quantize import GROUPED_SCHEMES, SCHEMES, param_bytes, quantize
 from ._quantized_io import is_quantized_checkpoint, load_quantized, save_quantized
 from ._runtime import Compiled, cast, checkpoint, compile, uncompile
 from ._shard import shard, unshard
@@ -21,8 +24,9 @@ from ._trainable import freeze, trainable
 quiet_torchao_import()
 
 __all__ = [
-    "COMMUTES", "ORDER", "ORDER_TEXT", "SCHEMES", "Compiled", "LoraSpec", "adapted_paths", "cast", "check_order",
-    "checkpoint", "compile", "freeze", "has_adapters", "is_quantized_checkpoint", "load_adapter", "load_quantized",
-    "lora", "lora_spec", "merge", "param_bytes", "quantize", "resolve_targets", "save_adapter", "save_quantized",
-    "shard", "trainable", "uncompile", "unshard", "without_adapters",
+    "COMMUTES", "GROUPED_SCHEMES", "ORDER", "ORDER_TEXT", "QAT_SCHEMES", "SCHEMES", "Compiled", "LoraSpec", "QatSpec",
+    "adapted_paths", "cast", "check_order", "checkpoint", "compile", "convert_qat", "freeze", "has_adapters",
+    "is_quantized_checkpoint", "load_adapter", "load_quantized", "lora", "lora_spec", "merge", "param_bytes", "qat",
+    "qat_spec", "quantize", "read_qat_record", "resolve_targets", "save_adapter", "save_qat_record",
+    "save_quantized", "shard", "trainable", "uncompile", "unshard", "without_adapters", "without_qat",
 ]

@@ -10,7 +10,7 @@ from ..core import Model
 
 ORDER: tuple[tuple[str, ...], ...] = (
     ("cast",),  # the dtype of the base weights (a quantized weight's dtype is fixed when it is quantized)
-    ("quantize",),  # what the base weights are
+    ("quantize", "qat"),  # what the base weights are (qat: fake-quantized while training; one or the other)
     ("lora", "load_adapter", "merge"),  # adapters on them (merge folds them back)
     ("checkpoint",),  # how layers run: recomputed in the backward
     ("shard",),  # where the leaves live: split across the data-parallel ranks
@@ -19,12 +19,16 @@ ORDER: tuple[tuple[str, ...], ...] = (
 """Stages in the order transforms apply; within a stage any order. ``trainable``/``freeze`` go anywhere."""
 
 COMMUTES: dict[str, tuple[str, ...]] = {
-    "checkpoint": ("quantize", "cast", "lora", "load_adapter", "merge"),  # it changes how layers run, not the tree
+    "checkpoint": ("quantize", "qat", "cast", "lora", "load_adapter", "merge"),  # it changes how layers run, not the tree
     "cast": ("lora", "load_adapter", "merge"),  # adapters keep their dtype
 }
 """Pairs that may come in either order although their stages differ."""
 
 ORDER_TEXT = " -> ".join("/".join(names) for names in ORDER) + " (checkpoint anywhere before shard; cast also after lora)"
+
+BASE_KEYS = frozenset({"weight", "bias", "qat"})
+"""Keys of a linear node that make up its base linear (``qat``: how ``transforms.qat`` fake-quantizes it);
+an adapter's keys are all the others."""
 
 _STAGE = {name: i for i, names in enumerate(ORDER) for name in names}
 

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..core import (
-    Model, dense_weight, flatten, is_quantized, is_training, linear_kind, linear_paths, matches, register_linear,
-    tree_map, unflatten,
+    Model, dense_weight, flatten, is_quantized, is_training, linear, linear_kind, linear_paths, matches,
+    register_linear, tree_map, unflatten,
 )
 from ..core._tree import get
 
-from ._base import check_order, record
+from ._base import BASE_KEYS, check_order, record
 
 ALL_LINEAR = "all-linear"
 EXPERTS = "experts"
@@ -71,8 +71,8 @@ def lora_linear(x: torch.Tensor, node: Mapping) -> torch.Tensor:
     x_drop = F.dropout(x, spec.dropout, training=True) if spec.dropout and is_training() else x
     update = F.linear(F.linear(x_drop.to(a.dtype), a), b).to(x.dtype) * spec.scale
     magnitude = node.get("lora_magnitude_vector")
-    if magnitude is None:
-        return F.linear(x, weight, bias) + update
+    if magnitude is None:  # the base through the primitive: a fake-quantized base (transforms.qat) stays so
+        return linear(x, {k: v for k, v in node.items() if k in BASE_KEYS}) + update
     # DoRA, as PEFT computes it: with dropout the rescaled base path uses the dropped input.
     with torch.no_grad():
         w = dense_weight(node, a.dtype)
@@ -89,13 +89,14 @@ register_linear("lora_A", lora_linear)
 
 def adapted_paths(model: Model) -> list[str]:
     """Module paths of the linears that hold an adapter of any registered kind, in model order."""
-    return [p for p in linear_paths(model.config) if linear_kind(get(model.params, p)) is not None]
+    return [p for p in linear_paths(model.config)
+            if linear_kind({k: v for k, v in get(model.params, p).items() if k not in BASE_KEYS}) is not None]
 
 
 def adapter_leaves(model: Model) -> set[str]:
     """Paths of every leaf an adapter added (tensors and static settings; not the base ``weight``/``bias``)."""
     return {f"{m}.{p}" for m in adapted_paths(model) for p in flatten(get(model.params, m))
-            if p.split(".", 1)[0] not in ("weight", "bias")}
+            if p.split(".", 1)[0] not in BASE_KEYS}
 
 
 def has_adapters(model: Model) -> bool:
@@ -186,6 +187,8 @@ def lora(model: Model, *, rank: int, alpha: float, dropout: float = 0.0,
         raise ValueError("lora: the model already has adapters; merge them first (ftprog.transforms.merge)")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     paths = resolve_targets(model, targets)
+    if dora and "qat" in model.transforms:
+        raise ValueError("lora: DoRA over a fake-quantized base (qat) is not supported; use LoRA (dora=False)")
     spec = LoraSpec(rank=rank, alpha=float(alpha), dropout=dropout, rslora=rslora)
     generator = torch.Generator().manual_seed(seed)
     flat = dict(flatten(model.params))
@@ -227,7 +230,9 @@ def merge(model: Model, dtype: torch.dtype | None = None) -> Model:
 
     ``W <- W + scale * B A`` (DoRA: then each row rescaled to its magnitude).
     Quantized weights are dequantized to ``dtype`` (default: the embedding's
-    dtype). The result has no adapter leaves and every leaf trainable.
+    dtype). The result has no adapter leaves and every leaf trainable. A
+    fake-quantized base (``qat``) becomes plain: its logits are then those of
+    the float weights, and ``convert_qat`` no longer applies.
     """
     check_order(model, "merge")
     modules = adapted_paths(model)
@@ -248,6 +253,7 @@ def merge(model: Model, dtype: torch.dtype | None = None) -> Model:
         for key in [k for k in node if k not in ("weight", "bias")]:
             del node[key]
         node["weight"] = w.to(dtype)
+    params = unflatten({p: v for p, v in flatten(params).items() if p.rsplit(".", 1)[-1] != "qat"})
     params = tree_map(lambda t: dense_weight({"weight": t}, dtype) if is_quantized(t) else t, params)
     return model.replace(params=params, trainable=frozenset(flatten(params)),
-                         transforms=tuple(t for t in model.transforms if t not in ("lora", "load_adapter")))
+                         transforms=tuple(t for t in model.transforms if t not in ("lora", "load_adapter", "qat")))

@@ -22,13 +22,35 @@ from ._base import check_order, record
 from ._lora import resolve_targets
 
 SCHEMES = ("nf4", "int8", "int4")
+GROUPED_SCHEMES = ("int8-dynamic-act-int4-weight", "int4-weight", "int8-weight")
+"""Schemes with a group size, the ones :func:`ftprog.transforms.qat` trains for (torchao's QAT supports them)."""
 
 NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
 INT4_GROUP_SIZE = 32
 
 
-def _unsupported(scheme: str, weight: torch.Tensor) -> str | None:
+def torchao_config(scheme: str, group_size: int) -> Any:
+    """The torchao ``quantize_`` config of a grouped scheme (:data:`GROUPED_SCHEMES`).
+
+    Symmetric integer weights in groups of ``group_size`` input features (0: one scale per output row),
+    stored one int8 per value; ``int8-dynamic-act-int4-weight`` also quantizes each input token to int8
+    (asymmetric, scale and zero point per token) when the linear runs.
+    """
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis, PerGroup,
+    )
+
+    granularity = PerGroup(group_size) if group_size else PerAxis(0)
+    if scheme == "int8-dynamic-act-int4-weight":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
+    if scheme in ("int4-weight", "int8-weight"):
+        bits = torch.int4 if scheme == "int4-weight" else torch.int8
+        return IntxWeightOnlyConfig(weight_dtype=bits, granularity=granularity)
+    raise ValueError(f"unknown grouped scheme {scheme!r}; valid: {', '.join(GROUPED_SCHEMES)}")
+
+
+def unsupported(scheme: str, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> str | None:
     """Why ``scheme`` cannot quantize ``weight`` (a rule torchao enforces), or None if it can."""
     if weight.dim() != 2:
         return f"a linear weight must be 2-D, got shape {tuple(weight.shape)}"
@@ -46,6 +68,9 @@ def _unsupported(scheme: str, weight: torch.Tensor) -> str | None:
         if weight.shape[1] % INT4_GROUP_SIZE:
             return (f"int4 quantizes groups of {INT4_GROUP_SIZE} input features; in_features = "
                     f"{weight.shape[1]} (shape {tuple(weight.shape)}) is not divisible by {INT4_GROUP_SIZE}")
+    elif scheme in GROUPED_SCHEMES and group_size and weight.shape[1] % group_size:
+        return (f"{scheme} quantizes groups of group_size = {group_size} input features; in_features = "
+                f"{weight.shape[1]} (shape {tuple(weight.shape)}) is not divisible by {group_size}")
     return None
 
 
@@ -61,9 +86,11 @@ def _via_quantize_(weight: torch.Tensor, config: Any) -> torch.Tensor:
     return holder.weight.detach()
 
 
-def _quantize_weight(scheme: str, weight: torch.Tensor) -> torch.Tensor:
+def _quantize_weight(scheme: str, weight: torch.Tensor, group_size: int) -> torch.Tensor:
     weight = weight.detach().contiguous()
     with torch.no_grad():
+        if scheme in GROUPED_SCHEMES:
+            return _via_quantize_(weight, torchao_config(scheme, group_size))
         if scheme == "nf4":
             from torchao.quantization import to_nf4
 
@@ -79,9 +106,9 @@ def _quantize_weight(scheme: str, weight: torch.Tensor) -> torch.Tensor:
                                                            granularity=PerGroup(INT4_GROUP_SIZE)))
 
 
-def quantize(model: Model, scheme: str, *, targets: str | Sequence[str] = "all-linear",
-             skip_unsupported: bool = False) -> Model:
-    """Quantize the weights of the targeted linears (weight-only; activations stay in float).
+def quantize(model: Model, scheme: str, *, group_size: int = INT4_GROUP_SIZE,
+             targets: str | Sequence[str] = "all-linear", skip_unsupported: bool = False) -> Model:
+    """Quantize the weights of the targeted linears (weight-only, but for ``int8-dynamic-act-int4-weight``).
 
     Schemes (all from torchao):
 
@@ -97,20 +124,31 @@ def quantize(model: Model, scheme: str, *, targets: str | Sequence[str] = "all-l
       needs GPU kernels). Values are stored unpacked, one int8 per weight, so it
       saves about as much memory as int8; use it for int4 accuracy, nf4 for memory.
       Its linear needs activations in the weight's dtype.
+    - ``"int4-weight"``, ``"int8-weight"``, ``"int8-dynamic-act-int4-weight"``: the
+      schemes :func:`ftprog.transforms.qat` trains for, in groups of ``group_size``
+      input features (0: per output row; see :func:`torchao_config`). ``"int4"`` is
+      ``"int4-weight"`` with ``group_size=32``. The last also quantizes the
+      linear's input per token to int8 at run time.
 
     ``targets`` selects linears as :func:`ftprog.transforms.lora` does
     (default: every linear but ``lm_head``); embeddings, norms and biases are
     never quantized. A targeted weight whose shape the scheme cannot handle
     (nf4: element count divisible by 64 * 256 = 16384; int4: in_features
-    divisible by 32) is an error naming it, unless ``skip_unsupported``: then
+    divisible by 32; grouped schemes: by ``group_size``) is an error naming it, unless ``skip_unsupported``: then
     it stays unquantized and a warning lists it.
 
     Returns a new model: quantized leaves leave the trainable set, every other
     tensor is shared with the input, which stays usable. Apply before ``lora``
     (``quantize -> lora`` is QLoRA) and before ``compile``.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize: unknown scheme {scheme!r}; valid schemes are {', '.join(SCHEMES)}")
+    if scheme not in SCHEMES + GROUPED_SCHEMES:
+        raise ValueError(f"quantize: unknown scheme {scheme!r}; valid schemes are "
+                         f"{', '.join(SCHEMES + GROUPED_SCHEMES)}")
+    if group_size < 0:
+        raise ValueError(f"quantize: group_size must be >= 0 (0: per output row), got {group_size}")
+    if "qat" in model.transforms:
+        raise ValueError("quantize: the model is fake-quantized for training (qat); convert it with "
+                         "ftprog.transforms.convert_qat, which quantizes with the scheme it trained for")
     check_order(model, "quantize")
     flat = flatten(model.params)
     already = [p for p, t in flat.items() if is_quantized(t)]
@@ -125,7 +163,7 @@ def quantize(model: Model, scheme: str, *, targets: str | Sequence[str] = "all-l
         raise ValueError(f"quantize: targets {targets!r} select no linear layer")
 
     paths = [f"{m}.weight" for m in modules]
-    problems = {p: why for p in paths if (why := _unsupported(scheme, flat[p])) is not None}
+    problems = {p: why for p in paths if (why := unsupported(scheme, flat[p], group_size)) is not None}
     if problems and not skip_unsupported:
         first, why = next(iter(problems.items()))
         more = f" (and {len(problems) - 1} more: {sorted(problems)[:4]})" if len(problems) > 1 else ""
@@ -140,7 +178,7 @@ def quantize(model: Model, scheme: str, *, targets: str | Sequence[str] = "all-l
     for path in paths:
         if path in problems:
             continue
-        new[path] = _quantize_weight(scheme, flat[path])
+        new[path] = _quantize_weight(scheme, flat[path], group_size)
         if not is_quantized(new[path]):  # torchao skips some shapes silently; never pass that on
             raise RuntimeError(f"quantize({scheme!r}): torchao returned {path!r} unquantized")
         done.append(path)

@@ -10,7 +10,10 @@ On-disk format, never pickled:
   ======  ===============================================================================
   int8    ``qdata`` int8 ``[out, in]``, ``scale`` fp32 ``[out, 1]``, ``zero_point`` int8 ``[out, 1]``
   int4    ``qdata_packed`` uint8 ``[out, in / 2]`` (two's-complement nibbles, the low nibble holds
-          the even column), ``scale`` ``[out, in / 32]`` and ``zero_point`` int8 ``[out, in / 32]``
+          the even column), ``scale`` ``[out, in / group]`` and ``zero_point`` int8 ``[out, in / group]``
+          (also ``int4-weight`` and ``int8-dynamic-act-int4-weight``: its per-token input quantization
+          is the weight's ``activation_quantization`` parameter)
+  int8-weight  ``qdata`` int8 ``[out, in]``, ``scale`` and ``zero_point`` int8 ``[out, in / group]``
   nf4     ``quantized_data`` uint8 (two codes a byte), ``quantized_scalers`` int8,
           ``quantization_factor``, ``scaler_mean``, ``nf4`` (the 16-entry code book)
   ======  ===============================================================================
@@ -72,10 +75,10 @@ def _scheme_of(tensor: torch.Tensor) -> str:
         return "nf4"
     if name == "Int8Tensor":
         return "int8"
-    if name == "IntxUnpackedToInt8Tensor" and getattr(tensor, "target_dtype", None) == torch.int4:
-        return "int4"
+    if name == "IntxUnpackedToInt8Tensor" and getattr(tensor, "target_dtype", None) in (torch.int4, torch.int8):
+        return "int4" if tensor.target_dtype == torch.int4 else "int8-weight"
     raise ValueError(f"cannot save a weight of type {type(tensor).__module__}.{name}: ft-prog saves the "
-                     "torchao tensors that ftprog.transforms.quantize makes (int8, int4, nf4)")
+                     "torchao tensors that ftprog.transforms.quantize makes (int8, int4, nf4, grouped int4/int8)")
 
 
 def _components(path: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -90,12 +93,12 @@ def _components(path: str, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor
         if tensor.zero_point is not None:
             parts["zero_point"] = tensor.zero_point
         meta["block_size"] = [int(b) for b in tensor.block_size]
-    elif scheme == "int4":
-        if tensor.activation_quantization is not None:
-            raise ValueError(f"{path}: int4 with activation quantization is not a weight-only tensor")
-        parts = {"qdata_packed": _pack_int4(tensor.qdata, path), "scale": tensor.scale,
-                 "zero_point": tensor.zero_point}
+    elif scheme in ("int4", "int8-weight"):
+        data = {"qdata_packed": _pack_int4(tensor.qdata, path)} if scheme == "int4" else {"qdata": tensor.qdata}
+        parts = {**data, "scale": tensor.scale, "zero_point": tensor.zero_point}
         meta["block_size"] = [int(b) for b in tensor.block_size]
+        if tensor.activation_quantization is not None:
+            meta["activation_quantization"] = str(tensor.activation_quantization)
     else:
         parts = {name: getattr(tensor, name) for name in ("quantized_data", "quantized_scalers",
                                                            "quantization_factor", "scaler_mean", "nf4")}
@@ -128,12 +131,16 @@ def _rebuild(path: str, meta: Mapping[str, Any], parts: Mapping[str, torch.Tenso
         qdata = need("qdata", torch.int8, shape)
         zero_point = parts.get("zero_point")
         return Int8Tensor(qdata, need("scale"), list(meta["block_size"]), dtype, zero_point=zero_point)
-    if scheme == "int4":
+    if scheme in ("int4", "int8-weight"):
         from torchao.quantization import IntxUnpackedToInt8Tensor
 
-        qdata = _unpack_int4(need("qdata_packed", torch.uint8, (out_features, in_features // 2)))
-        return IntxUnpackedToInt8Tensor(qdata, need("scale"), need("zero_point", torch.int8), torch.int4,
-                                        tuple(meta["block_size"]), dtype, None)
+        if scheme == "int4":
+            qdata = _unpack_int4(need("qdata_packed", torch.uint8, (out_features, in_features // 2)))
+        else:
+            qdata = need("qdata", torch.int8, shape)
+        return IntxUnpackedToInt8Tensor(qdata, need("scale"), need("zero_point", torch.int8),
+                                        torch.int4 if scheme == "int4" else torch.int8, tuple(meta["block_size"]),
+                                        dtype, meta.get("activation_quantization"))
     if scheme == "nf4":
         from torchao.quantization import NF4Tensor
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
@@ -204,8 +211,10 @@ def _scheme_parameters(scheme: str, quantized: Mapping[str, Mapping[str, Any]]) 
     first = next(iter(quantized.values()))
     if scheme == "int8":
         return {"granularity": "per-row", "symmetric": True}
-    if scheme == "int4":
-        return {"group_size": first["block_size"][-1], "symmetric": True, "packed": "two int4 per uint8"}
+    if scheme in ("int4", "int8-weight"):
+        packed = {"packed": "two int4 per uint8"} if scheme == "int4" else {}
+        act = {"activation_quantization": first["activation_quantization"]} if "activation_quantization" in first else {}
+        return {"group_size": first["block_size"][-1], "symmetric": True, **packed, **act}
     return {"block_size": first["block_size"], "scaler_block_size": first["scaler_block_size"]}
 
 
