@@ -110,38 +110,42 @@ class MetricsLog:
             self._wandb.finish()
 
 
+SECOND_PANEL = (("rewards/accuracy", "reward accuracy (chosen > rejected)"), ("reward", "mean reward"))
+"""The metric a run's plot shows beside its loss, the first one it logged: preference tuning's reward accuracy,
+RL's mean reward."""
+
+
 def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training (and validation) loss against step, as a PNG, with a reward-accuracy panel beside it when the run
-    logged one (preference tuning); None when nothing was logged."""
+    """Training (and validation) loss against step, as a PNG, with a second panel beside it when the run logged
+    one of :data:`SECOND_PANEL` (its validation values too); None when nothing was logged."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    accuracy = [(r["step"], r["rewards/accuracy"]) for r in records if "rewards/accuracy" in r]
-    val_accuracy = [(r["step"], r["val_rewards/accuracy"]) for r in records if "val_rewards/accuracy" in r]
     if not train:
         return None
+    key, label = next(((k, lab) for k, lab in SECOND_PANEL if any(k in r for r in records)), (None, None))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if accuracy else 1
+    panels = 2 if key else 1
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss" if accuracy else "loss (nats / token)")
+    ax.set_ylabel("loss" if key else "loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    if accuracy:
+    if key:
         ax = axes[0][1]
-        ax.plot(*zip(*accuracy), label="train reward accuracy", linewidth=1.2)
-        if val_accuracy:
-            ax.plot(*zip(*val_accuracy), "o-", label="validation reward accuracy")
+        ax.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), label=f"train {label}", linewidth=1.2)
+        held_out = [(r["step"], r[f"val_{key}"]) for r in records if f"val_{key}" in r]
+        if held_out:
+            ax.plot(*zip(*held_out), "o-", label=f"validation {label}")
         ax.set_xlabel("step")
-        ax.set_ylabel("reward accuracy (chosen > rejected)")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -327,3 +327,21 @@ def test_the_lora_reference_costs_no_memory():
         peak[kind] = json.loads(done.stdout.splitlines()[-1])["peak_kib"]
     assert peak["dpo"] <= 1.08 * peak["sft"], peak
     assert peak["dpo-copy"] >= 1.15 * peak["sft"], peak  # the test would see a copy
+
+
+def test_a_reference_from_another_folder(dpo_config, model_dir, tmp_path):  # noqa: F811
+    """ref.path: the reference is that model (here the policy's weights moved), so the first step's loss is no
+    longer log 2; a missing folder is named before anything loads."""
+    from ftprog.core import save_pretrained
+
+    other = load_pretrained(model_dir)
+    g = torch.Generator().manual_seed(1)
+    other = other.with_params({p: t + 0.02 * torch.randn(t.shape, generator=g)
+                               for p, t in other.trainable_params().items()})
+    save_pretrained(other, tmp_path / "ref-model")
+    run_dpo(dpo_config, f"ref.path={tmp_path / 'ref-model'}", "max_steps=1")
+    first = [r for r in records(tmp_path / "out") if "loss" in r][0]
+    assert abs(first["loss"] - math.log(2)) > 1e-3 and first["rewards/chosen"] != 0
+    done = cli("run", "dpo", "--config", str(dpo_config), f"ref.path={tmp_path / 'nowhere'}",
+               f"output_dir={tmp_path / 'out2'}")
+    assert done.returncode != 0 and "nowhere" in done.stderr and "Traceback" not in done.stderr

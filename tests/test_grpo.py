@@ -258,6 +258,8 @@ def test_a_run_logs_rollout_metrics_and_saves(method, beta, kind, grpo_config, t
     assert {"reward", "rewards/exact_match"} <= summary["eval_after"].keys()
     assert (final / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).is_file()
     assert "held-out reward (greedy, 4 prompts)" in capsys.readouterr().out
+    png = (out / "loss_curve.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 1400  # PNG width: the loss panel and the reward panel
 
 
 def test_resume_after_sigkill_is_exact(grpo_config, tmp_path):
