@@ -6,6 +6,7 @@
     python -m benchmarks --preset cpu-target --list     # print the cases only
     python -m benchmarks --preset cpu-target --torchtune-python tt/bin/python   # + torchtune (benchmarks/README.md)
     python -m benchmarks --preset cpu-target --only dpo                 # the LoRA DPO step against TRL's DPOTrainer
+    python -m benchmarks --preset cpu-target --only rollout,grpo        # rollouts vs generate, GRPO vs GRPOTrainer
 
 Every measurement runs in its own fresh interpreter (:mod:`benchmarks.worker`), so peak memory belongs to
 one configuration; the cases of a round run one after the other and rounds are rotated (round ``r`` starts
@@ -41,10 +42,13 @@ TORCHTUNE_STACKS = ((), ("checkpoint",))
 # trl: TRL's DPOTrainer (the dpo cases).
 BASELINES = ("hf", "torchtune", "trl", "ftprog-base")
 # Case kinds a preset builds (--only picks some).
-CASE_KINDS = ("train", "sft", "generate", "dpo")
+CASE_KINDS = ("train", "sft", "generate", "dpo", "rollout", "grpo")
 # The issue's target for the DPO case: ft-prog's tokens/s at least this many times TRL's, its peak memory at most
 # this share of TRL's.
 DPO_TARGET = {"speedup": 1.3, "memory_ratio": 0.7}
+# Issue 18's target for the GRPO case: ft-prog's step speed (generated tokens per second of step time) at least this
+# many times TRL's GRPOTrainer's, its peak memory at most this share of TRL's.
+GRPO_TARGET = {"speedup": 1.5, "memory_ratio": 0.6}
 
 # Settings torchtune publishes peak memory for, as ft-prog cases of the same setting (last in the gpu preset, so
 # the time budget drops them first). torchtune publishes nothing for the Llama 3.2 1B shape.
@@ -82,6 +86,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  generate=dict(prompt_len=8, new_tokens=8, repeats=1),
                  dpo=dict(batch=2, max_len=64, beta=0.1, warmup=1, steps=2,
                           workload=dict(seed=0, prompt_median=16, response_median=12, sigma=0.6, min_len=4)),
+                 rollout=dict(rows=4, new_tokens=8, warmup=1, repeats=2,
+                              workload=dict(seed=0, median=12, sigma=0.6, min_len=4, max_len=32)),
+                 grpo=dict(prompts=2, group=2, new_tokens=8, warmup=1, steps=2,
+                           workload=dict(seed=0, median=12, sigma=0.6, min_len=4, max_len=32)),
                  peak_dtypes=["bf16"], help_repeats=2, demo=False)
     elif name == "cpu-target":
         s = dict(shape="cpu-default", device="cpu", dtypes=["bf16"], threads=[1, 2], batch=4, seq=256, rank=8,
@@ -96,6 +104,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  generate=dict(prompt_len=32, new_tokens=64, repeats=3),
                  dpo=dict(batch=4, max_len=256, beta=0.1, warmup=2, steps=6, stacks=[[], ["checkpoint"]],
                           workload=dict(seed=0, prompt_median=80, response_median=48, sigma=0.6, min_len=8)),
+                 rollout=dict(rows=8, new_tokens=64, warmup=1, repeats=3,
+                              workload=dict(seed=0, median=48, sigma=0.6, min_len=8, max_len=128)),
+                 grpo=dict(prompts=2, group=4, new_tokens=64, warmup=1, steps=3,
+                           workload=dict(seed=0, median=48, sigma=0.6, min_len=8, max_len=128)),
                  peak_dtypes=["bf16", "fp32"], help_repeats=5, demo=True)
     elif name == "gpu":
         s = dict(shape="llama-3.2-1b", device="cuda", dtypes=["bf16"], threads=[None], batch=4, seq=2048, rank=8,
@@ -108,6 +120,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  generate=dict(prompt_len=64, new_tokens=128, repeats=2),
                  dpo=dict(batch=4, max_len=1024, beta=0.1, warmup=2, steps=8,
                           workload=dict(seed=0, prompt_median=300, response_median=200, sigma=0.6, min_len=16)),
+                 rollout=dict(rows=32, new_tokens=256, warmup=1, repeats=3,
+                              workload=dict(seed=0, median=200, sigma=0.6, min_len=16, max_len=512)),
+                 grpo=dict(prompts=4, group=8, new_tokens=256, warmup=1, steps=4,
+                           workload=dict(seed=0, median=200, sigma=0.6, min_len=16, max_len=512)),
                  peak_dtypes=["bf16"], help_repeats=3, demo=False, published=PUBLISHED)
     else:
         raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu")
@@ -116,6 +132,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         value = getattr(args, key, None)
         if value is not None:
             s[key] = value
+            s[f"{key}_set"] = True  # the grpo cases take --warmup / --steps too
     s["dpo"] = {**s["dpo"], **{k: getattr(args, k) for k in ("warmup", "steps") if getattr(args, k, None) is not None}}
     if args.threads:
         s["threads"] = [int(t) for t in args.threads.split(",")]
@@ -168,6 +185,10 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                           "dtype": dtype, "threads": threads, **s["generate"]})
     if "dpo" not in skip:
         cases += dpo_cases(s, dtype, threads, [x for x in ("ftprog", "trl") if x not in skip])
+    if "rollout" not in skip:
+        cases += rl_cases(s, "rollout", dtype, threads, [x for x in ("ftprog", "hf") if x not in skip])
+    if "grpo" not in skip:
+        cases += rl_cases(s, "grpo", dtype, threads, [x for x in ("ftprog", "trl") if x not in skip])
     if args.only:
         kinds = set(args.only.split(","))
         if kinds - set(CASE_KINDS):
@@ -196,6 +217,22 @@ def dpo_cases(s: dict[str, Any], dtype: str, threads: int | None, systems: list[
              "rank": s["rank"], "targets": s["targets"], "warmup": d["warmup"], "steps": d["steps"], "beta": d["beta"],
              "profile": "profile" not in s["skip"], "workload": {**d["workload"], "n": n_pairs, "max_len": d["max_len"]}}
             for stack in stacks for system in systems]
+
+
+def rl_cases(s: dict[str, Any], kind: str, dtype: str, threads: int | None, systems: list[str]) -> list[dict]:
+    """The ``rollout`` cases (batched sampled generation, ft-prog against transformers' ``generate``) or the ``grpo``
+    cases (one LoRA GRPO step, ft-prog against TRL's GRPOTrainer) of the preset (``s[kind]``): temperature 1,
+    top-p 0.95, left-padded prompts of different lengths (``workload.prompts``)."""
+    d = dict(s[kind])
+    if kind == "grpo":
+        d.update({k: s[k] for k in ("warmup", "steps") if s.get(f"{k}_set")})
+        n = d["prompts"] * (d["warmup"] + d["steps"] + 1)
+        extra = dict(method="lora", stack=[], rank=s["rank"], targets=s["targets"], profile="profile" not in s["skip"])
+    else:
+        n, extra = d.pop("rows"), {}
+    return [{"kind": kind, "system": system, "shape": s["shape"], "device": s["device"], "dtype": dtype,
+             "threads": threads, "temperature": 1.0, "top_p": 0.95, **extra, **d,
+             "workload": {**d["workload"], "n": n}} for system in systems]
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -267,6 +304,8 @@ def case_label(c: dict[str, Any]) -> str:
     if c["kind"] == "dpo":
         stack = "+".join(c["stack"]) or "base"
         return f"dpo-{c['system']}-{c['method']}-{stack}-{c['dtype']}-t{c['threads'] or 'default'}"
+    if c["kind"] in ("rollout", "grpo"):
+        return f"{c['kind']}-{c['system']}-{c['dtype']}-t{c['threads'] or 'default'}"
     return c["kind"]
 
 
@@ -442,6 +481,10 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row["check_loss"] = first.get("check_loss")  # on the baseline's first padded batch, if measured
         elif case["kind"] == "dpo":
             row.update(dpo_summary(case, ok))
+        elif case["kind"] == "rollout":
+            row.update(rollout_summary(ok))
+        elif case["kind"] == "grpo":
+            row.update(grpo_summary(case, ok))
         elif case["kind"] == "generate":
             best = max(ok, key=lambda r: r["tokens_per_s"])
             row.update({k: best[k] for k in ("prompt_len", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
@@ -474,6 +517,40 @@ def dpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
             "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
 
 
+def rollout_summary(ok: list[dict]) -> dict[str, Any]:
+    """A rollout row: generated tokens/s of every timed generation of every run, their median and the best."""
+    rates = [x for r in ok for x in r["tokens_per_s_runs"]]
+    first = ok[0]
+    return {"tokens_per_s_runs": [r["tokens_per_s"] for r in ok], "tokens_per_s_all": rates,
+            "tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates),
+            "time": summarize_times([t for r in ok for t in r["run_times"]]),
+            **{k: first[k] for k in ("rows", "prompt_tokens", "longest_prompt", "generated")}}
+
+
+def grpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
+    """A GRPO row: generated tokens per second of step time for each run (the timed steps' completion tokens over
+    their time), their median and the best-steps figure; the median step, rollout and training times."""
+    w = case["warmup"]
+    runs = [sum(r["step_completion_tokens"][w:]) / sum(r["step_times"]) for r in ok]
+    fastest = [min(ts) for ts in zip(*(r["step_times"] for r in ok))]
+    first = ok[0]
+
+    def timed(key: str) -> list[float]:
+        return [t for r in ok for t in r[key][w:]]
+
+    return {"time": summarize_times([t for r in ok for t in r["step_times"]]), "tokens_per_s_runs": runs,
+            "tokens_per_s": statistics.median(runs),
+            "best_tokens_per_s": sum(first["step_completion_tokens"][w:]) / sum(fastest),
+            "rollout_median_s": statistics.median(timed("rollout_times")),
+            "train_median_s": statistics.median(timed("train_times")),
+            "generate_median_s": statistics.median(timed("generate_times")) if first.get("generate_times") else None,
+            "first_step_s": first["warmup_times"][0] if first.get("warmup_times") else None,
+            **{k: first.get(k) for k in ("losses", "step_rows", "step_prompt_tokens", "step_completion_tokens",
+                                         "time_breakdown", "params", "trainable_params", "reference", "step0_check")},
+            "trl_version": first.get("trl"),
+            "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
+
+
 def _key(row: dict, *fields: str) -> tuple:
     c = row["case"]
     return tuple(tuple(c.get(f)) if isinstance(c.get(f), list) else c.get(f) for f in fields)
@@ -485,15 +562,16 @@ def loss_checks(rows: list[dict]) -> list[dict]:
     fields = ("kind", "shape", "method", "stack", "dtype", "threads", "batch", "seq", "setting", "tag")
     ours = {_key(r, *fields): r for r in rows if r["case"]["system"] == "ftprog" and "error" not in r}
     for r in rows:
-        if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft", "dpo"):
+        if r["case"]["system"] not in BASELINES or "error" in r or r["case"]["kind"] not in ("train", "sft", "dpo",
+                                                                                                "grpo"):
             continue
         if r["case"]["kind"] == "sft" and r["case"]["setting"] != "default" and r.get("check_loss") is None:
             continue  # a best setting batches differently: comparable only where it measured the check loss
         mine = ours.get(_key(r, *fields))
         if mine is None:
             continue
-        a = mine["losses"][0] if r["case"]["kind"] in ("train", "dpo") else mine.get("first_loss")
-        b = r["losses"][0] if r["case"]["kind"] in ("train", "dpo") else r.get("first_loss")
+        a = mine["losses"][0] if r["case"]["kind"] in ("train", "dpo", "grpo") else mine.get("first_loss")
+        b = r["losses"][0] if r["case"]["kind"] in ("train", "dpo", "grpo") else r.get("first_loss")
         if a is None or b is None:
             continue
         rel = abs(a - b) / max(abs(b), 1e-12)
@@ -505,8 +583,25 @@ def loss_checks(rows: list[dict]) -> list[dict]:
         if r["case"]["kind"] == "dpo":  # the same batches: the same real and padded tokens at every step
             check["same_tokens"] = all(mine[k] == r[k] for k in ("step_tokens", "step_cells", "step_scored"))
             check["ok"] = check["ok"] and check["same_tokens"]
+        if r["case"]["kind"] == "grpo":
+            check.update(grpo_check(mine, r))
         out.append(check)
     return out
+
+
+def grpo_check(mine: dict, trl: dict) -> dict[str, Any]:
+    """Same work in the GRPO step: the same rows, prompt and completion tokens at every step (completions differ:
+    other RNG paths); the loss definitions through ft-prog's step 0 on TRL's own step-0 rollout (same weights): the
+    losses (both about 0: every ratio is 1 and each group's advantages sum to 0) and the clipped LoRA gradients,
+    within ``LOSS_TOL`` relative."""
+    same = all(mine[k] == trl[k] for k in ("step_rows", "step_prompt_tokens", "step_completion_tokens"))
+    ck = trl.get("step0_check") or {}
+    tol = LOSS_TOL[trl["case"]["dtype"]]
+    grads_ok = ck.get("grad_rel_diff", float("inf")) <= tol
+    loss_ok = abs(ck.get("ftprog_loss", float("inf")) - ck.get("trl_loss", 0.0)) <= tol * max(
+        1.0, ck.get("max_abs_advantage", 1.0))
+    return {"same_tokens": same, "grad_rel_diff": ck.get("grad_rel_diff"), "ok": same and grads_ok and loss_ok,
+            "on_trl_rollout": ck}
 
 
 def _per_round(row: dict) -> list[float]:
@@ -532,7 +627,7 @@ def speedups(rows: list[dict]) -> list[dict]:
         if r["case"]["system"] != "ftprog" or "error" in r:
             continue
         metric = {"train": "tokens_per_s", "sft": "effective_tokens_per_s", "generate": "tokens_per_s",
-                  "dpo": "tokens_per_s"}[r["case"]["kind"]]
+                  "dpo": "tokens_per_s", "rollout": "tokens_per_s", "grpo": "tokens_per_s"}[r["case"]["kind"]]
         entry: dict[str, Any] = {"label": r["label"], "metric": metric, "ftprog": r[metric]}
         for b in BASELINES:
             other = theirs[b].get(_key(r, *fields))
@@ -543,7 +638,7 @@ def speedups(rows: list[dict]) -> list[dict]:
             entry["speedup" + suffix] = r[metric] / other[metric]
             if r["case"]["kind"] == "train" and r.get("time") and other.get("time"):  # robust to added noise
                 entry["fastest_step_speedup" + suffix] = other["time"]["min_s"] / r["time"]["min_s"]
-            if r["case"]["kind"] == "dpo":  # the same batches: each step at its fastest over the runs
+            if r["case"]["kind"] in ("dpo", "grpo", "rollout"):  # each step (generation) at its fastest over the runs
                 entry["fastest_step_speedup" + suffix] = r["best_tokens_per_s"] / other["best_tokens_per_s"]
             ours, base = _per_round(r), _per_round(other)
             if ours and len(ours) == len(base):  # round by round (runs next to each other), then the median
@@ -576,11 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="timed steps per run (train and dpo cases)")
     ap.add_argument("--rounds", type=int, help="round-robin repetitions of every case")
     ap.add_argument("--skip", help="comma-separated: hf, ftprog, extras, compile, checkpoint, dora, qlora, sft, "
-                                   "generate, dpo, trl, startup, peak, torchtune, profile (the profiled step after "
+                                   "generate, dpo, rollout, grpo, trl, startup, peak, torchtune, profile (the profiled step after "
                                    "each training case's timed steps), published (the gpu preset's cases with a "
                                    "published torchtune figure)")
-    ap.add_argument("--only", help="comma-separated case kinds to run: train, sft, generate, dpo (e.g. --only dpo: "
-                                   "the LoRA DPO step against TRL's DPOTrainer)")
+    ap.add_argument("--only", help="comma-separated case kinds to run: train, sft, generate, dpo, rollout, grpo "
+                                   "(e.g. --only dpo: the LoRA DPO step against TRL's DPOTrainer; --only rollout,grpo: "
+                                   "sampled generation against transformers and the GRPO step against TRL)")
     ap.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
                     help="time the demo's first training step")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
@@ -645,7 +741,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         for c in cases:
             if (c["shape"], c["dtype"]) == (shape, dtype):
                 c["checkpoint"] = str(path)
-                if c["kind"] in ("sft", "dpo"):
+                if c["kind"] in ("sft", "dpo", "rollout", "grpo"):
                     c["workload"] = {**c["workload"], "vocab": configs[(shape, dtype)]["vocab_size"]}
 
     # 2. The matmul peak of each (dtype, threads) the cases use.

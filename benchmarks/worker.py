@@ -1,8 +1,8 @@
 """One measurement in a fresh process: ``python -m benchmarks.worker CASE.json RESULT.json``.
 
 The harness (:mod:`benchmarks.harness`) writes a case (a JSON object, ``kind`` one of ``weights``, ``peak``,
-``train``, ``sft``, ``generate``), starts this module in a new interpreter with the thread count in the
-environment, and reads the result back. A fresh process per measurement makes peak memory (resident set
+``train``, ``sft``, ``generate``, ``dpo``, ``rollout``, ``grpo``), starts this module in a new interpreter with the
+thread count in the environment, and reads the result back. A fresh process per measurement makes peak memory (resident set
 on CPU, ``max_memory_allocated`` on CUDA) belong to that configuration alone.
 
 Systems: ``ftprog`` (this library, as ``programs/sft.py`` runs a step: ``value_and_grad`` of the chunked
@@ -652,8 +652,20 @@ def run_dpo(case: dict[str, Any]) -> dict[str, Any]:
     return run_dpo(case)
 
 
+def run_rollout(case: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.grpo_worker import run_rollout
+
+    return run_rollout(case)
+
+
+def run_grpo(case: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.grpo_worker import run_grpo
+
+    return run_grpo(case)
+
+
 KINDS = {"weights": run_weights, "peak": run_peak, "train": run_train, "sft": run_sft, "generate": run_generate,
-         "dpo": run_dpo}
+         "dpo": run_dpo, "rollout": run_rollout, "grpo": run_grpo}
 
 
 def main(argv: list[str] | None = None) -> int:

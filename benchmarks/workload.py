@@ -66,3 +66,15 @@ def preference_pairs(spec: dict[str, Any]) -> list[tuple[list[int], list[int], l
         prompt = length(spec["prompt_median"], max_len - max(chosen, rejected))
         out.append((tokens(prompt), tokens(chosen), tokens(rejected)))
     return out
+
+
+def prompts(spec: dict[str, Any]) -> list[list[int]]:
+    """``n`` prompts (token lists) of log-normal lengths in ``[min_len, max_len]`` (keys: n, seed, median, sigma,
+    min_len, max_len, vocab): the rollout and GRPO cases' prompts, left-padded to different widths."""
+    rng = random.Random(spec.get("seed", 0))
+    mu, sigma = math.log(spec["median"]), spec.get("sigma", 0.6)
+    out = []
+    for _ in range(spec["n"]):
+        n = max(spec.get("min_len", 4), min(spec["max_len"], int(round(rng.lognormvariate(mu, sigma)))))
+        out.append([rng.randrange(3, spec["vocab"]) for _ in range(n)])
+    return out
