@@ -180,7 +180,8 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     state["opt"] = opt.init(state["model"].trainable_params())
     grad_fn = value_and_grad(step_loss, has_aux=True)
     scratch = tempfile.mkdtemp(prefix="grpo-bench-")  # apply_gradients names it in its non-finite error
-    record: dict[str, list] = {k: [] for k in ("rows", "prompt_tokens", "completion_tokens", "rollout", "train")}
+    record: dict[str, list] = {k: [] for k in ("rows", "prompt_tokens", "completion_tokens", "rollout", "train",
+                                               "generate")}
 
     def step(k: int):
         indices = list(range(k * case["prompts"], (k + 1) * case["prompts"]))
@@ -201,6 +202,8 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
         record["rows"].append(len(batch.advantages))
         record["prompt_tokens"].append(sum(len(data.ids[i]) for i in indices) * cfg.group_size)
         record["completion_tokens"].append(tokens)
+        generated = stats["completion_length"] * len(batch.advantages)
+        record["generate"].append(generated / stats["rollout_tokens_per_s"])  # its generate call alone
         return loss, stats
 
     mem.start()
@@ -216,7 +219,7 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     if case.get("profile"):
         out["time_breakdown"] = profile_step(lambda: step(n_steps), device)
     out.update(_facts(record, n_steps), step_times=times[case["warmup"]:], warmup_times=times[: case["warmup"]],
-               losses=losses, rewards=rewards)
+               losses=losses, rewards=rewards, generate_times=record["generate"][:n_steps])
     shutil.rmtree(scratch, ignore_errors=True)
     return out
 

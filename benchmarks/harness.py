@@ -65,6 +65,10 @@ PUBLISHED = [
 
 # Loss agreement between the systems at step 0 (same weights, same batch): relative tolerance by dtype.
 LOSS_TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
+# The GRPO check's gradients (ft-prog's and TRL's on TRL's step-0 rollout): relative L2 difference by dtype. In bf16
+# every layer's activations and both systems' log-prob paths round differently (~1e-2 seen on cpu-default); fp32
+# agrees to ~1e-6.
+GRAD_TOL = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -524,7 +528,8 @@ def rollout_summary(ok: list[dict]) -> dict[str, Any]:
     return {"tokens_per_s_runs": [r["tokens_per_s"] for r in ok], "tokens_per_s_all": rates,
             "tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates),
             "time": summarize_times([t for r in ok for t in r["run_times"]]),
-            **{k: first[k] for k in ("rows", "prompt_tokens", "longest_prompt", "generated")}}
+            **{k: first[k] for k in ("rows", "prompt_tokens", "longest_prompt", "generated")},
+            "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
 
 
 def grpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
@@ -592,15 +597,16 @@ def loss_checks(rows: list[dict]) -> list[dict]:
 def grpo_check(mine: dict, trl: dict) -> dict[str, Any]:
     """Same work in the GRPO step: the same rows, prompt and completion tokens at every step (completions differ:
     other RNG paths); the loss definitions through ft-prog's step 0 on TRL's own step-0 rollout (same weights): the
-    losses (both about 0: every ratio is 1 and each group's advantages sum to 0) and the clipped LoRA gradients,
-    within ``LOSS_TOL`` relative."""
+    losses (both about 0: every ratio is 1 and each group's advantages sum to 0; within ``LOSS_TOL`` of the largest
+    advantage) and the clipped LoRA gradients (relative L2 difference within ``GRAD_TOL``)."""
     same = all(mine[k] == trl[k] for k in ("step_rows", "step_prompt_tokens", "step_completion_tokens"))
     ck = trl.get("step0_check") or {}
     tol = LOSS_TOL[trl["case"]["dtype"]]
-    grads_ok = ck.get("grad_rel_diff", float("inf")) <= tol
+    grads_ok = ck.get("grad_rel_diff", float("inf")) <= GRAD_TOL[trl["case"]["dtype"]]
     loss_ok = abs(ck.get("ftprog_loss", float("inf")) - ck.get("trl_loss", 0.0)) <= tol * max(
         1.0, ck.get("max_abs_advantage", 1.0))
     return {"same_tokens": same, "grad_rel_diff": ck.get("grad_rel_diff"), "ok": same and grads_ok and loss_ok,
+            "grad_tolerance": GRAD_TOL[trl["case"]["dtype"]],
             "on_trl_rollout": ck}
 
 

@@ -126,7 +126,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# ft-prog benchmark `{r['name']}` (preset {r['preset']})", "", "## Machine", ""]
     lines += machine_lines(r)
     lines.append("")
-    if any(x["case"]["kind"] != "dpo" for x in rows):  # the dpo cases describe their own settings
+    if any(x["case"]["kind"] not in ("dpo", "rollout", "grpo") for x in rows):  # these describe their own settings
         lines += [f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
                   f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
                   f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; "
@@ -215,13 +215,16 @@ def markdown(r: dict[str, Any]) -> str:
 
     lines += baseline_tree_lines(r)
     lines += dpo_lines(r)
+    lines += grpo_lines(r)
 
-    if r.get("loss_checks"):
+    if any(not ck["label"].startswith("grpo-") for ck in r.get("loss_checks", [])):  # grpo: in its own section
         lines += ["## Same work? Step-0 loss, same weights and batch", "",
                   "| case | baseline | ft-prog | baseline loss | abs diff | rel diff | ok (tol) | "
                   "step-1 ft-prog / baseline |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for ck in r["loss_checks"]:
+            if ck["label"].startswith("grpo-"):  # in the GRPO section
+                continue
             other = ck.get("baseline_loss", ck.get("hf_loss"))
             other1 = ck.get("baseline_loss_step1", ck.get("hf_loss_step1"))
             step1 = (f"{ck['ftprog_loss_step1']:.4f} / {other1:.4f}" if "ftprog_loss_step1" in ck else "-")
@@ -314,7 +317,9 @@ def markdown(r: dict[str, Any]) -> str:
         tt_line = "skipped" if tt.get("skipped") else f"{tt.get('reason')}. {tt.get('note', '')}"
     hf = "measured above" if any(x["case"]["system"] == "hf" for x in rows) else "not in this run"
     lines += ["## Baselines", "", f"- transformers + PEFT: {hf}.",
-              "- TRL: measured above (DPO)." if any(x["case"]["system"] == "trl" for x in rows) else None,
+              "- TRL: measured above (" + ", ".join(sorted({x["case"]["kind"].upper() for x in rows
+                                                           if x["case"]["system"] == "trl"})) + ")."
+              if any(x["case"]["system"] == "trl" for x in rows) else None,
               "- torchtune: " + tt_line,
               "- transformers QLoRA: unavailable (needs bitsandbytes 4-bit layers: not installed, no CPU kernels)."
               if any(x["case"].get("method") == "qlora" and x["case"]["system"] == "hf" for x in rows) else "", ""]
@@ -388,6 +393,110 @@ def dpo_lines(r: dict[str, Any]) -> list[str]:
         if top:
             lines.append(f"- {NAMES.get(x['case']['system'], x['case']['system'])} "
                          f"({'+'.join(x['case']['stack']) or 'base'}), most time: "
+                         + ", ".join(f"`{o['op']}` {o['s'] * 1e3:,.0f} ms ({o['calls']} calls)" for o in top[:6]))
+    return lines + [""]
+
+
+def grpo_lines(r: dict[str, Any]) -> list[str]:
+    """The rollout and GRPO sections: sampled generation against transformers, the GRPO step against TRL's
+    GRPOTrainer, the same-work checks and the issue's target."""
+    from benchmarks.harness import GRPO_TARGET
+
+    lines: list[str] = []
+    roll = [x for x in r["rows"] if x["case"]["kind"] == "rollout"]
+    if roll:
+        c, w = roll[0]["case"], roll[0]["case"]["workload"]
+        lines += ["## Rollouts: batched sampled generation against transformers' generate", "",
+                  f"Shape `{c['shape']}`, {c['dtype']}, {c['threads'] or 'default'} thread(s); {w['n']} prompts of "
+                  f"random tokens, log-normal lengths (median {w['median']}, sigma {w['sigma']}, in [{w['min_len']}, "
+                  f"{w['max_len']}]), left-padded into one batch; {c['new_tokens']} new tokens each, temperature "
+                  f"{c['temperature']}, top-p {c['top_p']}, no top-k, KV cache, no stop token (transformers: "
+                  "`eos_token_id=None`, `min_new_tokens = max_new_tokens`). ft-prog: `generate(..., "
+                  "return_logprobs=True)` as `ft-prog run grpo` samples; transformers: `model.generate(do_sample=True)` "
+                  f"as TRL's native generation calls it. {c['warmup']} warm-up + {c['repeats']} timed generations "
+                  "per process.", "",
+                  "| system | rows x new tokens | generated tokens/s (median) | each run's median | best | "
+                  "peak mem MiB | of which before |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for x in roll:
+            if "error" in x:
+                lines.append(f"| {x['case']['system']} | {x['error'][:120]} |" + " |" * 5)
+                continue
+            lines.append(f"| {NAMES.get(x['case']['system'], x['case']['system'])} | {x['rows']} x "
+                         f"{x['generated'][0] // max(x['rows'], 1)} | {x['tokens_per_s']:,.0f} | "
+                         f"{', '.join(f'{v:,.0f}' for v in x['tokens_per_s_runs'])} | {x['best_tokens_per_s']:,.0f} | "
+                         f"{_mib(x.get('peak_memory'))} | {_mib(x.get('rss_before_steps'))} |")
+        lines.append("")
+        for sp in r.get("speedups", []):
+            if sp["label"].startswith("rollout-") and "hf" in sp:
+                lines += [f"**ft-prog against transformers** (rollout): generated tokens/s {sp['speedup']:.2f}x "
+                          f"(median), {_times(sp.get('paired_speedup'))} round by round, "
+                          f"{_times(sp.get('fastest_step_speedup'))} best; peak memory "
+                          f"{_num(sp.get('memory_ratio'), '.2f')}x.", ""]
+    rows = [x for x in r["rows"] if x["case"]["kind"] == "grpo"]
+    if not rows:
+        return lines
+    c, w = rows[0]["case"], rows[0]["case"]["workload"]
+    trl = next((x.get("trl_version") for x in rows if x.get("trl_version")), None)
+    lines += ["## GRPO step (LoRA) against TRL's GRPOTrainer", "",
+              f"Shape `{c['shape']}`, {c['dtype']}, {c['threads'] or 'default'} thread(s); each step {c['prompts']} "
+              f"prompts x {c['group']} completions of {c['new_tokens']} tokens (temperature {c['temperature']}, "
+              f"top-p {c['top_p']}, no stop token), prompts of random tokens (log-normal lengths, median "
+              f"{w['median']}), the same prompts in the same order in both. Reward: the mean of (id mod 7) / 6 over "
+              "the completion's tokens; advantages normalised by the group's std; loss `grpo` (token mean per "
+              f"sequence, mean over sequences), epsilon 0.2, beta 0, num_iterations 1; LoRA r={c['rank']} "
+              f"alpha={2 * c['rank']} on {', '.join(c['targets'])}, same A, B zero; AdamW lr 1e-4 constant, no weight "
+              "decay, clipping 1.0. ft-prog: `sample_and_score` + `value_and_grad(step_loss)` + `apply_gradients` "
+              "as `programs/grpo.py` runs them. TRL: `trl.GRPOTrainer`" + (f" {trl}" if trl else "") + " with a PEFT "
+              "`LoraConfig`, native transformers generation (no vLLM), no gradient checkpointing, no autocast. "
+              f"{c['warmup']} warm-up + {c['steps']} timed steps per process. Step time: sampling + scoring + "
+              "training + optimizer step; tokens = generated completion tokens.", "",
+              "| system | step ms (median) | rollout ms | of which generate | training ms | spread | "
+              "tokens/s (median of runs) | each run | best steps | peak mem MiB | of which before | "
+              "rows / prompt tokens / completion tokens per step |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in rows:
+        if "error" in x:
+            lines.append(f"| {x['case']['system']} | {x['error'][:120]} |" + " |" * 10)
+            continue
+        counts = ", ".join(f"{a}/{b}/{t}" for a, b, t in zip(x["step_rows"], x["step_prompt_tokens"],
+                                                              x["step_completion_tokens"]))
+        gen = f"{x['generate_median_s'] * 1e3:,.0f}" if x.get("generate_median_s") else "-"
+        lines.append(f"| {NAMES.get(x['case']['system'], x['case']['system'])} | {x['time']['median_s'] * 1e3:,.0f} | "
+                     f"{x['rollout_median_s'] * 1e3:,.0f} | {gen} | {x['train_median_s'] * 1e3:,.0f} | "
+                     f"{_pct(x['time']['spread'])} | {x['tokens_per_s']:,.0f} | "
+                     f"{', '.join(f'{v:,.0f}' for v in x['tokens_per_s_runs'])} | {x['best_tokens_per_s']:,.0f} | "
+                     f"{_mib(x.get('peak_memory'))} | {_mib(x.get('rss_before_steps'))} | {counts} |")
+    lines += ["", "Rollout: sampling, rewards, advantages and the training rows (ft-prog: `sample_and_score`; TRL: "
+              "`_generate_and_score_completions`); of which generate: the generation call alone (TRL's `_generate`); "
+              "training: the rest of the step (forward, backward, clipping, AdamW). Peak memory as in the DPO "
+              "section: peak RSS from just before the first step, the largest over the runs.", ""]
+    for ck in r.get("loss_checks", []):
+        if not ck["label"].startswith("grpo-"):
+            continue
+        on = ck.get("on_trl_rollout") or {}
+        lines += [f"**Same work?** Rows, prompt and completion tokens per step: "
+                  f"{'identical' if ck.get('same_tokens') else 'DIFFERENT'} (completions themselves differ: other RNG "
+                  f"paths). Loss definitions: ft-prog's step 0 on TRL's own step-0 rollout and advantages (same "
+                  f"initial weights, every ratio 1): loss {_num(on.get('ftprog_loss'), '.3g')} vs TRL's "
+                  f"{_num(on.get('trl_loss'), '.3g')}, clipped LoRA gradient norm "
+                  f"{_num(on.get('ftprog_clipped_grad_norm'), '.6g')} vs {_num(on.get('trl_clipped_grad_norm'), '.6g')}, "
+                  f"relative L2 difference of the gradients {_num(on.get('grad_rel_diff'), '.2e')} "
+                  f"({'ok' if ck['ok'] else 'NOT ok'}, tolerance {ck.get('grad_tolerance', ck['tolerance']):g}).", ""]
+    for sp in r.get("speedups", []):
+        if "trl" not in sp or not sp["label"].startswith("grpo-"):
+            continue
+        speed, mem = sp.get("paired_speedup_trl", sp["speedup_trl"]), sp.get("memory_ratio_trl")
+        ok_speed, ok_mem = speed >= GRPO_TARGET["speedup"], mem is not None and mem <= GRPO_TARGET["memory_ratio"]
+        lines += [f"**ft-prog against TRL** ({sp['label']}): step speed (tokens per second of step time) "
+                  f"{sp['speedup_trl']:.2f}x (median of runs), {_times(sp.get('paired_speedup_trl'))} round by round, "
+                  f"{_times(sp.get('fastest_step_speedup_trl'))} best steps; peak memory {_num(mem, '.2f')}x. Issue "
+                  f"18's target: >= {GRPO_TARGET['speedup']}x step speed ({'met' if ok_speed else 'NOT met'}), <= "
+                  f"{GRPO_TARGET['memory_ratio']}x peak memory ({'met' if ok_mem else 'NOT met'}).", ""]
+    lines += time_breakdown_lines(rows, "### Where the GRPO step's time goes")
+    for x in rows:
+        top = (x.get("time_breakdown") or {}).get("top_ops")
+        if top:
+            lines.append(f"- {NAMES.get(x['case']['system'], x['case']['system'])}, most time: "
                          + ", ".join(f"`{o['op']}` {o['s'] * 1e3:,.0f} ms ({o['calls']} calls)" for o in top[:6]))
     return lines + [""]
 

@@ -350,3 +350,75 @@ def test_trl_logprob_head_probe_reports_time_and_memory():
                       "reference_peak_mib"}
     assert all(r[k] > 0 for k in ("policy_forward_s", "policy_backward_s", "reference_forward_s"))
     assert r["policy_peak_mib"] >= 0 and r["reference_peak_mib"] >= 0
+
+
+def test_rollout_and_grpo_cases_do_the_same_work(tmp_path):
+    """``--only rollout,grpo`` on the tiny shape (fp32): ft-prog's sampled generation and transformers' ``generate``
+    both report tokens/s and memory for the same number of generated tokens; ft-prog's GRPO step and TRL's
+    GRPOTrainer both train, see the same rows, prompt and completion tokens at every step, and ft-prog's step-0 loss
+    and clipped gradient on TRL's own rollout equal TRL's; the report compares them against issue 18's target."""
+    out = tmp_path / "grpo"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "quick", "--only", "rollout,grpo",
+                           "--dtypes", "fp32", "--skip", "peak,profile", "--out-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["case"]["kind"], r["case"]["system"]): r for r in results["rows"]}
+    assert set(rows) == {("rollout", "ftprog"), ("rollout", "hf"), ("grpo", "ftprog"), ("grpo", "trl")}
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    ours, hf = rows["rollout", "ftprog"], rows["rollout", "hf"]
+    case = ours["case"]
+    for r in (ours, hf):
+        assert r["tokens_per_s"] > 0 and r["peak_memory"] > 0 and len(r["tokens_per_s_all"]) == case["repeats"]
+        assert r["generated"] == [case["workload"]["n"] * case["new_tokens"]] * (case["warmup"] + case["repeats"])
+    assert ours["longest_prompt"] > min(len(p) for p in workload.prompts(case["workload"]))  # padded prompts
+
+    ours, trl = rows["grpo", "ftprog"], rows["grpo", "trl"]
+    c = ours["case"]
+    n = c["warmup"] + c["steps"]
+    for r in (ours, trl):
+        assert r["tokens_per_s"] > 0 and r["peak_memory"] > 0 and r["time"]["n"] == c["steps"]
+        assert r["rollout_median_s"] > 0 and r["train_median_s"] > 0 and len(r["losses"]) == n
+    assert ours["trainable_params"] == trl["trainable_params"] and trl["reference"] == "none (beta 0)"
+    assert ours["step_rows"] == trl["step_rows"] == [c["prompts"] * c["group"]] * n
+    assert ours["step_completion_tokens"] == trl["step_completion_tokens"] == [c["prompts"] * c["group"]
+                                                                               * c["new_tokens"]] * n
+    assert ours["step_prompt_tokens"] == trl["step_prompt_tokens"]
+    on = trl["step0_check"]
+    assert on["max_abs_advantage"] > 0.1 and on["trl_clipped_grad_norm"] > 0  # a real gradient to compare
+    assert on["grad_rel_diff"] < 1e-5 and on["ftprog_loss"] == pytest.approx(on["trl_loss"], abs=1e-6)
+    (check,) = results["loss_checks"]
+    assert check["baseline"] == "trl" and check["ok"] and check["same_tokens"]
+    sp = {s["label"]: s for s in results["speedups"]}
+    assert sp["grpo-ftprog-fp32-t1"]["speedup_trl"] == pytest.approx(ours["tokens_per_s"] / trl["tokens_per_s"])
+    assert sp["rollout-ftprog-fp32-t1"]["speedup"] == pytest.approx(rows["rollout", "ftprog"]["tokens_per_s"]
+                                                                     / hf["tokens_per_s"])
+    md = (out / "results.md").read_text()
+    assert "## Rollouts: batched sampled generation" in md and "## GRPO step (LoRA) against TRL's GRPOTrainer" in md
+    assert "Issue 18's target" in md and "**Same work?** Rows, prompt and completion tokens per step: identical" in md
+
+
+def test_grpo_pieces_prompts_reward_tokenizer_and_case_selection():
+    """The prompts are fixed by the seed and vary in length; the reward is a fixed function of token ids; TRL's
+    word-level tokenizer gives back exactly the prompt ids; ``--only`` / ``--skip`` pick the new cases."""
+    from benchmarks import grpo_worker, harness
+
+    spec = {"n": 12, "seed": 3, "median": 10, "sigma": 0.6, "min_len": 4, "max_len": 20, "vocab": 600}
+    prompts = workload.prompts(spec)
+    assert prompts == workload.prompts(spec) and len(prompts) == 12 and len({len(p) for p in prompts}) > 1
+    assert all(4 <= len(p) <= 20 and all(3 <= t < 600 for t in p) for p in prompts)
+    assert grpo_worker.token_reward([7, 13, 6]) == pytest.approx((0 + 6 / 6 + 6 / 6) / 3)
+    tok = grpo_worker._tokenizer(600)
+    assert tok(text=[" ".join(f"t{t}" for t in p) for p in prompts])["input_ids"] == prompts
+    assert (tok.pad_token_id, tok.eos_token_id) == (grpo_worker.PAD_ID, grpo_worker.EOS_ID)
+
+    def labels(*argv):
+        args = harness.build_parser().parse_args(["--preset", "quick", *argv])
+        return [harness.case_label(c) for c in harness.preset_cases("quick", args)[1]]
+
+    assert labels("--only", "rollout,grpo") == ["rollout-ftprog-bf16-t1", "rollout-hf-bf16-t1",
+                                                "grpo-ftprog-bf16-t1", "grpo-trl-bf16-t1"]
+    assert labels("--only", "grpo", "--skip", "trl") == ["grpo-ftprog-bf16-t1"]
+    assert not any(x.startswith(("rollout-", "grpo-")) for x in labels("--skip", "rollout,grpo"))
+    args = harness.build_parser().parse_args(["--preset", "quick", "--only", "grpo", "--steps", "5"])
+    assert {c["steps"] for c in harness.preset_cases("quick", args)[1]} == {5}
