@@ -28,6 +28,7 @@ DEMO_MODEL = "builtin:demo-model"
 DEMO_DATA = "builtin:demo-data"
 DEMO_SFT_MODEL = "builtin:demo-sft-model"
 DEMO_PREFERENCE_DATA = "builtin:demo-preference-data"
+DEMO_STUDENT_MODEL = "builtin:demo-student-model"
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -59,8 +60,10 @@ def resolve(value: str) -> str:
         return str(demo_sft_model())
     if value == DEMO_PREFERENCE_DATA:
         return str(demo_preference_data())
+    if value == DEMO_STUDENT_MODEL:
+        return str(demo_student_model())
     raise ValueError(f"unknown built-in asset {value!r}; available: {DEMO_MODEL}, {DEMO_DATA}, {DEMO_SFT_MODEL}, "
-                     f"{DEMO_PREFERENCE_DATA}")
+                     f"{DEMO_PREFERENCE_DATA}, {DEMO_STUDENT_MODEL}")
 
 
 def _write_tokenizer(folder: Path) -> int:
@@ -186,4 +189,24 @@ def demo_preference_data() -> Path:
         tmp = folder / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in demo_preference_rows(count, seed)))
         tmp.replace(folder / f"{name}.jsonl")
+    return folder
+
+
+_STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2}
+"""The distillation demo's student: half the demo model's width, 2 layers instead of 3 (about 4x fewer
+parameters outside the embeddings)."""
+
+
+def demo_student_model(seed: int = 1) -> Path:
+    """The distillation demo's student: a random model smaller than the demo model, with its tokenizer (so the
+    sft demo's trained model can teach it)."""
+    from ..core import from_config, save_pretrained
+
+    folder = cache_dir() / "student-model"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    like = demo_model()
+    config = {**json.loads((like / "config.json").read_text()), **_STUDENT_SHAPE}
+    save_pretrained(from_config(config, seed=seed).replace(source=str(like)), folder)
     return folder
