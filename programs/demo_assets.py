@@ -29,6 +29,7 @@ DEMO_DATA = "builtin:demo-data"
 DEMO_SFT_MODEL = "builtin:demo-sft-model"
 DEMO_PREFERENCE_DATA = "builtin:demo-preference-data"
 DEMO_STUDENT_MODEL = "builtin:demo-student-model"
+DEMO_TEACHER_MODEL = "builtin:demo-teacher-model"
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -62,8 +63,10 @@ def resolve(value: str) -> str:
         return str(demo_preference_data())
     if value == DEMO_STUDENT_MODEL:
         return str(demo_student_model())
+    if value == DEMO_TEACHER_MODEL:
+        return str(demo_teacher_model())
     raise ValueError(f"unknown built-in asset {value!r}; available: {DEMO_MODEL}, {DEMO_DATA}, {DEMO_SFT_MODEL}, "
-                     f"{DEMO_PREFERENCE_DATA}, {DEMO_STUDENT_MODEL}")
+                     f"{DEMO_PREFERENCE_DATA}, {DEMO_STUDENT_MODEL}, {DEMO_TEACHER_MODEL}")
 
 
 def _write_tokenizer(folder: Path) -> int:
@@ -138,20 +141,32 @@ SFT_DEMO_STEPS = 120
 def demo_sft_model() -> Path:
     """The preference demo's starting model: the sft demo (``ft-prog run sft --config demo``) stopped after
     ``SFT_DEMO_STEPS`` steps, trained once under the cache folder."""
-    folder = cache_dir() / "sft-model"
+    return _trained_sft_demo("sft-model", SFT_DEMO_STEPS)
+
+
+def demo_teacher_model() -> Path:
+    """The distillation demo's teacher: the whole sft demo (300 steps: every held-out word right), trained once
+    under the cache folder."""
+    return _trained_sft_demo("teacher-model", 0)
+
+
+def _trained_sft_demo(name: str, steps: int) -> Path:
+    """``cache/name``: the final model of the sft demo run for ``steps`` steps (0: the demo's own length)."""
+    folder = cache_dir() / name
     if (folder / "model.safetensors").is_file():
         return folder
     from . import sft
     from .cli import CONFIG_DIR
     from .config import load_config
 
-    run_dir = cache_dir() / "sft-run"
-    print(f"preparing the starting model: training the sft demo once into {run_dir} (seconds)", flush=True)
-    overrides = [f"output_dir={run_dir}", f"max_steps={SFT_DEMO_STEPS}",
-                 "log.progress=false", "log.plot=false"]
+    run_dir = cache_dir() / f"{name}-run"
+    print(f"preparing {name}: training the sft demo once into {run_dir} (a minute)", flush=True)
+    overrides = [f"output_dir={run_dir}", "log.progress=false", "log.plot=false"]
+    if steps:
+        overrides.append(f"max_steps={steps}")
     cfg, resolved = load_config(sft.CONFIG, "demo", overrides, builtin_dir=CONFIG_DIR / "sft")
     final = sft.run(cfg, resolved)
-    staging = cache_dir() / f".sft-model-{os.getpid()}"
+    staging = cache_dir() / f".{name}-{os.getpid()}"
     shutil.copytree(final, staging)
     staging.replace(folder)
     shutil.rmtree(run_dir, ignore_errors=True)

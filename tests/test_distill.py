@@ -150,3 +150,170 @@ def test_unknown_divergence_and_bad_beta_are_refused():
         distill_divergence(s, t, "kl")
     with pytest.raises(ValueError, match="0 < beta < 1"):
         distill_divergence(s, t, "jsd", beta=1.0)
+
+
+# ------------------------------------------------------------------------------------------- the program
+
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from _sft_fixtures import build_model_folder, model_dir, one_thread, train_file  # noqa: E402,F401
+from test_sft import ONE_THREAD, TIMEOUT, assert_bitwise_equal, cli, losses, records, wait_for, weights  # noqa: E402
+
+from ftprog.programs import distill  # noqa: E402
+from ftprog.programs.cli import CONFIG_DIR  # noqa: E402
+from ftprog.programs.config import load_config  # noqa: E402
+
+# `ft-prog run distill`, each micro-batch slowed after its forward (numerics untouched) and counted in
+# $DISTILL_TEST_CALLS, so a signal can be aimed at the middle of a step.
+SLOW_CLI = [sys.executable, "-c", """
+import os, time
+from ftprog.programs import distill
+from ftprog.programs.cli import main
+fast, calls = distill.step_loss, [0]
+def slow(*args, **kwargs):
+    out = fast(*args, **kwargs)
+    calls[0] += 1
+    with open(os.environ["DISTILL_TEST_CALLS"], "w") as f:
+        f.write(str(calls[0]))
+    time.sleep(0.25)
+    return out
+distill.step_loss = slow
+main()
+"""]
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """Another random model of the student's shape and tokenizer (the fixture's), seed 1."""
+    return build_model_folder(tmp_path_factory.mktemp("distill-teacher") / "model", seed=1)
+
+
+@pytest.fixture
+def distill_config(tmp_path, model_dir, teacher_dir, train_file):  # noqa: F811
+    path = tmp_path / "distill.toml"
+    path.write_text(f"""\
+dtype = "fp32"
+seq_len = 64
+batch_size = 4
+max_steps = 4
+output_dir = {json.dumps(str(tmp_path / "out"))}
+exact_match_samples = 4
+max_new_tokens = 8
+
+[model]
+path = {json.dumps(str(model_dir))}
+
+[teacher]
+path = {json.dumps(str(teacher_dir))}
+
+[data]
+path = {json.dumps(str(train_file))}
+val_fraction = 0.1
+
+[peft]
+method = "lora"
+targets = ["all-linear"]
+rank = 4
+alpha = 8.0
+
+[distill]
+kd_ratio = 0.7
+divergence = "jsd"
+temperature = 2.0
+
+[optimizer]
+lr = 1e-3
+schedule = "constant"
+
+[log]
+progress = false
+plot = false
+""")
+    return path
+
+
+def run_distill(config_file: Path, *overrides: str) -> Path:
+    cfg, resolved = load_config(distill.CONFIG, config_file, list(overrides), builtin_dir=CONFIG_DIR / "distill")
+    return distill.run(cfg, resolved)
+
+
+def test_a_run_logs_kd_and_ce_and_saves_the_student(distill_config, tmp_path, capsys):
+    """loss = 0.3 CE + 0.7 KD per step; held-out metrics and exact match in the summary; the adapter is saved."""
+    final = run_distill(distill_config)
+    steps = [r for r in records(tmp_path / "out") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["kd_loss"] > 0 and r["ce_loss"] > 0
+        assert r["loss"] == pytest.approx(0.3 * r["ce_loss"] + 0.7 * r["kd_loss"], rel=1e-5)
+    assert steps[-1]["ce_loss"] < steps[0]["ce_loss"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {"loss", "kd_loss", "ce_loss"} <= summary["val"].keys() and "exact_match_after" in summary
+    assert (final / "adapter_model.safetensors").is_file()
+    assert "student exact match on 4 held-out samples" in capsys.readouterr().out
+
+
+def test_the_teacher_can_be_quantized(distill_config, tmp_path):
+    run_distill(distill_config, "teacher.quantize=nf4", "max_steps=2", "exact_match_samples=0")
+    assert all(math.isfinite(r["kd_loss"]) for r in records(tmp_path / "out") if "kd_loss" in r)
+
+
+def test_resume_after_sigkill_is_exact(distill_config, tmp_path):
+    overrides = ["max_steps=6", "save_every=2", "peft.dropout=0.1", "exact_match_samples=0"]
+    run_distill(distill_config, *overrides, f"output_dir={tmp_path / 'a'}")
+    out = tmp_path / "b"
+    args = ["run", "distill", "--config", str(distill_config), *overrides, f"output_dir={out}"]
+    calls = tmp_path / "calls"
+    proc = subprocess.Popen([*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD, "DISTILL_TEST_CALLS": str(calls)})
+    wait_for(out / "step_2", proc)
+    wait_for(calls, proc, at_least=3)  # mid step 3
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()
+
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    assert_bitwise_equal(weights(out / "final"), weights(tmp_path / "a" / "final"))
+    assert losses(out) == losses(tmp_path / "a")
+    kd = [(r["step"], r["kd_loss"]) for r in records(out) if "kd_loss" in r]
+    assert kd == [(r["step"], r["kd_loss"]) for r in records(tmp_path / "a") if "kd_loss" in r]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(distill_config, model_dir, tmp_path):  # noqa: F811
+    """The demo model's byte-level tokenizer against the fixture's BPE one: one message naming both folders."""
+    from ftprog.programs.demo_assets import demo_model
+
+    other = demo_model()
+    done = cli("run", "distill", "--config", str(distill_config), f"teacher.path={other}")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert str(model_dir) in done.stderr and str(other) in done.stderr and "do not share a vocabulary" in done.stderr
+    assert not list((tmp_path / "out").glob("step_*")) and not (tmp_path / "out" / "final").exists()
+
+
+def test_same_vocabulary_passes_and_a_changed_special_token_is_named(model_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    from ftprog.core import load_tokenizer
+    from ftprog.programs.run_guard import RunError
+
+    distill.check_same_vocabulary(load_tokenizer(model_dir), load_tokenizer(model_dir))
+    changed = tmp_path / "tok"
+    shutil.copytree(model_dir, changed)
+    config = json.loads((changed / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"
+    (changed / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="special tokens differ.*eos_token"):
+        distill.check_same_vocabulary(load_tokenizer(model_dir), load_tokenizer(changed))
+
+
+def test_on_policy_mode_is_refused_by_the_config(distill_config):
+    done = cli("run", "distill", "--config", str(distill_config), "distill.mode=on_policy")
+    assert done.returncode != 0 and "distill.mode" in done.stderr and "not implemented yet" in done.stderr
+    assert "Traceback" not in done.stderr
