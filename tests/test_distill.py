@@ -317,3 +317,18 @@ def test_on_policy_mode_is_refused_by_the_config(distill_config):
     done = cli("run", "distill", "--config", str(distill_config), "distill.mode=on_policy")
     assert done.returncode != 0 and "distill.mode" in done.stderr and "not implemented yet" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_demo_distilled_student_beats_plain_sft(tmp_path):
+    """The demo as shipped, on an empty cache (it trains its teacher, the whole sft demo, first), against the same
+    student trained by plain SFT (kd_ratio=0) for the same 300 steps. Measured: 100% vs 92% held-out exact match."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    exact = {}
+    for name, extra in (("kd", []), ("sft", ["distill.kd_ratio=0"])):
+        out = tmp_path / name
+        done = cli("run", "distill", "--config", "demo", f"output_dir={out}", "log.progress=false", *extra, env=env)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["exact_match_before"] == 0.0
+        exact[name] = summary["exact_match_after"]
+    assert exact["kd"] >= 0.95 and exact["kd"] >= exact["sft"] + 0.05, exact
