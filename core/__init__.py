@@ -11,6 +11,7 @@ from ._data import (
     PromptDataset, PromptStats, TokenizedDataset, load_datasets, load_preference_datasets, load_prompt_datasets,
     read_rows, split_validation, tokenize_dataset, tokenize_preferences, tokenize_prompts,
 )
+from ._distill import DIVERGENCES, distill_divergence, distill_loss_sum
 from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare, router_aux_loss
 from ._grad import value_and_grad
 from ._linear import dense_weight, is_training, linear, linear_kind, register_linear, set_training
@@ -31,10 +32,10 @@ from ._tree import (
 
 __all__ = [
     "Batch", "CHATML_TEMPLATE", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
-    "Decoder", "GRPO_LOSS_TYPES", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model",
+    "DIVERGENCES", "Decoder", "GRPO_LOSS_TYPES", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model",
     "ModelConfig", "PRESETS", "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss",
     "PreferenceStats", "Prepare", "PromptDataset", "PromptStats", "TokenizedDataset", "Tokenizer", "as_dtype",
-    "combine", "dense_weight", "dpo_loss", "flatten", "fold_system", "from_config", "group_advantages",
+    "combine", "dense_weight", "distill_divergence", "distill_loss_sum", "dpo_loss", "flatten", "fold_system", "from_config", "group_advantages",
     "grpo_loss_sum", "grpo_normalizer", "grpo_token_loss", "is_dtensor", "is_plain", "is_quantized", "is_static",
     "is_training", "kto_kl", "kto_loss", "linear", "linear_kind", "linear_paths", "load_datasets",
     "load_preference_datasets", "load_pretrained", "load_prompt_datasets", "load_tokenizer", "make_model",

@@ -33,6 +33,7 @@ PROGRAMS: dict[str, tuple[str, str]] = {
     "sft": ("ftprog.programs.sft", "supervised fine-tuning: full, LoRA, DoRA, QLoRA"),
     "dpo": ("ftprog.programs.dpo", "preference tuning: DPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
     "grpo": ("ftprog.programs.grpo", "RL with verifiable rewards: GRPO, Dr. GRPO, DAPO"),
+    "distill": ("ftprog.programs.distill", "offline knowledge distillation: forward / reverse KL, JSD"),
     "generate": ("ftprog.programs.generate", "generate text (KV cache, greedy or sampled, chat, batches)"),
     "eval": ("ftprog.programs.evaluate", "lm-evaluation-harness tasks and perplexity"),
     "quantize": ("ftprog.programs.quantize", "post-training weight-only quantization (int8, int4, nf4)"),

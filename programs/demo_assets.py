@@ -28,6 +28,8 @@ DEMO_MODEL = "builtin:demo-model"
 DEMO_DATA = "builtin:demo-data"
 DEMO_SFT_MODEL = "builtin:demo-sft-model"
 DEMO_PREFERENCE_DATA = "builtin:demo-preference-data"
+DEMO_STUDENT_MODEL = "builtin:demo-student-model"
+DEMO_TEACHER_MODEL = "builtin:demo-teacher-model"
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -59,8 +61,12 @@ def resolve(value: str) -> str:
         return str(demo_sft_model())
     if value == DEMO_PREFERENCE_DATA:
         return str(demo_preference_data())
+    if value == DEMO_STUDENT_MODEL:
+        return str(demo_student_model())
+    if value == DEMO_TEACHER_MODEL:
+        return str(demo_teacher_model())
     raise ValueError(f"unknown built-in asset {value!r}; available: {DEMO_MODEL}, {DEMO_DATA}, {DEMO_SFT_MODEL}, "
-                     f"{DEMO_PREFERENCE_DATA}")
+                     f"{DEMO_PREFERENCE_DATA}, {DEMO_STUDENT_MODEL}, {DEMO_TEACHER_MODEL}")
 
 
 def _write_tokenizer(folder: Path) -> int:
@@ -135,20 +141,32 @@ SFT_DEMO_STEPS = 120
 def demo_sft_model() -> Path:
     """The preference demo's starting model: the sft demo (``ft-prog run sft --config demo``) stopped after
     ``SFT_DEMO_STEPS`` steps, trained once under the cache folder."""
-    folder = cache_dir() / "sft-model"
+    return _trained_sft_demo("sft-model", SFT_DEMO_STEPS)
+
+
+def demo_teacher_model() -> Path:
+    """The distillation demo's teacher: the whole sft demo (300 steps: every held-out word right), trained once
+    under the cache folder."""
+    return _trained_sft_demo("teacher-model", 0)
+
+
+def _trained_sft_demo(name: str, steps: int) -> Path:
+    """``cache/name``: the final model of the sft demo run for ``steps`` steps (0: the demo's own length)."""
+    folder = cache_dir() / name
     if (folder / "model.safetensors").is_file():
         return folder
     from . import sft
     from .cli import CONFIG_DIR
     from .config import load_config
 
-    run_dir = cache_dir() / "sft-run"
-    print(f"preparing the starting model: training the sft demo once into {run_dir} (seconds)", flush=True)
-    overrides = [f"output_dir={run_dir}", f"max_steps={SFT_DEMO_STEPS}",
-                 "log.progress=false", "log.plot=false"]
+    run_dir = cache_dir() / f"{name}-run"
+    print(f"preparing {name}: training the sft demo once into {run_dir} (a minute)", flush=True)
+    overrides = [f"output_dir={run_dir}", "log.progress=false", "log.plot=false"]
+    if steps:
+        overrides.append(f"max_steps={steps}")
     cfg, resolved = load_config(sft.CONFIG, "demo", overrides, builtin_dir=CONFIG_DIR / "sft")
     final = sft.run(cfg, resolved)
-    staging = cache_dir() / f".sft-model-{os.getpid()}"
+    staging = cache_dir() / f".{name}-{os.getpid()}"
     shutil.copytree(final, staging)
     staging.replace(folder)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -186,4 +204,24 @@ def demo_preference_data() -> Path:
         tmp = folder / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in demo_preference_rows(count, seed)))
         tmp.replace(folder / f"{name}.jsonl")
+    return folder
+
+
+_STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2}
+"""The distillation demo's student: half the demo model's width, 2 layers instead of 3 (about 4x fewer
+parameters outside the embeddings)."""
+
+
+def demo_student_model(seed: int = 1) -> Path:
+    """The distillation demo's student: a random model smaller than the demo model, with its tokenizer (so the
+    sft demo's trained model can teach it)."""
+    from ..core import from_config, save_pretrained
+
+    folder = cache_dir() / "student-model"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    like = demo_model()
+    config = {**json.loads((like / "config.json").read_text()), **_STUDENT_SHAPE}
+    save_pretrained(from_config(config, seed=seed).replace(source=str(like)), folder)
     return folder

@@ -50,7 +50,7 @@ def as_printed(billions: float, printed: str) -> bool:
 
 def test_every_program_has_its_configs():
     assert len(SFT) == 25
-    assert {program for program, _ in CONFIGS} == {"sft", "dpo", "grpo", "eval", "generate", "quantize"}
+    assert {program for program, _ in CONFIGS} == {"sft", "dpo", "grpo", "distill", "eval", "generate", "quantize"}
 
 
 @pytest.mark.parametrize("program,name", CONFIGS, ids=[f"{p}/{n}" for p, n in CONFIGS])
