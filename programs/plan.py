@@ -534,13 +534,14 @@ def estimate(
     static = weights + adapters_s + opt_s
 
     # The loss's transients: a chunk's [chunk, vocab] logits in the weight dtype (overwritten by their
-    # gradient), the fp32 copy and softmax of a block of its rows at a time, and for a trained output weight
-    # whose targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
+    # gradient), the fp32 softmax of a block of its rows at a time (its fp32 copy of the rows is freed with the
+    # block: measured, the peak holds one fp32 block beside the logits), and for a trained output weight whose
+    # targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
     b, V = DTYPE_BYTES[u.dtype], s.vocab_size
     targets = u.batch_size * u.seq_len
     chunk = min(u.chunk_size, targets)
     softmax_rows = min(chunk, _softmax_rows(V, torch.device(kind)))
-    loss_chunk = chunk * V * b + softmax_rows * V * 8
+    loss_chunk = chunk * V * b + softmax_rows * V * 4
     if u.method == "full" and targets > u.chunk_size:
         loss_chunk += V * s.hidden_size * b
     accum = grads_s if grad_accum > 1 else 0

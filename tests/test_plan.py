@@ -199,9 +199,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 # (stack, dtype, relative tolerance): each a little above its measured error (plan / live - 1), which is
-# deterministic: lora -5.5%, full -0.3%, lora+checkpoint -1.8%, qlora -6.1%, full fp32 +1.4%, bf16 state -0.4%.
+# deterministic: lora -5.8%, full -0.3%, lora+checkpoint -0.0%, qlora -6.5%, full fp32 +1.4%, bf16 state -0.4%.
 @pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.065), ("full", "bf16", 0.01),
-                                             ("lora+checkpoint", "fp32", 0.025), ("qlora", "bf16", 0.07),
+                                             ("lora+checkpoint", "fp32", 0.025), ("qlora", "bf16", 0.075),
                                              ("full", "fp32", 0.02), ("full+bf16state", "bf16", 0.01)])
 def test_step_peak_matches_live_tensors(stack, dtype, rel):
     """The whole step (value_and_grad, clip, in-place AdamW), as programs/sft.py runs it."""
@@ -325,7 +325,7 @@ def test_loss_softmax_block_as_the_loss_takes_it():
     chunk = min(cpu.setup.chunk_size, 4 * 256)  # the loss's chunk: a block never holds more rows than it
     assert cpu.softmax_rows == min(chunk, cpu_rows)
     assert cuda.softmax_rows == min(chunk, _loss._softmax_rows(32000, torch.device("cuda"))) > cpu.softmax_rows
-    assert cuda.loss_chunk - cpu.loss_chunk == (cuda.softmax_rows - cpu.softmax_rows) * 32000 * 8  # fp32 x + probs
+    assert cuda.loss_chunk - cpu.loss_chunk == (cuda.softmax_rows - cpu.softmax_rows) * 32000 * 4  # an fp32 block
     assert f"{cpu.softmax_rows} rows at a time" in format_plan(cpu)
 
 
