@@ -160,7 +160,7 @@ def _trained_sft_demo(name: str, steps: int) -> Path:
     from .config import load_config
 
     run_dir = cache_dir() / f"{name}-run"
-    print(f"preparing {name}: training the sft demo once into {run_dir} (a minute)", flush=True)
+    print(f"preparing {name}: training the sft demo once into {run_dir} (about a minute)", flush=True)
     overrides = [f"output_dir={run_dir}", "log.progress=false", "log.plot=false"]
     if steps:
         overrides.append(f"max_steps={steps}")

@@ -305,7 +305,7 @@ def test_demo_runs_offline_as_the_first_command(tmp_path):
     done = cli("run", "dpo", "--config", "demo", f"output_dir={out}", "log.progress=false",
                env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
-    assert "preparing the starting model" in done.stdout
+    assert "preparing sft-model: training the sft demo once" in done.stdout  # its starting model, built here
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["val_before"], summary["val_after"]
     assert before["rewards/accuracy"] == 0.0 and before["loss"] == pytest.approx(math.log(2), abs=1e-6)
