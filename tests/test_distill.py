@@ -81,10 +81,11 @@ def test_loss_and_grads_match_full_logits(kind, temperature, beta, method):
 
     (_, (kd, ce)), grads = value_and_grad(chunked, has_aux=True)(student)
     (_, (ref_kd, ref_ce)), ref_grads = value_and_grad(full, has_aux=True)(student)
-    n = int((targets != -100).sum())  # per-target means: the loss a step trains on (measured gaps: <= 6e-8)
+    n = int((targets != -100).sum())  # KD per target: the loss a step trains on (measured gaps: <= 6e-8)
     assert kd.dtype == torch.float32 and kd.item() > 0
     assert abs(kd.item() - ref_kd.item()) / n <= 1e-6
-    assert abs(ce.item() - ref_ce.item()) / n <= 1e-6
+    # CE: a sum of ~270 nats in another order; measured 2 fp32 ulps (6.1e-5, 2.3e-7 relative) on the CI machine
+    assert abs(ce.item() - ref_ce.item()) <= 1e-6 * ref_ce.item()
     for path, g in grads.items():
         assert (g - ref_grads[path]).norm() <= 1e-5 * ref_grads[path].norm(), path
 
@@ -92,7 +93,7 @@ def test_loss_and_grads_match_full_logits(kind, temperature, beta, method):
 @pytest.mark.parametrize("kind,temperature,beta", SETTINGS)
 def test_divergence_equals_trl_generalized_jsd(kind, temperature, beta):
     """TRL's GKD loss (beta 0: forward KL, beta 1: reverse KL; logits / T, no T^2 factor) on the same logits."""
-    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer").GKDTrainer
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer as gkd  # trl: a test dependency (the `test` extra)
     g = torch.Generator().manual_seed(3)
     s_logits, t_logits = torch.randn(2, 5, 50, generator=g).mul(3).unbind(0)
     trl_beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": beta}[kind]
