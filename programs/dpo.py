@@ -251,7 +251,9 @@ def _reference(cfg: DPOConfig, model: Model, path: str, device: torch.device, di
     return lambda model, batch, split="train": reference_logps(frozen, model, batch, cfg)
 
 
-def frozen_reference(cfg: DPOConfig, path: str, device: torch.device, dist: distributed.DistInfo) -> Model:
+def frozen_reference(cfg: Any, path: str, device: torch.device, dist: distributed.DistInfo) -> Model:
+    """The model at ``path`` in ``cfg.dtype``, nothing trainable, sharded / compiled as the policy is (no
+    activation checkpointing: it never runs a backward)."""
     ref = load_pretrained(path, dtype=as_dtype(cfg.dtype), device=device).replace(trainable=frozenset())
     return run_transforms(attrs.evolve(cfg, activation_checkpointing=False), ref, dist.mesh)
 
