@@ -26,20 +26,19 @@ import attrs
 import torch
 
 from ..core import (
-    Model, Tokenizer, as_dtype, distill_loss_sum, load_pretrained, load_tokenizer, optim, read_config,
+    Model, Tokenizer, as_dtype, distill_loss_sum, load_pretrained, load_tokenizer, read_config,
     value_and_grad,
 )
-from ..core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
+from ..core._data import DataLoader, TokenizedDataset, load_datasets
 from ..transforms import load_adapter, quantize
 from . import distributed, run_guard, run_state
-from .config import to_toml
 from .demo_assets import resolve
 from .distill_config import DistillConfig
-from .metrics import MetricsLog, plot_losses
 from .sft import RESUME_RULES, exact_match
 from .training import (
-    apply_gradients, build_model, build_optimizer, plan_start, run_transforms, save_final, save_or_stop,
-    setup_process,
+    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
+    router_metric, router_share, run_summary, run_transforms, save_checkpoint, save_or_stop, setup_process,
+    step_record, with_router_loss,
 )
 
 CONFIG = DistillConfig
@@ -84,15 +83,19 @@ def build_teacher(cfg: DistillConfig, device: torch.device, mesh: Any = None) ->
     return run_transforms(attrs.evolve(cfg, activation_checkpointing=False), teacher, mesh)
 
 
-def step_loss(model: Model, teacher: Model, cfg: DistillConfig, batch: Any, num_targets: int
-              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``(loss, (KD sum, CE sum))``: this micro-batch's share of the step's mean loss over all targets, and its
-    detached sums."""
+def step_loss(model: Model, teacher: Model, cfg: DistillConfig, batch: Any, num_targets: int, aux_share: float = 0.0
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, {"kd_loss": KD sum, "ce_loss": CE sum})``: this micro-batch's share of the step's mean loss over all
+    targets, and its detached sums; for a mixture-of-experts student plus ``aux_share`` times the router's
+    load-balancing loss (``aux_loss`` in the metrics)."""
     d = cfg.distill
-    kd, ce = distill_loss_sum(model, teacher, batch.tokens, batch.targets, kind=d.divergence,
-                              temperature=d.temperature, beta=d.beta, **batch.model_kwargs())
-    loss = ((1 - d.kd_ratio) * ce + d.kd_ratio * kd) / num_targets
-    return loss, (kd.detach(), ce.detach())
+
+    def loss(student: Model) -> tuple[torch.Tensor, dict]:
+        kd, ce = distill_loss_sum(student, teacher, batch.tokens, batch.targets, kind=d.divergence,
+                                  temperature=d.temperature, beta=d.beta, **batch.model_kwargs())
+        return ((1 - d.kd_ratio) * ce + d.kd_ratio * kd) / num_targets, {"kd_loss": kd.detach(), "ce_loss": ce.detach()}
+
+    return with_router_loss(loss, model, batch.attention_mask, aux_share)
 
 
 @torch.no_grad()
@@ -130,12 +133,7 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
     read_config(teacher_path)
     tokenizer = load_tokenizer(model_path)
     check_same_vocabulary(tokenizer, load_tokenizer(teacher_path))
-    d = cfg.data
-    data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
-                          template=d.template, system_prompt=d.system_prompt or None,
-                          train_on_input=d.train_on_input, fold_system=d.fold_system, val_path=d.val_path or None,
-                          val_split=d.val_split, val_fraction=d.val_fraction, skip_bad=d.skip_bad,
-                          seq_len=cfg.seq_len, seed=cfg.seed)
+    data_cfg = data_config(cfg)
     train_data, val_data = load_datasets(data_cfg, tokenizer)
     loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed,
                         rank=dist.rank, world_size=dist.world_size, fixed_shape=cfg.packing and cfg.compile)
@@ -161,17 +159,14 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
     start.clear(dist, say)
     model, opt_state, state = start.restore(model, base, opt, opt_state, loader, say)
     state["data_fingerprint"] = fingerprint
-    log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
-                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     config=resolved, enabled=dist.is_main)
+    log = metrics_log(cfg, resolved, state, total_steps, dist)
     if cfg.exact_match_samples and val_data is not None and "exact_match_before" not in state["extra"]:
         state["extra"]["exact_match_before"] = exact_match(model, val_data, cfg.exact_match_samples,
                                                            cfg.max_new_tokens, stop_ids, pad_id)
         log.write(f"student exact match before training: {state['extra']['exact_match_before']:.1%}")
 
     def save(step: int) -> Path:
-        return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
-                                         to_toml(resolved), cfg.keep_last)
+        return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop.
     grad_fn = value_and_grad(step_loss, has_aux=True)
@@ -184,12 +179,8 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
             accum = cfg.grad_accum if run_batches is None else min(cfg.grad_accum, run_batches - step * cfg.grad_accum)
             micro = [next(batches).to(device) for _ in range(accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
-            loss, kd, ce, grads = torch.zeros(()), torch.zeros(()), torch.zeros(()), None
-            for b in micro:
-                (part, (part_kd, part_ce)), g = grad_fn(model, teacher, cfg, b, num_targets)
-                loss, kd, ce = loss + part.cpu(), kd + part_kd.cpu(), ce + part_ce.cpu()
-                grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-            loss = distributed.all_sum(loss)
+            share = router_share(model, len(micro), dist.world_size)
+            loss, sums, grads = accumulate(lambda b: grad_fn(model, teacher, cfg, b, num_targets, share), micro)
             model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
                                                               cfg.optimizer.max_grad_norm, step, out)
             step += 1
@@ -197,11 +188,9 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
                          loader=loader.state_dict())
             if step % cfg.log.every == 0 or step == total_steps:
                 speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
-                record = {"step": step, "loss": loss.item(),
-                          "kd_loss": distributed.all_sum(kd).item() / num_targets,
-                          "ce_loss": distributed.all_sum(ce).item() / num_targets, "lr": lr,
-                          "tokens": state["tokens"], "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(),
-                          "epoch": loader.epoch}
+                router = router_metric(sums, len(micro), dist.world_size)
+                means = {k: distributed.all_sum(v).item() / num_targets for k, v in sorted(sums.items())}
+                record = step_record(step, loss, lr, grad_norm, state, speed, loader.epoch, **means, **router)
                 log.log(record)
                 log.progress(step, loss=loss.item(), kd=record["kd_loss"], lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
@@ -213,11 +202,8 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
     if not dist.is_main:
         distributed.teardown()
         return out / "final"
-    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
-               "data": attrs.asdict(train_data.stats), "processes": dist.world_size,
-               "divergence": cfg.distill.divergence, "kd_ratio": cfg.distill.kd_ratio}
-    if state["extra"].get("config_changes"):
-        summary["config_changes"] = state["extra"]["config_changes"]
+    summary = run_summary(state, start_time, train_data.stats, dist, divergence=cfg.distill.divergence,
+                          kd_ratio=cfg.distill.kd_ratio)
     lines = [f"done: {step} steps, {state['tokens']} tokens in {summary['seconds']} s"]
     if val_data is not None:
         summary["val"] = evaluate(model, teacher, cfg, val_data, device)
@@ -229,17 +215,7 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
                                                    stop_ids, pad_id)
         lines.append(f"student exact match on {cfg.exact_match_samples} held-out samples: "
                      f"{summary['exact_match_before']:.1%} before -> {summary['exact_match_after']:.1%} after")
-    final = save_final(cfg, out, model, state, resolved)
-    log.close()
-    if cfg.log.plot:
-        plot_losses(log.records, out / "loss_curve.png")
-    lines.append(f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
-    print("\n".join(lines), flush=True)
-    import orjson
-
-    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    distributed.teardown()
-    return final
+    return finish(cfg, model, state, resolved, log, summary, lines)
 
 
 def _val_loader(data: TokenizedDataset, cfg: DistillConfig) -> DataLoader:

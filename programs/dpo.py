@@ -24,21 +24,20 @@ import attrs
 import torch
 
 from ..core import (
-    Model, as_dtype, dpo_loss, kto_loss, load_pretrained, load_tokenizer, optim, orpo_loss, read_config, simpo_loss,
+    Model, as_dtype, dpo_loss, kto_loss, load_pretrained, load_tokenizer, orpo_loss, read_config, simpo_loss,
     token_logprobs, uses_average_logps, value_and_grad,
 )
-from ..core._data import DataConfig, PreferenceLoader, load_preference_datasets
+from ..core._data import PreferenceLoader, load_preference_datasets
 from ..transforms import without_adapters
 from . import distributed, reference, run_guard, run_state
-from .config import to_toml
 from .demo_assets import resolve
 from .dpo_config import DPOConfig
-from .metrics import MetricsLog, plot_losses
 from .sft import RESUME_RULES as SFT_RESUME_RULES
 from .sft import exact_match
 from .training import (
-    apply_gradients, build_model, build_optimizer, plan_start, run_transforms, save_final, save_or_stop,
-    setup_process,
+    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
+    router_metric, router_share, run_summary, run_transforms, save_checkpoint, save_or_stop, setup_process,
+    step_record, with_router_loss,
 )
 
 CONFIG = DPOConfig
@@ -91,12 +90,17 @@ def pair_loss(cfg: DPOConfig, policy: torch.Tensor, counts: torch.Tensor, ref: t
 
 
 def step_loss(model: Model, cfg: DPOConfig, batch: Any, ref: torch.Tensor | None, kl: torch.Tensor | None,
-              count: int) -> tuple[torch.Tensor, dict]:
+              count: int, aux_share: float = 0.0) -> tuple[torch.Tensor, dict]:
     """This micro-batch's share of the step's mean loss (``count``: pairs, or KTO samples, of the whole step over
-    all ranks), and its metric sums."""
-    policy, counts = sequence_logps(model, batch.tokens, batch.targets, batch.attention_mask)
-    losses, sums = pair_loss(cfg, policy, counts, ref, kl, batch.labels)
-    return losses.sum() / count, sums
+    all ranks), and its metric sums; for a mixture of experts plus ``aux_share`` times the router's
+    load-balancing loss (``aux_loss`` in the metrics)."""
+
+    def loss(m: Model) -> tuple[torch.Tensor, dict]:
+        policy, counts = sequence_logps(m, batch.tokens, batch.targets, batch.attention_mask)
+        losses, sums = pair_loss(cfg, policy, counts, ref, kl, batch.labels)
+        return losses.sum() / count, sums
+
+    return with_router_loss(loss, model, batch.attention_mask, aux_share)
 
 
 def run(cfg: DPOConfig, resolved: dict[str, Any]) -> Path:
@@ -117,11 +121,7 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     if ref_path:
         read_config(ref_path)
     tokenizer = load_tokenizer(model_path)
-    d = cfg.data
-    data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
-                          template=d.template, system_prompt=d.system_prompt or None, fold_system=d.fold_system,
-                          val_path=d.val_path or None, val_split=d.val_split, val_fraction=d.val_fraction,
-                          skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
+    data_cfg = data_config(cfg)
     train_data, val_data = load_preference_datasets(data_cfg, tokenizer)
     _check_data(cfg, train_data)
     loader = PreferenceLoader(train_data, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
@@ -147,17 +147,14 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     start.clear(dist, say)
     model, opt_state, state = start.restore(model, base, opt, opt_state, loader, say)
     state["data_fingerprint"] = fingerprint
-    log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
-                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     config=resolved, enabled=dist.is_main)
+    log = metrics_log(cfg, resolved, state, total_steps, dist)
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
     if val_data is not None and "val_before" not in state["extra"]:
         state["extra"]["val_before"] = evaluate(model, reference_of, cfg, val_data, device, dist, stop_ids, pad_id)
         log.write("before training: " + _describe(state["extra"]["val_before"]))
 
     def save(step: int) -> Path:
-        return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
-                                         to_toml(resolved), cfg.keep_last)
+        return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop.
     grad_fn = value_and_grad(step_loss, has_aux=True)
@@ -170,14 +167,9 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             accum = cfg.grad_accum if run_batches is None else min(cfg.grad_accum, run_batches - step * cfg.grad_accum)
             micro = [next(batches).to(device) for _ in range(accum)]
             count = max(sum(b.global_num_pairs for b in micro), 1)  # over all ranks: the exact global mean
-            loss, sums, grads = torch.zeros(()), {}, None
-            for b in micro:
-                ref, kl = reference_of(model, b)
-                (part, parts), g = grad_fn(model, cfg, b, ref, kl, count)
-                loss = loss + part.cpu()
-                sums = {k: sums.get(k, 0) + v.detach().float().cpu() for k, v in parts.items()}
-                grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-            loss = distributed.all_sum(loss)
+            share = router_share(model, len(micro), dist.world_size)
+            loss, sums, grads = accumulate(lambda b: grad_fn(model, cfg, b, *reference_of(model, b), count, share),
+                                           micro)
             model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
                                                               cfg.optimizer.max_grad_norm, step, out)
             step += 1
@@ -185,9 +177,9 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                          loader=loader.state_dict())
             if step % cfg.log.every == 0 or step == total_steps:
                 speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
-                record = {"step": step, **_means(sums, count), "loss": loss.item(), "lr": lr,
-                          "tokens": state["tokens"], "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(),
-                          "epoch": loader.epoch}
+                router = router_metric(sums, len(micro), dist.world_size)
+                record = step_record(step, loss, lr, grad_norm, state, speed, loader.epoch, **_means(sums, count),
+                                     **router)
                 log.log(record)
                 log.progress(step, loss=loss.item(), acc=record.get("rewards/accuracy", float("nan")),
                              tok_s=round(speed))
@@ -197,8 +189,7 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             save_or_stop(cfg, step, total_steps, stop_request, clock, save, log, say)
 
     # 7. Final evaluation and outputs (rank 0 reports; evaluation is collective under sharding).
-    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
-               "data": attrs.asdict(train_data.stats), "processes": dist.world_size, "loss_type": cfg.loss.type}
+    summary = run_summary(state, start_time, train_data.stats, dist, loss_type=cfg.loss.type)
     if val_data is not None:
         after = evaluate(model, reference_of, cfg, val_data, device, dist, stop_ids, pad_id)
         summary["val_before"], summary["val_after"] = state["extra"]["val_before"], after
@@ -207,22 +198,10 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     if not dist.is_main:
         distributed.teardown()
         return out / "final"
-    if state["extra"].get("config_changes"):
-        summary["config_changes"] = state["extra"]["config_changes"]
-    final = save_final(cfg, out, model, state, resolved)
-    log.close()
-    if cfg.log.plot:
-        plot_losses(log.records, out / "loss_curve.png")
     lines = [f"done: {step} steps, {state['tokens']} tokens in {summary['seconds']} s"]
     if val_data is not None:
         lines.append(f"held-out {_describe(summary['val_before'])} before -> {_describe(summary['val_after'])} after")
-    lines.append(f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
-    print("\n".join(lines), flush=True)
-    import orjson
-
-    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    distributed.teardown()
-    return final
+    return finish(cfg, model, state, resolved, log, summary, lines)
 
 
 # ------------------------------------------------------------------------------------------------ the reference

@@ -25,20 +25,21 @@ import orjson
 import torch
 
 from ..core import (
-    Model, group_advantages, grpo_loss_sum, grpo_normalizer, grpo_token_loss, load_tokenizer, optim,
-    read_config, token_logprobs, value_and_grad,
+    Model, group_advantages, grpo_loss_sum, grpo_normalizer, grpo_token_loss, load_tokenizer, read_config,
+    token_logprobs, value_and_grad,
 )
-from ..core._data import DataConfig, DataLoader, load_prompt_datasets
+from ..core._data import DataLoader, load_prompt_datasets
 from ..transforms import without_adapters
 from . import distributed, rewards, run_guard, run_state
-from .config import to_toml
 from .demo_assets import resolve
 from .dpo import frozen_reference
 from .generate import cut_at_stop, generate
 from .grpo_config import GRPOConfig
-from .metrics import MetricsLog, plot_losses
 from .sft import RESUME_RULES as SFT_RESUME_RULES
-from .training import apply_gradients, build_model, build_optimizer, plan_start, save_final, save_or_stop, setup_process
+from .training import (
+    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
+    router_metric, router_share, run_summary, save_checkpoint, save_or_stop, setup_process, with_router_loss,
+)
 
 CONFIG = GRPOConfig
 
@@ -88,18 +89,23 @@ def rollout_rows(prompts: list[list[int]], completions: list[list[int]], logps: 
     return tokens, targets, mask, old
 
 
-def step_loss(model: Model, cfg: GRPOConfig, part: Rollouts, normalizer: float) -> tuple[torch.Tensor, dict]:
-    """This micro-batch's share of the step's loss, and its masked sums (tokens, clipped tokens, KL)."""
-    logps = token_logprobs(model, part.tokens, part.targets, attention_mask=part.attention_mask,
-                           temperature=cfg.temperature)
-    loss = cfg.loss
-    out = grpo_token_loss(logps, part.rollout_logps, part.advantages, epsilon=loss.epsilon,
-                          epsilon_high=loss.epsilon_high or None, beta=loss.beta, ref_logps=part.ref_logps)
-    mask = (part.targets != -100).float()
-    sums = {"tokens": mask.sum(), "clipped": (out.clipped * mask).sum()}
-    if out.kl is not None:
-        sums["kl"] = (out.kl.detach() * mask).sum()
-    return grpo_loss_sum(loss.type, out.losses, mask) / normalizer, sums
+def step_loss(model: Model, cfg: GRPOConfig, part: Rollouts, normalizer: float, aux_share: float = 0.0
+              ) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the step's loss, and its masked sums (tokens, clipped tokens, KL); for a
+    mixture of experts plus ``aux_share`` times the router's load-balancing loss (``aux_loss`` in the sums)."""
+
+    def loss(m: Model) -> tuple[torch.Tensor, dict]:
+        logps = token_logprobs(m, part.tokens, part.targets, attention_mask=part.attention_mask,
+                               temperature=cfg.temperature)
+        out = grpo_token_loss(logps, part.rollout_logps, part.advantages, epsilon=cfg.loss.epsilon,
+                              epsilon_high=cfg.loss.epsilon_high or None, beta=cfg.loss.beta, ref_logps=part.ref_logps)
+        mask = (part.targets != -100).float()
+        sums = {"tokens": mask.sum(), "clipped": (out.clipped * mask).sum()}
+        if out.kl is not None:
+            sums["kl"] = (out.kl.detach() * mask).sum()
+        return grpo_loss_sum(cfg.loss.type, out.losses, mask) / normalizer, sums
+
+    return with_router_loss(loss, model, part.attention_mask, aux_share)
 
 
 def run(cfg: GRPOConfig, resolved: dict[str, Any]) -> Path:
@@ -129,11 +135,7 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
     model_path = resolve(cfg.model.path)
     read_config(model_path)
     tokenizer = load_tokenizer(model_path)
-    d = cfg.data
-    data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
-                          template=d.template, system_prompt=d.system_prompt or None, fold_system=d.fold_system,
-                          val_path=d.val_path or None, val_split=d.val_split, val_fraction=d.val_fraction,
-                          skip_bad=d.skip_bad, seed=cfg.seed)
+    data_cfg = data_config(cfg)
     train_data, val_data = load_prompt_datasets(data_cfg, tokenizer, cfg.seq_len - cfg.max_new_tokens)
     reward_fns = rewards.build(cfg.reward.functions, cfg.reward, say)
     weights = torch.tensor(cfg.reward.weights or [1.0] * len(reward_fns))
@@ -162,9 +164,7 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
     start.clear(dist, say)
     model, opt_state, state = start.restore(model, base, opt, opt_state, loader, say)
     state["data_fingerprint"] = fingerprint
-    log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
-                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     config=resolved, enabled=dist.is_main)
+    log = metrics_log(cfg, resolved, state, total_steps, dist)
     stop_ids = sorted(tokenizer.stop_ids)
     sample = dict(max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                   stop_strings=cfg.stop, decode=tokenizer.decode, all_steps=dist.distributed)
@@ -173,8 +173,7 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
         log.write(f"held-out reward before training: {_describe(state['extra']['eval_before'])}")
 
     def save(step: int) -> Path:
-        return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
-                                         to_toml(resolved), cfg.keep_last)
+        return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop: a rollout, then num_iterations optimizer steps on it. Checkpoints and stop signals come
     # between rollouts, so a resumed run samples again from the same RNG state.
@@ -194,21 +193,18 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
             normalizer = grpo_normalizer(cfg.loss.type, sequences, tokens, cfg.max_new_tokens)
             t1 = time.perf_counter()
             for _ in range(min(cfg.num_iterations, total_steps - step)):
-                loss, sums, grads = torch.zeros(()), {}, None
-                for part in _micro_batches(batch, cfg.grad_accum):
-                    (value, parts), g = grad_fn(model, cfg, part, normalizer)
-                    loss = loss + value.cpu()
-                    sums = {k: sums.get(k, 0) + v.detach().float().cpu() for k, v in parts.items()}
-                    grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-                loss = distributed.all_sum(loss)
+                parts = _micro_batches(batch, cfg.grad_accum)
+                share = router_share(model, len(parts), dist.world_size)
+                loss, sums, grads = accumulate(lambda part: grad_fn(model, cfg, part, normalizer, share), parts)
                 model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
                                                                   cfg.optimizer.max_grad_norm, step, out)
                 step += 1
                 train_seconds = time.perf_counter() - t1
                 state.update(step=step, tokens=state["tokens"] + tokens, loader=loader.state_dict())
                 if step % cfg.log.every == 0 or step == total_steps:
+                    router = router_metric(sums, len(parts), dist.world_size)
                     sums = {k: float(distributed.all_sum(v)) for k, v in sorted(sums.items())}
-                    record = {"step": step, "loss": loss.item(), **stats,
+                    record = {"step": step, "loss": loss.item(), **stats, **router,
                               "clip_fraction": sums["clipped"] / max(sums["tokens"], 1),
                               **({"kl": sums["kl"] / max(sums["tokens"], 1)} if "kl" in sums else {}),
                               "rollout_seconds": round(rollout_seconds, 3), "train_seconds": round(train_seconds, 3),
@@ -224,8 +220,7 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
             save_or_stop(cfg, step, total_steps, stop_request, clock, save, log, say)
 
     # 7. Final evaluation and outputs.
-    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
-               "data": attrs.asdict(train_data.stats), "processes": dist.world_size, "loss_type": cfg.loss.type}
+    summary = run_summary(state, start_time, train_data.stats, dist, loss_type=cfg.loss.type)
     if val_data is not None and cfg.eval_samples:
         summary["eval_before"] = state["extra"]["eval_before"]
         summary["eval_after"] = evaluate(model, cfg, val_data, reward_fns, weights, tokenizer, sample)
@@ -234,21 +229,11 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
     if not dist.is_main:
         distributed.teardown()
         return out / "final"
-    if state["extra"].get("config_changes"):
-        summary["config_changes"] = state["extra"]["config_changes"]
-    final = save_final(cfg, out, model, state, resolved)
-    log.close()
-    if cfg.log.plot:
-        plot_losses(log.records, out / "loss_curve.png")
     lines = [f"done: {step} steps, {state['tokens']} completion tokens trained in {summary['seconds']} s"]
     if "eval_after" in summary:
         lines.append(f"held-out reward (greedy, {cfg.eval_samples} prompts): {_describe(summary['eval_before'])} "
                      f"before -> {_describe(summary['eval_after'])} after")
-    lines.append(f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
-    print("\n".join(lines), flush=True)
-    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    distributed.teardown()
-    return final
+    return finish(cfg, model, state, resolved, log, summary, lines)
 
 
 class _PromptLoader(DataLoader):

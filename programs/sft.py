@@ -22,37 +22,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 
-from ..core import Model, load_tokenizer, optim, read_config, router_aux_loss, token_loss_sum, value_and_grad
-from ..core._data import DataConfig, DataLoader, TokenizedDataset, load_datasets
+from ..core import Model, load_tokenizer, read_config, token_loss_sum, value_and_grad
+from ..core._data import DataLoader, TokenizedDataset, load_datasets
 from . import distributed, run_guard, run_state
-from .config import to_toml
 from .demo_assets import resolve
 from .generate import generate
-from .metrics import MetricsLog, plot_losses
 from .sft_config import SFTConfig
 from .training import (
-    apply_gradients, build_model, build_optimizer, plan_start, save_final, save_or_stop, setup_process,
+    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
+    router_metric, router_share, run_summary, save_checkpoint, save_or_stop, setup_process, step_record,
+    with_router_loss,
 )
 
 CONFIG = SFTConfig
 
 
 def step_loss(model: Model, batches: list, num_targets: int, aux_share: float = 0.0
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(loss, router aux loss)``: this micro-batch's share of the step's mean loss over all targets, plus,
-    for a mixture of experts, ``aux_share`` times its router load-balancing loss (returned unweighted, detached;
-    None for a dense model)."""
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, metrics)``: this micro-batch's share of the step's mean loss over all targets, plus, for a mixture
+    of experts, ``aux_share`` times its router load-balancing loss (in the metrics as ``aux_loss``)."""
     batch = batches[0]
-    router_logits: list = []
-    tapped = model if model.config.moe is None else model.with_router_logits(router_logits)
-    loss = token_loss_sum(tapped, batch.tokens, batch.targets, **batch.model_kwargs()) / num_targets
-    if not router_logits:
-        return loss, None
-    aux = router_aux_loss(router_logits, model.config, batch.attention_mask)
-    return loss + aux_share * aux, aux.detach()
+
+    def loss(m: Model) -> tuple[torch.Tensor, dict]:
+        return token_loss_sum(m, batch.tokens, batch.targets, **batch.model_kwargs()) / num_targets, {}
+
+    return with_router_loss(loss, model, batch.attention_mask, aux_share)
 
 
 @torch.no_grad()
@@ -104,12 +100,7 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     model_path = resolve(cfg.model.path)
     read_config(model_path)  # a missing or broken model folder is named as such
     tokenizer = load_tokenizer(model_path)
-    d = cfg.data
-    data_cfg = DataConfig(path=resolve(d.path), format=d.format, split=d.split, columns=d.columns,
-                          template=d.template, system_prompt=d.system_prompt or None,
-                          train_on_input=d.train_on_input, fold_system=d.fold_system, val_path=d.val_path or None,
-                          val_split=d.val_split,
-                          val_fraction=d.val_fraction, skip_bad=d.skip_bad, seq_len=cfg.seq_len, seed=cfg.seed)
+    data_cfg = data_config(cfg)
     train_data, val_data = load_datasets(data_cfg, tokenizer)
     # compiled and packed: every batch one shape (the last one filled up with empty rows), so one compile
     loader = DataLoader(train_data, cfg.batch_size, packing=cfg.packing, seq_len=cfg.seq_len, seed=cfg.seed,
@@ -139,17 +130,14 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     # 5. Resume (same command; the changes the rules accept are printed and recorded).
     model, opt_state, state = start.restore(model, base, opt, opt_state, loader, say)
     state["data_fingerprint"] = fingerprint
-    log = MetricsLog(out, total_steps=total_steps, start_step=state["step"], progress=cfg.log.progress,
-                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                     config=resolved, enabled=dist.is_main)
+    log = metrics_log(cfg, resolved, state, total_steps, dist)
     if cfg.exact_match_samples and val_data is not None and "exact_match_before" not in state["extra"]:
         state["extra"]["exact_match_before"] = exact_match(model, val_data, cfg.exact_match_samples,
                                                            cfg.max_new_tokens, stop_ids, pad_id)
         log.write(f"exact match before training: {state['extra']['exact_match_before']:.1%}")
 
     def save(step: int) -> Path:
-        return run_state.save_checkpoint(out, step, model, optim.state_dict(opt_state), state,
-                                         to_toml(resolved), cfg.keep_last)
+        return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop. Stop signals are acted on between steps, so the checkpoint they save is a consistent one.
     grad_fn = value_and_grad(step_loss, has_aux=True)
@@ -162,15 +150,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             accum = cfg.grad_accum if run_batches is None else min(cfg.grad_accum, run_batches - step * cfg.grad_accum)
             micro = [next(batches).to(device) for _ in range(accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
-            loss, aux_loss, grads = torch.zeros(()), None, None
-            # the router loss of a mixture of experts: its coefficient times the mean over micro-batches and ranks
-            aux_share = model.config.moe.aux_loss_coef / (len(micro) * dist.world_size) if model.config.moe else 0.0
-            for b in micro:
-                (part, aux), g = grad_fn(model, [b], num_targets, aux_share)
-                loss = loss + part.cpu()
-                aux_loss = None if aux is None else (aux.cpu() if aux_loss is None else aux_loss + aux.cpu())
-                grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
-            loss = distributed.all_sum(loss)  # each rank holds its share of the global mean
+            aux_share = router_share(model, len(micro), dist.world_size)
+            loss, sums, grads = accumulate(lambda b: grad_fn(model, [b], num_targets, aux_share), micro)
             model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
                                                               cfg.optimizer.max_grad_norm, step, out)
             step += 1
@@ -178,11 +159,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                          loader=loader.state_dict())
             if step % cfg.log.every == 0 or step == total_steps:
                 speed = (state["tokens"] - start_tokens) / (time.perf_counter() - start_time)
-                record = {"step": step, "loss": loss.item(), "lr": lr, "tokens": state["tokens"],
-                          "tokens_per_s": round(speed, 1), "grad_norm": grad_norm.item(), "epoch": loader.epoch}
-                if aux_loss is not None:  # the router's load-balancing loss, unweighted (included in loss)
-                    record["aux_loss"] = distributed.all_sum(aux_loss).item() / (len(micro) * dist.world_size)
-                log.log(record)
+                log.log(step_record(step, loss, lr, grad_norm, state, speed, loader.epoch,
+                                    **router_metric(sums, len(micro), dist.world_size)))
                 log.progress(step, loss=loss.item(), lr=lr, tok_s=round(speed))
             if val_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 log.log({"step": step, "val_loss": validation_loss(model, _val_loader(val_data, cfg), device)})
@@ -193,10 +171,7 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
     if not dist.is_main:
         distributed.teardown()
         return out / "final"
-    summary = {"steps": step, "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
-               "data": attrs.asdict(train_data.stats), "processes": dist.world_size}
-    if state["extra"].get("config_changes"):
-        summary["config_changes"] = state["extra"]["config_changes"]
+    summary = run_summary(state, start_time, train_data.stats, dist)
     if val_data is not None:
         summary["val_loss"] = validation_loss(model, _val_loader(val_data, cfg), device)
         log.log({"step": step, "val_loss": summary["val_loss"]})
@@ -204,13 +179,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
         summary["exact_match_before"] = state["extra"]["exact_match_before"]
         summary["exact_match_after"] = exact_match(model, val_data, cfg.exact_match_samples, cfg.max_new_tokens,
                                                    stop_ids, pad_id)
-    final = save_final(cfg, out, model, state, resolved)
-    log.close()
-    if cfg.log.plot:
-        plot_losses(log.records, out / "loss_curve.png")
-    _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id)
-    distributed.teardown()
-    return final
+    return finish(cfg, model, state, resolved, log, summary,
+                  _report(summary, model, tokenizer, val_data, cfg, stop_ids, pad_id))
 
 
 def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:
@@ -218,7 +188,8 @@ def _val_loader(val_data: TokenizedDataset, cfg: SFTConfig) -> DataLoader:
                       fixed_shape=cfg.packing and cfg.compile)
 
 
-def _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_id) -> None:
+def _report(summary, model, tokenizer, val_data, cfg, stop_ids, pad_id) -> list[str]:
+    """The lines the end of a run prints: steps and speed, validation loss, exact match, one sample answer."""
     lines = [f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']} s"]
     if "val_loss" in summary:
         lines.append(f"validation loss: {summary['val_loss']:.4f}")
@@ -230,8 +201,4 @@ def _report(summary, final, out, model, tokenizer, val_data, cfg, stop_ids, pad_
         prompt = ids[: int(mask.int().argmax())].tolist()
         answer = generate(model, [prompt], max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)[0]
         lines.append(f"sample: {tokenizer.decode(prompt)!r} -> {tokenizer.decode(answer)!r}")
-    lines.append(f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}")
-    print("\n".join(lines), flush=True)
-    import orjson
-
-    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return lines

@@ -1,10 +1,11 @@
-"""What every training program (``sft``, ``dpo``) does the same way around its own loss.
+"""What every training program (``sft``, ``dpo``, ``grpo``, ``distill``) does the same way around its own loss.
 
-A program reads top to bottom as: data; :func:`plan_start` (where to continue, decided before anything is
-loaded or deleted); model, transforms and optimizer; :meth:`Start.clear` (only now is anything removed);
-:meth:`Start.restore`; the loop, whose step ends in :func:`apply_gradients` and :func:`save_or_stop`; the final
-save (:func:`save_final`). The pieces hold no program-specific logic, so a new program gets the same
-checkpoints, exact resume, lock, preemption and metrics by calling them.
+A program reads top to bottom as: data (:func:`data_config`); :func:`plan_start` (where to continue, decided
+before anything is loaded or deleted); model, transforms and optimizer; :meth:`Start.clear` (only now is
+anything removed); :meth:`Start.restore` and :func:`metrics_log`; the loop, whose step is :func:`accumulate`
+over its micro-batches, :func:`apply_gradients`, :func:`step_record` and :func:`save_or_stop` (with
+:func:`save_checkpoint`); the end (:func:`finish`). The pieces hold no program-specific logic, so a new program
+gets the same checkpoints, exact resume, lock, preemption and metrics by calling them.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 import torch
 
-from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, reuse_freed_memory
+from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, reuse_freed_memory, router_aux_loss
 from ..core._checkpoint import recover_interrupted_swaps
+from ..core._data import DataConfig
 from ..transforms import checkpoint, compile, lora, merge, qat, quantize, shard, trainable
 from . import distributed, run_guard, run_state
 from .config import to_toml
 from .demo_assets import resolve
+from .metrics import MetricsLog, plot_losses
 
 
 def setup_process(cfg: Any, dist: distributed.DistInfo) -> tuple[torch.device, Callable[..., None]]:
@@ -36,6 +41,15 @@ def setup_process(cfg: Any, dist: distributed.DistInfo) -> tuple[torch.device, C
     if device.type == "cpu":  # the next step reuses what this one frees, as CUDA's caching allocator does
         reuse_freed_memory()
     return device, (print if dist.is_main else (lambda *args, **kwargs: None))
+
+
+def data_config(cfg: Any) -> DataConfig:
+    """The data loader's :class:`DataConfig` from ``cfg.data`` (whichever of its keys the program's data section
+    has), ``cfg.seq_len`` and ``cfg.seed``; the path resolved (``builtin:`` assets), empty strings as unset."""
+    section = attrs.asdict(cfg.data, recurse=False)
+    fields = {f.name for f in attrs.fields(DataConfig)} & section.keys()
+    values = {k: (section[k] if section[k] != "" or k in ("path", "template") else None) for k in fields}
+    return DataConfig(**{**values, "path": resolve(cfg.data.path), "seq_len": cfg.seq_len, "seed": cfg.seed})
 
 
 def build_model(cfg: Any, device: torch.device, mesh: Any = None) -> tuple[Model, Model]:
@@ -152,7 +166,58 @@ def plan_start(cfg: Any, resolved: dict[str, Any], fingerprint: str, rules: run_
     return Start(out, point, earlier)
 
 
+def metrics_log(cfg: Any, resolved: dict, state: dict, total_steps: int, dist: distributed.DistInfo) -> MetricsLog:
+    """``output_dir/metrics.jsonl`` (cut back to the resumed step) and the sinks ``cfg.log`` enables, on rank 0."""
+    return MetricsLog(Path(cfg.output_dir), total_steps=total_steps, start_step=state["step"],
+                      progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                      wandb_project=cfg.log.wandb_project, config=resolved, enabled=dist.is_main)
+
+
 # ------------------------------------------------------------------------------------------------ the step
+
+
+def accumulate(micro_step: Callable[[Any], tuple[tuple[torch.Tensor, dict], dict]], micro: Iterable
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """One step's ``(loss summed over the micro-batches and ranks, their metrics summed, their gradients summed)``.
+
+    ``micro_step(batch)`` returns ``((loss share, {name: tensor}), grads)`` as ``value_and_grad(...,
+    has_aux=True)`` does; the metrics are summed on the CPU in fp32 over this rank's micro-batches.
+    """
+    loss, sums, grads = torch.zeros(()), {}, None
+    for batch in micro:
+        (part, metrics), g = micro_step(batch)
+        loss = loss + part.detach().cpu()
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0) + value.detach().float().cpu()
+        grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+    return distributed.all_sum(loss), sums, grads
+
+
+def router_share(model: Model, micro_batches: int, world_size: int) -> float:
+    """The weight of one micro-batch's router load-balancing loss in the step's loss: ``router_aux_loss_coef``
+    times the mean over the step's micro-batches and ranks (0 for a dense model)."""
+    return model.config.moe.aux_loss_coef / (micro_batches * world_size) if model.config.moe else 0.0
+
+
+def with_router_loss(loss_fn: Callable[[Model], tuple[torch.Tensor, dict]], model: Model,
+                     attention_mask: torch.Tensor | None, share: float) -> tuple[torch.Tensor, dict]:
+    """``loss_fn(model)``, a ``(loss, metrics)`` pair; for a mixture of experts ``share`` (:func:`router_share`)
+    times the router's load-balancing loss of the same forward is added to the loss and, unweighted and
+    detached, to the metrics as ``aux_loss``. ``attention_mask [batch, seq]`` leaves padding out of it."""
+    if model.config.moe is None:
+        return loss_fn(model)
+    router_logits: list = []
+    loss, metrics = loss_fn(model.with_router_logits(router_logits))
+    aux = router_aux_loss(router_logits, model.config, attention_mask)
+    return loss + share * aux, {**metrics, "aux_loss": aux.detach()}
+
+
+def router_metric(sums: dict, micro_batches: int, world_size: int) -> dict[str, float]:
+    """``{"aux_loss": mean router loss of the step}`` taken out of ``sums`` (:func:`accumulate`'s), or ``{}``
+    for a dense model. Every rank calls it."""
+    if "aux_loss" not in sums:
+        return {}
+    return {"aux_loss": distributed.all_sum(sums.pop("aux_loss")).item() / (micro_batches * world_size)}
 
 
 def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, torch.Tensor]:
@@ -184,6 +249,20 @@ def apply_gradients(model: Model, grads: dict, loss: torch.Tensor, opt: Any, opt
     return model.with_params(params), opt_state, grad_norm, lr
 
 
+def step_record(step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, state: dict,
+                tokens_per_s: float, epoch: int, **metrics: Any) -> dict[str, Any]:
+    """The metrics.jsonl line of a step: the program's ``metrics`` between the loss and the common columns."""
+    return {"step": step, "loss": loss.item(), **metrics, "lr": lr, "tokens": state["tokens"],
+            "tokens_per_s": round(tokens_per_s, 1), "grad_norm": grad_norm.item(), "epoch": epoch}
+
+
+def save_checkpoint(cfg: Any, step: int, model: Model, opt_state: Any, state: dict, resolved: dict) -> Path:
+    """``output_dir/step_N``: the trainable leaves, the optimizer state, ``state`` and the config, atomically;
+    only the newest ``keep_last`` kept."""
+    return run_state.save_checkpoint(Path(cfg.output_dir), step, model, optim.state_dict(opt_state), state,
+                                     to_toml(resolved), cfg.keep_last)
+
+
 def save_or_stop(cfg: Any, step: int, total_steps: int, stop_request: run_guard.StopRequest,
                  clock: run_guard.SaveClock, save: Callable[[int], Path], log: Any, say=print) -> None:
     """End of a step: save a checkpoint when one is due (every ``cfg.save_every`` steps, or by ``clock``) or a stop
@@ -199,6 +278,32 @@ def save_or_stop(cfg: Any, step: int, total_steps: int, stop_request: run_guard.
         say(f"\ninterrupted ({signal.Signals(stop).name}): saved {where} (step {step}); run the same "
             "command to resume", file=sys.stderr)
         raise SystemExit(run_guard.exit_code(stop))
+
+
+def run_summary(state: dict, start_time: float, data_stats: Any, dist: distributed.DistInfo, **extra: Any
+                ) -> dict[str, Any]:
+    """summary.json's common part: steps, tokens, seconds since ``start_time``, the data's counts, processes."""
+    return {"steps": state["step"], "tokens": state["tokens"], "seconds": round(time.perf_counter() - start_time, 1),
+            "data": attrs.asdict(data_stats), "processes": dist.world_size, **extra}
+
+
+def finish(cfg: Any, model: Model, state: dict, resolved: dict, log: MetricsLog, summary: dict, lines: list[str]
+           ) -> Path:
+    """Rank 0's end of a run: ``output_dir/final`` (:func:`save_final`), metrics closed and plotted, ``lines`` and
+    where everything is printed, ``summary.json`` (with the settings a resume changed); then the process group
+    is left. Returns the final folder."""
+    out = Path(cfg.output_dir)
+    if state["extra"].get("config_changes"):
+        summary["config_changes"] = state["extra"]["config_changes"]
+    final = save_final(cfg, out, model, state, resolved)
+    log.close()
+    if cfg.log.plot:
+        plot_losses(log.records, out / "loss_curve.png")
+    lines = [*lines, f"model: {final}   metrics: {out / 'metrics.jsonl'}   loss curve: {out / 'loss_curve.png'}"]
+    print("\n".join(lines), flush=True)
+    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    distributed.teardown()
+    return final
 
 
 def save_final(cfg: Any, out: Path, model: Model, state: dict, resolved: dict) -> Path:

@@ -157,36 +157,14 @@ def test_unknown_divergence_and_bad_beta_are_refused():
 
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from _sft_fixtures import build_model_folder, model_dir, one_thread, train_file  # noqa: E402,F401
-from test_sft import ONE_THREAD, TIMEOUT, assert_bitwise_equal, cli, losses, records, wait_for, weights  # noqa: E402
+from test_sft import assert_bitwise_equal, cli, kill_mid_step, losses, records, weights  # noqa: E402
 
 from ftprog.programs import distill  # noqa: E402
 from ftprog.programs.cli import CONFIG_DIR  # noqa: E402
 from ftprog.programs.config import load_config  # noqa: E402
-
-# `ft-prog run distill`, each micro-batch slowed after its forward (numerics untouched) and counted in
-# $DISTILL_TEST_CALLS, so a signal can be aimed at the middle of a step.
-SLOW_CLI = [sys.executable, "-c", """
-import os, time
-from ftprog.programs import distill
-from ftprog.programs.cli import main
-fast, calls = distill.step_loss, [0]
-def slow(*args, **kwargs):
-    out = fast(*args, **kwargs)
-    calls[0] += 1
-    with open(os.environ["DISTILL_TEST_CALLS"], "w") as f:
-        f.write(str(calls[0]))
-    time.sleep(0.25)
-    return out
-distill.step_loss = slow
-main()
-"""]
 
 
 @pytest.fixture(scope="session")
@@ -269,14 +247,7 @@ def test_resume_after_sigkill_is_exact(distill_config, tmp_path):
     run_distill(distill_config, *overrides, f"output_dir={tmp_path / 'a'}")
     out = tmp_path / "b"
     args = ["run", "distill", "--config", str(distill_config), *overrides, f"output_dir={out}"]
-    calls = tmp_path / "calls"
-    proc = subprocess.Popen([*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD, "DISTILL_TEST_CALLS": str(calls)})
-    wait_for(out / "step_2", proc)
-    wait_for(calls, proc, at_least=3)  # mid step 3
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()
+    kill_mid_step(args, out / "step_2", tmp_path / "calls", forwards=3)  # mid step 3
 
     done = cli(*args)
     assert done.returncode == 0, done.stderr

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +22,7 @@ from ftprog.programs.config import load_config
 from ftprog.programs.generate import generate
 from ftprog.programs.run_guard import RunError
 from ftprog.transforms import lora
-from test_sft import ONE_THREAD, TIMEOUT, assert_bitwise_equal, cli, records, wait_for, weights
+from test_sft import assert_bitwise_equal, cli, kill_mid_step, records, weights
 
 
 # ------------------------------------------------------------------------------------ the loss, against TRL
@@ -171,22 +167,6 @@ def test_user_reward_file(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ the program
 
-SLOW_CLI = [sys.executable, "-c", """
-import os, time
-from ftprog.programs import grpo
-from ftprog.programs.cli import main
-fast, calls = grpo.step_loss, [0]
-def slow(*args, **kwargs):
-    out = fast(*args, **kwargs)
-    calls[0] += 1
-    with open(os.environ["GRPO_TEST_CALLS"], "w") as f:
-        f.write(str(calls[0]))
-    time.sleep(0.25)
-    return out
-grpo.step_loss = slow
-main()
-"""]
-
 
 @pytest.fixture
 def grpo_config(tmp_path, model_dir):  # noqa: F811
@@ -267,14 +247,7 @@ def test_resume_after_sigkill_is_exact(grpo_config, tmp_path):
     run_grpo(grpo_config, *overrides, f"output_dir={tmp_path / 'a'}")
     out = tmp_path / "b"
     args = ["run", "grpo", "--config", str(grpo_config), *overrides, f"output_dir={out}"]
-    calls = tmp_path / "calls"
-    proc = subprocess.Popen([*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD, "GRPO_TEST_CALLS": str(calls)})
-    wait_for(out / "step_2", proc)
-    wait_for(calls, proc, at_least=3)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL and not (out / "final").exists()
+    kill_mid_step(args, out / "step_2", tmp_path / "calls", forwards=3)  # mid step 3
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout

@@ -37,22 +37,22 @@ from ftprog.programs.run_guard import RunError
 from ftprog.transforms import load_adapter, quantize
 
 CLI = [sys.executable, "-c", "from ftprog.programs.cli import main; main()"]
-# The same command, each micro-batch slowed by a sleep after its forward (numerics untouched), so that a signal
-# sent when a checkpoint appears surely lands before the run ends; the number of forwards done so far is written
-# to $SFT_TEST_CALLS, so a signal can be aimed at the middle of a step.
+# The same command, each micro-batch of the program slowed by a sleep after its forward (numerics untouched), so
+# that a signal sent when a checkpoint appears surely lands before the run ends; the number of forwards done so far
+# is written to $FTPROG_TEST_CALLS, so a signal can be aimed at the middle of a step.
 SLOW_CLI = [sys.executable, "-c", """
-import os, time
-from ftprog.programs import sft
+import importlib, os, sys, time
 from ftprog.programs.cli import main
-fast, calls = sft.step_loss, [0]
+program = importlib.import_module("ftprog.programs." + sys.argv[2])  # `run PROGRAM ...`
+fast, calls = program.step_loss, [0]
 def slow(*args, **kwargs):
     loss = fast(*args, **kwargs)  # the forward has drawn this micro-batch's dropout masks
     calls[0] += 1
-    with open(os.environ["SFT_TEST_CALLS"], "w") as f:
+    with open(os.environ["FTPROG_TEST_CALLS"], "w") as f:
         f.write(str(calls[0]))
     time.sleep(0.25)
     return loss
-sft.step_loss = slow
+program.step_loss = slow
 main()
 """]
 TIMEOUT = 600  # generous: the machine may be shared; the runs themselves take seconds
@@ -74,9 +74,22 @@ def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedPr
 
 
 def start_cli(*args: str, calls: Path) -> subprocess.Popen:
-    """The command, slowed (see SLOW_CLI), in the background; it counts its forwards in file ``calls``."""
+    """``ft-prog run PROGRAM ...``, slowed (see SLOW_CLI), in the background; it counts its forwards in file
+    ``calls``."""
     return subprocess.Popen([*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD, "SFT_TEST_CALLS": str(calls)})
+                            env={**os.environ, **ONE_THREAD, "FTPROG_TEST_CALLS": str(calls)})
+
+
+def kill_mid_step(args: list[str], checkpoint: Path, calls: Path, forwards: int) -> None:
+    """Start ``ft-prog ARGS`` slowed, wait for ``checkpoint`` and then for ``forwards`` forwards (the middle of
+    the next step), SIGKILL it, and check it died without a final model."""
+    proc = start_cli(*args, calls=calls)
+    wait_for(checkpoint, proc)
+    wait_for(calls, proc, at_least=forwards)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (checkpoint.parent / "final").exists()
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT, *, at_least: int | None = None) -> None:
@@ -210,13 +223,7 @@ def test_resume_after_sigkill_is_exact(method, config, tmp_path):
     out = tmp_path / "b"
     args = ["run", "sft", "--config", str(config), *overrides, f"output_dir={out}"]
 
-    proc = start_cli(*args, calls=tmp_path / "calls")
-    wait_for(out / "step_4", proc)
-    wait_for(tmp_path / "calls", proc, at_least=5)  # mid step 5
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "final").exists()
+    kill_mid_step(args, out / "step_4", tmp_path / "calls", forwards=5)  # mid step 5
 
     done = cli(*args)
     assert done.returncode == 0, done.stderr
