@@ -270,7 +270,10 @@ class Decoder:
             documents = (position_ids == 0).long().cumsum(-1)
 
         inner = params["model"]
-        x = F.embedding(tokens, self._prepared(inner["embed_tokens"])["weight"])
+        table = self._prepared(inner["embed_tokens"])["weight"]
+        pad = cfg.pad_token_id
+        # as transformers' nn.Embedding(padding_idx=pad_token_id): the padding row gets no gradient from the lookup
+        x = F.embedding(tokens, table, padding_idx=pad if pad is not None and 0 <= pad < table.shape[0] else None)
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         tables = {r: rope_cos_sin(r, position_ids, x.dtype) for r in set(cfg.layer_rotary) if r is not None}
