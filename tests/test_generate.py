@@ -119,6 +119,19 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     assert (kept < 50).all() if top_k or top_p < 1 else (kept == 50).all()
 
 
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.2])
+def test_top_p_on_a_large_vocabulary_equals_transformers(scale):
+    """Top-p over 4096 tokens, nuclei of a few tokens (found by a top-k), hundreds (larger top-ks) and almost the
+    whole vocabulary (a sort): the same tokens kept as transformers' warper, the same probabilities."""
+    logits = torch.randn(6, 4096, generator=torch.Generator().manual_seed(2)) * scale
+    ours = next_token_probs(logits, temperature=0.9, top_p=0.9)
+    expected = hf_probs(logits, 0.9, 0, 0.9)
+    assert torch.equal(ours > 0, expected > 0)
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-8)
+    kept = int((ours > 0).sum(-1).max())
+    assert {8.0: kept <= 64, 3.0: 64 < kept < 1024, 0.2: kept > 1024}[scale], kept
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.5, 0, 1.0), (1.3, 0, 1.0), (1.3, 5, 0.8), (0.5, 0, 0.8)])
 def test_sample_frequencies_follow_the_distribution(temperature, top_k, top_p):
     """200k seeded draws: each token's frequency within 5 standard deviations of transformers' probability."""
