@@ -238,7 +238,7 @@ def distill_cases(s: dict[str, Any], dtype: str, threads: int | None) -> list[di
     rows of an SFT workload; the ``chunked`` loss `ft-prog run distill` computes and the same loss from both
     models' ``full-logits``, so the report can set their peak memory side by side."""
     d = dict(s["distill"])
-    d.update({k: s[k] for k in ("warmup", "steps") if s.get(f"{k}_set")})
+    d.update({k: s[k] for k in ("warmup", "steps", "batch", "seq") if s.get(f"{k}_set")})
     return [{"kind": "distill", "system": "ftprog", "variant": variant, "method": "lora", "stack": [],
              "shape": s["shape"], "device": s["device"], "dtype": dtype, "threads": threads, "batch": d["batch"],
              "seq": d["seq"], "rank": s["rank"], "targets": s["targets"], "warmup": d["warmup"], "steps": d["steps"],
