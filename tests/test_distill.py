@@ -157,10 +157,12 @@ def test_unknown_divergence_and_bad_beta_are_refused():
 
 import json  # noqa: E402
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from _sft_fixtures import build_model_folder, model_dir, one_thread, train_file  # noqa: E402,F401
-from test_sft import assert_bitwise_equal, cli, kill_mid_step, losses, records, weights  # noqa: E402
+from test_sft import TIMEOUT, assert_bitwise_equal, cli, kill_mid_step, losses, records, weights  # noqa: E402
 
 from ftprog.programs import distill  # noqa: E402
 from ftprog.programs.cli import CONFIG_DIR  # noqa: E402
@@ -203,8 +205,9 @@ def test_on_policy_loss_on_the_students_samples_equals_a_reference(temperature):
     cfg = on_policy_config(temperature=temperature, max_new_tokens=6)
     torch.manual_seed(0)
     rows = distill.sample_rows(student, batch, cfg, {"stop_ids": [], "pad_id": 0})
-    (loss, (kd, _)), grads = value_and_grad(distill.step_loss, has_aux=True)(
+    (loss, sums), grads = value_and_grad(distill.step_loss, has_aux=True)(
         student, teacher, cfg, rows, rows.num_targets, sampled=True)
+    kd = sums["kd_loss"]
 
     def reference(m):
         total = torch.zeros(())
@@ -388,8 +391,40 @@ def test_two_processes_run_to_the_end(distill_config, tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_resume_after_sigkill_is_exact(distill_config, tmp_path):
-    overrides = ["max_steps=6", "save_every=2", "peft.dropout=0.1", "exact_match_samples=0"]
+ON_POLICY = ["distill.mode=on_policy", "distill.lambda=0.5", "distill.max_new_tokens=6", "distill.divergence=reverse_kl"]
+"""On-policy settings for the fixture's config; with seed 0, steps 1 and 4 train on dataset responses, 2 and 3 on
+the student's samples."""
+
+
+def test_an_on_policy_run_trains_on_the_students_samples(distill_config, tmp_path):
+    """distill.lambda = 0.5: steps 2 and 3 on the student's samples (loss = the KD alone, completions of at most
+    max_new_tokens), steps 1 and 4 offline (0.3 CE + 0.7 KD); the summary names the mode."""
+    run_distill(distill_config, *ON_POLICY, "exact_match_samples=0")
+    steps = [r for r in records(tmp_path / "out") if "kd_loss" in r and "val_loss" not in r]
+    assert [(r["step"], r["sampled"]) for r in steps] == [(1, 0), (2, 1), (3, 1), (4, 0)]
+    for r in steps:
+        expected = r["kd_loss"] if r["sampled"] else 0.3 * r["ce_loss"] + 0.7 * r["kd_loss"]
+        assert r["kd_loss"] > 0 and r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert not r["sampled"] or 0 < r["completion_length"] <= 6
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mode"] == "on_policy" and summary["lambda"] == 0.5
+
+
+def test_on_policy_keys_are_checked(distill_config):
+    from ftprog.programs.run_guard import RunError
+
+    with pytest.raises(RunError, match="needs distill.mode = 'on_policy'"):
+        run_distill(distill_config, "distill.lambda=0.5")
+    with pytest.raises(RunError, match=r"exceeds the student's context \(128 positions\)"):
+        run_distill(distill_config, *ON_POLICY, "distill.max_new_tokens=100")
+
+
+@pytest.mark.parametrize("mode", ["offline", "on_policy"])
+def test_resume_after_sigkill_is_exact(mode, distill_config, tmp_path):
+    """Killed mid step 3 and resumed: the same weights and metrics as an uninterrupted run (on-policy: step 3
+    samples again from the checkpointed RNG, and step 4 is an offline one)."""
+    overrides = ["max_steps=4", "save_every=2", "peft.dropout=0.1", "exact_match_samples=0"]
+    overrides += ON_POLICY if mode == "on_policy" else []
     run_distill(distill_config, *overrides, f"output_dir={tmp_path / 'a'}")
     out = tmp_path / "b"
     args = ["run", "distill", "--config", str(distill_config), *overrides, f"output_dir={out}"]
