@@ -7,6 +7,7 @@
     python -m benchmarks --preset cpu-target --torchtune-python tt/bin/python   # + torchtune (benchmarks/README.md)
     python -m benchmarks --preset cpu-target --only dpo                 # the LoRA DPO step against TRL's DPOTrainer
     python -m benchmarks --preset cpu-target --only rollout,grpo        # rollouts vs generate, GRPO vs GRPOTrainer
+    python -m benchmarks --preset cpu-target --only distill             # the KD step: chunked loss vs full logits
 
 Every measurement runs in its own fresh interpreter (:mod:`benchmarks.worker`), so peak memory belongs to
 one configuration; the cases of a round run one after the other and rounds are rotated (round ``r`` starts
@@ -42,7 +43,7 @@ TORCHTUNE_STACKS = ((), ("checkpoint",))
 # trl: TRL's DPOTrainer (the dpo cases).
 BASELINES = ("hf", "torchtune", "trl", "ftprog-base")
 # Case kinds a preset builds (--only picks some).
-CASE_KINDS = ("train", "sft", "generate", "dpo", "rollout", "grpo")
+CASE_KINDS = ("train", "sft", "generate", "dpo", "rollout", "grpo", "distill")
 # The issue's target for the DPO case: ft-prog's tokens/s at least this many times TRL's, its peak memory at most
 # this share of TRL's.
 DPO_TARGET = {"speedup": 1.3, "memory_ratio": 0.7}
@@ -94,6 +95,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                               workload=dict(seed=0, median=12, sigma=0.6, min_len=4, max_len=32)),
                  grpo=dict(prompts=2, group=2, new_tokens=8, warmup=1, steps=2,
                            workload=dict(seed=0, median=12, sigma=0.6, min_len=4, max_len=32)),
+                 distill=dict(batch=2, seq=64, warmup=1, steps=2, teacher_ratio=4.0,
+                              workload=dict(n=48, seed=0, median=24, sigma=0.6, min_len=6, prompt_frac=0.4)),
                  peak_dtypes=["bf16"], help_repeats=2, demo=False)
     elif name == "cpu-target":
         s = dict(shape="cpu-default", device="cpu", dtypes=["bf16"], threads=[1, 2], batch=4, seq=256, rank=8,
@@ -112,6 +115,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                               workload=dict(seed=0, median=48, sigma=0.6, min_len=8, max_len=128)),
                  grpo=dict(prompts=2, group=4, new_tokens=64, warmup=1, steps=3,
                            workload=dict(seed=0, median=48, sigma=0.6, min_len=8, max_len=128)),
+                 distill=dict(batch=4, seq=256, warmup=1, steps=4, teacher_ratio=4.0,
+                              workload=dict(n=128, seed=0, median=160, sigma=0.6, min_len=16, prompt_frac=0.4)),
                  peak_dtypes=["bf16", "fp32"], help_repeats=5, demo=True)
     elif name == "gpu":
         s = dict(shape="llama-3.2-1b", device="cuda", dtypes=["bf16"], threads=[None], batch=4, seq=2048, rank=8,
@@ -128,6 +133,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                               workload=dict(seed=0, median=200, sigma=0.6, min_len=16, max_len=512)),
                  grpo=dict(prompts=4, group=8, new_tokens=256, warmup=1, steps=4,
                            workload=dict(seed=0, median=200, sigma=0.6, min_len=16, max_len=512)),
+                 distill=dict(batch=4, seq=2048, warmup=2, steps=5, teacher_ratio=4.0,
+                              workload=dict(n=400, seed=0, median=300, sigma=0.7, min_len=16, prompt_frac=0.4)),
                  peak_dtypes=["bf16"], help_repeats=3, demo=False, published=PUBLISHED)
     else:
         raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu")
@@ -193,6 +200,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
         cases += rl_cases(s, "rollout", dtype, threads, [x for x in ("ftprog", "hf") if x not in skip])
     if "grpo" not in skip:
         cases += rl_cases(s, "grpo", dtype, threads, [x for x in ("ftprog", "trl") if x not in skip])
+    if "distill" not in skip and "ftprog" not in skip:
+        cases += distill_cases(s, dtype, threads)
     if args.only:
         kinds = set(args.only.split(","))
         if kinds - set(CASE_KINDS):
@@ -221,6 +230,21 @@ def dpo_cases(s: dict[str, Any], dtype: str, threads: int | None, systems: list[
              "rank": s["rank"], "targets": s["targets"], "warmup": d["warmup"], "steps": d["steps"], "beta": d["beta"],
              "profile": "profile" not in s["skip"], "workload": {**d["workload"], "n": n_pairs, "max_len": d["max_len"]}}
             for stack in stacks for system in systems]
+
+
+def distill_cases(s: dict[str, Any], dtype: str, threads: int | None) -> list[dict[str, Any]]:
+    """One offline distillation step of ft-prog (``s["distill"]``): the preset's shape as the LoRA student, a random
+    teacher ``teacher_ratio`` times its parameters (benchmarks/distill_worker.py), forward KL, kd_ratio 0.5, packed
+    rows of an SFT workload; the ``chunked`` loss `ft-prog run distill` computes and the same loss from both
+    models' ``full-logits``, so the report can set their peak memory side by side."""
+    d = dict(s["distill"])
+    d.update({k: s[k] for k in ("warmup", "steps", "batch", "seq") if s.get(f"{k}_set")})
+    return [{"kind": "distill", "system": "ftprog", "variant": variant, "method": "lora", "stack": [],
+             "shape": s["shape"], "device": s["device"], "dtype": dtype, "threads": threads, "batch": d["batch"],
+             "seq": d["seq"], "rank": s["rank"], "targets": s["targets"], "warmup": d["warmup"], "steps": d["steps"],
+             "teacher_ratio": d["teacher_ratio"], "kd_ratio": 0.5, "divergence": "forward_kl",
+             "profile": "profile" not in s["skip"], "workload": {**d["workload"], "seq_len": d["seq"]}}
+            for variant in ("chunked", "full-logits")]
 
 
 def rl_cases(s: dict[str, Any], kind: str, dtype: str, threads: int | None, systems: list[str]) -> list[dict]:
@@ -310,6 +334,8 @@ def case_label(c: dict[str, Any]) -> str:
         return f"dpo-{c['system']}-{c['method']}-{stack}-{c['dtype']}-t{c['threads'] or 'default'}"
     if c["kind"] in ("rollout", "grpo"):
         return f"{c['kind']}-{c['system']}-{c['dtype']}-t{c['threads'] or 'default'}"
+    if c["kind"] == "distill":
+        return f"distill-{c['system']}-{c['variant']}-{c['dtype']}-t{c['threads'] or 'default'}"
     return c["kind"]
 
 
@@ -489,6 +515,10 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row.update(rollout_summary(ok))
         elif case["kind"] == "grpo":
             row.update(grpo_summary(case, ok))
+        elif case["kind"] == "distill":
+            row.update(dpo_summary(case, ok))  # the same per-step facts as a DPO row
+            row.update({k: first.get(k) for k in ("teacher_params", "teacher_layers", "teacher_hidden")})
+            row["step_memory"] = _step_memory(case, ok)
         elif case["kind"] == "generate":
             best = max(ok, key=lambda r: r["tokens_per_s"])
             row.update({k: best[k] for k in ("prompt_len", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
@@ -519,6 +549,15 @@ def dpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
             "params": first.get("params"), "trainable_params": first.get("trainable_params"),
             "reference": first.get("reference"), "trl_version": first.get("trl"),
             "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
+
+
+def _step_memory(case: dict, ok: list[dict]) -> int | None:
+    """What the steps add to the memory held before them (models, optimizer state): the peak minus that, the
+    largest over the runs."""
+    if case["device"].startswith("cuda"):
+        return max((r["cuda_max_allocated"] - r["cuda_allocated_before"] for r in ok), default=None)
+    return max((r["rss_peak"] - r["rss_before"] for r in ok if r.get("rss_peak") and r.get("rss_before")),
+               default=None)
 
 
 def rollout_summary(ok: list[dict]) -> dict[str, Any]:
@@ -633,7 +672,8 @@ def speedups(rows: list[dict]) -> list[dict]:
         if r["case"]["system"] != "ftprog" or "error" in r:
             continue
         metric = {"train": "tokens_per_s", "sft": "effective_tokens_per_s", "generate": "tokens_per_s",
-                  "dpo": "tokens_per_s", "rollout": "tokens_per_s", "grpo": "tokens_per_s"}[r["case"]["kind"]]
+                  "dpo": "tokens_per_s", "rollout": "tokens_per_s", "grpo": "tokens_per_s",
+                  "distill": "tokens_per_s"}[r["case"]["kind"]]
         entry: dict[str, Any] = {"label": r["label"], "metric": metric, "ftprog": r[metric]}
         for b in BASELINES:
             other = theirs[b].get(_key(r, *fields))
@@ -747,7 +787,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         for c in cases:
             if (c["shape"], c["dtype"]) == (shape, dtype):
                 c["checkpoint"] = str(path)
-                if c["kind"] in ("sft", "dpo", "rollout", "grpo"):
+                if c["kind"] in ("sft", "dpo", "rollout", "grpo", "distill"):
                     c["workload"] = {**c["workload"], "vocab": configs[(shape, dtype)]["vocab_size"]}
 
     # 2. The matmul peak of each (dtype, threads) the cases use.

@@ -126,7 +126,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# ft-prog benchmark `{r['name']}` (preset {r['preset']})", "", "## Machine", ""]
     lines += machine_lines(r)
     lines.append("")
-    if any(x["case"]["kind"] not in ("dpo", "rollout", "grpo") for x in rows):  # these describe their own settings
+    if any(x["case"]["kind"] not in ("dpo", "rollout", "grpo", "distill") for x in rows):  # these describe their own settings
         lines += [f"Shape `{s['shape']}`, batch {s['batch']} x seq {s['seq']}, LoRA r={s['rank']} on "
                   f"{', '.join(s['targets'])}, AdamW lr 1e-4 + grad clipping 1.0 in every system. Each case: a fresh "
                   f"process, {s['warmup']} warm-up + {s['steps']} timed steps, {s['rounds']} round(s) round-robin; "
@@ -216,6 +216,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += baseline_tree_lines(r)
     lines += dpo_lines(r)
     lines += grpo_lines(r)
+    lines += distill_lines(r)
 
     if any(not ck["label"].startswith("grpo-") for ck in r.get("loss_checks", [])):  # grpo: in its own section
         lines += ["## Same work? Step-0 loss, same weights and batch", "",
@@ -394,6 +395,43 @@ def dpo_lines(r: dict[str, Any]) -> list[str]:
             lines.append(f"- {NAMES.get(x['case']['system'], x['case']['system'])} "
                          f"({'+'.join(x['case']['stack']) or 'base'}), most time: "
                          + ", ".join(f"`{o['op']}` {o['s'] * 1e3:,.0f} ms ({o['calls']} calls)" for o in top[:6]))
+    return lines + [""]
+
+
+def distill_lines(r: dict[str, Any]) -> list[str]:
+    """The distillation section: the chunked KD step against the same loss from both models' full logits."""
+    rows = [x for x in r["rows"] if x["case"]["kind"] == "distill"]
+    if not rows:
+        return []
+    c, w = rows[0]["case"], rows[0]["case"]["workload"]
+    ok = [x for x in rows if "error" not in x]
+    sizes = (f"student {ok[0]['params'] / 1e6:,.1f}M parameters, teacher {ok[0]['teacher_params'] / 1e6:,.1f}M "
+             f"({ok[0]['teacher_params'] / ok[0]['params']:.1f}x: hidden {ok[0]['teacher_hidden']}, "
+             f"{ok[0]['teacher_layers']} layers, same vocabulary)" if ok else "")
+    lines = ["## Distillation step (offline KD, LoRA student)", "",
+             f"Shape `{c['shape']}` as the student, {sizes}; {c['dtype']}, {c['threads'] or 'default'} thread(s). "
+             f"Packed rows of {c['batch']} x {c['seq']} tokens from an SFT workload (log-normal lengths, median "
+             f"{w['median']}, prompts masked); loss = {1 - c['kd_ratio']:g} CE + {c['kd_ratio']:g} "
+             f"{c['divergence']} (temperature 1); LoRA r={c['rank']} on {', '.join(c['targets'])}, AdamW lr 1e-4, "
+             f"clipping 1.0. `chunked`: `ft-prog run distill`'s loss (both output layers chunk by chunk over the "
+             "target positions); `full-logits`: the same loss from both models' whole-batch logits. "
+             f"{c['warmup']} warm-up + {c['steps']} timed steps per process; tokens = real tokens.", "",
+             "| variant | step ms (median) | spread | tokens/s (median of runs) | peak mem MiB | of which before the "
+             "steps | added by the steps MiB | loss at steps 0, 1, 2 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for x in rows:
+        if "error" in x:
+            lines.append(f"| {x['case']['variant']} | {x['error'][:120]} |" + " |" * 6)
+            continue
+        lines.append(f"| {x['case']['variant']} | {x['time']['median_s'] * 1e3:,.0f} | {_pct(x['time']['spread'])} | "
+                     f"{x['tokens_per_s']:,.0f} | {_mib(x.get('peak_memory'))} | {_mib(x.get('rss_before_steps'))} | "
+                     f"{_mib(x.get('step_memory'))} | {', '.join(f'{v:.6f}' for v in x['losses'][:3])} |")
+    by = {x["case"]["variant"]: x for x in ok}
+    if {"chunked", "full-logits"} <= by.keys() and by["full-logits"].get("step_memory"):
+        a, b = by["chunked"], by["full-logits"]
+        lines += ["", f"**Chunked against full logits**: peak memory {_num(a['peak_memory'] / b['peak_memory'], '.2f')}x"
+                  f" (what the steps add: {_num(a['step_memory'] / b['step_memory'], '.2f')}x), tokens/s "
+                  f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x."]
     return lines + [""]
 
 

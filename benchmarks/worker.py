@@ -664,8 +664,14 @@ def run_grpo(case: dict[str, Any]) -> dict[str, Any]:
     return run_grpo(case)
 
 
+def run_distill(case: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.distill_worker import run_distill
+
+    return run_distill(case)
+
+
 KINDS = {"weights": run_weights, "peak": run_peak, "train": run_train, "sft": run_sft, "generate": run_generate,
-         "dpo": run_dpo, "rollout": run_rollout, "grpo": run_grpo}
+         "dpo": run_dpo, "rollout": run_rollout, "grpo": run_grpo, "distill": run_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

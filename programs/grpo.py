@@ -35,6 +35,7 @@ from .demo_assets import resolve
 from .dpo import frozen_reference
 from .generate import cut_at_stop, generate
 from .grpo_config import GRPOConfig
+from .rollouts import rollout_rows, sample_completions
 from .sft import RESUME_RULES as SFT_RESUME_RULES
 from .training import (
     accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
@@ -67,26 +68,6 @@ class Rollouts:
     def rows(self, part: slice) -> Rollouts:
         pick = lambda t: None if t is None else t[part]
         return Rollouts(*(pick(getattr(self, f.name)) for f in attrs.fields(Rollouts)))
-
-
-def rollout_rows(prompts: list[list[int]], completions: list[list[int]], logps: list[list[float]],
-                 scored: list[bool], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """``(tokens, targets, attention_mask, rollout_logps)`` ``[rows, S]``: each prompt followed by its completion
-    (right-padded); a completion token is the target of the position before it; rows not ``scored`` get none."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    rows = len(prompts)
-    tokens = torch.full((rows, width), pad_id, dtype=torch.int64)
-    targets = torch.full((rows, width), -100, dtype=torch.int64)
-    mask = torch.zeros((rows, width), dtype=torch.int64)
-    old = torch.zeros((rows, width), dtype=torch.float32)
-    for r, (p, c, lp) in enumerate(zip(prompts, completions, logps)):
-        n, m = len(p), len(c)
-        tokens[r, : n + m] = torch.tensor(p + c)
-        mask[r, : n + m] = 1
-        if scored[r] and m:
-            targets[r, n - 1 : n + m - 1] = torch.tensor(c)
-            old[r, n - 1 : n + m - 1] = torch.tensor(lp)
-    return tokens, targets, mask, old
 
 
 def step_loss(model: Model, cfg: GRPOConfig, part: Rollouts, normalizer: float, aux_share: float = 0.0
@@ -272,10 +253,8 @@ def sample_and_score(model: Model, cfg: GRPOConfig, data: Any, indices: list[int
     group = cfg.group_size
     prompts = [data.ids[i] for i in indices for _ in range(group)]
     t0 = time.perf_counter()
-    seed = int(torch.randint(0, 2**62, (1,)))  # from the checkpointed torch RNG: a resumed run samples the same
-    completions, logps = generate(model, prompts, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                  top_p=cfg.top_p if cfg.top_p < 1 else None, seed=seed, return_logprobs=True,
-                                  **sample)
+    completions, logps = sample_completions(model, prompts, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                            top_p=cfg.top_p if cfg.top_p < 1 else None, **sample)
     rollout_seconds = time.perf_counter() - t0
     stops = set(sample["stop_ids"])
     texts = completion_texts(tokenizer, completions, stops, cfg.stop)

@@ -422,3 +422,37 @@ def test_grpo_pieces_prompts_reward_tokenizer_and_case_selection():
     assert not any(x.startswith(("rollout-", "grpo-")) for x in labels("--skip", "rollout,grpo"))
     args = harness.build_parser().parse_args(["--preset", "quick", "--only", "grpo", "--steps", "5"])
     assert {c["steps"] for c in harness.preset_cases("quick", args)[1]} == {5}
+
+
+def test_distill_case_chunked_and_full_logits_do_the_same_work(tmp_path):
+    """``--only distill`` on the tiny shape (fp32): a teacher about 4x the student's parameters (same vocabulary);
+    the chunked loss `ft-prog run distill` trains on and the same loss from both models' full logits give the same
+    losses step by step on the same packed rows; both report tokens/s and peak memory, and the report sets them
+    side by side."""
+    from benchmarks import distill_worker, harness
+    from ftprog.core import preset
+
+    student = preset("tiny")
+    teacher = distill_worker.teacher_config(student, 4.0)
+    assert teacher["vocab_size"] == student["vocab_size"] and teacher["hidden_size"] == 2 * student["hidden_size"]
+    assert 3 <= distill_worker.approx_params(teacher) / distill_worker.approx_params(student) <= 5
+
+    out = tmp_path / "distill"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "quick", "--only", "distill", "--dtypes",
+                           "fp32", "--warmup", "0", "--steps", "2", "--skip", "peak,profile", "--out-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["case"]["variant"]: r for r in results["rows"]}
+    assert set(rows) == {"chunked", "full-logits"} and not [r["error"] for r in rows.values() if "error" in r]
+    chunked, full = rows["chunked"], rows["full-logits"]
+    for r in (chunked, full):
+        assert r["tokens_per_s"] > 0 and r["peak_memory"] > 0 and r["time"]["n"] == 2
+        assert 3 <= r["teacher_params"] / r["params"] <= 5
+    assert chunked["step_tokens"] == full["step_tokens"] and chunked["step_scored"] == full["step_scored"]
+    assert chunked["losses"] == pytest.approx(full["losses"], rel=1e-6) and chunked["losses"][1] != chunked["losses"][0]
+    md = (out / "results.md").read_text()
+    assert "## Distillation step (offline KD, LoRA student)" in md and "**Chunked against full logits**" in md
+    labels = [harness.case_label(c) for c in harness.preset_cases(
+        "quick", harness.build_parser().parse_args(["--preset", "quick", "--only", "distill"]))[1]]
+    assert labels == ["distill-ftprog-chunked-bf16-t1", "distill-ftprog-full-logits-bf16-t1"]
