@@ -28,10 +28,12 @@ Static terms, and why:
   layer;
 - a fixed **runtime overhead** (the process / CUDA context), measured once.
 
-Meta tensors differ from CPU ones in two places, bridged while measuring: scaled-dot-product attention on
+Meta tensors differ from CPU ones in three places, bridged while measuring: scaled-dot-product attention on
 meta always takes the math kernel (which keeps ``[batch, heads, seq, seq]`` probabilities), so it is
 routed to the kernel CPU tensors of the same shapes get (flash attention: q, k, v, output, log-sum-exp and
-the additive mask); and the loss's boolean target mask has no data, so every position counts as a target
+the additive mask); ``flex_attention`` refuses meta tensors, so where the planned device takes that path
+(:func:`ftprog.core._decoder.attention_path`: CUDA) it is replaced by what its kernel keeps (q, k, v, output
+and log-sum-exp; no ``[seq, seq]`` mask); and the loss's boolean target mask has no data, so every position counts as a target
 (the worst case). On CUDA the plan assumes the CPU kernels' saved tensors (its fused attention keeps the
 same; its dropout a 1-byte mask where CPU keeps the scaled noise, so a dropout plan is a little high).
 
@@ -52,6 +54,7 @@ import contextlib
 import functools
 import json
 import re
+import unittest.mock
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -68,6 +71,8 @@ from ..core import (
     PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, is_static, optim, preset, token_loss_sum,
     value_and_grad,
 )
+from ..core import _decoder
+from ..core._decoder import attention_path
 from ..core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
 from ..core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
 from ..transforms import checkpoint, lora, param_bytes, quantize, trainable
@@ -223,7 +228,7 @@ def _run_step(model: Model, batch_size: int, seq_len: int, mask: bool, chunk_siz
         return loss
 
     # the loss picks its target positions with a boolean mask: without data, every position is a target
-    with _attention_as_on_cpu(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+    with _attention_as_on_cpu(), _flex_as_on_cuda(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
         if not backward:  # the trainable leaves need gradients, as value_and_grad makes them, or less is saved
             with torch.enable_grad():
                 loss_fn(model.with_params({p: t.detach().requires_grad_(True) for p, t in trainable.items()}))
@@ -336,6 +341,32 @@ def _cpu_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
 
 
+@contextlib.contextmanager
+def _flex_as_on_cuda() -> Iterator[None]:
+    """The decoder's ``flex_attention`` call, on meta tensors, keeps what the CUDA kernel keeps for the backward."""
+    with unittest.mock.patch.object(_decoder, "flex_kernel", lambda q, k, v, *mask_scale_cap: _FlexSaves.apply(q, k, v)):
+        yield
+
+
+class _FlexSaves(torch.autograd.Function):
+    """Shapes only: ``flex_attention``'s output, saving q, k, v, the output and the fp32 log-sum-exp
+    ``[batch, heads, q_len]`` as its kernel does."""
+
+    @staticmethod
+    def forward(q, k, v):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v, output, q.new_empty(q.shape[:-1], dtype=torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, *_ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 # ----------------------------------------------------------------------------------------------------- plan
 
 
@@ -353,7 +384,8 @@ class Setup:
     checkpoint: bool = False
     mask: bool = True
     """The batches carry an attention mask or packed position ids (sft always does): attention gets an
-    explicit ``[B, 1, S, S]`` mask. False: plain causal batches (benchmarks)."""
+    explicit mask, ``[B, 1, S, S]`` on the CPU, a block mask on CUDA (``device``). False: plain causal batches
+    (benchmarks)."""
     chunk_size: int = 1024
     adapter_dtype: str = "fp32"
     device: str = "cpu"
@@ -377,6 +409,7 @@ def model_builder(config: ModelConfig, setup: Setup) -> Callable[[int], Model]:
         cut = attrs.evolve(config, num_layers=num_layers, layer_windows=config.layer_windows[:num_layers])
         with torch.device("meta"):
             model = from_config(cut, dtype=as_dtype(setup.dtype))
+        model = model.replace(forward=attrs.evolve(model.decoder, attention=attention_path(setup.device)))
         try:
             if setup.method == "qlora":
                 model = quantize(model, "nf4")
