@@ -448,7 +448,7 @@ _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxi
 
 def mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Gated MLP (SwiGLU / GeGLU): ``[batch, seq, hidden] -> same``."""
-    if config.fused_projections:
+    if "gate_up_proj" in p:  # the checkpoint's layout (Phi-3), or transforms.fuse_projections
         gate, up = linear(x, p["gate_up_proj"]).chunk(2, dim=-1)
     else:
         gate, up = linear(x, p["gate_proj"]), linear(x, p["up_proj"])
@@ -545,7 +545,7 @@ def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     """Grouped-query self-attention with RoPE: ``[batch, seq, hidden] -> same``."""
     cfg, cache = ctx.config, ctx.cache
     batch, seq, _ = x.shape
-    if cfg.fused_projections:
+    if "qkv_proj" in p:  # the checkpoint's layout (Phi-3), or transforms.fuse_projections
         q, k, v = linear(x, p["qkv_proj"]).split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
     else:
         q, k, v = linear(x, p["q_proj"]), linear(x, p["k_proj"]), linear(x, p["v_proj"])

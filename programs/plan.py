@@ -75,7 +75,7 @@ from ..core import _decoder
 from ..core._decoder import attention_path
 from ..core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
 from ..core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
-from ..transforms import checkpoint, lora, param_bytes, quantize, trainable
+from ..transforms import checkpoint, fuse_projections, lora, param_bytes, quantize, trainable
 from . import demo_assets
 from .config import load_config
 from .sft_config import SFTConfig
@@ -387,6 +387,8 @@ class Setup:
     explicit mask, ``[B, 1, S, S]`` on the CPU, a block mask on CUDA (``device``). False: plain causal batches
     (benchmarks)."""
     chunk_size: int = 1024
+    fuse_projections: bool = False
+    """q/k/v and gate/up fused (``transforms.fuse_projections``): measured through the real transform."""
     adapter_dtype: str = "fp32"
     device: str = "cpu"
     """cpu or cuda: the loss's softmax block and the runtime overhead."""
@@ -420,6 +422,7 @@ def model_builder(config: ModelConfig, setup: Setup) -> Callable[[int], Model]:
                              dora=setup.method == "dora", dtype=as_dtype(setup.adapter_dtype))
         except ValueError as e:
             raise PlanError(str(e)) from None
+        model = fuse_projections(model) if setup.fuse_projections else model
         return checkpoint(model) if setup.checkpoint else model
 
     return build
@@ -658,12 +661,15 @@ def plan(config_name_or_path: str, overrides: Iterable[str] | Mapping[str, Any] 
     method = "full" if cfg.peft.method == "none" else cfg.peft.method
     setup = Setup(method=method, dtype=cfg.dtype, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                   rank=cfg.peft.rank, targets=tuple(cfg.peft.targets), dropout=cfg.peft.dropout,
-                  checkpoint=cfg.activation_checkpointing, mask=True)
+                  checkpoint=cfg.activation_checkpointing, mask=True, fuse_projections=cfg.fuse_projections)
     opt = cfg.optimizer
     result = estimate(raw, setup, nproc=nproc, grad_accum=cfg.grad_accum, optimizer=opt.name,
                       momentum=opt.momentum, state_dtype=opt.state_dtype, max_grad_norm=opt.max_grad_norm, device=device, memory=memory,
                       model_name=source)
     notes = (note,) if note else ()
+    if cfg.activation_offloading and str(device).startswith("cuda"):
+        notes += ("activation_offloading: planned with the activations on the device (an upper bound; the saved "
+                  "tensors of at least 1 MiB wait in host memory instead)",)
     if cfg.packing:
         notes += ("packed rows: every batch is batch_size x seq_len tokens",)
     else:

@@ -113,6 +113,13 @@ class TrainingConfig:
     """Stop after this many optimizer steps (0: run ``epochs`` epochs)."""
     epochs: int = attrs.field(default=1, validator=in_range(1))
     activation_checkpointing: bool = False
+    fuse_projections: bool = False
+    """Run q/k/v and gate/up as one matmul each where no adapter or quantization sits on them
+    (``transforms.fuse_projections``); checkpoints keep the separate layout."""
+    activation_offloading: bool = False
+    """Keep saved activations in pinned host memory from the forward to the backward (CUDA;
+    ``transforms.offload_activations``); with ``activation_checkpointing`` only each layer's input moves.
+    A no-op with a note on the CPU, where activations already are in host memory."""
     compile: bool = False
     threads: int = attrs.field(default=0, validator=in_range(0))
     """CPU threads for torch (0: torch's default). Small models often run faster on 1."""

@@ -25,7 +25,9 @@ import torch
 from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, reuse_freed_memory, router_aux_loss
 from ..core._checkpoint import recover_interrupted_swaps
 from ..core._data import DataConfig
-from ..transforms import checkpoint, compile, lora, merge, qat, quantize, shard, trainable
+from ..transforms import (
+    checkpoint, compile, fuse_projections, lora, merge, offload_activations, qat, quantize, shard, trainable,
+)
 from . import distributed, run_guard, run_state
 from .config import to_toml
 from .demo_assets import resolve
@@ -52,10 +54,11 @@ def data_config(cfg: Any) -> DataConfig:
     return DataConfig(**{**values, "path": resolve(cfg.data.path), "seq_len": cfg.seq_len, "seed": cfg.seed})
 
 
-def build_model(cfg: Any, device: torch.device, mesh: Any = None) -> tuple[Model, Model]:
+def build_model(cfg: Any, device: torch.device, mesh: Any = None, say=print) -> tuple[Model, Model]:
     """``(base, model)``: the loaded (and for QLoRA quantized, for QAT fake-quantized) base, and the model to train.
 
-    Transform order: quantize or qat -> lora -> checkpoint -> shard (over ``mesh``, several processes) -> compile.
+    Transform order: quantize or qat -> lora -> checkpoint -> shard (over ``mesh``, several processes) ->
+    fuse_projections, offload_activations -> compile. ``say`` prints the note that offloading is off on the CPU.
     """
     base = load_pretrained(resolve(cfg.model.path), dtype=as_dtype(cfg.dtype), device=device)
     method = cfg.peft.method
@@ -71,15 +74,23 @@ def build_model(cfg: Any, device: torch.device, mesh: Any = None) -> tuple[Model
     else:
         model = lora(base, rank=cfg.peft.rank, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
                      targets=tuple(cfg.peft.targets), dora=method == "dora", rslora=cfg.peft.rslora, seed=cfg.seed)
+    if cfg.activation_offloading and device.type != "cuda":
+        say(f"note: activation_offloading is a no-op on {device.type}: activations already live in host memory",
+            flush=True)
     return base, run_transforms(cfg, model, mesh)
 
 
 def run_transforms(cfg: Any, model: Model, mesh: Any = None) -> Model:
-    """``model`` with the transforms that change how it runs: checkpoint -> shard -> compile, as ``cfg`` asks."""
+    """``model`` with the transforms that change how it runs: checkpoint -> shard -> fuse_projections,
+    offload_activations (CUDA only) -> compile, as ``cfg`` asks."""
     if cfg.activation_checkpointing:
         model = checkpoint(model)
     if mesh is not None:
         model = shard(model, mesh)
+    if cfg.fuse_projections:
+        model = fuse_projections(model)
+    if cfg.activation_offloading and model.device.type == "cuda":
+        model = offload_activations(model)
     if cfg.compile:
         model = compile(model)
     return model

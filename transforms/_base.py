@@ -14,12 +14,15 @@ ORDER: tuple[tuple[str, ...], ...] = (
     ("lora", "load_adapter", "merge"),  # adapters on them (merge folds them back)
     ("checkpoint",),  # how layers run: recomputed in the backward
     ("shard",),  # where the leaves live: split across the data-parallel ranks
+    # how a layer runs, over the (gathered) weights: projections fused; saved activations kept on the host
+    ("fuse_projections", "offload_activations"),
     ("compile",),  # the whole forward compiled: always last
 )
 """Stages in the order transforms apply; within a stage any order. ``trainable``/``freeze`` go anywhere."""
 
 COMMUTES: dict[str, tuple[str, ...]] = {
-    "checkpoint": ("quantize", "qat", "cast", "lora", "load_adapter", "merge"),  # it changes how layers run, not the tree
+    "checkpoint": ("quantize", "qat", "cast", "lora", "load_adapter", "merge",  # it changes how layers run,
+                   "fuse_projections"),  # not the tree
     "cast": ("lora", "load_adapter", "merge"),  # adapters keep their dtype
 }
 """Pairs that may come in either order although their stages differ."""

@@ -1,0 +1,81 @@
+"""fuse_projections: q/k/v and gate/up as one matmul each, the tree in the checkpoint's layout."""
+
+import pytest
+import torch
+
+from ftprog.core import flatten, from_config, load_pretrained, save_pretrained, token_loss_sum, value_and_grad
+from ftprog.transforms import checkpoint, fuse_projections, lora, quantize, shard, trainable
+from ftprog.transforms._fuse import PARTS_KEY, fused_layer
+
+LLAMA = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+QWEN2 = {**LLAMA, "model_type": "qwen2"}  # q/k/v biases
+
+
+def perturbed(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return model.with_params({p: t + 0.05 * torch.randn(t.shape, generator=g)
+                              for p, t in flatten(model.params).items()})
+
+
+def loss_and_grads(model):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 96, (2, 16), generator=g)
+    positions = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16)  # two packed documents a row
+    loss, grads = value_and_grad(lambda m: token_loss_sum(m, tokens, tokens, position_ids=positions))(model)
+    return loss, grads
+
+
+def assert_same_step(model, reference):
+    loss, grads = loss_and_grads(model)
+    ref_loss, ref_grads = loss_and_grads(reference)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for path, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[path], rtol=1e-5, atol=1e-6, msg=path)
+
+
+@pytest.mark.parametrize("config", [LLAMA, QWEN2], ids=["llama", "qwen2-bias"])
+def test_full_finetune_logits_and_grads_equal_unfused(config):
+    """Every leaf trainable (q/k/v biases too): the loss and each original leaf's gradient equal the unfused model's."""
+    model = trainable(perturbed(from_config(config, seed=0)))
+    fused = fuse_projections(model)
+    assert fused.params is model.params and fused.trainable == model.trainable
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+    assert_same_step(fused, model)
+    assert_same_step(checkpoint(fused), model)  # prepared again inside the recomputation
+
+
+def test_groups_with_adapters_or_quantized_weights_stay_separate():
+    """LoRA on q/v keeps q/k/v separate but fuses the frozen gate/up; gradients still equal. int8 weights: none."""
+    base = perturbed(from_config(LLAMA, seed=0))
+    adapted = lora(base, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    adapted = adapted.with_params({p: t + 0.1 for p, t in adapted.trainable_params().items() if ".lora_B." in p})
+    node = fused_layer(adapted.params["model"]["layers"]["0"])
+    assert "q_proj" in node["self_attn"] and "qkv_proj" not in node["self_attn"]
+    assert PARTS_KEY in node["mlp"]["gate_up_proj"] and "gate_proj" not in node["mlp"]
+    assert_same_step(fuse_projections(adapted), adapted)
+    quantized = fused_layer(quantize(base, "int8").params["model"]["layers"]["0"])
+    assert "qkv_proj" not in quantized["self_attn"] and "gate_up_proj" not in quantized["mlp"]
+
+
+def test_saved_checkpoint_keeps_the_original_layout(tmp_path):
+    model = perturbed(from_config(LLAMA, seed=0))
+    fused = fuse_projections(trainable(model))
+    save_pretrained(fused, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    assert flatten(loaded.params).keys() == flatten(model.params).keys()
+    assert "model.layers.0.self_attn.q_proj.weight" in flatten(loaded.params)
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_projections(loaded)(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_order_and_repetition_are_refused():
+    fused = fuse_projections(from_config(LLAMA, seed=0))
+    with pytest.raises(ValueError, match="already fused"):
+        fuse_projections(fused)
+    with pytest.raises(ValueError, match="shard after fuse_projections"):
+        shard(fused)
