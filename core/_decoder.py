@@ -547,6 +547,7 @@ def attention(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
     batch, seq, _ = x.shape
     if "qkv_proj" in p:  # the checkpoint's layout (Phi-3), or transforms.fuse_projections
         q, k, v = linear(x, p["qkv_proj"]).split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+        v = v.contiguous()  # attention keeps v for the backward: as a view it would keep all of q/k/v alive
     else:
         q, k, v = linear(x, p["q_proj"]), linear(x, p["k_proj"]), linear(x, p["v_proj"])
     if cfg.qk_norm == "projection":

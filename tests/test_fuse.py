@@ -79,3 +79,14 @@ def test_order_and_repetition_are_refused():
         fuse_projections(fused)
     with pytest.raises(ValueError, match="shard after fuse_projections"):
         shard(fused)
+
+
+def test_plan_measures_the_fused_model_and_it_keeps_no_more():
+    """The planner runs the real transform: activations and every phase equal the unfused model's (the
+    concatenated weights are transients; v is not kept as a view of the whole q/k/v output)."""
+    from ftprog.programs.plan import estimate
+
+    unfused, fused = (estimate("tiny", method="full", dtype="fp32", batch_size=2, seq_len=64, fuse_projections=f)
+                      for f in (False, True))
+    assert fused.setup.fuse_projections and fused.activations == unfused.activations
+    assert fused.phases == unfused.phases
