@@ -225,14 +225,19 @@ def flex_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
 
     Compiled on CUDA (eager ``flex_attention`` is torch's unfused reference: it materialises the scores).
     """
-    score_mod = None if cap is None else (lambda score, b, h, q_idx, kv_idx: softcap(score, cap))
     kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
-    return kernel(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return kernel(q, k, v, score_mod=_softcap_score(cap), block_mask=mask, scale=scale,
+                  enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.cache
 def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache  # one function per cap, so a compiled kernel sees the same score_mod every step
+def _softcap_score(cap: float | None) -> Callable | None:
+    return None if cap is None else (lambda score, b, h, q_idx, kv_idx: softcap(score, cap))
 
 
 # A frozen dataclass, not attrs: torch.compile traces a dataclass's construction, not attrs' frozen __init__.
