@@ -33,8 +33,8 @@ meta always takes the math kernel (which keeps ``[batch, heads, seq, seq]`` prob
 routed to the kernel CPU tensors of the same shapes get (flash attention: q, k, v, output, log-sum-exp and
 the additive mask); ``flex_attention`` refuses meta tensors, so where the planned device takes that path
 (:func:`ftprog.core._decoder.attention_path`: CUDA) it is replaced by what its kernel keeps (q, k, v, output
-and log-sum-exp; no ``[seq, seq]`` mask); and the loss's boolean target mask has no data, so every position counts as a target
-(the worst case). On CUDA the plan assumes the CPU kernels' saved tensors (its fused attention keeps the
+and log-sum-exp; no ``[seq, seq]`` mask); and the loss's boolean target mask has no data, so every position
+counts as a target (the worst case). On CUDA the plan assumes the CPU kernels' saved tensors (its fused attention keeps the
 same; its dropout a 1-byte mask where CPU keeps the scaled noise, so a dropout plan is a little high).
 
 The peak is the largest of the step's phases (end of forward, backward, gradient clipping, optimizer
@@ -228,7 +228,8 @@ def _run_step(model: Model, batch_size: int, seq_len: int, mask: bool, chunk_siz
         return loss
 
     # the loss picks its target positions with a boolean mask: without data, every position is a target
-    with _attention_as_on_cpu(), _flex_as_on_cuda(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+    with _attention_as_on_cpu(), _flex_as_on_cuda(), \
+            fx_config.patch(meta_nonzero_assume_all_nonzero=True):
         if not backward:  # the trainable leaves need gradients, as value_and_grad makes them, or less is saved
             with torch.enable_grad():
                 loss_fn(model.with_params({p: t.detach().requires_grad_(True) for p, t in trainable.items()}))
@@ -344,7 +345,10 @@ def _cpu_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 @contextlib.contextmanager
 def _flex_as_on_cuda() -> Iterator[None]:
     """The decoder's ``flex_attention`` call, on meta tensors, keeps what the CUDA kernel keeps for the backward."""
-    with unittest.mock.patch.object(_decoder, "flex_kernel", lambda q, k, v, *mask_scale_cap: _FlexSaves.apply(q, k, v)):
+    def saves_only(q, k, v, *mask_scale_cap):
+        return _FlexSaves.apply(q, k, v)
+
+    with unittest.mock.patch.object(_decoder, "flex_kernel", saves_only):
         yield
 
 

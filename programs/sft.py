@@ -78,7 +78,7 @@ def exact_match(model: Model, data: TokenizedDataset, samples: int, max_new_toke
 RESUME_RULES = run_guard.ResumeRules(
     may_change=("max_steps", "epochs", "save_every", "save_every_minutes", "keep_last", "log", "eval_every",
                 "exact_match_samples", "max_new_tokens", "threads", "compile", "activation_checkpointing",
-                "output_dir"),
+                "fuse_projections", "activation_offloading", "output_dir"),
     not_compared=("resume", "resume_allow_changes"),
 )
 """Settings a resumed run may change (the change is printed and recorded). Any other one (model, data and its

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from _sft_fixtures import model_dir, train_file, write_config  # noqa: F401, F811 - pytest fixtures
 from ftprog.core import flatten, from_config, load_pretrained, save_pretrained, token_loss_sum, value_and_grad
 from ftprog.transforms import checkpoint, fuse_projections, lora, quantize, shard, trainable
 from ftprog.transforms._fuse import PARTS_KEY, fused_layer
@@ -90,3 +91,37 @@ def test_plan_measures_the_fused_model_and_it_keeps_no_more():
                       for f in (False, True))
     assert fused.setup.fuse_projections and fused.activations == unfused.activations
     assert fused.phases == unfused.phases
+
+
+def test_sft_with_fuse_projections_trains_as_unfused_and_resumes_exactly(
+        tmp_path, model_dir, train_file, capsys):  # noqa: F811
+    """``fuse_projections = true`` in an sft run: the losses of the unfused run (fp32, float rounding apart); a
+    run stopped at a checkpoint and resumed ends bit for bit where the uninterrupted fused run ends."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    from ftprog.programs import sft
+    from ftprog.programs.cli import CONFIG_DIR
+    from ftprog.programs.config import load_config
+
+    config = write_config(tmp_path / "sft.toml", model_dir, train_file, tmp_path / "out")
+
+    def run(out, *overrides):
+        cfg, resolved = load_config(sft.CONFIG, config, ["log.plot=false", "threads=1", f"output_dir={tmp_path / out}",
+                                                         *overrides], builtin_dir=CONFIG_DIR / "sft")
+        sft.run(cfg, resolved)
+        records = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r], load_file(tmp_path / out / "final" / "model.safetensors")
+
+    plain_losses, _ = run("plain", "max_steps=4")
+    fused_losses, fused = run("fused", "max_steps=4", "fuse_projections=true")
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert "model.layers.0.self_attn.q_proj.weight" in fused and "model.layers.0.mlp.gate_proj.weight" in fused
+    run("resumed", "max_steps=4", "save_every=2", "fuse_projections=true")
+    shutil.rmtree(tmp_path / "resumed" / "final")  # as if stopped after the step-2 checkpoint
+    capsys.readouterr()
+    resumed_losses, resumed = run("resumed", "max_steps=4", "save_every=2", "fuse_projections=true")
+    assert "resumed from" in capsys.readouterr().out and "step_2" in str(sorted((tmp_path / "resumed").iterdir()))
+    assert resumed_losses[-2:] == fused_losses[-2:]
+    assert all(torch.equal(resumed[k], fused[k]) for k in fused)

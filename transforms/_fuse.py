@@ -52,7 +52,9 @@ def fused_layer(node: Mapping) -> Mapping:
         sub = node.get(block)
         if isinstance(sub, Mapping) and _fusable([sub.get(name) for name in parts]):
             rest = {k: v for k, v in sub.items() if k not in parts}
-            changed[block] = {**rest, fused_name: {PARTS_KEY: tuple(sub[name] for name in parts), SIZES_KEY: tuple(sub[name]["weight"].shape[0] for name in parts)}}
+            nodes = tuple(sub[name] for name in parts)
+            sizes = tuple(n["weight"].shape[0] for n in nodes)
+            changed[block] = {**rest, fused_name: {PARTS_KEY: nodes, SIZES_KEY: sizes}}
     return {**node, **changed} if changed else node
 
 
