@@ -296,9 +296,9 @@ class Decoder:
     """
 
     config: ModelConfig
-    attention: str = attrs.field(default="auto", validator=attrs.validators.in_(ATTENTION_PATHS))
     layer_wraps: tuple[tuple[str, LayerWrap], ...] = ()
     prepares: tuple[tuple[str, Prepare], ...] = ()
+    attention: str = attrs.field(default="auto", validator=attrs.validators.in_(ATTENTION_PATHS))
 
     def without(self, transform: str) -> Decoder:
         """This decoder without the layer wraps and prepares that ``transform`` added."""

@@ -33,32 +33,40 @@ def assert_same_step(m, reference):
         assert torch.equal(g, ref_grads[path]), path
 
 
-def test_saved_tensors_round_trip_through_host_copies(monkeypatch):
-    """Forced on a CPU model (every saved tensor, min_bytes=0): activations are packed as copies, parameters are
-    not, and the loss and gradients are bitwise those of the plain model."""
-    packed = []
+@pytest.fixture
+def packed(monkeypatch):
+    """The shapes of the tensors the pack hook copied, in order."""
+    shapes = []
+    to_host = _offload.to_host
 
-    def counting(t, **kwargs):
+    def recording(t, **kwargs):
         out = to_host(t, **kwargs)
-        packed.append(out is not t)
+        if out is not t:
+            shapes.append(tuple(t.shape))
         return out
 
-    to_host = _offload.to_host
-    monkeypatch.setattr(_offload, "to_host", counting)
+    monkeypatch.setattr(_offload, "to_host", recording)
+    return shapes
+
+
+def test_saved_tensors_round_trip_through_host_copies(packed):
+    """Forced on a CPU model (every saved tensor, min_bytes=0): activations are packed as copies, parameters are
+    not, and the loss and gradients are bitwise those of the plain model."""
     plain = model()
     assert_same_step(offload_activations(plain, min_bytes=0), plain)
-    assert any(packed) and not all(packed)  # activations copied, weights kept
+    assert len(packed) > 10 and (128, 64) not in packed and (64, 64) not in packed  # activations, no weights
     t = torch.arange(6.0)
-    copy = to_host(t)
+    copy = _offload.to_host(t)
     assert copy.host.data_ptr() != t.data_ptr() and torch.equal(_offload.back_from_host(copy), t)
 
 
-def test_with_checkpointing_only_the_layer_input_moves():
+def test_with_checkpointing_only_the_layer_inputs_move(packed):
+    """Outside the checkpoint the hooks see what it keeps, each layer's input [2, 16, 64], and nothing else."""
     plain = model()
-    offloaded = offload_activations(checkpoint(plain))
-    names = [name for name, _ in offloaded.decoder.layer_wraps]
-    assert names == ["offload_activations", "checkpoint", "offload_activations"]
+    offloaded = offload_activations(checkpoint(plain), min_bytes=0)
+    assert [name for name, _ in offloaded.decoder.layer_wraps] == ["checkpoint", "offload_activations"]
     assert_same_step(offloaded, plain)
+    assert packed == [(2, 16, 64)] * 2
 
 
 def test_order_and_repetition_are_refused():

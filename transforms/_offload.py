@@ -1,12 +1,13 @@
 """Activation offloading: what a layer keeps for the backward waits in host memory instead of on the device.
 
-Without activation checkpointing, every tensor autograd saves inside a layer (``saved_tensors_hooks``) of at
-least ``min_bytes`` is copied to pinned host memory on a side CUDA stream (overlapping the forward's compute)
-and copied back when the backward unpacks it; the layer's own parameters stay where they are. With
-checkpointing, the layer keeps only its input: that input is what moves to the host (and back in the
-recomputation), while the tensors of the recomputed forward live on the device as checkpointing has them.
-On a CPU model the copies go from host memory to host memory: that is how the tests check the round trip;
-training programs do not apply it there (``activation_offloading`` is a no-op with a note on the CPU).
+Every tensor autograd saves inside a layer (``saved_tensors_hooks``) of at least ``min_bytes`` is copied to
+pinned host memory on a side CUDA stream (overlapping the forward's compute) and copied back when the
+backward unpacks it; the layer's own parameters stay where they are. Under activation checkpointing the hooks
+sit outside the checkpoint, so they see only what it keeps, each layer's input (non-reentrant checkpointing
+saves its inputs as autograd saved tensors before its own hooks take over), and the recomputed forward's
+tensors live on the device as checkpointing has them. On a CPU model the copies go from host memory to host
+memory: that is how the tests check the round trip; training programs do not apply it there
+(``activation_offloading`` is a no-op with a note on the CPU).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..core import LayerFn, LayerContext, Model, flatten
+from ..core import LayerContext, LayerFn, Model, flatten
 
 from ._base import check_order, with_decoder
 
@@ -29,8 +30,8 @@ def offload_activations(model: Model, *, min_bytes: int = 2**20) -> Model:
     """Keep each layer's saved activations in (pinned) host memory between its forward and its backward.
 
     Args:
-        model: the model to train; apply after ``checkpoint`` (then only each layer's input moves) and before
-            ``compile``.
+        model: the model to train; apply after ``checkpoint`` (then only each layer's input moves: what
+            checkpointing keeps) and before ``compile``.
         min_bytes: smaller saved tensors stay on the device (their copies would cost more than they free).
 
     Gradients equal the model's without it; tree and trainable set unchanged. Only training forwards
@@ -39,37 +40,8 @@ def offload_activations(model: Model, *, min_bytes: int = 2**20) -> Model:
     check_order(model, NAME)
     if NAME in model.transforms:
         raise ValueError(f"{NAME}: the model's activations are already offloaded")
-    wraps = model.decoder.layer_wraps
-    if "checkpoint" in model.transforms:
-        first = next(i for i, (name, _) in enumerate(wraps) if name == "checkpoint")
-        wraps = (*wraps[:first], (NAME, _input_back_on_device), *wraps[first:], (NAME, _input_on_host))
-    else:
-        wraps = (*wraps, (NAME, functools.partial(_saved_on_host, min_bytes=min_bytes)))
+    wraps = (*model.decoder.layer_wraps, (NAME, functools.partial(_saved_on_host, min_bytes=min_bytes)))
     return with_decoder(model, NAME, layer_wraps=wraps)
-
-
-def _param_device(p: Mapping) -> torch.device:
-    return next(t.device for t in flatten(p).values() if isinstance(t, torch.Tensor))
-
-
-def _input_on_host(layer_fn: LayerFn, index: int) -> LayerFn:
-    """Outside the checkpoint: the layer input it keeps is a host copy (async from CUDA, into pinned memory)."""
-    def run(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return layer_fn(p, x, ctx)
-        return layer_fn(p, x.to(HOST, non_blocking=x.is_cuda, copy=True), ctx)
-
-    return run
-
-
-def _input_back_on_device(layer_fn: LayerFn, index: int) -> LayerFn:
-    """Inside the checkpoint (so again in the recomputation): the host copy back on the parameters' device."""
-    def run(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return layer_fn(p, x, ctx)
-        return layer_fn(p, x.to(_param_device(p), non_blocking=True, copy=True), ctx)
-
-    return run
 
 
 def _saved_on_host(layer_fn: LayerFn, index: int, *, min_bytes: int) -> LayerFn:
