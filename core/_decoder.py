@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from collections.abc import Callable, Mapping
 
@@ -175,15 +176,20 @@ ATTENTION_PATHS = ("auto", "dense", "flex")
 ``flex`` (a block mask through ``flex_attention``), ``auto`` (:func:`attention_path` decides by device)."""
 
 
-def attention_path(device: torch.device | str) -> str:
+def attention_path(device: torch.device | str, *, triton: bool | None = None) -> str:
     """``"dense"`` or ``"flex"``: how masked attention (packed documents, padding, windows) runs on ``device``.
 
-    The one place this is decided. CUDA: ``flex``, a compiled ``flex_attention`` over a block mask, which skips
-    the blocks no query may see and keeps no ``[batch, 1, seq, seq]`` mask for the backward. Elsewhere
-    ``dense``: torch 2.13 has no ``flex_attention`` backward on the CPU, and SDPA over one dense mask
-    measured as fast as plain causal SDPA there (per-document SDPA calls were 3-4x slower; README).
+    The one place this is decided. CUDA with Triton (``triton``: whether it is installed; default: look): ``flex``,
+    a compiled ``flex_attention`` over a block mask, which skips the blocks no query may see and keeps no
+    ``[batch, 1, seq, seq]`` mask for the backward. Elsewhere ``dense``: torch 2.13 has no ``flex_attention``
+    backward on the CPU, and SDPA over one dense mask measured as fast as plain causal SDPA there (per-document
+    SDPA calls were 2-4x slower; README), and without Triton flex_attention cannot compile.
     """
-    return "flex" if torch.device(device).type == "cuda" else "dense"
+    if torch.device(device).type != "cuda":
+        return "dense"
+    if triton is None:
+        triton = importlib.util.find_spec("triton") is not None
+    return "flex" if triton else "dense"
 
 
 def block_mask(

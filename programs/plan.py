@@ -415,7 +415,8 @@ def model_builder(config: ModelConfig, setup: Setup) -> Callable[[int], Model]:
         cut = attrs.evolve(config, num_layers=num_layers, layer_windows=config.layer_windows[:num_layers])
         with torch.device("meta"):
             model = from_config(cut, dtype=as_dtype(setup.dtype))
-        model = model.replace(forward=attrs.evolve(model.decoder, attention=attention_path(setup.device)))
+        path = attention_path(setup.device, triton=True)  # a CUDA machine has torch's Triton
+        model = model.replace(forward=attrs.evolve(model.decoder, attention=path))
         try:
             if setup.method == "qlora":
                 model = quantize(model, "nf4")

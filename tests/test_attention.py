@@ -59,8 +59,9 @@ def test_flex_equals_dense_with_left_and_right_padding(config):
 
 
 def test_the_path_is_chosen_by_device_in_one_place():
-    """auto: dense on the CPU (no flex backward there), flex on CUDA; a cached step always takes the dense mask."""
-    assert attention_path("cpu") == "dense" and attention_path(torch.device("cuda", 0)) == "flex"
+    """auto: dense on the CPU (no flex backward there), flex on CUDA with Triton; the forced path is used."""
+    assert attention_path("cpu") == "dense" and attention_path(torch.device("cuda", 0), triton=True) == "flex"
+    assert attention_path("cuda", triton=False) == "dense"  # flex_attention compiles through Triton
     model = from_config(LLAMA, seed=0)
     seen = []
 
