@@ -183,7 +183,7 @@ def attention_path(device: torch.device | str, *, triton: bool | None = None) ->
     a compiled ``flex_attention`` over a block mask, which skips the blocks no query may see and keeps no
     ``[batch, 1, seq, seq]`` mask for the backward. Elsewhere ``dense``: torch 2.13 has no ``flex_attention``
     backward on the CPU, and SDPA over one dense mask measured as fast as plain causal SDPA there (per-document
-    SDPA calls were 2-4x slower; README), and without Triton flex_attention cannot compile.
+    SDPA calls 1.8-15x slower; README), and without Triton flex_attention cannot compile.
     """
     if torch.device(device).type != "cuda":
         return "dense"
