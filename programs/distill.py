@@ -198,7 +198,7 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
                                 data_cfg.val_path])
 
     # 3. Student (sft's transforms), optimizer, and the frozen teacher.
-    base, model = build_model(cfg, device, dist.mesh)
+    base, model = build_model(cfg, device, dist.mesh, say)
     opt = build_optimizer(cfg, total_steps, say)
     opt_state = opt.init(model.trainable_params())
     teacher = build_teacher(cfg, device, dist.mesh)
