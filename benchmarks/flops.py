@@ -7,6 +7,9 @@ Conventions (those of model-FLOPs utilisation):
   DoRA adds the per-step ``B @ A``), causal attention (``QK^T`` and ``PV`` over the causal half:
   ``2 * q_dim * (S + 1)`` per token) and the output layer (``2 * hidden * vocab`` per position that gets
   logits: target positions only for ft-prog, every position for transformers);
+- mixtures of experts: each token runs its ``top_k`` experts' MLPs (width ``moe_intermediate_size`` or, for
+  Mixtral, ``intermediate_size``) and the router (``2 * hidden * experts`` per token); LoRA target ``experts``
+  adapts every expert's gate, up and down projections;
 - backward: for each matmul, the input gradient when the input needs one and the weight gradient when the
   weight is trained (so ``2x`` the forward for trained weights, ``1x`` for frozen ones, ``0`` before the
   first adapter of a LoRA model); attention backward is ``2x`` its forward. Recomputation under activation
@@ -32,12 +35,27 @@ def _linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def adapted_names(targets: Any) -> set[str]:
-    """Projection names a LoRA ``targets`` value selects (names or ``all-linear``)."""
+    """Projection names a LoRA ``targets`` value selects (names, ``all-linear``, or ``experts``: the MLP projections
+    of every expert)."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     out: set[str] = set()
     for t in targets:
-        out |= set(ATTENTION + MLP) if t == "all-linear" else {t}
+        out |= set(ATTENTION + MLP) if t == "all-linear" else set(MLP) if t == "experts" else {t}
     return out & set(ATTENTION + MLP)
+
+
+def moe_shape(c: dict[str, Any]) -> tuple[int, int, int, set[int]] | None:
+    """``(experts, top_k, expert width, sparse layer indices)`` of a Mixtral / Qwen3-MoE config.json; None for a
+    dense model."""
+    experts = c.get("num_local_experts") or c.get("num_experts")
+    if not experts:
+        return None
+    layers = range(c["num_hidden_layers"])
+    if c.get("model_type") == "mixtral":
+        return experts, c.get("num_experts_per_tok", 2), c["intermediate_size"], set(layers)
+    step, dense = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or ())
+    sparse = {i for i in layers if i not in dense and (i + 1) % step == 0}
+    return experts, c.get("num_experts_per_tok", 8), c.get("moe_intermediate_size", 768), sparse
 
 
 def train_step_flops(config: dict[str, Any], *, method: str, batch: int, seq: int, targets_per_row: int | None = None,
@@ -58,10 +76,15 @@ def train_step_flops(config: dict[str, Any], *, method: str, batch: int, seq: in
     fwd = bwd = 0.0
     stream_rg = full  # does the residual stream need a gradient yet?
 
-    def linear(name: str, input_rg: bool) -> bool:
+    moe = moe_shape(config)
+
+    def linear(name: str, input_rg: bool, tokens: float = t, width: int | None = None) -> bool:
+        """``width``: an expert's intermediate size (its gate/up outputs, its down projection's input)."""
         nonlocal fwd, bwd
         fan_in, fan_out = lin[name]
-        f = 2.0 * t * fan_in * fan_out
+        if width is not None:
+            fan_in, fan_out = (width, fan_out) if name == "down_proj" else (fan_in, width)
+        f = 2.0 * tokens * fan_in * fan_out
         fwd += f
         if input_rg:
             bwd += f  # grad input
@@ -69,16 +92,16 @@ def train_step_flops(config: dict[str, Any], *, method: str, batch: int, seq: in
             bwd += f  # grad weight
             return True
         if name in adapted:
-            fa = 2.0 * t * rank * (fan_in + fan_out)
+            fa = 2.0 * tokens * rank * (fan_in + fan_out)
             fwd += fa
             # grads of B and A, the gradient flowing from B to A, and (if needed) to the input
-            bwd += fa + 2.0 * t * rank * fan_out + (2.0 * t * rank * fan_in if input_rg else 0.0)
+            bwd += fa + 2.0 * tokens * rank * fan_out + (2.0 * tokens * rank * fan_in if input_rg else 0.0)
             if method == "dora":
                 fwd += 2.0 * fan_in * fan_out * rank  # B @ A for the weight norm, once per step
             return True
         return input_rg
 
-    for _ in range(config["num_hidden_layers"]):
+    for layer in range(config["num_hidden_layers"]):
         n1 = stream_rg or full
         q = linear("q_proj", n1)
         k = linear("k_proj", n1)
@@ -90,9 +113,18 @@ def train_step_flops(config: dict[str, Any], *, method: str, batch: int, seq: in
             bwd += 2 * att
         o = linear("o_proj", attn_rg)
         x2 = stream_rg or o
-        g = linear("gate_proj", x2)
-        u = linear("up_proj", x2)
-        d = linear("down_proj", g or u)
+        if moe is not None and layer in moe[3]:  # the router, then top_k experts per token
+            experts, top_k, width, _ = moe
+            router = 2.0 * t * config["hidden_size"] * experts
+            fwd += router
+            bwd += router * ((1 if x2 else 0) + (1 if full else 0))
+            g = linear("gate_proj", x2, t * top_k, width)
+            u = linear("up_proj", x2, t * top_k, width)
+            d = linear("down_proj", g or u, t * top_k, width)
+        else:
+            g = linear("gate_proj", x2)
+            u = linear("up_proj", x2)
+            d = linear("down_proj", g or u)
         stream_rg = x2 or d
     positions = t if logits_all_positions else batch * (seq - 1 if targets_per_row is None else targets_per_row)
     head = 2.0 * positions * config["hidden_size"] * config["vocab_size"]

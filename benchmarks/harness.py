@@ -64,6 +64,21 @@ PUBLISHED = [
                    "hardware": "A100"}},
 ]
 
+# Issue 16's target for the mixture-of-experts case (preset ``moe``): ft-prog's LoRA step at least this many times
+# transformers + PEFT's tokens/s.
+MOE_TARGET = {"speedup": 1.5}
+# Benchmark-only model shapes (config.json dicts), besides ``ftprog.core.PRESETS``: tiny mixtures of experts, 8
+# experts, top-2 (Mixtral's architecture); ``moe-test`` is the test suite's.
+_MIXTRAL = {"model_type": "mixtral", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "rope_theta": 10000.0, "max_position_embeddings": 2048, "num_local_experts": 8, "num_experts_per_tok": 2,
+            "router_aux_loss_coef": 0.02, "sliding_window": None}
+SHAPES = {
+    "moe-tiny": {**_MIXTRAL, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                 "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192},
+    "moe-test": {**_MIXTRAL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
+}
+
 # Loss agreement between the systems at step 0 (same weights, same batch): relative tolerance by dtype.
 LOSS_TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 1e-2}
 # The GRPO check's gradients (ft-prog's and TRL's on TRL's step-0 rollout): relative L2 difference by dtype. In bf16
@@ -136,15 +151,22 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  distill=dict(batch=4, seq=2048, warmup=2, steps=5, teacher_ratio=4.0,
                               workload=dict(n=400, seed=0, median=300, sigma=0.7, min_len=16, prompt_frac=0.4)),
                  peak_dtypes=["bf16"], help_repeats=3, demo=False, published=PUBLISHED)
+    elif name == "moe":  # issue 16: a tiny mixture of experts, LoRA on attention and every expert, vs transformers + PEFT
+        s = dict(shape="moe-tiny", device="cpu", dtypes=["bf16"], threads=[1, 2], batch=4, seq=256, rank=8,
+                 targets=["q_proj", "v_proj", "experts"], warmup=2, steps=6, rounds=3, methods=["lora"], extras=[],
+                 peak_dtypes=["bf16"], help_repeats=0, demo=False,
+                 default_skip=["sft", "generate", "dpo", "rollout", "grpo", "distill", "startup"])
     else:
-        raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu")
+        raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu, moe")
 
     for key in ("shape", "device", "batch", "seq", "rank", "warmup", "steps", "rounds"):
         value = getattr(args, key, None)
         if value is not None:
             s[key] = value
             s[f"{key}_set"] = True  # the grpo cases take --warmup / --steps too
-    s["dpo"] = {**s["dpo"], **{k: getattr(args, k) for k in ("warmup", "steps") if getattr(args, k, None) is not None}}
+    if "dpo" in s:
+        s["dpo"] = {**s["dpo"], **{k: getattr(args, k) for k in ("warmup", "steps")
+                                   if getattr(args, k, None) is not None}}
     if args.threads:
         s["threads"] = [int(t) for t in args.threads.split(",")]
     if args.dtypes:
@@ -152,6 +174,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     if args.methods:
         s["methods"] = args.methods.split(",")
     skip = set(args.skip.split(",")) if args.skip else set()
+    skip |= set(s.get("default_skip", ()))
     if args.demo is not None:
         s["demo"] = args.demo
     s["skip"] = sorted(skip)
@@ -216,6 +239,26 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
             cases.append(_train("ftprog", p["method"], p["stack"], **{**common, **p["case"]}, dtype=p["dtype"],
                                 threads=s["threads"][-1], tag="published", reference=p["reference"]))
     return s, cases
+
+
+def _adapter_key(c: dict[str, Any]) -> tuple | None:
+    """The initial adapter a LoRA case on experts starts from (both systems load it), or None."""
+    if c.get("method") != "lora" or "experts" not in c.get("targets", ()):
+        return None
+    return c["rank"], tuple(c["targets"])
+
+
+def moe_adapters(cases: list[dict[str, Any]], shape: str, dtype: str, path: Path) -> dict[tuple, dict[str, Any]]:
+    """The initial adapters (``ftprog.transforms.lora``, seed 0: A random, B zero) of the LoRA cases on experts of one
+    checkpoint, keyed by :func:`_adapter_key`: the weights worker writes them next to the checkpoint and transformers
+    loads them through PEFT (which fuses the per-expert adapters into its 3-D expert tensors' ones), so both systems
+    start from the same A matrices."""
+    out = {}
+    for c in cases:
+        key = _adapter_key(c)
+        if key is not None and key not in out and (c["shape"], c["dtype"]) == (shape, dtype):
+            out[key] = {"rank": key[0], "targets": list(key[1]), "path": f"{path}-adapter-r{key[0]}-{len(out)}"}
+    return out
 
 
 def dpo_cases(s: dict[str, Any], dtype: str, threads: int | None, systems: list[str]) -> list[dict[str, Any]]:
@@ -493,6 +536,8 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
             row["params"], row["trainable_params"] = first.get("params"), first.get("trainable_params")
             if first.get("adapter_dtype"):  # torchtune: LoRA adapters in the model dtype
                 row["adapter_dtype"] = first["adapter_dtype"]
+            if first.get("experts_implementation"):  # transformers on a mixture of experts
+                row["experts_implementation"] = first["experts_implementation"]
             cfg = configs[(case["shape"], case["dtype"])]
             fl = train_step_flops(cfg, method=case["method"], batch=case["batch"], seq=case["seq"], rank=case["rank"],
                                   lora_targets=case["targets"], logits_all_positions=case["system"] != "ftprog")
@@ -702,10 +747,11 @@ def speedups(rows: list[dict]) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", help="quick | cpu-target | gpu (default: quick)")
+    ap.add_argument("--preset", default="quick", help="quick | cpu-target | gpu | moe (default: quick)")
     ap.add_argument("--name", help="results folder name (default: <preset>-<timestamp>)")
     ap.add_argument("--out-dir", help="write results here instead of benchmarks/results/<name>")
-    ap.add_argument("--shape", help="model shape preset (ftprog.core.PRESETS), e.g. tiny, cpu-default")
+    ap.add_argument("--shape", help="model shape preset (ftprog.core.PRESETS or harness.SHAPES), e.g. tiny, "
+                                    "cpu-default, moe-tiny")
     ap.add_argument("--device", help="cpu or cuda")
     ap.add_argument("--dtypes", help="comma-separated: bf16,fp32")
     ap.add_argument("--threads", help="comma-separated CPU thread counts, e.g. 1,2")
@@ -779,14 +825,18 @@ def main(argv: list[str] | None = None) -> Path | None:
     configs: dict[tuple[str, str], dict] = {}
     for shape, dtype in sorted({(c["shape"], c["dtype"]) for c in cases}):
         path = weights_dir / f"{shape}-{dtype}"
-        res = runner.run({"kind": "weights", "config": shape, "dtype": dtype, "path": str(path), "seed": 0,
-                          "threads": None}, f"weights-{shape}-{dtype}")
+        weights = {"kind": "weights", "config": SHAPES.get(shape, shape), "dtype": dtype, "path": str(path), "seed": 0,
+                   "threads": None}
+        adapters = moe_adapters(cases, shape, dtype, path)
+        res = runner.run({**weights, "adapters": sorted(adapters.values(), key=str)}, f"weights-{shape}-{dtype}")
         if not res.get("ok"):
             raise SystemExit(f"could not build the {shape} checkpoint: {res.get('error')}\n{res.get('traceback', '')}")
         configs[(shape, dtype)] = json.loads((path / "config.json").read_text())
         for c in cases:
             if (c["shape"], c["dtype"]) == (shape, dtype):
                 c["checkpoint"] = str(path)
+                if _adapter_key(c) in adapters:
+                    c["adapter"] = adapters[_adapter_key(c)]["path"]
                 if c["kind"] in ("sft", "dpo", "rollout", "grpo", "distill"):
                     c["workload"] = {**c["workload"], "vocab": configs[(shape, dtype)]["vocab_size"]}
 

@@ -213,6 +213,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", "Speed-up: ft-prog's metric over the baseline's (above 1 = ft-prog faster); memory ratio: "
                   "ft-prog's peak over the baseline's (below 1 = ft-prog uses less).", ""]
 
+    lines += moe_lines(r)
     lines += baseline_tree_lines(r)
     lines += dpo_lines(r)
     lines += grpo_lines(r)
@@ -325,6 +326,42 @@ def markdown(r: dict[str, Any]) -> str:
               "- transformers QLoRA: unavailable (needs bitsandbytes 4-bit layers: not installed, no CPU kernels)."
               if any(x["case"].get("method") == "qlora" and x["case"]["system"] == "hf" for x in rows) else "", ""]
     return "\n".join(line for line in lines if line is not None)
+
+
+def moe_lines(r: dict[str, Any]) -> list[str]:
+    """The mixture-of-experts section (preset ``moe``): the shape, how each system computes the experts, ft-prog
+    against transformers + PEFT per case, and issue 16's target."""
+    from benchmarks.flops import moe_shape
+    from benchmarks.harness import MOE_TARGET
+
+    configs = r.get("model_configs", {})
+    rows = [x for x in r["rows"] if x["case"]["kind"] == "train"
+            and moe_shape(configs.get(f"{x['case']['shape']}-{x['case']['dtype']}", {}))]
+    if not rows:
+        return []
+    c = rows[0]["case"]
+    cfg = configs[f"{c['shape']}-{c['dtype']}"]
+    experts, top_k, width, sparse = moe_shape(cfg)
+    impl = next((x.get("experts_implementation") for x in rows if x.get("experts_implementation")), None)
+    params = {x["case"]["system"]: x.get("trainable_params") for x in rows if "error" not in x}
+    lines = ["## Mixture of experts (issue 16)", "",
+             f"Shape `{c['shape']}`: {cfg['model_type']}, {len(sparse)} sparse layers of {experts} experts, top-{top_k}, "
+             f"expert width {width}, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}. LoRA r={c['rank']} on "
+             f"{', '.join(c['targets'])}: both systems start from ft-prog's initial adapter (one per expert projection; "
+             "PEFT fuses them into adapters of transformers' 3-D expert tensors, the gate and up ones into one of rank "
+             f"2r). Trainable parameters: ft-prog {_num(params.get('ftprog'))}, transformers "
+             f"{_num(params.get('hf'))}. Cross-entropy only (no router loss) in both. transformers computes the "
+             f"experts with `experts_implementation={impl!r}`; ft-prog sorts the (token, expert) pairs by expert and "
+             "runs one gated MLP per expert over its slice (`ftprog.core._decoder.grouped_experts`).", ""]
+    for sp in r.get("speedups", []):
+        if "hf" not in sp or not any(sp["label"] == x["label"] for x in rows):
+            continue
+        speed = sp.get("paired_speedup", sp["speedup"])
+        lines += [f"**ft-prog against transformers + PEFT** ({sp['label']}): tokens/s {sp['speedup']:.2f}x (median "
+                  f"step), {_times(sp.get('paired_speedup'))} round by round, {_times(sp.get('fastest_step_speedup'))} "
+                  f"fastest steps; peak memory {_num(sp.get('memory_ratio'), '.2f')}x. Issue 16's target: >= "
+                  f"{MOE_TARGET['speedup']}x tokens/s ({'met' if speed >= MOE_TARGET['speedup'] else 'NOT met'}).", ""]
+    return lines
 
 
 def dpo_lines(r: dict[str, Any]) -> list[str]:

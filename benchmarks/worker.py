@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks.flops import moe_shape
+
 LR = 1e-4
 MAX_GRAD_NORM = 1.0
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -185,7 +187,11 @@ def build_hf(case: dict[str, Any]):
     model.config.use_cache = False
     if "checkpoint" in stack:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method in ("lora", "dora"):
+    if case.get("adapter"):  # LoRA on experts: ft-prog's initial adapter, which PEFT fuses into its expert adapters
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, case["adapter"], is_trainable=True)
+    elif method in ("lora", "dora"):
         import peft
 
         targets = sorted(adapted_names(case["targets"]))
@@ -275,6 +281,10 @@ def run_weights(case: dict[str, Any]) -> dict[str, Any]:
 
     model = from_config(case["config"], seed=case.get("seed", 0), dtype=torch_dtype(case["dtype"]))
     save_pretrained(model, case["path"])
+    for a in case.get("adapters", ()):  # the initial adapters of LoRA cases on experts (harness.moe_adapters)
+        from ftprog.transforms import lora, save_adapter
+
+        save_adapter(lora(model, rank=a["rank"], alpha=2 * a["rank"], targets=tuple(a["targets"])), a["path"])
     return {"path": case["path"], "params": model.num_params()}
 
 
@@ -404,6 +414,9 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
     else:
         model, forward = build_hf(case)
         out["params"] = sum(p.numel() for p in model.parameters())
+        if moe_shape(cfg):  # a mixture of experts: how transformers computes them
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            out["experts_implementation"] = getattr(base.config, "_experts_implementation", None)
         params = [p for p in model.parameters() if p.requires_grad]
         out["trainable_params"] = sum(p.numel() for p in params)
         opt = baseline_adamw(params)

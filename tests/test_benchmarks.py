@@ -112,6 +112,63 @@ def test_flops_count_trained_and_frozen_weights():
     assert hf["forward"] - lora["forward"] == pytest.approx(2 * b * h * v)  # logits of every last position too
 
 
+def test_moe_case_against_transformers_does_the_same_work(tmp_path, monkeypatch):
+    """``--preset moe`` (its cases; the workers run in this process, on the test shape): ft-prog and transformers +
+    PEFT both train LoRA on attention and every expert of a tiny mixture of experts (8 experts, top-2) from the same
+    initial adapter (PEFT fuses ft-prog's per-expert adapters), with the same step-0 loss; the report compares them
+    against issue 16's target."""
+    import ftprog.core
+    from benchmarks import harness, report, worker
+
+    monkeypatch.setattr(ftprog.core, "reuse_freed_memory", lambda: True)  # process-wide: not in the test process
+    args = harness.build_parser().parse_args(["--preset", "moe", "--shape", "moe-test", "--threads", "1", "--warmup",
+                                              "1", "--steps", "1", "--batch", "2", "--seq", "16", "--skip", "profile"])
+    settings, cases = harness.preset_cases("moe", args)
+    assert [harness.case_label(c) for c in cases] == ["train-ftprog-lora-base-bf16-t1", "train-hf-lora-base-bf16-t1"]
+    path = tmp_path / "moe-test-bf16"
+    adapters = harness.moe_adapters(cases, "moe-test", "bf16", path)
+    assert list(adapters) == [(8, ("q_proj", "v_proj", "experts"))]  # one initial adapter for both systems
+    worker.run_weights({"config": harness.SHAPES["moe-test"], "dtype": "bf16", "path": str(path),
+                        "adapters": list(adapters.values())})
+    for c in cases:
+        c.update(checkpoint=str(path), adapter=adapters[harness._adapter_key(c)]["path"])
+    results = [[{**worker.run_train(c), "ok": True}] for c in cases]
+    config = json.loads((path / "config.json").read_text())
+    summary = harness.aggregate(settings, cases, results, {}, {("moe-test", "bf16"): config})
+    rows = {r["case"]["system"]: r for r in summary["rows"]}
+    ours, hf = rows["ftprog"], rows["hf"]
+    assert hf["experts_implementation"] == "grouped_mm"
+    # 2 layers x 8 experts x 3 projections x rank 8 x (in + out), + q and v; PEFT's fused gate/up adapter is rank 2r
+    assert ours["trainable_params"] == 2 * (8 * 8 * 3 * (64 + 128) + 8 * (64 + 64) + 8 * (64 + 32))
+    assert hf["trainable_params"] == ours["trainable_params"] + 2 * 8 * 8 * 2 * 128
+    (check,) = summary["loss_checks"]
+    assert check["ok"] and check["rel_diff"] < 1e-3
+    (sp,) = summary["speedups"]
+    assert sp["speedup"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
+    md = "\n".join(report.moe_lines({"rows": summary["rows"], "speedups": summary["speedups"],
+                                     "model_configs": {"moe-test-bf16": config}}))
+    assert "## Mixture of experts (issue 16)" in md and "Issue 16's target: >= 1.5x" in md
+    assert "2 sparse layers of 8 experts, top-2, expert width 128" in md and "'grouped_mm'" in md
+
+
+def test_moe_flops_count_top_k_experts_and_the_router():
+    from benchmarks.harness import SHAPES
+
+    cfg = SHAPES["moe-test"]
+    dense = {**{k: v for k, v in cfg.items() if k not in ("num_local_experts", "num_experts_per_tok")},
+             "model_type": "llama"}
+    b, s, t, h, i = 2, 16, 32, 64, 128
+    moe = train_step_flops(cfg, method="full", batch=b, seq=s)
+    plain = train_step_flops(dense, method="full", batch=b, seq=s)
+    mlp, router = 2 * t * 3 * h * i, 2 * t * h * 8
+    # per layer: the top-2 experts' MLPs instead of one MLP, and the router; forward 1x, backward 2x
+    assert moe["forward"] - plain["forward"] == pytest.approx(2 * (mlp + router))
+    assert moe["backward"] - plain["backward"] == pytest.approx(2 * 2 * (mlp + router))
+    lora = train_step_flops(cfg, method="lora", batch=b, seq=s, lora_targets=("experts",))
+    assert lora["forward"] - train_step_flops(cfg, method="lora", batch=b, seq=s, lora_targets=())["forward"] \
+        == pytest.approx(2 * 3 * 2 * (2 * t) * 8 * (h + i))  # 2 layers, 3 projections, 2 experts per token
+
+
 def test_workload_is_deterministic_and_masks_prompts():
     spec = {"n": 50, "seed": 3, "seq_len": 128, "median": 40, "sigma": 0.6, "min_len": 8, "prompt_frac": 0.4,
             "vocab": 100}
