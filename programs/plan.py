@@ -162,16 +162,30 @@ class Step:
 
 @attrs.frozen
 class Footprint:
-    """Training memory of a ``num_layers``-deep model, from its steps at 1 and 2 layers."""
+    """Training memory of a ``num_layers``-deep model, from its steps at 1 and 2 layers.
+
+    A mixture of experts with dense layers among its sparse ones (Qwen3-MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step``) has two kinds of layer: ``one`` and ``two`` are then all sparse, ``mixed`` a sparse
+    layer followed by a dense one, and ``dense_layers`` of the ``num_layers`` cost what that dense layer does.
+    """
 
     num_layers: int
     one: Step
     two: Step
+    mixed: Step | None = None
+    dense_layers: int = 0
 
     def scaled(self, name: str) -> int:
-        """:class:`Step` field ``name`` at ``num_layers`` layers: the 1-layer value plus the per-layer difference."""
+        """:class:`Step` field ``name`` at ``num_layers`` layers: the 1-layer value plus each added layer's
+        difference."""
         at_one, at_two = getattr(self.one, name), getattr(self.two, name)
-        return at_one + (self.num_layers - 1) * (at_two - at_one)
+        dense = 0 if self.mixed is None else self.dense_layers * (getattr(self.mixed, name) - at_one)
+        return at_one + (self.num_layers - self.dense_layers - 1) * (at_two - at_one) + dense
+
+    def layer_param_bytes(self) -> int:
+        """The parameter bytes of the largest layer (what sharding gathers at once)."""
+        dense = 0 if self.mixed is None else self.mixed.param_bytes - self.one.param_bytes
+        return max(self.two.param_bytes - self.one.param_bytes, dense)
 
     def backward_peak(self, shards: int = 1) -> int:
         """The most bytes alive during the backward at ``num_layers`` layers, gradients divided over ``shards``.
@@ -184,14 +198,21 @@ class Footprint:
         def peak(step: Step) -> float:
             return max((s + g / shards + o for s, g, o in step.backward), default=0)
 
+        def per_layer(step: Step) -> float:
+            return max(step.saved - self.one.saved, (step.gradients - self.one.gradients) / shards)
+
         if self.num_layers == 1:
             return int(peak(self.one))
-        per_layer = max(self.two.saved - self.one.saved, (self.two.gradients - self.one.gradients) / shards)
-        return int(peak(self.two) + (self.num_layers - 2) * per_layer)
+        sparse = self.num_layers - self.dense_layers
+        if sparse >= 2 or self.mixed is None:
+            return int(peak(self.two) + (sparse - 2) * per_layer(self.two)
+                       + self.dense_layers * (per_layer(self.mixed) if self.mixed else 0))
+        return int(peak(self.mixed) + (self.dense_layers - 1) * per_layer(self.mixed))
 
 
-def measure(build: Callable[[int], Model], num_layers: int, *, batch_size: int, seq_len: int,
-            mask: bool = True, chunk_size: int = 1024, optimizer: Any = None, backward: bool = True) -> Footprint:
+def measure(build: Callable[..., Model], num_layers: int, *, batch_size: int, seq_len: int,
+            mask: bool = True, chunk_size: int = 1024, optimizer: Any = None, backward: bool = True,
+            dense_layers: int = 0) -> Footprint:
     """Run one training micro-batch of ``build(1)`` and ``build(2)`` on meta tensors; scale to ``num_layers``.
 
     ``build(n)`` returns the model to plan, ``n`` layers deep, with every leaf on the meta device (see
@@ -200,10 +221,16 @@ def measure(build: Callable[[int], Model], num_layers: int, *, batch_size: int, 
     ``mask`` (so attention gets an explicit mask, as in sft) and plain causal attention otherwise.
     ``optimizer`` (default: AdamW with fp32 state) sizes the optimizer state. ``backward=False`` runs the
     forward only: the gradients, the optimizer state and the backward stay 0 (faster, for ``saved``).
+    ``dense_layers``: how many of the ``num_layers`` are dense among sparse ones (a mixture of experts); a third
+    step then runs ``build(2, dense=1)``, a sparse layer and a dense one.
     """
     optimizer = optim.adamw(1e-3) if optimizer is None else optimizer
-    one, two = (_run_step(build(n), batch_size, seq_len, mask, chunk_size, optimizer, backward) for n in (1, 2))
-    return Footprint(num_layers, one, two)
+
+    def step(n: int, **kinds: int) -> Step:
+        return _run_step(build(n, **kinds), batch_size, seq_len, mask, chunk_size, optimizer, backward)
+
+    mixed = step(2, dense=1) if dense_layers else None
+    return Footprint(num_layers, step(1), step(2), mixed, dense_layers)
 
 
 def _run_step(model: Model, batch_size: int, seq_len: int, mask: bool, chunk_size: int, optimizer: Any,
@@ -411,8 +438,12 @@ def model_builder(config: ModelConfig, setup: Setup) -> Callable[[int], Model]:
     The transforms are sft's, in its order: quantize (QLoRA) -> lora or trainable -> checkpoint. A setting
     they refuse (a LoRA target that matches nothing, a shape NF4 cannot hold) is a :class:`PlanError`.
     """
-    def build(num_layers: int) -> Model:
+    def build(num_layers: int, dense: int = 0) -> Model:
+        """``dense``: of a mixture of experts' ``num_layers``, how many (the last ones) are dense; the others are
+        sparse."""
         cut = attrs.evolve(config, num_layers=num_layers, layer_windows=config.layer_windows[:num_layers])
+        if config.moe is not None:
+            cut = attrs.evolve(cut, moe=attrs.evolve(config.moe, sparse_layers=tuple(range(num_layers - dense))))
         with torch.device("meta"):
             model = from_config(cut, dtype=as_dtype(setup.dtype))
         path = attention_path(setup.device, triton=True)  # a CUDA machine has torch's Triton
@@ -553,10 +584,11 @@ def estimate(
         raise PlanError(f"unknown optimizer {optimizer!r} (adamw, sgd)")
     opt = (optim.adamw(1e-3, state_dtype=state_dtype) if optimizer == "adamw"
            else optim.sgd(1e-3, momentum=momentum, state_dtype=state_dtype))
+    dense_layers = 0 if s.moe is None or not s.moe.sparse_layers else s.num_layers - len(s.moe.sparse_layers)
     run = functools.partial(measure, num_layers=s.num_layers, batch_size=u.batch_size, seq_len=u.seq_len,
-                            mask=u.mask, chunk_size=u.chunk_size, optimizer=opt)
+                            mask=u.mask, chunk_size=u.chunk_size, optimizer=opt, dense_layers=dense_layers)
     plain = functools.cache(model_builder(s, attrs.evolve(u, checkpoint=False)))  # one (quantized) base per depth
-    built = {False: plain, True: lambda num_layers: checkpoint(plain(num_layers))}
+    built = {False: plain, True: lambda num_layers, **kinds: checkpoint(plain(num_layers, **kinds))}
     footprint = run(built[u.checkpoint])
     other = run(built[not u.checkpoint], backward=False).scaled("saved")
     activations = footprint.scaled("saved")
@@ -570,7 +602,7 @@ def estimate(
         weights, adapters, footprint.scaled("gradients"), footprint.scaled("optimizer")))
     gathered = 0
     if nproc > 1:  # a sharded layer is gathered whole for its forward / backward
-        gathered = footprint.two.param_bytes - footprint.one.param_bytes
+        gathered = footprint.layer_param_bytes()
         notes.append("sharded: one layer's weights are gathered at a time (included in the backward)")
     static = weights + adapters_s + opt_s
 
