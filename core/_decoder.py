@@ -500,8 +500,11 @@ def grouped_experts(p: Mapping, x: torch.Tensor, weights: torch.Tensor, experts:
     """``sum_k weights[t, k] * expert_{experts[t, k]}(x[t])`` for tokens ``x [tokens, hidden]``.
 
     The (token, expert) pairs are sorted by expert, so each expert's tokens form one contiguous slice: one
-    gated-MLP call per expert that got tokens (through :func:`linear`, so adapters and quantized weights of
-    single experts work), never a loop over tokens. ``p`` holds ``{"0": expert node, ...}``.
+    gated-MLP call per expert (through :func:`linear`, so adapters and quantized weights of single experts work),
+    never a loop over tokens. ``p`` holds ``{"0": expert node, ...}``.
+
+    An expert no token chose still runs, on its empty slice: its parameters then get a (zero) gradient, so a
+    sharded expert's gather has its backward (a collective every rank must join) on every rank.
     """
     top_k = experts.shape[1]
     slot_expert = experts.reshape(-1)
@@ -513,7 +516,7 @@ def grouped_experts(p: Mapping, x: torch.Tensor, weights: torch.Tensor, experts:
         counts = torch.bincount(slot_expert, minlength=len(p)).tolist()
     # split, not slicing: its backward is one concatenation rather than a zero-filled copy per slice
     groups = x[token].split(counts)
-    y = torch.cat([expert_mlp(p[str(e)], group, config) for e, group in enumerate(groups) if len(group)])
+    y = torch.cat([expert_mlp(p[str(e)], group, config) for e, group in enumerate(groups)])
     y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 

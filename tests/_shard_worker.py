@@ -10,11 +10,49 @@ from safetensors.torch import save_file
 from ftprog.core import from_config, optim, preset, token_loss_sum, value_and_grad
 from ftprog.transforms import checkpoint, compile, lora, quantize, shard, trainable
 
-method, out = sys.argv[1], sys.argv[2]  # method: full, lora, qlora, or compile-<backend> (LoRA, checkpointed)
+method, out = sys.argv[1], sys.argv[2]  # full, lora, qlora, compile-<backend> (LoRA, checkpointed), or moe
 compiled, backend = method.startswith("compile-"), method.removeprefix("compile-")
 method = "lora" if compiled else method
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def mixture_of_experts() -> dict[str, torch.Tensor]:
+    """A tiny Mixtral (4 experts, top-2), fully trained and with LoRA on attention and experts: loss and gradients of
+    shard(model) on this rank's row (summed over ranks) against the model on both rows; ``unused``: how many
+    (layer, expert) pairs got no token on this rank (their gathered weights get no gradient from its tokens)."""
+    base = from_config({**preset("tiny"), "model_type": "mixtral", "intermediate_size": 64, "vocab_size": 128,
+                        "num_local_experts": 4, "num_experts_per_tok": 2}, seed=0)
+    tokens = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(3))
+    targets = torch.roll(tokens, -1, 1)
+    targets[:, -1] = -100
+
+    def loss_fn(m, t, y):
+        return token_loss_sum(m, t, y) / int((targets != -100).sum())
+
+    mine = slice(rank, rank + 1)
+    _, router_logits = base(tokens[mine], return_router_logits=True)
+    chosen = [set(torch.topk(r, 2, dim=-1).indices.flatten().tolist()) for r in router_logits]
+    result = {"unused": torch.tensor([sum(4 - len(c) for c in chosen)])}
+    for name, model in (("full", trainable(base)),
+                        ("lora", lora(base, rank=2, alpha=4, targets=("q_proj", "experts")))):
+        model = model.with_params({p: t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+                                   for p, t in model.trainable_params().items()})
+        ref_loss, ref_grads = value_and_grad(loss_fn)(model, tokens, targets)
+        loss, grads = value_and_grad(loss_fn)(shard(model), tokens[mine], targets[mine])
+        dist.all_reduce(loss)
+        result[f"{name}.loss"], result[f"{name}.ref_loss"] = loss.reshape(1), ref_loss.reshape(1)
+        for p, t in grads.items():
+            result[f"{name}.grad.{p}"], result[f"{name}.ref_grad.{p}"] = t.full_tensor(), ref_grads[p]
+    return result
+
+
+if method == "moe":
+    result = mixture_of_experts()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in result.items()}, out)
+    dist.destroy_process_group()
+    sys.exit()
 config = {**preset("tiny"), "hidden_size": 128, "intermediate_size": 256, "vocab_size": 256}
 base = from_config(config, seed=0)
 if method == "qlora":
