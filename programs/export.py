@@ -49,6 +49,7 @@ import functools
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -230,6 +231,9 @@ _GGUF_ARCHS = {
     "phi3": LlamaCppArch("phi3", rope_types=("default", "longrope")),
     "olmo2": LlamaCppArch("olmo2"),
     "smollm3": LlamaCppArch("smollm3", pairwise_rope=True, no_rope_every=4),
+    # mixtures of experts: each layer's experts written as 3-D tensors (ffn_{gate,up,down}_exps), router ffn_gate_inp
+    "mixtral": LlamaCppArch("llama", pairwise_rope=True),
+    "qwen3_moe": LlamaCppArch("qwen3moe"),
 }
 
 
@@ -302,6 +306,11 @@ def _gguf_mismatch(config, arch: LlamaCppArch) -> str | None:
         layers = [i for i, skip in enumerate(no_rope) if skip]
         return f"has layers without RoPE {layers} (llama.cpp: every {every}th)" if every else \
             f"has layers without RoPE {layers}"
+    moe = config.moe
+    if moe is not None and moe.sparse_layers != tuple(range(config.num_layers)):
+        return f"has dense layers among its sparse ones (sparse: {list(moe.sparse_layers)})"
+    if moe is not None and not moe.normalize_top_k:
+        return "does not renormalise its top-k routing weights (norm_topk_prob false)"
     if (config.attn_softcap or config.final_softcap) and not arch.softcap:
         return "has soft-capping"
     if arch.softcap and not (config.attn_softcap and config.final_softcap):
@@ -368,10 +377,10 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
         vocab = gguf_vocab(model.source, config.vocab_size)
 
     # (gguf name, Hugging Face name, tensor, ggml type) in file order; tensors are converted when written.
-    entries: list[tuple[str, str, torch.Tensor, Any]] = [
+    entries: list[tuple[str, str, Any, Any]] = [
         (gguf_tensor_name(hf_name, config), hf_name, tensor,
-         qtypes[dtype] if tensor.dim() >= 2 else gguf.GGMLQuantizationType.F32)
-        for hf_name, tensor in flat.items()]
+         qtypes[dtype] if len(tensor.shape) >= 2 else gguf.GGMLQuantizationType.F32)
+        for hf_name, tensor in _stacked_experts(flat).items()]
     f32 = gguf.GGMLQuantizationType.F32
     entries += [(name, name, t, f32) for name, t in _gguf_extra_tensors(config).items()]
 
@@ -395,8 +404,8 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, hf_name, t, qtype in entries:  # one tensor converted at a time
-            t = _gguf_tensor(hf_name, t, config, arch)
+        for _, hf_name, t, qtype in entries:  # one tensor converted (a layer's experts stacked) at a time
+            t = _gguf_tensor(hf_name, t() if callable(t) else t, config, arch)
             torch_dtype = numpy_of[qtype][0]
             t = t.detach().to("cpu", torch_dtype).contiguous()
             array = t.view(torch.int16).numpy().view(np.uint16) if torch_dtype == torch.bfloat16 else t.numpy()
@@ -409,6 +418,40 @@ def export_gguf(model: Model, output: Path, *, vocab: GGUFVocab | None = None,
         tmp.unlink(missing_ok=True)
         raise
     return output
+
+
+@attrs.frozen
+class _Stack:
+    """One layer's experts' tensors of one projection, stacked into ``[experts, out, in]`` when called."""
+
+    parts: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape)
+
+    def numel(self) -> int:
+        return len(self.parts) * self.parts[0].numel()
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack(self.parts)
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def _stacked_experts(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | _Stack]:
+    """``flat`` with each layer's per-expert weights (``...experts.{e}.{proj}.weight``) as one :class:`_Stack`
+    under the merged name llama.cpp's converter maps (``...experts.{proj}.weight``), in expert order."""
+    out: dict[str, Any] = {}
+    for name, tensor in flat.items():
+        match = _EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        merged = f"{match[1]}.{match[3]}.weight"
+        out.setdefault(merged, {})[int(match[2])] = tensor
+    return {name: _Stack(tuple(t[e] for e in sorted(t))) if isinstance(t, dict) else t for name, t in out.items()}
 
 
 def _add_gguf_hparams(writer, config, arch: LlamaCppArch) -> None:
@@ -444,6 +487,10 @@ def _add_gguf_hparams(writer, config, arch: LlamaCppArch) -> None:
     if arch.softcap:
         writer.add_attn_logit_softcapping(config.attn_softcap)
         writer.add_final_logit_softcapping(config.final_softcap)
+    if config.moe is not None:
+        writer.add_expert_count(config.moe.num_experts)
+        writer.add_expert_used_count(config.moe.top_k)
+        writer.add_expert_feed_forward_length(config.moe.intermediate_size)
 
 
 def _gguf_extra_tensors(config) -> dict[str, torch.Tensor]:

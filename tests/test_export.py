@@ -267,6 +267,8 @@ LLAMA_CPP_CONFIGS = {
     "gemma2": {"query_pre_attn_scalar": 32},  # llama.cpp's Gemma attention scale is head_dim ** -0.5
     "phi3": {"sliding_window": None},  # llama.cpp's phi3 graph has no sliding window
     "smollm3": {"no_rope_layer_interval": 4, "attention_bias": False},  # no RoPE on every 4th layer, no biases
+    "mixtral": {"sliding_window": None},  # llama.cpp's llama graph has no sliding window
+    "qwen3-moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},  # its qwen3moe graph: every layer sparse
 }
 
 
@@ -321,6 +323,40 @@ def test_gguf_families(arch, gguf_arch, dtype, tmp_path):
     if arch == "olmo2":  # post-norm layers: no pre-norm tensors
         assert {"blk.2.post_attention_norm.weight", "blk.2.post_ffw_norm.weight"} <= names
         assert not any(n.endswith(("attn_norm.weight", "ffn_norm.weight")) for n in names)
+
+
+@pytest.mark.parametrize("arch, gguf_arch, block, projections", [
+    ("mixtral", "llama", "block_sparse_moe", ("w1", "w3", "w2")),
+    ("qwen3-moe", "qwen3moe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+])
+def test_gguf_mixtures_of_experts(arch, gguf_arch, block, projections, tmp_path):
+    """Each layer's per-expert weights as llama.cpp's 3-D ``ffn_{gate,up,down}_exps`` (experts stacked in order),
+    the router as ``ffn_gate_inp``, the expert counts and width in the metadata; every name one the gguf package
+    lists for the architecture."""
+    from _hf import hf_model
+    from _tokfixtures import build_bpe_folder
+
+    folder = tmp_path / arch
+    hf_model(arch, vocab_size=640, **LLAMA_CPP_CONFIGS[arch]).save_pretrained(folder)
+    build_bpe_folder(folder)
+    reader = gguf.GGUFReader(export(folder, tmp_path / "moe.gguf", "gguf"))
+    model = load_pretrained(folder)
+    moe = model.config.moe
+    assert _field(reader, f"{gguf_arch}.expert_count") == moe.num_experts
+    assert _field(reader, f"{gguf_arch}.expert_used_count") == moe.top_k
+    assert _field(reader, f"{gguf_arch}.expert_feed_forward_length") == moe.intermediate_size
+    got = _tensors(reader)
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch]
+    valid = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch_enum]}
+    assert all(re.sub(r"^blk\.\d+\.", "blk.{bid}.", n.rsplit(".", 1)[0]) in valid for n in got)
+    assert not any(".experts." in n or "ffn_gate.weight" in n for n in got)
+    layers = model.params["model"]["layers"]
+    for i in range(model.config.num_layers):
+        node = layers[str(i)][block]
+        assert torch.equal(got[f"blk.{i}.ffn_gate_inp.weight"], node["gate"]["weight"])
+        for proj, name in zip(projections, ("gate", "up", "down")):
+            stacked = torch.stack([node["experts"][str(e)][proj]["weight"] for e in range(moe.num_experts)])
+            assert torch.equal(got[f"blk.{i}.ffn_{name}_exps.weight"], stacked), (i, name)
 
 
 def test_gguf_sentencepiece_and_tiktoken_tokenizers(tmp_path):
@@ -382,6 +418,8 @@ LLAMA_CPP_BOUNDS = {
     "phi4-mini": (4e-6, 5e-3),  # 1.6e-6 / 2.9e-3 (LongRoPE)
     "olmo2": (1e-6, 1.5e-3),  # 6.2e-7 / 7.0e-4
     "smollm3": (1e-6, 1.5e-3),  # 5.7e-7 / 9.1e-4
+    "mixtral": (1e-6, 1.5e-3),  # 5.4e-7 / 9.4e-4
+    "qwen3-moe": (1e-6, 1.5e-3),  # 3.0e-7 / 5.2e-4
 }
 
 
@@ -462,6 +500,10 @@ def test_gguf_refusals(tmp_path):
         ("olmo2", {"attention_bias": True}, r"model_type 'olmo2' has qkv/o projection biases"),
         ("qwen3", {"attention_bias": True},
          r"model_type 'qwen3' has qkv/o projection biases"),
+        ("qwen3-moe", {}, r"model_type 'qwen3_moe' has dense layers among its sparse ones \(sparse: \[0, 2\]\), "
+         + graph.format("qwen3moe")),
+        ("qwen3-moe", {"mlp_only_layers": [], "norm_topk_prob": False},
+         r"'qwen3_moe' does not renormalise its top-k routing weights \(norm_topk_prob false\)"),
         ("llama2", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8,
                                         "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}},
          r"model_type 'llama' has longrope RoPE scaling, " + graph.format("llama")),
