@@ -8,6 +8,7 @@
     python -m benchmarks --preset cpu-target --only dpo                 # the LoRA DPO step against TRL's DPOTrainer
     python -m benchmarks --preset cpu-target --only rollout,grpo        # rollouts vs generate, GRPO vs GRPOTrainer
     python -m benchmarks --preset cpu-target --only distill             # the KD step: chunked loss vs full logits
+    python -m benchmarks --preset moe --threads 1       # tiny mixture of experts, LoRA on experts, vs transformers + PEFT
 
 Every measurement runs in its own fresh interpreter (:mod:`benchmarks.worker`), so peak memory belongs to
 one configuration; the cases of a round run one after the other and rounds are rotated (round ``r`` starts
