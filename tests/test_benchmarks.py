@@ -23,8 +23,9 @@ TINY = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "nu
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "quick", "--out-dir", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # the rollout, GRPO and distillation cases have their own end-to-end tests below
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "quick", "--out-dir", str(out),
+                           "--skip", "rollout,grpo,distill"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
