@@ -86,7 +86,7 @@ Schedule = Callable[[int], float]
 LearningRate = Union[float, Schedule]
 
 __all__ = [
-    "AdamW", "AdamWState", "Optimizer", "SGD", "SGDState", "Schedule", "adamw", "clip_by_global_norm", "constant",
+    "AdamW", "AdamWState", "LOW_BIT_STATES", "Optimizer", "SGD", "SGDState", "Schedule", "adamw", "clip_by_global_norm", "constant",
     "cosine", "linear", "load_state_dict", "schedule_by_name", "sgd", "state_dict",
 ]
 
@@ -194,14 +194,26 @@ def _state_dtype(dtype: torch.dtype, requested: torch.dtype | None = None) -> to
     return requested if requested is not None else torch.promote_types(dtype, torch.float32)
 
 
-def _check_state_dtype(dtype: Any) -> torch.dtype | None:
+LOW_BIT_STATES = ("int8", "fp8")
+"""AdamW ``state_dtype`` values kept quantized by torchao (block-wise, 256 elements per fp32 scale): ``int8``
+(``OptimState8bit``, a dynamic-tree code map) and ``fp8`` (``OptimStateFp8``, e4m3). Both run on CPU and CUDA
+(torch 2.13, torchao 0.18). torchao's 4-bit state is not offered: it needs numel divisible by 128 and its
+update differs from ``AdamW4bit``'s compiled one."""
+
+
+def _check_state_dtype(dtype: Any, low_bit: bool = False) -> torch.dtype | str | None:
     if dtype is None:
         return None
+    if isinstance(dtype, str) and dtype in LOW_BIT_STATES:
+        if not low_bit:
+            raise ValueError(f"state_dtype={dtype!r} (torchao's quantized state) is for adamw only")
+        return dtype
     from ._checkpoint import as_dtype
 
     dtype = as_dtype(dtype)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"state_dtype must be a floating-point dtype (float32, bfloat16, ...), got {dtype}")
+        raise ValueError(f"state_dtype must be a floating-point dtype (float32, bfloat16, ...)"
+                         f"{' or one of ' + ', '.join(LOW_BIT_STATES) if low_bit else ''}, got {dtype}")
     return dtype
 
 
@@ -351,10 +363,14 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 0.0
     fused: bool | None = None
-    state_dtype: torch.dtype | None = None
+    state_dtype: torch.dtype | str | None = None
 
     def init(self, params: Params) -> AdamWState:
-        """Zero moments shaped like ``params`` (fp32, or ``state_dtype``), count 0."""
+        """Zero moments shaped like ``params`` (fp32, or ``state_dtype``; torchao's quantized ones for
+        :data:`LOW_BIT_STATES`), count 0."""
+        if isinstance(self.state_dtype, str):
+            return AdamWState(0, _low_bit_zeros(params, self.state_dtype, signed=True),
+                              _low_bit_zeros(params, self.state_dtype, signed=False))
         return AdamWState(0, _zeros(params, self.state_dtype), _zeros(params, self.state_dtype))
 
     def lr_at(self, count: int) -> float:
@@ -372,6 +388,9 @@ class AdamW:
         t = state.count + 1
         beta1, beta2 = self.betas
         wd, eps = self.weight_decay, self.eps
+        if isinstance(self.state_dtype, str):
+            new = _low_bit_adamw(ps, gs, ms, vs, lr=lr, betas=self.betas, eps=eps, wd=wd, t=t, inplace=inplace)
+            return dict(zip(keys, new)), AdamWState(t, dict(state.exp_avg), dict(state.exp_avg_sq))
         fused_devices = _fused_devices()
         steps: dict[torch.device, Tensor] = {}
 
@@ -422,6 +441,69 @@ def _adamw_foreach(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Te
     return out
 
 
+# --------------------------------------------------------------------------- low-bit AdamW state (torchao)
+
+_LOW_BIT_BLOCK = 256  # elements per fp32 scale, torchao's default
+
+
+def _low_bit_zeros(params: Params, kind: str, signed: bool) -> dict[str, Tensor]:
+    """Zero moments as torchao's ``AdamW8bit`` / ``AdamWFp8`` make them: quantized for tensors of at least 4096
+    elements that split into whole blocks, plain zeros in the param's dtype for the rest (norms, biases)."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    out = {}
+    for k, p in params.items():
+        if is_dtensor(p):
+            raise ValueError(f"state_dtype={kind!r} does not support sharded params ({k!r} is a DTensor)")
+        if p.numel() >= 4096 and p.numel() % _LOW_BIT_BLOCK == 0:
+            out[k] = (OptimState8bit.zeros(p.shape, signed, _LOW_BIT_BLOCK, p.device, dtype=p.dtype) if kind == "int8"
+                      else OptimStateFp8.zeros(p.shape, _LOW_BIT_BLOCK, p.device, dtype=p.dtype))
+        else:
+            out[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    return out
+
+
+def _is_quantized_state(t: Tensor) -> bool:
+    return type(t) is not Tensor and hasattr(t, "__tensor_flatten__")
+
+
+def _state_piece(t: Tensor, sl: slice | None) -> Tensor:
+    """Elements ``sl`` of a flat view of a moment; of a quantized one, a state of the same kind over views of its
+    codes and block scales (``sl`` on block boundaries), so writing the piece writes the moment."""
+    if sl is None:
+        return t
+    if not _is_quantized_state(t):
+        return t.view(-1)[sl]
+    names, meta = t.__tensor_flatten__()
+    inner = {name: getattr(t, name) for name in names}
+    inner["codes"] = inner["codes"].view(-1)[sl]
+    inner["scale"] = inner["scale"][sl.start // _LOW_BIT_BLOCK: sl.stop // _LOW_BIT_BLOCK]
+    return type(t).__tensor_unflatten__(inner, meta, None, None)
+
+
+def _low_bit_adamw(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
+                   betas: tuple[float, float], eps: float, wd: float, t: int, inplace: bool) -> list[Tensor]:
+    """torchao's AdamW step (``torchao.optim.adam.single_param_adam``, run eagerly) on each param, in flat pieces
+    of at most ``_UPCAST_NUMEL`` elements so its fp32 temporaries stay small. The math is elementwise and the
+    quantization block-wise, so the pieces give what one call on the whole tensor gives."""
+    from torchao.optim.adam import single_param_adam
+
+    lr_t = torch.tensor(lr, dtype=torch.float32)  # as torchao keeps it (a tensor), so the fp32 math is the same
+    step = torch.tensor(float(t))
+    out = []
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        q = p if inplace else p.clone(memory_format=torch.contiguous_format)
+        n = q.numel()
+        split = n > _UPCAST_NUMEL and q.is_contiguous() and g.is_contiguous()
+        cuts = [slice(a, min(a + _UPCAST_NUMEL, n)) for a in range(0, n, _UPCAST_NUMEL)] if split else [None]
+        for sl in cuts:
+            single_param_adam(_piece(q, sl), _piece(g, sl), step, _state_piece(m, sl), _state_piece(v, sl), None,
+                              lr_t, betas[0], betas[1], wd, eps, True, False)
+        out.append(q)
+    return out
+
+
 def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 0.0, fused: bool | None = None,
           state_dtype: torch.dtype | str | None = None) -> AdamW:
@@ -436,7 +518,9 @@ def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: f
     rounding only.
 
     ``state_dtype``: the dtype of the moments (default fp32, fp64 for fp64
-    params). ``"bfloat16"`` halves the optimizer memory of a bf16 model (4
+    params), or ``"int8"`` / ``"fp8"`` (:data:`LOW_BIT_STATES`): torchao's block-quantized moments, 2 bytes
+    per parameter plus a scale per 256, updated by torchao's AdamW step (equal to ``torchao.optim.AdamW8bit``
+    / ``AdamWFp8`` run eagerly; their compiled step may round differently). ``"bfloat16"`` halves the optimizer memory of a bf16 model (4
     instead of 8 bytes per parameter) and lets the fused kernel work on the
     params directly: it then equals ``torch.optim.AdamW(fused=True)`` on bf16
     params bit for bit (each element computed in fp32, stored rounded).
@@ -450,7 +534,7 @@ def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: f
     weight_decay = _check_number("weight_decay", weight_decay)
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None, True or False, got {fused!r}")
-    return AdamW(lr, (b1, b2), eps, weight_decay, fused, _check_state_dtype(state_dtype))
+    return AdamW(lr, (b1, b2), eps, weight_decay, fused, _check_state_dtype(state_dtype, low_bit=True))
 
 
 # --------------------------------------------------------------------------- SGD
@@ -606,15 +690,25 @@ def _buffer_fields(state: Any) -> list[str]:
 
 
 def state_dict(state: Any) -> dict[str, Tensor]:
-    """Flat ``{"count": int64 0-d, "<buffer>.<param path>": tensor}`` view of an optimizer state.
+    """Flat ``{"count": int64 0-d, "<buffer>.<param path>": tensor}`` view of an optimizer state (a quantized
+    moment as its inner tensors, ``"<buffer>.<param path>.codes"`` and ``.scale``, ...).
 
     The tensors are the state's own buffers (no copy): save them (e.g. with
     ``safetensors.torch.save_file``) before the next ``update``.
     """
-    out = {"count": torch.tensor(state.count, dtype=torch.int64)}
+    return {"count": torch.tensor(state.count, dtype=torch.int64), **_flat_buffers(state)}
+
+
+def _flat_buffers(state: Any) -> dict[str, Tensor]:
+    """``{"<buffer>.<param path>": tensor}``; a quantized moment by its inner tensors
+    (``"<buffer>.<param path>.codes"``, ``.scale``, ...)."""
+    out = {}
     for name in _buffer_fields(state):
         for path, t in getattr(state, name).items():
-            out[f"{name}.{path}"] = t
+            if _is_quantized_state(t):
+                out.update({f"{name}.{path}.{inner}": getattr(t, inner) for inner in t.__tensor_flatten__()[0]})
+            else:
+                out[f"{name}.{path}"] = t
     return out
 
 
@@ -631,7 +725,7 @@ def load_state_dict(opt: Optimizer, params: Params, d: Mapping[str, Tensor]) -> 
     count = d["count"]
     if not isinstance(count, Tensor) or count.dim() != 0 or count.dtype.is_floating_point or count.item() < 0:
         raise ValueError(f"optimizer state 'count' must be a 0-d non-negative integer tensor, got {count!r}")
-    expected = {f"{name}.{path}": t for name in _buffer_fields(template) for path, t in getattr(template, name).items()}
+    expected = _flat_buffers(template)
     missing = [k for k in expected if k not in d]
     extra = [k for k in d if k != "count" and k not in expected]
     if missing or extra:

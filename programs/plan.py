@@ -97,6 +97,10 @@ cuda: the CUDA context and cuBLAS/cuDNN workspaces (an estimate; peak
 ``torch.cuda.max_memory_allocated`` excludes it, the card's free memory does not).
 """
 
+LOW_BIT_UPDATE_TEMPORARIES = 7
+"""fp32 piece-sized tensors alive at once in torchao's AdamW step on quantized moments (the param, grad, both
+moments dequantized, the squared grad, the denominator, the update), counted from ``single_param_adam``."""
+
 CHECKPOINT_IMPORT_OVERHEAD = 75 * 2**20
 """Host memory the first checkpointed step adds on CPU: non-reentrant ``torch.utils.checkpoint`` imports
 ``torch._dynamo`` (and with it much of torch), measured as +75-86 MiB of resident set (torch 2.13 CPU)."""
@@ -578,8 +582,11 @@ def estimate(
     u, s = setup, config
     if nproc < 1:
         raise PlanError(f"nproc must be at least 1, got {nproc}")
-    if state_dtype not in DTYPE_BYTES:
-        raise PlanError(f"unknown optimizer state dtype {state_dtype!r} ({', '.join(DTYPE_BYTES)})")
+    if state_dtype not in DTYPE_BYTES and state_dtype not in optim.LOW_BIT_STATES:
+        raise PlanError(f"unknown optimizer state dtype {state_dtype!r} "
+                        f"({', '.join([*DTYPE_BYTES, *optim.LOW_BIT_STATES])})")
+    if state_dtype in optim.LOW_BIT_STATES and optimizer != "adamw":
+        raise PlanError(f"optimizer state {state_dtype!r} is for adamw only")
     if optimizer not in ("adamw", "sgd"):
         raise PlanError(f"unknown optimizer {optimizer!r} (adamw, sgd)")
     opt = (optim.adamw(1e-3, state_dtype=state_dtype) if optimizer == "adamw"
@@ -619,8 +626,11 @@ def estimate(
         loss_chunk += V * s.hidden_size * b
     accum = grads_s if grad_accum > 1 else 0
     pieces = min(trainable, _UPCAST_NUMEL)
-    state_bytes = DTYPE_BYTES[state_dtype]
-    upcast = pieces * state_bytes * 2 if trainable_bytes < trainable * state_bytes else 0
+    if state_dtype in optim.LOW_BIT_STATES:  # torchao's step keeps ~7 fp32 temporaries of each piece
+        upcast = pieces * 4 * LOW_BIT_UPDATE_TEMPORARIES
+    else:
+        state_bytes = DTYPE_BYTES[state_dtype]
+        upcast = pieces * state_bytes * 2 if trainable_bytes < trainable * state_bytes else 0
     norm_pieces = pieces * 4 if trainable_bytes < trainable * 4 else 0
     phases = {
         "forward": static + activations + loss_chunk + accum,

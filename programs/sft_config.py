@@ -79,8 +79,9 @@ class OptimizerSection:
     """Linear warmup from 0; longer than the run, it is cut to the run's length (a note says so)."""
     max_grad_norm: float = attrs.field(default=1.0, validator=in_range(0))
     """Clip gradients to this global norm; 0 disables clipping."""
-    state_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params)."""
+    state_dtype: Literal["fp32", "bf16", "int8", "fp8"] = "fp32"
+    """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params); int8 and
+    fp8 (adamw only, one process) keep them block-quantized by torchao, a quarter of fp32's."""
 
 
 @attrs.frozen

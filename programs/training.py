@@ -10,6 +10,7 @@ gets the same checkpoints, exact resume, lock, preemption and metrics by calling
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -104,6 +105,14 @@ def build_optimizer(cfg: Any, total_steps: int, say=print) -> Any:
         say(f"note: optimizer.warmup_steps={o.warmup_steps} is longer than the run ({total_steps} steps); warming "
             f"up over all {total_steps} steps instead", flush=True)
     schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, warmup)
+    if o.state_dtype in optim.LOW_BIT_STATES:
+        if o.name != "adamw":
+            raise ConfigError(f"optimizer.state_dtype={o.state_dtype!r} (torchao's quantized moments) needs "
+                              f"optimizer.name='adamw', not {o.name!r}", key="optimizer.state_dtype")
+        if distributed.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ConfigError(f"optimizer.state_dtype={o.state_dtype!r} runs in one process only (sharded params "
+                              "are not supported); use bf16 or fp32 with several processes",
+                              key="optimizer.state_dtype")
     if o.name == "sgd":
         return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay, state_dtype=o.state_dtype)
     return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,

@@ -431,3 +431,81 @@ def test_trains_a_tiny_model():
         model = model.with_params(params)
         losses.append(loss.item())
     assert losses[-1] < losses[1] - 0.05, losses
+
+
+# --------------------------------------------------------------------------- low-bit states (torchao)
+
+
+def _low_bit_params(dtype):
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(64, 128, generator=g).to(dtype), "b": torch.randn(100, generator=g).to(dtype)}
+
+
+def _low_bit_grads(step, dtype):
+    g = torch.Generator().manual_seed(50 + step)
+    return {"w": torch.randn(64, 128, generator=g).to(dtype), "b": torch.randn(100, generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_bit_adamw_equals_torchao(monkeypatch, kind, dtype):
+    """state_dtype int8 / fp8: torchao's quantized moments and update, equal to AdamW8bit / AdamWFp8 (run eagerly)
+    bit for bit, also when a tensor is updated in pieces."""
+    from torchao.optim import AdamW8bit, AdamWFp8
+
+    from ftprog.core import _optim
+
+    monkeypatch.setattr(_optim, "_UPCAST_NUMEL", 4096)  # "w" (8192 elements) goes in two pieces
+    params = _low_bit_params(dtype)
+    ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
+    state = opt.init(params)
+    assert type(state.exp_avg["w"]).__name__ == ("OptimState8bit" if kind == "int8" else "OptimStateFp8")
+    theirs = (AdamW8bit if kind == "int8" else AdamWFp8)(list(ref.values()), lr=1e-2, weight_decay=0.1)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # torchao compiles its step: run it eagerly
+    for step in range(3):
+        grads = _low_bit_grads(step, dtype)
+        params, state = opt.update(grads, state, params, inplace=step % 2 == 0)
+        for k, p in ref.items():
+            p.grad = grads[k].clone()
+        theirs.step()
+    for k, p in ref.items():
+        assert torch.equal(params[k], p.detach()), k
+        for name in ("exp_avg", "exp_avg_sq"):
+            ours_m, their_m = getattr(state, name)[k], theirs.state[p][name]
+            deq = (lambda t: t.dequantize()) if k == "w" else (lambda t: t)
+            assert torch.equal(deq(ours_m), deq(their_m)), (k, name)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_low_bit_state_dict_resumes_bitwise(kind):
+    opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
+    params = _low_bit_params(torch.bfloat16)
+
+    def run(params, state, steps, start):
+        for step in range(start, start + steps):
+            params, state = opt.update(_low_bit_grads(step, torch.bfloat16), state, params)
+        return params, state
+
+    straight, straight_state = run(params, opt.init(params), 4, 0)
+    half, state = run(params, opt.init(params), 2, 0)
+    blob = st_save(state_dict(state))
+    assert {"exp_avg.w.codes", "exp_avg.w.scale", "exp_avg.b"} <= set(st_load(blob))
+    state2 = load_state_dict(adamw(1e-2, weight_decay=0.1, state_dtype=kind), st_load(st_save(dict(half))),
+                             st_load(blob))
+    resumed, resumed_state = run(half, state2, 2, 2)
+    assert_bitwise(resumed, straight)
+    assert_bitwise(state_dict(resumed_state), state_dict(straight_state))
+
+
+def test_low_bit_state_errors():
+    with pytest.raises(ValueError, match="for adamw only"):
+        sgd(1e-2, momentum=0.9, state_dtype="int8")
+    from ftprog.core import ConfigError
+    from ftprog.programs.sft_config import OptimizerSection, SFTConfig
+    from ftprog.programs.training import build_optimizer
+
+    cfg = SFTConfig(optimizer=OptimizerSection(name="sgd", state_dtype="fp8"))
+    with pytest.raises(ConfigError, match="needs optimizer.name='adamw'") as e:
+        build_optimizer(cfg, 10)
+    assert e.value.key == "optimizer.state_dtype"
