@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, Union
 
 import attrs
@@ -87,7 +87,7 @@ LearningRate = Union[float, Schedule]
 
 __all__ = [
     "AdamW", "AdamWState", "LOW_BIT_STATES", "Optimizer", "SGD", "SGDState", "Schedule", "adamw", "clip_by_global_norm", "constant",
-    "cosine", "linear", "load_state_dict", "schedule_by_name", "sgd", "state_dict",
+    "cosine", "linear", "load_state_dict", "restrict", "schedule_by_name", "sgd", "state_dict",
 ]
 
 # Most elements handed to one kernel call (bounds the foreach path's
@@ -687,6 +687,14 @@ def _buffer_fields(state: Any) -> list[str]:
     if "count" not in names:
         raise TypeError(f"{type(state).__name__} has no 'count' field")
     return [n for n in names if n != "count"]
+
+
+def restrict(state: Any, paths: Iterable[str]) -> Any:
+    """``state`` for the params ``paths`` only, sharing their buffers (an update of it updates ``state``'s): for
+    updating params one at a time, as the optimizer-in-backward step does. The count is ``state``'s."""
+    keep = set(paths)
+    return attrs.evolve(state, **{name: {k: t for k, t in getattr(state, name).items() if k in keep}
+                                  for name in _buffer_fields(state)})
 
 
 def state_dict(state: Any) -> dict[str, Tensor]:

@@ -31,8 +31,8 @@ from .demo_assets import resolve
 from .generate import generate
 from .sft_config import SFTConfig
 from .training import (
-    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
-    router_metric, router_share, run_summary, save_checkpoint, save_or_stop, setup_process, step_record,
+    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, in_backward_step, metrics_log,
+    plan_start, router_metric, router_share, run_summary, save_checkpoint, save_or_stop, setup_process, step_record,
     with_router_loss,
 )
 
@@ -119,7 +119,7 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
 
     # 3. Model and transforms; optimizer over the trainable leaves.
     base, model = build_model(cfg, device, dist.mesh, say)
-    opt = build_optimizer(cfg, total_steps, say)
+    opt = build_optimizer(cfg, total_steps, say, in_backward_ok=True)
     opt_state = opt.init(model.trainable_params())
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
 
@@ -151,9 +151,13 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             micro = [next(batches).to(device) for _ in range(accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
             aux_share = router_share(model, len(micro), dist.world_size)
-            loss, sums, grads = accumulate(lambda b: grad_fn(model, [b], num_targets, aux_share), micro)
-            model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
-                                                              cfg.optimizer.max_grad_norm, step, out)
+            if cfg.optimizer.in_backward:  # one micro-batch; each parameter updated as its gradient completes
+                loss, sums, model, opt_state, grad_norm, lr = in_backward_step(
+                    step_loss, model, opt, opt_state, step, out, micro, num_targets, aux_share)
+            else:
+                loss, sums, grads = accumulate(lambda b: grad_fn(model, [b], num_targets, aux_share), micro)
+                model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
+                                                                  cfg.optimizer.max_grad_norm, step, out)
             step += 1
             state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
                          loader=loader.state_dict())

@@ -97,9 +97,14 @@ def run_transforms(cfg: Any, model: Model, mesh: Any = None) -> Model:
     return model
 
 
-def build_optimizer(cfg: Any, total_steps: int, say=print) -> Any:
-    """The optimizer and schedule of ``cfg``; a warmup longer than the run is cut to it (``say`` notes it)."""
+def build_optimizer(cfg: Any, total_steps: int, say=print, *, in_backward_ok: bool = False) -> Any:
+    """The optimizer and schedule of ``cfg``; a warmup longer than the run is cut to it (``say`` notes it).
+
+    ``optimizer.in_backward`` is refused unless the program runs :func:`in_backward_step` (``in_backward_ok``)
+    and the run allows it (one micro-batch per step, no clipping, one process)."""
     o = cfg.optimizer
+    if getattr(o, "in_backward", False):
+        _check_in_backward(cfg, in_backward_ok)
     warmup = min(o.warmup_steps, total_steps)
     if warmup < o.warmup_steps:
         say(f"note: optimizer.warmup_steps={o.warmup_steps} is longer than the run ({total_steps} steps); warming "
@@ -238,6 +243,72 @@ def router_metric(sums: dict, micro_batches: int, world_size: int) -> dict[str, 
     if "aux_loss" not in sums:
         return {}
     return {"aux_loss": distributed.all_sum(sums.pop("aux_loss")).item() / (micro_batches * world_size)}
+
+
+def _check_in_backward(cfg: Any, supported: bool) -> None:
+    why = None
+    if not supported:
+        why = "this program does not support it yet (sft does)"
+    elif cfg.grad_accum > 1:
+        why = (f"grad_accum={cfg.grad_accum}: a parameter is updated as soon as one micro-batch's gradient is "
+               "complete, so gradients cannot be summed over micro-batches; use grad_accum=1 (and a larger "
+               "batch_size)")
+    elif cfg.optimizer.max_grad_norm > 0:
+        why = (f"optimizer.max_grad_norm={cfg.optimizer.max_grad_norm}: clipping to a global norm needs every "
+               "gradient before the first update; set optimizer.max_grad_norm=0")
+    elif distributed.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        why = "it runs in one process only"
+    if why:
+        raise ConfigError(f"optimizer.in_backward=true: {why}", key="optimizer.in_backward")
+
+
+def in_backward_step(loss_fn: Callable[..., tuple[torch.Tensor, dict]], model: Model, opt: Any, opt_state: Any,
+                     step: int, out: Path, *args: Any) -> tuple[torch.Tensor, dict, Model, Any, torch.Tensor, float]:
+    """One step with the optimizer in the backward: ``(loss, metrics, model, opt_state, grad_norm, lr)``.
+
+    ``loss_fn(model, *args)`` returns ``(loss, metrics)``, as for ``value_and_grad(..., has_aux=True)``. Each
+    trainable leaf is updated in place (``opt.update`` on that leaf alone) as soon as its gradient is complete,
+    and the gradient is dropped, so the step never holds all gradients. The result equals :func:`apply_gradients`
+    without clipping. A non-finite loss stops the run before any update; a non-finite gradient stops it in the
+    backward, some leaves already updated (the last checkpoint is intact). ``loss`` and ``metrics`` are this
+    process's, detached on the CPU (one micro-batch, one process).
+    """
+    lr = opt.lr_at(opt_state.count)
+    squares = []
+    live = {path: t.detach().requires_grad_(True) for path, t in model.trainable_params().items()}
+
+    def update(path: str) -> Callable[[torch.Tensor], None]:
+        def hook(leaf: torch.Tensor) -> None:
+            grad, leaf.grad = leaf.grad, None
+            square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            if not torch.isfinite(square):
+                _stop_non_finite(f"non-finite gradient of {path}", step, out, updated=True)
+            squares.append(square)
+            opt.update({path: grad}, optim.restrict(opt_state, [path]), {path: leaf}, inplace=True)
+        return hook
+
+    handles = [t.register_post_accumulate_grad_hook(update(path)) for path, t in live.items()]
+    try:
+        with torch.enable_grad():
+            loss, metrics = loss_fn(model.with_params(live), *args)
+            if not torch.isfinite(loss):
+                _stop_non_finite(f"non-finite loss ({loss.item()})", step, out, updated=False)
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    params = {path: t.detach() for path, t in live.items()}
+    grad_norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    metrics = {k: v.detach().float().cpu() for k, v in metrics.items()}
+    return (loss.detach().cpu(), metrics, model.with_params(params), attrs.evolve(opt_state, count=opt_state.count + 1),
+            grad_norm, lr)
+
+
+def _stop_non_finite(what: str, step: int, out: Path, *, updated: bool) -> None:
+    last = run_state.checkpoints(out)
+    when = "some parameters were already updated" if updated else "stopped before updating"
+    raise run_guard.RunError(f"{what} at step {step + 1}; {when}. Last good checkpoint: "
+                             f"{last[-1] if last else 'none'} (lower optimizer.lr?)")
 
 
 def clip_gradients(grads: dict, max_norm: float) -> tuple[dict, torch.Tensor]:

@@ -509,3 +509,88 @@ def test_low_bit_state_errors():
     with pytest.raises(ConfigError, match="needs optimizer.name='adamw'") as e:
         build_optimizer(cfg, 10)
     assert e.value.key == "optimizer.state_dtype"
+
+
+# --------------------------------------------------------------------------- optimizer in the backward
+
+
+def _tiny_step_setup(state_dtype=None):
+    from ftprog.core import from_config, token_loss_sum
+    from ftprog.transforms import trainable
+
+    model = trainable(from_config("tiny", seed=0))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 512, (2, 16), generator=g) for _ in range(3)]
+
+    def loss_fn(m, tokens):
+        return token_loss_sum(m, tokens[:, :-1], tokens[:, 1:]) / tokens[:, 1:].numel(), {}
+
+    return model, batches, loss_fn, adamw(cosine(1e-2, 3, 1), weight_decay=0.1, state_dtype=state_dtype)
+
+
+def test_in_backward_step_equals_a_normal_step(tmp_path):
+    """optimizer.in_backward: the same params, state and gradient norm as value_and_grad + apply_gradients
+    without clipping (fp32), every leaf updated in the backward and no gradient kept."""
+    from ftprog.core import value_and_grad
+    from ftprog.programs.training import apply_gradients, in_backward_step
+
+    model, batches, loss_fn, opt = _tiny_step_setup()
+    plain, eager = model, model.with_params({k: v.clone() for k, v in model.trainable_params().items()})
+    plain_state, eager_state = opt.init(plain.trainable_params()), opt.init(eager.trainable_params())
+    grad_fn = value_and_grad(loss_fn, has_aux=True)
+    for step, tokens in enumerate(batches):
+        (loss, _), grads = grad_fn(plain, tokens)
+        plain, plain_state, norm, lr = apply_gradients(plain, grads, loss, opt, plain_state, 0.0, step, tmp_path)
+        loss2, _, eager, eager_state, norm2, lr2 = in_backward_step(loss_fn, eager, opt, eager_state, step, tmp_path,
+                                                                    tokens)
+        assert torch.equal(loss, loss2) and lr == lr2
+        torch.testing.assert_close(norm2, norm, rtol=1e-6, atol=0)
+    assert eager_state.count == plain_state.count == 3
+    assert_bitwise(eager.trainable_params(), plain.trainable_params())
+    assert_bitwise(state_dict(eager_state), state_dict(plain_state))
+    assert all(t.grad is None for t in eager.trainable_params().values())
+
+
+def test_in_backward_step_resumes_bitwise(tmp_path):
+    """Stopped after a step (params and int8 optimizer state through safetensors), the next in-backward step
+    continues exactly as an uninterrupted run."""
+    from ftprog.programs.training import in_backward_step
+
+    model, batches, loss_fn, opt = _tiny_step_setup("int8")
+
+    def run(model, state, steps, start):
+        for step in range(start, start + steps):
+            _, _, model, state, _, _ = in_backward_step(loss_fn, model, opt, state, step, tmp_path, batches[step])
+        return model, state
+
+    fresh = lambda m: m.with_params({k: v.clone() for k, v in m.trainable_params().items()})  # noqa: E731
+    straight, straight_state = run(fresh(model), opt.init(model.trainable_params()), 3, 0)
+    half, state = run(fresh(model), opt.init(model.trainable_params()), 2, 0)
+    saved_params, saved_state = st_save(dict(half.trainable_params())), st_save(state_dict(state))
+    resumed_model = model.with_params(st_load(saved_params))
+    resumed_state = load_state_dict(opt, resumed_model.trainable_params(), st_load(saved_state))
+    resumed, resumed_state = run(resumed_model, resumed_state, 1, 2)
+    assert_bitwise(resumed.trainable_params(), straight.trainable_params())
+    assert_bitwise(state_dict(resumed_state), state_dict(straight_state))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grad_accum": 2}, "grad_accum=2"),
+    ({}, "max_grad_norm=1.0: clipping to a global norm needs every gradient"),
+])
+def test_in_backward_config_errors(change, message):
+    import attrs
+
+    from ftprog.core import ConfigError
+    from ftprog.programs.sft_config import OptimizerSection, SFTConfig
+    from ftprog.programs.training import build_optimizer
+
+    clip = 0.0 if change else 1.0
+    cfg = SFTConfig(optimizer=OptimizerSection(in_backward=True, max_grad_norm=clip), **change)
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        build_optimizer(cfg, 10, in_backward_ok=True)
+    assert e.value.key == "optimizer.in_backward"
+    with pytest.raises(ConfigError, match="this program does not support it yet"):
+        build_optimizer(attrs.evolve(cfg, grad_accum=1, optimizer=attrs.evolve(cfg.optimizer, max_grad_norm=0.0)), 10)
+    build_optimizer(attrs.evolve(cfg, grad_accum=1, optimizer=attrs.evolve(cfg.optimizer, max_grad_norm=0.0)), 10,
+                    in_backward_ok=True)
