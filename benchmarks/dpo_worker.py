@@ -63,9 +63,10 @@ def _step_facts(tokens: list[int], cells: list[int], scored: list[int]) -> dict[
 
 def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     from ftprog.core import (
-        PreferenceDataset, PreferenceLoader, TokenizedDataset, optim, reuse_freed_memory, value_and_grad,
+        PreferenceDataset, PreferenceLoader, TokenizedDataset, optim, value_and_grad,
     )
     from ftprog.programs.dpo import reference_logps, step_loss
+    from ftprog.programs.host_memory import allocator_note
     from ftprog.programs.dpo_config import DPOConfig, LossSection
     from ftprog.programs.training import apply_gradients
     from ftprog.transforms import without_adapters
@@ -73,8 +74,7 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     device, B, n_steps = case["device"], case["batch"], case["warmup"] + case["steps"]
     out: dict[str, Any] = {}
     mem = Memory(device)
-    if device == "cpu":  # as `ft-prog run dpo` does on the CPU
-        out["reuse_freed_memory"] = reuse_freed_memory()
+    out["allocator"] = allocator_note()  # the harness preloads what `ft-prog run dpo` does
     pairs = workload.preference_pairs(case["workload"])
     chosen = [(p + c, [False] * len(p) + [True] * len(c)) for p, c, _ in pairs]
     rejected = [(p + r, [False] * len(p) + [True] * len(r)) for p, _, r in pairs]

@@ -153,7 +153,8 @@ def grpo_config(case: dict[str, Any]):
 def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from ftprog.core import grpo_normalizer, optim, reuse_freed_memory, value_and_grad
+    from ftprog.core import grpo_normalizer, optim, value_and_grad
+    from ftprog.programs.host_memory import allocator_note
     from ftprog.programs.grpo import sample_and_score, step_loss
     from ftprog.programs.training import apply_gradients
     from ftprog.transforms import without_adapters
@@ -161,8 +162,7 @@ def _run_ftprog(case: dict[str, Any]) -> dict[str, Any]:
     device, n_steps = case["device"], case["warmup"] + case["steps"]
     out: dict[str, Any] = {}
     mem = Memory(device)
-    if device == "cpu":  # as `ft-prog run grpo` does on the CPU
-        out["reuse_freed_memory"] = reuse_freed_memory()
+    out["allocator"] = allocator_note()  # the harness preloads what `ft-prog run grpo` does
     cfg = grpo_config(case)
     steps = step_prompts(case)
     flat = [p for s in steps for p in s]

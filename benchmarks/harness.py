@@ -33,6 +33,7 @@ from typing import Any
 
 from benchmarks import machine
 from benchmarks.flops import train_step_flops
+from ftprog.programs.host_memory import allocator_library
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -333,6 +334,9 @@ class Runner:
         if threads:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[var] = str(threads)
+        lib = allocator_library()
+        if system == "ftprog" and lib is not None:  # the malloc `ft-prog run` re-executes itself with
+            env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
         return env
 
     def run(self, case: dict[str, Any], label: str) -> dict[str, Any]:
@@ -524,8 +528,8 @@ def aggregate(settings: dict, cases: list[dict], runs: list[list[dict]], peaks: 
         row["peak_memory"] = max(mems) if mems else None
         row["peak_memory_kind"] = "max_memory_allocated" if mem_key.startswith("cuda") else "peak RSS (VmHWM)"
         row["rss_baseline"] = first.get("rss_baseline")
-        if first.get("reuse_freed_memory") is not None:
-            row["reuse_freed_memory"] = first["reuse_freed_memory"]
+        if first.get("allocator") is not None:
+            row["allocator"] = first["allocator"]
         if case["kind"] == "train":
             times = [t for r in ok for t in r["step_times"]]
             row["time"] = summarize_times(times)

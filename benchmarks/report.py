@@ -187,11 +187,10 @@ def markdown(r: dict[str, Any]) -> str:
                   "(CPU: + runtime overhead). Matmul utilisation: analytic matmul FLOPs of the step (ft-prog: "
                   "output layer on target positions only; transformers, torchtune: every position) / median step "
                   "time / the torch.mm peak at the same dtype and threads.", ""]
-        if any(x.get("reuse_freed_memory") for x in r["rows"]):
-            lines[-1:-1] = ["", "Host memory: ft-prog's CPU cases keep freed memory for the next step, as `ft-prog "
-                            "run sft` does on the CPU (`ftprog.core.reuse_freed_memory`: glibc's mmap and trim "
-                            "thresholds raised, so a step no longer page-faults its tensors back in); the baselines "
-                            "run with glibc's defaults."]
+        notes = sorted({x["allocator"] for x in r["rows"] if x.get("allocator")})
+        if notes:
+            lines[-1:-1] = ["", f"Host memory: ft-prog's cases run on the malloc `ft-prog run` picks ({'; '.join(notes)}); "
+                            "the baselines on the C library's."]
         lines += time_breakdown_lines(train)
         lines += published_lines(train)
 
@@ -408,9 +407,8 @@ def dpo_lines(r: dict[str, Any]) -> list[str]:
               "state included; loading excluded), the largest over the runs; of which before the steps: its RSS "
               "just before the first step (libraries, weights, adapters; TRL: its optimizer object too), so the "
               "difference is what the steps themselves add."
-              + (" ft-prog keeps freed host memory for the next step, as `ft-prog run dpo` does on the CPU "
-                 "(`reuse_freed_memory`); TRL runs with glibc's defaults." if any(x.get("reuse_freed_memory")
-                                                                                 for x in rows) else ""),
+              + (" ft-prog runs on the malloc `ft-prog run dpo` picks; TRL on the C library's."
+                 if any(x.get("allocator") for x in rows) else ""),
               "", "Losses: in bf16 one update moves the loss by less than the rounding of the summed log-probs, so "
               "the two systems' losses after step 0 differ by rounding (an fp32 run shows them agree; see "
               "benchmarks/README.md).", ""]

@@ -31,6 +31,27 @@ _SOFTMAX_BLOCK_CPU = 1 << 19
 _SOFTMAX_BLOCK_CUDA = 1 << 24
 
 
+# Rows a chunk's logits buffer is rounded up to. The number of target positions changes from batch to batch;
+# buffers of a few repeating sizes reuse the allocator's freed blocks, where a new size each step fragments
+# the heap (host memory that grew over a long run).
+_LOGITS_ROWS_QUANTUM = 256
+
+
+def _logits_buffer_rows(rows: int, chunk_size: int) -> int:
+    """Rows allocated for a chunk of ``rows`` logits: rounded up to :data:`_LOGITS_ROWS_QUANTUM`, at most
+    ``chunk_size`` (never fewer than ``rows``)."""
+    return max(rows, min(chunk_size, -(-rows // _LOGITS_ROWS_QUANTUM) * _LOGITS_ROWS_QUANTUM))
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``h @ weight.T`` ``[rows, vocab]``, written into the first rows of a :func:`_logits_buffer_rows` buffer so
+    its allocation size repeats across batches."""
+    rows = len(h)
+    buffer = torch.empty((_logits_buffer_rows(rows, chunk_size), weight.shape[0]),
+                         dtype=torch.result_type(h, weight), device=h.device)
+    return torch.matmul(h, weight.T, out=buffer[:rows])
+
+
 def _softmax_rows(vocab: int, device: torch.device) -> int:
     """Rows of ``[rows, vocab]`` fp32 logits one softmax pass takes (at least 1)."""
     return max(1, (_SOFTMAX_BLOCK_CPU if device.type == "cpu" else _SOFTMAX_BLOCK_CUDA) // vocab)
@@ -80,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            logits = h @ weight.T
+            logits = _chunk_logits(h, weight, chunk_size)
             # softmax, loss and d(sum CE)/d logits, a few rows at a time; the gradient overwrites the logits
             for r in range(0, len(t), block):
                 total += _block_nll(logits[r : r + block], t[r : r + block], cap, need_grad).sum()
@@ -140,7 +161,7 @@ class _LinearTokenNLL(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            logits = h @ weight.T
+            logits = _chunk_logits(h, weight, chunk_size)
             for r in range(0, len(t), block):
                 tr = t[r : r + block]
                 nll[start + r : start + r + len(tr)] = _block_nll(logits[r : r + block], tr, cap, hidden_grad,

@@ -317,6 +317,10 @@ def plan_cmd(
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["run"]:  # training and the other programs: a non-fragmenting malloc, before torch loads
+        from .host_memory import preload_allocator
+
+        preload_allocator()
     app()
 
 

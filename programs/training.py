@@ -23,7 +23,7 @@ import attrs
 import orjson
 import torch
 
-from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, reuse_freed_memory, router_aux_loss
+from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, router_aux_loss
 from ..core._checkpoint import recover_interrupted_swaps
 from ..core._data import DataConfig
 from ..transforms import (
@@ -32,18 +32,20 @@ from ..transforms import (
 from . import distributed, run_guard, run_state
 from .config import to_toml
 from .demo_assets import resolve
+from .host_memory import allocator_note
 from .metrics import MetricsLog, plot_losses
 
 
 def setup_process(cfg: Any, dist: distributed.DistInfo) -> tuple[torch.device, Callable[..., None]]:
-    """``(device, say)``: this rank's device, seeded RNG, thread count and allocator; ``say`` prints on rank 0."""
+    """``(device, say)``: this rank's device, seeded RNG and thread count; ``say`` prints on rank 0, first the
+    host allocator the command runs on (:func:`~ftprog.programs.host_memory.allocator_note`)."""
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed + dist.rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if device.type == "cpu":  # the next step reuses what this one frees, as CUDA's caching allocator does
-        reuse_freed_memory()
-    return device, (print if dist.is_main else (lambda *args, **kwargs: None))
+    say = print if dist.is_main else (lambda *args, **kwargs: None)
+    say(allocator_note(), flush=True)  # which malloc (programs.host_memory): host memory over a long run
+    return device, say
 
 
 def data_config(cfg: Any) -> DataConfig:

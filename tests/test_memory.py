@@ -1,8 +1,13 @@
-"""reuse_freed_memory: a freed block comes back without page faults (in a fresh process: it is process-wide)."""
+"""Host memory: reuse_freed_memory (a freed block comes back without page faults; in a fresh process, it is
+process-wide) and the malloc `ft-prog run` re-executes itself with (programs/host_memory.py)."""
 
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 PROBE = r"""
 import resource, sys, torch
@@ -31,3 +36,33 @@ def test_reuse_freed_memory_stops_page_faults_on_reallocation():
         pages = (64 << 20) // 4096
         assert default > pages // 2  # glibc's default maps the block afresh each time
         assert reused < pages // 20
+
+
+HOST_MEMORY_PROBE = r"""
+import os, sys
+from ftprog.programs.host_memory import allocator_note, preload_allocator
+preload_allocator()  # re-executes this very command once, the library in LD_PRELOAD
+print(os.getpid(), "torch" in sys.modules, allocator_note())
+"""
+
+
+def _a_preloadable_library():
+    from ftprog.programs.host_memory import allocator_library
+
+    for lib in (allocator_library(), "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"):  # mimalloc, else inert
+        if lib is not None and Path(lib).is_file():
+            return str(lib)
+    pytest.skip("no malloc library to preload here")
+
+
+def test_preload_allocator_reexecutes_once_with_the_library():
+    lib = _a_preloadable_library()
+    env = {**os.environ, "FTPROG_ALLOCATOR": lib}
+    env.pop("FTPROG_ALLOCATOR_PRELOADED", None)
+    proc = subprocess.Popen([sys.executable, "-c", HOST_MEMORY_PROBE], env=env, stdout=subprocess.PIPE, text=True)
+    out = proc.communicate()[0].split(maxsplit=2)
+    assert int(out[0]) == proc.pid and out[1] == "False"  # the same process, re-executed before torch loaded
+    assert out[2].strip().startswith(f"host memory: {Path(lib).name} (preloaded")
+    system = subprocess.run([sys.executable, "-c", HOST_MEMORY_PROBE], env={**env, "FTPROG_ALLOCATOR": "system"},
+                            capture_output=True, text=True, check=True).stdout
+    assert "host memory: the C library's malloc (FTPROG_ALLOCATOR=system)" in system

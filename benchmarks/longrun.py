@@ -1,0 +1,152 @@
+"""Long-run memory: a training command's resident set sampled through hundreds of steps.
+
+The timed cases measure a short window of steps and so never see memory that creeps up over a run (a heap
+that fragments). This case runs a whole training command in a child process, reads its resident set every
+``interval`` seconds from ``/proc/<pid>/status``, timestamps the lines it prints (to place steps on the time
+axis) and reports the level at step 10, the peak and their ratio; :func:`plot` draws the curves.
+
+    python -m benchmarks.longrun --out runs/longrun -- ft-prog run sft --config my.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+STEP = re.compile(r"\bstep[ =:]*(\d+)\b", re.IGNORECASE)
+
+
+def _rss(pid: int) -> int | None:
+    """``VmRSS`` of ``pid`` in bytes (None once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _new_steps(path: Path | None, seen: int) -> tuple[list[int], int]:
+    """Step numbers of the rows of the JSONL file ``path`` past byte ``seen``, and the new end."""
+    if path is None or not path.is_file():
+        return [], seen
+    with path.open("rb") as fh:
+        fh.seek(seen)
+        text = fh.read()
+    done = text.rfind(b"\n") + 1  # a row still being written waits for the next poll
+    steps = []
+    for row in text[:done].splitlines():
+        try:
+            steps.append(int(json.loads(row)["step"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return steps, seen + done
+
+
+def sample(cmd: list[str], *, env: dict[str, str] | None = None, interval: float = 0.05,
+           timeout: float | None = None, steps_file: Path | None = None) -> dict[str, Any]:
+    """Run ``cmd`` and sample its resident set every ``interval`` s.
+
+    Returns ``{"rc", "wall_s", "samples": [[t, rss_bytes]], "lines": [[t, line]], "steps": {step: t}}``, times in
+    seconds from the start; ``steps`` holds the first time each step number was printed (``step 10``,
+    ``step=10``) or appeared as a row's ``"step"`` in the JSONL file ``steps_file`` (a metrics log).
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: list[list[Any]] = []
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append([time.perf_counter() - start, line.rstrip("\n")])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    samples: list[list[float]] = []
+    steps: dict[int, float] = {}
+    seen = 0
+    while proc.poll() is None:
+        value = _rss(proc.pid)
+        now = time.perf_counter() - start
+        if value is not None:
+            samples.append([now, value])
+        new, seen = _new_steps(steps_file, seen)
+        for step in new:
+            steps.setdefault(step, now)
+        if timeout is not None and time.perf_counter() - start > timeout:
+            proc.kill()
+        time.sleep(interval)
+    reader.join(timeout=5)
+    for t, line in lines:
+        for m in STEP.finditer(line):
+            steps.setdefault(int(m.group(1)), t)
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - start, "samples": samples, "lines": lines,
+            "steps": steps}
+
+
+def summarize(run: dict[str, Any], reference_step: int = 10) -> dict[str, Any]:
+    """Peak RSS, the RSS when ``reference_step`` was printed and their ratio (MiB), and the last step seen."""
+    samples = run["samples"]
+    if not samples:
+        return {"error": "no samples"}
+    peak = max(v for _, v in samples)
+    at = run["steps"].get(reference_step) or run["steps"].get(str(reference_step))
+    level = None
+    if at is not None:
+        before = [v for t, v in samples if t <= at]
+        level = before[-1] if before else None
+    steps = [int(s) for s in run["steps"]]
+    mib = 2**20
+    return {"peak_mib": round(peak / mib, 1), f"step{reference_step}_mib": round(level / mib, 1) if level else None,
+            "peak_over_step": round(peak / level, 3) if level else None, "last_step": max(steps) if steps else None,
+            "wall_s": round(run["wall_s"], 1), "rc": run["rc"]}
+
+
+def plot(runs: dict[str, dict[str, Any]], path: Path) -> Path:
+    """RSS (MiB) over time of each run (label -> :func:`sample` result), one line each, to ``path`` (png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, run in runs.items():
+        ax.plot([t for t, _ in run["samples"]], [v / 2**20 for _, v in run["samples"]], label=label, lw=1)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("resident set (MiB)")
+    ax.set_title("memory over a long run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for samples.json and rss.png")
+    ap.add_argument("--label", default="run")
+    ap.add_argument("--interval", type=float, default=0.05)
+    ap.add_argument("--steps-file", type=Path, help="a JSONL metrics log whose rows carry the step number")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = sample(cmd, interval=args.interval, steps_file=args.steps_file)
+    summary = summarize(run)
+    (out / f"{args.label}.json").write_text(json.dumps({"cmd": cmd, "summary": summary, **run}))
+    plot({args.label: run}, out / f"{args.label}.png")
+    print(json.dumps(summary))
+    return 0 if run["rc"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
