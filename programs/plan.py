@@ -546,6 +546,7 @@ def estimate(
     momentum: float = 0.0,
     state_dtype: str = "fp32",
     max_grad_norm: float = 1.0,
+    in_backward: bool = False,
     inplace_update: bool = True,
     device: str = "cpu",
     memory: int | str | None = None,
@@ -569,7 +570,9 @@ def estimate(
     - ``grad accumulation``: static + 3 x gradients (the sum, the new part and the running total);
     - ``clip``: static + gradients + the fp32 pieces their norms are taken of; ``update``: static +
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
-      of a functional update). ``state_dtype``: the optimizer moments' dtype.
+      of a functional update). ``state_dtype``: the optimizer moments' dtype (int8 / fp8: torchao's quantized
+      ones, their step's fp32 pieces). ``in_backward``: the optimizer runs in the backward, so no phase holds
+      all gradients (see :func:`ftprog.programs.training.in_backward_step`)
     """
     config = model_config(config)
     if setup is None:
@@ -638,6 +641,11 @@ def estimate(
         "clip": static + grads_s + norm_pieces if max_grad_norm > 0 else 0,
         "update": static + grads_s + (0 if inplace_update else trainable_bytes / nproc) + upcast,
     }
+    if in_backward:  # each gradient is applied and freed as it completes: the backward without the gradients'
+        # running total, plus the largest gradient (a [vocab, hidden] one in full fine-tuning) and its update
+        largest = V * s.hidden_size * b if u.method == "full" else 0
+        phases = {"forward": phases["forward"],
+                  "backward": static + footprint.backward_peak(shards=1 << 62) + largest + upcast}
     if grad_accum > 1:
         phases["grad accumulation"] = static + 3 * grads_s
     phases = {k: int(v) for k, v in phases.items()}
@@ -711,7 +719,8 @@ def plan(config_name_or_path: str, overrides: Iterable[str] | Mapping[str, Any] 
                   checkpoint=cfg.activation_checkpointing, mask=True, fuse_projections=cfg.fuse_projections)
     opt = cfg.optimizer
     result = estimate(raw, setup, nproc=nproc, grad_accum=cfg.grad_accum, optimizer=opt.name,
-                      momentum=opt.momentum, state_dtype=opt.state_dtype, max_grad_norm=opt.max_grad_norm, device=device, memory=memory,
+                      momentum=opt.momentum, state_dtype=opt.state_dtype, max_grad_norm=opt.max_grad_norm,
+                      in_backward=opt.in_backward, device=device, memory=memory,
                       model_name=source)
     notes = (note,) if note else ()
     if cfg.activation_offloading and str(device).startswith("cuda"):
