@@ -6,6 +6,14 @@ that fragments). This case runs a whole training command in a child process, rea
 axis) and reports the level at step 10, the peak and their ratio; :func:`plot` draws the curves.
 
     python -m benchmarks.longrun --out runs/longrun -- ft-prog run sft --config my.toml
+
+The harness case (:func:`run_cases`): full fine-tuning on the realistic SFT workload (the cpu-target preset's
+lengths), enough samples for ``steps`` of ft-prog's packed batches, one worker process per system (ft-prog,
+transformers, torchtune when its interpreter is given) sampled the same way; ft-prog on the malloc ``ft-prog
+run`` picks, the baselines on the C library's. Padded baselines take a batch per ``batch`` samples, so they
+run more steps over the same samples.
+
+    python -m benchmarks.longrun --harness --out runs/longrun --shape cpu-default --steps 300
 """
 
 from __future__ import annotations
@@ -91,13 +99,18 @@ def sample(cmd: list[str], *, env: dict[str, str] | None = None, interval: float
             "steps": steps}
 
 
-def summarize(run: dict[str, Any], reference_step: int = 10) -> dict[str, Any]:
-    """Peak RSS, the RSS when ``reference_step`` was printed and their ratio (MiB), and the last step seen."""
+def summarize(run: dict[str, Any], reference_step: int | None = 10) -> dict[str, Any]:
+    """Peak RSS, the RSS when ``reference_step`` was printed (None: at a tenth of the run's time, for commands
+    that print no steps) and their ratio (MiB), and the last step seen."""
     samples = run["samples"]
     if not samples:
         return {"error": "no samples"}
     peak = max(v for _, v in samples)
-    at = run["steps"].get(reference_step) or run["steps"].get(str(reference_step))
+    if reference_step is None:
+        at = samples[-1][0] / 10
+        reference_step = "10pct"
+    else:
+        at = run["steps"].get(reference_step) or run["steps"].get(str(reference_step))
     level = None
     if at is not None:
         before = [v for t, v in samples if t <= at]
@@ -129,9 +142,57 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+SAMPLES_PER_PACKED_BATCH = 12  # the cpu-target workload packs ~3 samples (median 160 tokens) per 512-token row
+
+
+def cases(shape: str, *, steps: int = 300, batch: int = 4, dtype: str = "bf16", threads: int = 2,
+          systems: tuple[str, ...] = ("ftprog", "hf")) -> list[dict[str, Any]]:
+    """One long full fine-tune of the realistic SFT workload per system (a worker ``sft`` case)."""
+    workload = dict(n=steps * SAMPLES_PER_PACKED_BATCH, seed=0, seq_len=512, median=160, sigma=0.6, min_len=16,
+                    prompt_frac=0.4)
+    return [{"kind": "sft", "system": system, "setting": "default", "method": "full", "shape": shape,
+             "device": "cpu", "dtype": dtype, "threads": threads, "batch": batch, "warmup": 0, "rank": 8,
+             "targets": ["q_proj", "v_proj"], "workload": workload, "profile": False} for system in systems]
+
+
+def run_cases(out: Path, long_cases: list[dict[str, Any]], *, pythons: dict[str, str] | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
+    """Write the checkpoint, run each case in a worker sampled every 50 ms; ``out/longrun.json`` (summaries and
+    samples) and ``out/longrun.png`` (the curves)."""
+    from benchmarks.harness import Runner
+
+    runner = Runner(out, timeout or 24 * 3600, pythons=pythons)
+    shape, dtype = long_cases[0]["shape"], long_cases[0]["dtype"]
+    weights = out / f"weights-{shape}-{dtype}"
+    res = runner.run({"kind": "weights", "config": shape, "dtype": dtype, "path": str(weights), "seed": 0,
+                      "threads": None}, f"weights-{shape}-{dtype}")
+    if not res.get("ok"):
+        raise SystemExit(f"could not build the {shape} checkpoint: {res.get('error')}")
+    vocab = json.loads((weights / "config.json").read_text())["vocab_size"]
+    runs, summaries = {}, {}
+    for case in long_cases:
+        case = {**case, "checkpoint": str(weights), "workload": {**case["workload"], "vocab": vocab}}
+        label = f"longrun-{case['system']}-{case['method']}-{dtype}-t{case['threads']}"
+        case_file, result_file = out / "logs" / f"{label}.case.json", out / "logs" / f"{label}.result.json"
+        case_file.write_text(json.dumps(case, indent=1))
+        python = (pythons or {}).get(case["system"], sys.executable)
+        runs[label] = sample([python, "-m", "benchmarks.worker", str(case_file), str(result_file)],
+                             env=runner.env(case["threads"], case["system"]), timeout=timeout)
+        summaries[label] = summarize(runs[label], reference_step=None)
+        print(label, json.dumps(summaries[label]), flush=True)
+    (out / "longrun.json").write_text(json.dumps({"summaries": summaries, "runs": runs}))
+    plot(runs, out / "longrun.png")
+    return summaries
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for samples.json and rss.png")
+    ap.add_argument("--harness", action="store_true", help="run the harness case (ft-prog and the baselines)")
+    ap.add_argument("--shape", default="cpu-default")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torchtune-python", help="interpreter of a torchtune environment (adds torchtune)")
     ap.add_argument("--label", default="run")
     ap.add_argument("--interval", type=float, default=0.05)
     ap.add_argument("--steps-file", type=Path, help="a JSONL metrics log whose rows carry the step number")
@@ -140,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.harness:
+        systems = ("ftprog", "hf", "torchtune") if args.torchtune_python else ("ftprog", "hf")
+        pythons = {"torchtune": args.torchtune_python} if args.torchtune_python else None
+        run_cases(out, cases(args.shape, steps=args.steps, threads=args.threads, systems=systems), pythons=pythons)
+        return 0
     run = sample(cmd, interval=args.interval, steps_file=args.steps_file)
     summary = summarize(run)
     (out / f"{args.label}.json").write_text(json.dumps({"cmd": cmd, "summary": summary, **run}))

@@ -514,3 +514,21 @@ def test_distill_case_chunked_and_full_logits_do_the_same_work(tmp_path):
     labels = [harness.case_label(c) for c in harness.preset_cases(
         "quick", harness.build_parser().parse_args(["--preset", "quick", "--only", "distill"]))[1]]
     assert labels == ["distill-ftprog-chunked-bf16-t1", "distill-ftprog-full-logits-bf16-t1"]
+
+
+def test_longrun_samples_rss_through_a_run(tmp_path):
+    """The long-run memory case's sampler: RSS through a child's run, steps placed on the time axis, the plot;
+    and the harness cases it runs (full fine-tuning, enough samples for the steps)."""
+    from benchmarks import longrun
+
+    code = ("import json, sys, time\nblocks = []\nfor step in range(1, 13):\n    blocks.append(bytearray(4 << 20))\n"
+            f"    open({str(tmp_path / 'm.jsonl')!r}, 'a').write(json.dumps({{'step': step}}) + '\\n')\n"
+            "    print(f'step {step}', flush=True)\n    time.sleep(0.05)\n")
+    run = longrun.sample([sys.executable, "-c", code], interval=0.01, steps_file=tmp_path / "m.jsonl")
+    assert run["rc"] == 0 and len(run["samples"]) > 5 and {10, 12} <= set(run["steps"])
+    summary = longrun.summarize(run)
+    assert summary["last_step"] == 12 and summary["peak_over_step"] >= 1.0  # it grew by 4 MiB a step
+    assert longrun.plot({"child": run}, tmp_path / "rss.png").read_bytes()[:4] == b"\x89PNG"
+    cases = longrun.cases("tiny", steps=300)
+    assert {c["system"] for c in cases} == {"ftprog", "hf"} and all(c["method"] == "full" for c in cases)
+    assert cases[0]["workload"]["n"] >= 300 * cases[0]["batch"]
