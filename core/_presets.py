@@ -41,6 +41,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-default": {**_LLAMA, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                     "num_key_value_heads": 4, "intermediate_size": 1408, "vocab_size": 32000,
                     "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    # a 254M Llama shape closer to what people fine-tune, for the CPU benchmarks (issue 20)
+    "cpu-250m": {**_LLAMA, "hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+                 "num_key_value_heads": 8, "intermediate_size": 2816, "vocab_size": 32000,
+                 "max_position_embeddings": 4096, "rope_theta": 10000.0},
     # cpu-default's size in Gemma 2's architecture: sliding-window (128) and global layers, both soft-caps
     "gemma2-cpu": {**_GEMMA, "model_type": "gemma2", "hidden_size": 512, "intermediate_size": 1408,
                    "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
