@@ -73,7 +73,7 @@ from ..core import (
 )
 from ..core import _decoder
 from ..core._decoder import attention_path
-from ..core._loss import _softmax_rows  # the row block the loss takes its fp32 softmax in
+from ..core._loss import _padded_rows, _softmax_rows  # a chunk's padded rows; the loss's fp32 softmax block
 from ..core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
 from ..transforms import checkpoint, fuse_projections, lora, param_bytes, quantize, trainable
 from . import demo_assets
@@ -622,7 +622,7 @@ def estimate(
     # targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
     b, V = DTYPE_BYTES[u.dtype], s.vocab_size
     targets = u.batch_size * u.seq_len
-    chunk = min(u.chunk_size, targets)
+    chunk = _padded_rows(min(u.chunk_size, targets), u.chunk_size)  # the loss pads a chunk's rows to a bucket
     softmax_rows = min(chunk, _softmax_rows(V, torch.device(kind)))
     loss_chunk = chunk * V * b + softmax_rows * V * 4
     if u.method == "full" and targets > u.chunk_size:

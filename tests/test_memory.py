@@ -66,3 +66,35 @@ def test_preload_allocator_reexecutes_once_with_the_library():
     system = subprocess.run([sys.executable, "-c", HOST_MEMORY_PROBE], env={**env, "FTPROG_ALLOCATOR": "system"},
                             capture_output=True, text=True, check=True).stdout
     assert "host memory: the C library's malloc (FTPROG_ALLOCATOR=system)" in system
+
+
+def test_loss_matmuls_repeat_a_few_shapes():
+    """The fused loss pads a chunk's target rows to 128-row buckets: batches with different target counts run the
+    output projection in the same shapes (a new shape each batch grew RSS without bound), same loss as unpadded."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ftprog.core._loss import _LinearCrossEntropy
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.matmul.default):
+                self.seen.add(tuple(tuple(a.shape) for a in args))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 16, generator=g)
+    shapes = Shapes()
+    for n in (130, 200, 256):
+        hidden, targets = torch.randn(n, 16, generator=g), torch.randint(0, 96, (n,), generator=g)
+        with shapes:
+            total, grad_h, grad_w = _LinearCrossEntropy.apply(hidden, weight, targets, 1024, True, True, None)
+        logits = hidden @ weight.T
+        torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        torch.testing.assert_close(grad_h, (logits.softmax(-1) - torch.nn.functional.one_hot(targets, 96)) @ weight)
+        assert grad_h.shape == (n, 16) and grad_w.shape == (96, 16)
+    assert shapes.seen == {((256, 16), (16, 96)), ((256, 96), (96, 16)), ((96, 256), (256, 16))}
