@@ -89,7 +89,7 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
     for heading in ("## Machine", "## Training step", "## Same work?", "## Realistic SFT workload", "## Generation",
                     "## Start-up", "## Baselines", "## Where the step time goes"):
         assert heading in md, heading
-    assert "Host memory: ft-prog's CPU cases keep freed memory" in md
+    assert "Host memory: ft-prog's cases run on the malloc `ft-prog run` picks (host memory: " in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "results.md" in stdout
 
