@@ -81,7 +81,8 @@ class OptimizerSection:
     """Clip gradients to this global norm; 0 disables clipping."""
     state_dtype: Literal["fp32", "bf16", "int8", "fp8"] = "fp32"
     """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params); int8 and
-    fp8 (adamw only, one process) keep them block-quantized by torchao, a quarter of fp32's."""
+    fp8 (adamw only, one process) keep them block-quantized by torchao, a quarter of fp32's, at a slower update
+    (torchao's step run eagerly: on 54M params 4.8 s for int8, 0.55 s for fp8, 0.05 s for fp32)."""
     in_backward: bool = False
     """Update each parameter as soon as its gradient is complete in the backward, and free that gradient: full
     fine-tuning then never holds all gradients at once. Needs grad_accum = 1 and max_grad_norm = 0 (the update
