@@ -54,7 +54,8 @@ def teacher_config(student: dict[str, Any], ratio: float) -> dict[str, Any]:
 def run_distill(case: dict[str, Any]) -> dict[str, Any]:
     """``warmup + steps`` distillation steps (and, with ``profile``, one more under the profiler): per-step times,
     losses and token counts, both models' sizes, and the peak memory of the timed steps."""
-    from ftprog.core import DataLoader, TokenizedDataset, from_config, optim, reuse_freed_memory, value_and_grad
+    from ftprog.core import DataLoader, TokenizedDataset, from_config, optim, value_and_grad
+    from ftprog.programs.host_memory import allocator_note
     from ftprog.programs.distill import step_loss
     from ftprog.programs.distill_config import DistillConfig, DistillSection
     from ftprog.programs.training import apply_gradients
@@ -62,8 +63,7 @@ def run_distill(case: dict[str, Any]) -> dict[str, Any]:
     device, n_steps = case["device"], case["warmup"] + case["steps"]
     out: dict[str, Any] = {}
     mem = Memory(device)
-    if device == "cpu":  # as `ft-prog run distill` does on the CPU
-        out["reuse_freed_memory"] = reuse_freed_memory()
+    out["allocator"] = allocator_note()  # the harness preloads what `ft-prog run distill` does
     data = TokenizedDataset.from_samples(workload.samples(case["workload"]), case["seq"], PAD_ID)
     loader = DataLoader(data, case["batch"], packing=True, seq_len=case["seq"], seed=0)
     batches = [b.to(device) for _, b in zip(range(n_steps + bool(case.get("profile"))), loader.forever())]
