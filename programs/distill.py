@@ -198,8 +198,9 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
                                 data_cfg.val_path])
 
     # 3. Student (sft's transforms), optimizer, and the frozen teacher.
-    base, model = build_model(cfg, device, dist.mesh, say)
+    # the optimizer first: a refused optimizer setting fails before any weights load
     opt = build_optimizer(cfg, total_steps, say)
+    base, model = build_model(cfg, device, dist.mesh, say)
     opt_state = opt.init(model.trainable_params())
     teacher = build_teacher(cfg, device, dist.mesh)
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
@@ -249,7 +250,8 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
                 if on_policy:
                     means["sampled"] = int(sampled)
                     if sampled:
-                        means["completion_length"] = num_targets / distributed.all_sum(sum(len(b.tokens) for b in micro))
+                        rows = distributed.all_sum(sum(len(b.tokens) for b in micro))
+                        means["completion_length"] = num_targets / rows
                 record = step_record(step, loss, lr, grad_norm, state, speed, loader.epoch, **means, **router)
                 log.log(record)
                 log.progress(step, loss=loss.item(), kd=record["kd_loss"], lr=lr, tok_s=round(speed))

@@ -137,8 +137,9 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                        sources=[model_path, ref_path, data_cfg.path, data_cfg.val_path])
 
     # 3. Model, transforms, optimizer, and the reference.
-    base, model = build_model(cfg, device, dist.mesh, say)
+    # the optimizer first: a refused optimizer setting fails before any weights load
     opt = build_optimizer(cfg, total_steps, say)
+    base, model = build_model(cfg, device, dist.mesh, say)
     opt_state = opt.init(model.trainable_params())
     splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
     reference_of = _reference(cfg, model, ref_path or model_path, device, dist, splits, fingerprint, say)

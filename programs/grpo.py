@@ -133,8 +133,9 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
                        sources=[model_path, data_cfg.path, data_cfg.val_path])
 
     # 3. Model, transforms, optimizer, the reference (only with beta > 0).
-    base, model = build_model(cfg, device, dist.mesh, say)
+    # the optimizer first: a refused optimizer setting fails before any weights load
     opt = build_optimizer(cfg, total_steps, say)
+    base, model = build_model(cfg, device, dist.mesh, say)
     opt_state = opt.init(model.trainable_params())
     frozen = None
     if cfg.loss.beta and cfg.peft.method == "none":

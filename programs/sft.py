@@ -118,8 +118,9 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
                        sources=[model_path, data_cfg.path, data_cfg.val_path])
 
     # 3. Model and transforms; optimizer over the trainable leaves.
-    base, model = build_model(cfg, device, dist.mesh, say)
+    # the optimizer first: a refused optimizer setting fails before any weights load
     opt = build_optimizer(cfg, total_steps, say, in_backward_ok=True)
+    base, model = build_model(cfg, device, dist.mesh, say)
     opt_state = opt.init(model.trainable_params())
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
 

@@ -335,6 +335,13 @@ def no_model_load(monkeypatch):
     forbid_model_load(monkeypatch)
 
 
+def test_a_refused_optimizer_setting_fails_before_the_model_loads(config, no_model_load):
+    from ftprog.core import ConfigError
+
+    with pytest.raises(ConfigError, match="set optimizer.max_grad_norm=0"):
+        run_sft(config, "optimizer.in_backward=true")
+
+
 def test_malformed_row_names_file_and_line(config, tmp_path, no_model_load):
     rows = [json.dumps(r) for r in reverse_rows(12)]
     rows[6] = '{"instruction": "abc", "output": '  # line 7: cut off
