@@ -465,7 +465,8 @@ def _low_bit_zeros(params: Params, kind: str, signed: bool) -> dict[str, Tensor]
 
 
 def _is_quantized_state(t: Tensor) -> bool:
-    return type(t) is not Tensor and hasattr(t, "__tensor_flatten__")
+    """A torchao low-bit moment (``OptimState8bit`` / ``OptimStateFp8``), not a plain tensor or a DTensor."""
+    return type(t).__module__.startswith("torchao.optim.")
 
 
 def _state_piece(t: Tensor, sl: slice | None) -> Tensor:
