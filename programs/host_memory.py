@@ -68,6 +68,11 @@ def allocator_note() -> str:
     if _loaded(lib):
         return f"host memory: {lib.name} (preloaded; glibc's heap fragments over long runs; {ALLOCATOR_ENV}=system " \
                "to keep it)"
-    why = f"{ALLOCATOR_ENV}=system" if os.environ.get(ALLOCATOR_ENV) == "system" else \
-        "pip install cmeel-mimalloc for flat memory over long runs"
+    choice = os.environ.get(ALLOCATOR_ENV, "")
+    if choice == "system":
+        why = f"{ALLOCATOR_ENV}=system"
+    elif choice:
+        why = f"{ALLOCATOR_ENV}={choice} is not a file"
+    else:
+        why = "pip install cmeel-mimalloc for flat memory over long runs"
     return f"host memory: the C library's malloc ({why})"

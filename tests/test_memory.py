@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PROBE = r"""
 import resource, sys, torch
@@ -46,13 +45,15 @@ print(os.getpid(), "torch" in sys.modules, allocator_note())
 """
 
 
-def _a_preloadable_library():
+def _a_preloadable_library() -> str:
+    """mimalloc where installed, else the C library this process already runs on (preloading it changes nothing)."""
     from ftprog.programs.host_memory import allocator_library
 
-    for lib in (allocator_library(), "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"):  # mimalloc, else inert
-        if lib is not None and Path(lib).is_file():
-            return str(lib)
-    pytest.skip("no malloc library to preload here")
+    lib = allocator_library()
+    if lib is not None:
+        return str(lib)
+    maps = Path("/proc/self/maps").read_text().split()
+    return next(p for p in maps if Path(p).name.startswith("libc.so"))
 
 
 def test_preload_allocator_reexecutes_once_with_the_library():
@@ -66,6 +67,9 @@ def test_preload_allocator_reexecutes_once_with_the_library():
     system = subprocess.run([sys.executable, "-c", HOST_MEMORY_PROBE], env={**env, "FTPROG_ALLOCATOR": "system"},
                             capture_output=True, text=True, check=True).stdout
     assert "host memory: the C library's malloc (FTPROG_ALLOCATOR=system)" in system
+    missing = subprocess.run([sys.executable, "-c", HOST_MEMORY_PROBE], env={**env, "FTPROG_ALLOCATOR": "/no/lib.so"},
+                             capture_output=True, text=True, check=True).stdout
+    assert "host memory: the C library's malloc (FTPROG_ALLOCATOR=/no/lib.so is not a file)" in missing
 
 
 def test_loss_matmuls_repeat_a_few_shapes():
