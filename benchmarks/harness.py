@@ -41,6 +41,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py); it runs the sft workload too.
 TORCHTUNE_METHODS = ("lora", "full")
 TORCHTUNE_STACKS = ((), ("checkpoint",))
+# ft-prog settings no baseline has (the optimizer's moments in another dtype, its step in the backward): cases
+# with them are compared with the baseline's case without them.
+FTPROG_ONLY_STACKS = ("fp32-state", "int8-state", "fp8-state", "in-backward")
 # Baselines ft-prog is compared against, in table order; ftprog-base: an earlier ft-prog (--ftprog-baseline);
 # trl: TRL's DPOTrainer (the dpo cases).
 BASELINES = ("hf", "torchtune", "trl", "ftprog-base")
@@ -122,7 +125,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                          ("ftprog", "full", ("checkpoint",)), ("hf", "full", ("checkpoint",)),
                          ("ftprog", "dora", ()), ("hf", "dora", ()), ("ftprog", "qlora", ()), ("hf", "qlora", ()),
                          ("ftprog", "lora", ("compile",)), ("hf", "lora", ("compile",)),
-                         ("ftprog", "full", ("fp32-state",))],
+                         ("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("in-backward", "int8-state"))],
                  sft=dict(n=96, seed=0, seq_len=512, median=160, sigma=0.6, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
                  generate=dict(prompt_len=32, new_tokens=64, repeats=3),
@@ -135,6 +138,12 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  distill=dict(batch=4, seq=256, warmup=1, steps=4, teacher_ratio=4.0,
                               workload=dict(n=128, seed=0, median=160, sigma=0.6, min_len=16, prompt_frac=0.4)),
                  peak_dtypes=["bf16", "fp32"], help_repeats=5, demo=True)
+    elif name == "cpu-250m":  # issue 20: a shape closer to what people fine-tune (254M), the fixed-shape train cases
+        s = dict(shape="cpu-250m", device="cpu", dtypes=["bf16"], threads=[2], batch=2, seq=256, rank=8,
+                 targets=["q_proj", "v_proj"], warmup=1, steps=4, rounds=1, methods=["lora", "full"],
+                 extras=[("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("in-backward", "int8-state"))],
+                 peak_dtypes=["bf16"], help_repeats=0, demo=False,
+                 default_skip=["sft", "generate", "dpo", "rollout", "grpo", "distill", "startup", "profile"])
     elif name == "gpu":
         s = dict(shape="llama-3.2-1b", device="cuda", dtypes=["bf16"], threads=[None], batch=4, seq=2048, rank=8,
                  targets=["q_proj", "v_proj"], warmup=3, steps=10, rounds=1, methods=["lora"],
@@ -159,7 +168,7 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  peak_dtypes=["bf16"], help_repeats=0, demo=False,
                  default_skip=["sft", "generate", "dpo", "rollout", "grpo", "distill", "startup"])
     else:
-        raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, gpu, moe")
+        raise SystemExit(f"unknown preset {name!r}: quick, cpu-target, cpu-250m, gpu, moe")
 
     for key in ("shape", "device", "batch", "seq", "rank", "warmup", "steps", "rounds"):
         value = getattr(args, key, None)
@@ -645,8 +654,11 @@ def grpo_summary(case: dict, ok: list[dict]) -> dict[str, Any]:
             "rss_before_steps": max((r["rss_before"] for r in ok if r.get("rss_before")), default=None)}
 
 
-def _key(row: dict, *fields: str) -> tuple:
+def _key(row: dict, *fields: str, plain: bool = False) -> tuple:
+    """The row's case fields as a hashable key; ``plain``: its stack without :data:`FTPROG_ONLY_STACKS`."""
     c = row["case"]
+    if plain:
+        c = {**c, "stack": [x for x in c.get("stack") or [] if x not in FTPROG_ONLY_STACKS]}
     return tuple(tuple(c.get(f)) if isinstance(c.get(f), list) else c.get(f) for f in fields)
 
 
@@ -713,7 +725,10 @@ def speedups(rows: list[dict]) -> list[dict]:
     """ft-prog tokens/s over each baseline's for the same case, and ft-prog's peak memory over theirs.
 
     Transformers under ``hf``, ``speedup``, ``memory_ratio``; torchtune under ``torchtune``,
-    ``speedup_torchtune``, ``memory_ratio_torchtune`` (absent where that baseline has no such case)."""
+    ``speedup_torchtune``, ``memory_ratio_torchtune`` (absent where that baseline has no such case). An ft-prog
+    case whose stack holds ft-prog-only settings (:data:`FTPROG_ONLY_STACKS`) is compared with the baseline's case
+    without them (e.g. full fine-tuning with int8 moments and the step in the backward against the baseline's
+    plain full fine-tuning), and the entry names the baseline's stack under ``against``."""
     out = []
     fields = ("kind", "shape", "method", "stack", "dtype", "threads", "batch", "seq", "setting", "tag")
     theirs = {b: {_key(r, *fields): r for r in rows if r["case"]["system"] == b and "error" not in r}
@@ -726,10 +741,12 @@ def speedups(rows: list[dict]) -> list[dict]:
                   "distill": "tokens_per_s"}[r["case"]["kind"]]
         entry: dict[str, Any] = {"label": r["label"], "metric": metric, "ftprog": r[metric]}
         for b in BASELINES:
-            other = theirs[b].get(_key(r, *fields))
+            other = theirs[b].get(_key(r, *fields)) or theirs[b].get(_key(r, *fields, plain=True))
             if other is None:
                 continue
             suffix = "" if b == "hf" else f"_{b}"
+            if other["case"].get("stack") != r["case"].get("stack"):
+                entry["against"] = "+".join(other["case"].get("stack") or []) or "base"
             entry[b] = other[metric]
             entry["speedup" + suffix] = r[metric] / other[metric]
             if r["case"]["kind"] == "train" and r.get("time") and other.get("time"):  # robust to added noise
@@ -752,7 +769,7 @@ def speedups(rows: list[dict]) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", help="quick | cpu-target | gpu | moe (default: quick)")
+    ap.add_argument("--preset", default="quick", help="quick | cpu-target | cpu-250m | gpu | moe (default: quick)")
     ap.add_argument("--name", help="results folder name (default: <preset>-<timestamp>)")
     ap.add_argument("--out-dir", help="write results here instead of benchmarks/results/<name>")
     ap.add_argument("--shape", help="model shape preset (ftprog.core.PRESETS or harness.SHAPES), e.g. tiny, "

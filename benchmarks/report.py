@@ -203,7 +203,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["## ft-prog vs transformers + PEFT" + (" and torchtune" if tt else "") + " (same case)", "",
                   head, "|" + " --- |" * (9 if tt else 6)]
         for sp in against_baselines:
-            line = (f"| {sp['label']} | {sp['metric']} | {sp['ftprog']:,.1f} | {_num(sp.get('hf'), ',.1f')} | "
+            label = sp["label"] + (f" (theirs: {sp['against']})" if sp.get("against") else "")
+            line = (f"| {label} | {sp['metric']} | {sp['ftprog']:,.1f} | {_num(sp.get('hf'), ',.1f')} | "
                     f"{_times(sp.get('speedup'))} | {_num(sp.get('memory_ratio'), '.2f')} |")
             if tt:
                 line += (f" {_num(sp.get('torchtune'), ',.1f')} | {_times(sp.get('speedup_torchtune'))} | "

@@ -224,11 +224,19 @@ def baseline_adamw(params):
         return torch.optim.AdamW(params, lr=LR)
 
 
+LOW_BIT_STACKS = {"int8-state": "int8", "fp8-state": "fp8"}
+"""Stacks that give ft-prog's AdamW torchao's block-quantized moments (``optimizer.state_dtype``)."""
+
+
 def optimizer_state_dtype(case: dict[str, Any]):
     """ft-prog's AdamW moments: for full fine-tuning in the params' dtype, as ``torch.optim.AdamW`` keeps them
-    for the baseline's bf16 params (identical work; stack ``fp32-state`` keeps fp32 moments instead); LoRA
-    adapters are fp32 in both systems, and so are their moments."""
-    if case["method"] != "full" or "fp32-state" in case.get("stack", []):
+    for the baseline's bf16 params (identical work; stack ``fp32-state`` keeps fp32 moments instead, ``int8-state``
+    / ``fp8-state`` torchao's quantized ones); LoRA adapters are fp32 in both systems, and so are their moments."""
+    stack = case.get("stack", [])
+    low_bit = [LOW_BIT_STACKS[x] for x in stack if x in LOW_BIT_STACKS]
+    if low_bit:
+        return low_bit[0]
+    if case["method"] != "full" or "fp32-state" in stack:
         return None
     return torch_dtype(case["dtype"])
 
@@ -241,6 +249,7 @@ def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: 
                  rank=case.get("rank", 8), targets=tuple(case.get("targets", ("q_proj", "v_proj"))),
                  state_dtype=str(optimizer_state_dtype(case) or "fp32").replace("torch.", ""),
                  checkpoint="checkpoint" in case.get("stack", []), mask=mask,
+                 in_backward="in-backward" in case.get("stack", []),
                  device=case["device"], max_grad_norm=MAX_GRAD_NORM)
     return {"peak": p.peak, "tensor_peak": p.tensor_peak, "overhead": p.overhead, "phase": p.peak_phase,
             "phases": p.phases, "weights": p.weights, "adapters": p.adapters, "gradients": p.gradients,
@@ -405,6 +414,17 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
             del grads
             state["model"] = m.with_params(params)
             return loss
+
+        def step_in_backward():  # `optimizer.in_backward`: sft's step, each leaf updated as its gradient
+            # completes (unclipped: clipping needs every gradient first)
+            from ftprog.programs.training import in_backward_step
+
+            loss, _, state["model"], state["opt"], _, _ = in_backward_step(
+                lambda m: (loss_fn(m, tokens, targets), {}), state["model"], opt, state["opt"], 0, Path("."))
+            return loss
+
+        if "in-backward" in case.get("stack", []):
+            step = step_in_backward
         del model
     elif case["system"] == "torchtune":
         from benchmarks.torchtune_worker import train_step

@@ -7,8 +7,9 @@ cpu-default full fine-tune (bf16, 4 x 256 packed, 2 threads, a busy 2-core VM): 
 (``ftprog.core.reuse_freed_memory``) the resident set grew from ~1.0 to 5.6 GiB in 197 steps; with a fixed
 256 KiB mmap threshold from 0.81 to 1.20 GiB in 100 steps; with mimalloc preloaded see the README.
 
-So a command runs on mimalloc where it is installed (the ``cmeel-mimalloc`` wheel ships ``libmimalloc.so``;
-``pip install ft-prog[mimalloc]``): :func:`preload_allocator` re-executes the command once with it in
+So a command runs on mimalloc where it is installed (the ``cmeel-mimalloc`` wheel ships ``libmimalloc.so``; a
+dependency of ft-prog on Linux x86_64, ``pip install ft-prog[mimalloc]`` elsewhere it has a wheel):
+:func:`preload_allocator` re-executes the command once with it in
 ``LD_PRELOAD``, before torch is imported. ``FTPROG_ALLOCATOR=system`` keeps the C library's ``malloc``;
 ``FTPROG_ALLOCATOR=/path/to/lib.so`` preloads another (jemalloc, tcmalloc). This module imports no torch.
 """

@@ -532,3 +532,36 @@ def test_longrun_samples_rss_through_a_run(tmp_path):
     cases = longrun.cases("tiny", steps=300)
     assert {c["system"] for c in cases} == {"ftprog", "hf"} and all(c["method"] == "full" for c in cases)
     assert cases[0]["workload"]["n"] >= 300 * cases[0]["batch"]
+
+
+def test_memory_technique_case_compares_with_the_baselines_plain_full_fine_tuning(tmp_path):
+    """The ``in-backward`` + ``int8-state`` stack (issue 20's memory case): ft-prog's full fine-tuning with torchao's
+    int8 moments, updated in the backward, from the same weights and batch as transformers' plain full
+    fine-tuning (same step-0 loss); the comparison and its report name the baseline's stack, and the plan counts
+    the int8 moments and no phase holding every gradient."""
+    from benchmarks import harness, report, worker
+
+    path = tmp_path / "tiny-bf16"
+    worker.run_weights({"config": {**TINY, "model_type": "llama"}, "dtype": "bf16", "path": str(path)})
+    common = dict(kind="train", method="full", dtype="bf16", threads=1, batch=2, seq=16, shape="tiny", rank=8,
+                  targets=["q_proj", "v_proj"], warmup=1, steps=1, device="cpu", checkpoint=str(path))
+    cases = [{**common, "system": "ftprog", "stack": ["in-backward", "int8-state"]},
+             {**common, "system": "hf", "stack": []}]
+    rows = []
+    for c in cases:
+        out = worker.run_train(c)
+        rows.append({"case": c, "label": harness.case_label(c), "tokens_per_s": 1.0, "peak_memory": out["rss_peak"],
+                     **out})
+    ours, hf = rows
+    assert ours["losses"][0] == pytest.approx(hf["losses"][0], rel=1e-2)
+    assert ours["losses"][1] != ours["losses"][0]  # the in-backward step updated the weights
+    plain = worker.plan_summary({**cases[0], "stack": []}, worker._config(cases[0]), batch=2, seq=16, mask=False)
+    assert ours["plan"]["optimizer"] < plain["optimizer"] / 1.5  # int8 codes + scales against bf16 moments
+    assert set(ours["plan"]["phases"]) == {"forward", "backward"} < set(plain["phases"])  # updates in the backward
+    (sp,) = harness.speedups(rows)
+    assert sp["against"] == "base" and sp["memory_ratio"] == pytest.approx(ours["peak_memory"] / hf["peak_memory"])
+    md = report.markdown({"name": "t", "preset": "quick", "settings": {"shape": "tiny", "batch": 2, "seq": 16,
+                          "rank": 8, "targets": ["q_proj"], "warmup": 1, "steps": 1, "rounds": 1},
+                          "machine": {}, "started": "-", "wall_s": 1.0, "rows": [], "speedups": [sp],
+                          "loss_checks": [], "torchtune": {"available": False, "reason": "x"}})
+    assert "train-ftprog-full-in-backward+int8-state-bf16-t1 (theirs: base)" in md

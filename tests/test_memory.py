@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 PROBE = r"""
 import resource, sys, torch
@@ -102,3 +104,14 @@ def test_loss_matmuls_repeat_a_few_shapes():
         torch.testing.assert_close(grad_h, (logits.softmax(-1) - torch.nn.functional.one_hot(targets, 96)) @ weight)
         assert grad_h.shape == (n, 16) and grad_w.shape == (96, 16)
     assert shapes.seen == {((256, 16), (16, 96)), ((256, 96), (96, 16)), ((96, 256), (256, 16))}
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="cmeel-mimalloc is a dependency on Linux x86_64 only (its wheel's platform)")
+def test_a_default_install_runs_on_mimalloc(monkeypatch):
+    """ft-prog depends on cmeel-mimalloc where it has a wheel, so `ft-prog run` preloads it without any setting."""
+    from ftprog.programs.host_memory import allocator_library
+
+    monkeypatch.delenv("FTPROG_ALLOCATOR", raising=False)
+    lib = allocator_library()
+    assert lib is not None and lib.name == "libmimalloc.so" and lib.is_file()
