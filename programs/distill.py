@@ -35,7 +35,6 @@ import torch
 
 from ..core import (
     Model, Tokenizer, as_dtype, distill_loss_sum, load_pretrained, load_tokenizer, read_config,
-    value_and_grad,
 )
 from ..core._data import Batch, DataLoader, TokenizedDataset, load_datasets
 from ..transforms import load_adapter, quantize
@@ -45,9 +44,9 @@ from .distill_config import DistillConfig
 from .rollouts import rollout_rows, sample_completions
 from .sft import RESUME_RULES, exact_match
 from .training import (
-    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
-    router_metric, router_share, run_summary, run_transforms, save_checkpoint, save_or_stop, setup_process,
-    step_record, with_router_loss,
+    build_model, build_optimizer, data_config, finish, metrics_log, plan_start, router_metric, router_share,
+    run_summary, run_transforms, save_checkpoint, save_or_stop, setup_process, step_record, train_step,
+    with_router_loss,
 )
 
 CONFIG = DistillConfig
@@ -220,7 +219,6 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
         return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop.
-    grad_fn = value_and_grad(step_loss, has_aux=True)
     batches = loader.forever()
     start_time, start_tokens = time.perf_counter(), state["tokens"]
     step = state["step"]
@@ -236,10 +234,9 @@ def _train(cfg: DistillConfig, resolved: dict[str, Any], dist: distributed.DistI
             else:
                 num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
             share = router_share(model, len(micro), dist.world_size)
-            loss, sums, grads = accumulate(lambda b: grad_fn(model, teacher, cfg, b, num_targets, share, sampled),
-                                           micro)
-            model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
-                                                              cfg.optimizer.max_grad_norm, step, out)
+            loss, sums, model, opt_state, grad_norm, lr = train_step(  # the teacher: frozen, no update hooks
+                step_loss, lambda b: (teacher, cfg, b, num_targets, share, sampled), micro, model, opt, opt_state,
+                cfg, step, out)
             step += 1
             state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
                          loader=loader.state_dict())

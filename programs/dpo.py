@@ -25,7 +25,7 @@ import torch
 
 from ..core import (
     Model, as_dtype, dpo_loss, kto_loss, load_pretrained, load_tokenizer, orpo_loss, read_config, simpo_loss,
-    token_logprobs, uses_average_logps, value_and_grad,
+    token_logprobs, uses_average_logps,
 )
 from ..core._data import PreferenceLoader, load_preference_datasets
 from ..transforms import without_adapters
@@ -35,9 +35,9 @@ from .dpo_config import DPOConfig
 from .sft import RESUME_RULES as SFT_RESUME_RULES
 from .sft import exact_match
 from .training import (
-    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
-    router_metric, router_share, run_summary, run_transforms, save_checkpoint, save_or_stop, setup_process,
-    step_record, with_router_loss,
+    build_model, build_optimizer, data_config, finish, metrics_log, plan_start, router_metric, router_share,
+    run_summary, run_transforms, save_checkpoint, save_or_stop, setup_process, step_record, train_step,
+    with_router_loss,
 )
 
 CONFIG = DPOConfig
@@ -158,7 +158,6 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
         return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop.
-    grad_fn = value_and_grad(step_loss, has_aux=True)
     batches = loader.forever()
     start_time, start_tokens = time.perf_counter(), state["tokens"]
     step = state["step"]
@@ -169,10 +168,10 @@ def _train(cfg: DPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             micro = [next(batches).to(device) for _ in range(accum)]
             count = max(sum(b.global_num_pairs for b in micro), 1)  # over all ranks: the exact global mean
             share = router_share(model, len(micro), dist.world_size)
-            loss, sums, grads = accumulate(lambda b: grad_fn(model, cfg, b, *reference_of(model, b), count, share),
-                                           micro)
-            model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
-                                                              cfg.optimizer.max_grad_norm, step, out)
+            # the reference (no gradient, no update hooks) is scored before the micro-batch's forward
+            loss, sums, model, opt_state, grad_norm, lr = train_step(
+                step_loss, lambda b: (cfg, b, *reference_of(model, b), count, share), micro, model, opt, opt_state,
+                cfg, step, out)
             step += 1
             state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
                          loader=loader.state_dict())

@@ -26,7 +26,7 @@ import torch
 
 from ..core import (
     Model, group_advantages, grpo_loss_sum, grpo_normalizer, grpo_token_loss, load_tokenizer, read_config,
-    token_logprobs, value_and_grad,
+    token_logprobs,
 )
 from ..core._data import DataLoader, load_prompt_datasets
 from ..transforms import without_adapters
@@ -38,8 +38,8 @@ from .grpo_config import GRPOConfig
 from .rollouts import rollout_rows, sample_completions
 from .sft import RESUME_RULES as SFT_RESUME_RULES
 from .training import (
-    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, metrics_log, plan_start,
-    router_metric, router_share, run_summary, save_checkpoint, save_or_stop, setup_process, with_router_loss,
+    build_model, build_optimizer, data_config, finish, metrics_log, plan_start, router_metric, router_share,
+    run_summary, save_checkpoint, save_or_stop, setup_process, train_step, with_router_loss,
 )
 
 CONFIG = GRPOConfig
@@ -159,7 +159,6 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
 
     # 6. The loop: a rollout, then num_iterations optimizer steps on it. Checkpoints and stop signals come
     # between rollouts, so a resumed run samples again from the same RNG state.
-    grad_fn = value_and_grad(step_loss, has_aux=True)
     batches = loader.forever()
     start_time = time.perf_counter()
     step = state["step"]
@@ -177,9 +176,9 @@ def _train(cfg: GRPOConfig, resolved: dict[str, Any], dist: distributed.DistInfo
             for _ in range(min(cfg.num_iterations, total_steps - step)):
                 parts = _micro_batches(batch, cfg.grad_accum)
                 share = router_share(model, len(parts), dist.world_size)
-                loss, sums, grads = accumulate(lambda part: grad_fn(model, cfg, part, normalizer, share), parts)
-                model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
-                                                                  cfg.optimizer.max_grad_norm, step, out)
+                loss, sums, model, opt_state, grad_norm, lr = train_step(
+                    step_loss, lambda part: (cfg, part, normalizer, share), parts, model, opt, opt_state, cfg, step,
+                    out)
                 step += 1
                 train_seconds = time.perf_counter() - t1
                 state.update(step=step, tokens=state["tokens"] + tokens, loader=loader.state_dict())

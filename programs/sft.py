@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 
-from ..core import Model, load_tokenizer, read_config, token_loss_sum, value_and_grad
+from ..core import Model, load_tokenizer, read_config, token_loss_sum
 from ..core._data import DataLoader, TokenizedDataset, load_datasets
 from . import distributed, run_guard, run_state
 from .demo_assets import resolve
 from .generate import generate
 from .sft_config import SFTConfig
 from .training import (
-    accumulate, apply_gradients, build_model, build_optimizer, data_config, finish, in_backward_step, metrics_log,
-    plan_start, router_metric, router_share, run_summary, save_checkpoint, save_or_stop, setup_process, step_record,
-    with_router_loss,
+    build_model, build_optimizer, data_config, finish, metrics_log, plan_start, router_metric, router_share,
+    run_summary, save_checkpoint, save_or_stop, setup_process, step_record, train_step, with_router_loss,
 )
 
 CONFIG = SFTConfig
@@ -119,7 +118,7 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
 
     # 3. Model and transforms; optimizer over the trainable leaves.
     # the optimizer first: a refused optimizer setting fails before any weights load
-    opt = build_optimizer(cfg, total_steps, say, in_backward_ok=True)
+    opt = build_optimizer(cfg, total_steps, say)
     base, model = build_model(cfg, device, dist.mesh, say)
     opt_state = opt.init(model.trainable_params())
     stop_ids, pad_id = sorted(tokenizer.stop_ids), train_data.pad_id
@@ -141,7 +140,6 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
         return save_checkpoint(cfg, step, model, opt_state, state, resolved)
 
     # 6. The loop. Stop signals are acted on between steps, so the checkpoint they save is a consistent one.
-    grad_fn = value_and_grad(step_loss, has_aux=True)
     batches = loader.forever()
     start_time, start_tokens = time.perf_counter(), state["tokens"]
     step = state["step"]
@@ -152,13 +150,8 @@ def _train(cfg: SFTConfig, resolved: dict[str, Any], dist: distributed.DistInfo)
             micro = [next(batches).to(device) for _ in range(accum)]
             num_targets = max(sum(b.global_num_targets for b in micro), 1)  # over all ranks: exact global mean
             aux_share = router_share(model, len(micro), dist.world_size)
-            if cfg.optimizer.in_backward:  # one micro-batch; each parameter updated as its gradient completes
-                loss, sums, model, opt_state, grad_norm, lr = in_backward_step(
-                    step_loss, model, opt, opt_state, step, out, micro, num_targets, aux_share)
-            else:
-                loss, sums, grads = accumulate(lambda b: grad_fn(model, [b], num_targets, aux_share), micro)
-                model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
-                                                                  cfg.optimizer.max_grad_norm, step, out)
+            loss, sums, model, opt_state, grad_norm, lr = train_step(
+                step_loss, lambda b: ([b], num_targets, aux_share), micro, model, opt, opt_state, cfg, step, out)
             step += 1
             state.update(step=step, tokens=state["tokens"] + distributed.all_sum(sum(b.num_tokens for b in micro)),
                          loader=loader.state_dict())

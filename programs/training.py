@@ -2,9 +2,9 @@
 
 A program reads top to bottom as: data (:func:`data_config`); :func:`plan_start` (where to continue, decided
 before anything is loaded or deleted); model, transforms and optimizer; :meth:`Start.clear` (only now is
-anything removed); :meth:`Start.restore` and :func:`metrics_log`; the loop, whose step is :func:`accumulate`
-over its micro-batches, :func:`apply_gradients`, :func:`step_record` and :func:`save_or_stop` (with
-:func:`save_checkpoint`); the end (:func:`finish`). The pieces hold no program-specific logic, so a new program
+anything removed); :meth:`Start.restore` and :func:`metrics_log`; the loop, whose step is :func:`train_step`
+over its micro-batches (:func:`accumulate` and :func:`apply_gradients`, or :func:`in_backward_step`),
+:func:`step_record` and :func:`save_or_stop` (with :func:`save_checkpoint`); the end (:func:`finish`). The pieces hold no program-specific logic, so a new program
 gets the same checkpoints, exact resume, lock, preemption and metrics by calling them.
 """
 
@@ -23,7 +23,7 @@ import attrs
 import orjson
 import torch
 
-from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, router_aux_loss
+from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, router_aux_loss, value_and_grad
 from ..core._checkpoint import recover_interrupted_swaps
 from ..core._data import DataConfig
 from ..transforms import (
@@ -99,14 +99,14 @@ def run_transforms(cfg: Any, model: Model, mesh: Any = None) -> Model:
     return model
 
 
-def build_optimizer(cfg: Any, total_steps: int, say=print, *, in_backward_ok: bool = False) -> Any:
+def build_optimizer(cfg: Any, total_steps: int, say=print) -> Any:
     """The optimizer and schedule of ``cfg``; a warmup longer than the run is cut to it (``say`` notes it).
 
-    ``optimizer.in_backward`` is refused unless the program runs :func:`in_backward_step` (``in_backward_ok``)
-    and the run allows it (one micro-batch per step, no clipping, one process)."""
+    ``optimizer.in_backward`` is refused unless the run allows it (one backward per step, no clipping, one
+    process; :func:`train_step`)."""
     o = cfg.optimizer
-    if getattr(o, "in_backward", False):
-        _check_in_backward(cfg, in_backward_ok)
+    if o.in_backward:
+        _check_in_backward(cfg)
     warmup = min(o.warmup_steps, total_steps)
     if warmup < o.warmup_steps:
         say(f"note: optimizer.warmup_steps={o.warmup_steps} is longer than the run ({total_steps} steps); warming "
@@ -247,14 +247,12 @@ def router_metric(sums: dict, micro_batches: int, world_size: int) -> dict[str, 
     return {"aux_loss": distributed.all_sum(sums.pop("aux_loss")).item() / (micro_batches * world_size)}
 
 
-def _check_in_backward(cfg: Any, supported: bool) -> None:
+def _check_in_backward(cfg: Any) -> None:
     why = None
-    if not supported:
-        why = "this program does not support it yet (sft does)"
-    elif cfg.grad_accum > 1:
-        why = (f"grad_accum={cfg.grad_accum}: a parameter is updated as soon as one micro-batch's gradient is "
-               "complete, so gradients cannot be summed over micro-batches; use grad_accum=1 (and a larger "
-               "batch_size)")
+    if cfg.grad_accum > 1:
+        why = (f"grad_accum={cfg.grad_accum}: a step would run {cfg.grad_accum} backwards (one per micro-batch) and "
+               "each parameter is updated as soon as its gradient of one backward is complete, so gradients cannot "
+               "be summed over micro-batches; use grad_accum=1 (and a larger batch_size)")
     elif cfg.optimizer.max_grad_norm > 0:
         why = (f"optimizer.max_grad_norm={cfg.optimizer.max_grad_norm}: clipping to a global norm needs every "
                "gradient before the first update; set optimizer.max_grad_norm=0")
@@ -264,19 +262,40 @@ def _check_in_backward(cfg: Any, supported: bool) -> None:
         raise ConfigError(f"optimizer.in_backward=true: {why}", key="optimizer.in_backward")
 
 
+def train_step(loss_fn: Callable[..., tuple[torch.Tensor, dict]], args_of: Callable[[Any], tuple], micro: list,
+               model: Model, opt: Any, opt_state: Any, cfg: Any, step: int, out: Path
+               ) -> tuple[torch.Tensor, dict, Model, Any, torch.Tensor, float]:
+    """One optimizer step over the micro-batches ``micro``: ``(loss, metric sums, model, opt_state, grad_norm, lr)``.
+
+    ``loss_fn(model, *args_of(batch))`` returns a micro-batch's ``(loss share, metrics)`` (``args_of`` runs just
+    before that micro-batch's forward, on the model before this step: a reference computed there sees no update).
+    With ``optimizer.in_backward`` the step's one micro-batch runs through :func:`in_backward_step`; otherwise
+    :func:`accumulate` then :func:`apply_gradients`, clipped to ``optimizer.max_grad_norm``.
+    """
+    if cfg.optimizer.in_backward:
+        (batch,) = micro  # build_optimizer refused grad_accum > 1
+        return in_backward_step(loss_fn, model, opt, opt_state, step, out, *args_of(batch))
+    grad_fn = value_and_grad(loss_fn, has_aux=True)
+    loss, sums, grads = accumulate(lambda b: grad_fn(model, *args_of(b)), micro)
+    model, opt_state, grad_norm, lr = apply_gradients(model, grads, loss, opt, opt_state,
+                                                      cfg.optimizer.max_grad_norm, step, out)
+    return loss, sums, model, opt_state, grad_norm, lr
+
+
 def in_backward_step(loss_fn: Callable[..., tuple[torch.Tensor, dict]], model: Model, opt: Any, opt_state: Any,
                      step: int, out: Path, *args: Any) -> tuple[torch.Tensor, dict, Model, Any, torch.Tensor, float]:
     """One step with the optimizer in the backward: ``(loss, metrics, model, opt_state, grad_norm, lr)``.
 
     ``loss_fn(model, *args)`` returns ``(loss, metrics)``, as for ``value_and_grad(..., has_aux=True)``. Each
     trainable leaf is updated in place (``opt.update`` on that leaf alone) as soon as its gradient is complete,
-    and the gradient is dropped, so the step never holds all gradients. The result equals :func:`apply_gradients`
-    without clipping. A non-finite loss stops the run before any update; a non-finite gradient stops it in the
-    backward, some leaves already updated (the last checkpoint is intact). ``loss`` and ``metrics`` are this
-    process's, detached on the CPU (one micro-batch, one process).
+    and the gradient is dropped, so the step never holds all gradients. A leaf the loss does not reach (an expert
+    no token chose) is updated after the backward with a zero gradient, as ``value_and_grad`` gives it. The result
+    equals :func:`apply_gradients` without clipping. A non-finite loss stops the run before any update; a
+    non-finite gradient stops it in the backward, some leaves already updated (the last checkpoint is intact).
+    ``loss`` and ``metrics`` are this process's, detached on the CPU (one micro-batch, one process).
     """
     lr = opt.lr_at(opt_state.count)
-    squares = []
+    squares, updated = [], set()
     live = {path: t.detach().requires_grad_(True) for path, t in model.trainable_params().items()}
 
     def update(path: str) -> Callable[[torch.Tensor], None]:
@@ -286,6 +305,7 @@ def in_backward_step(loss_fn: Callable[..., tuple[torch.Tensor, dict]], model: M
             if not torch.isfinite(square):
                 _stop_non_finite(f"non-finite gradient of {path}", step, out, updated=True)
             squares.append(square)
+            updated.add(path)
             opt.update({path: grad}, optim.restrict(opt_state, [path]), {path: leaf}, inplace=True)
         return hook
 
@@ -299,6 +319,10 @@ def in_backward_step(loss_fn: Callable[..., tuple[torch.Tensor, dict]], model: M
     finally:
         for h in handles:
             h.remove()
+    with torch.no_grad():
+        for path in [p for p in live if p not in updated]:
+            leaf = live[path]
+            opt.update({path: torch.zeros_like(leaf)}, optim.restrict(opt_state, [path]), {path: leaf}, inplace=True)
     params = {path: t.detach() for path, t in live.items()}
     grad_norm = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
     metrics = {k: v.detach().float().cpu() for k, v in metrics.items()}

@@ -481,3 +481,21 @@ def test_demo_distilled_student_beats_plain_sft(tmp_path):
         assert summary["exact_match_before"] == 0.0
         exact[name] = summary["exact_match_after"]
     assert exact["kd"] >= 0.95 and exact["kd"] >= exact["sft"] + 0.05, exact
+
+
+@pytest.mark.parametrize("method,mode", [("none", "offline"), ("lora", "on_policy")])
+def test_in_backward_equals_the_normal_step(method, mode, distill_config, tmp_path):
+    """optimizer.in_backward: the student's steps (full offline; LoRA on-policy, steps 2 and 3 on samples drawn
+    after an in-backward update) give the losses, KD / CE and weights of the normal step without clipping (fp32,
+    bit for bit); the frozen teacher gets no update hook."""
+    common = [f"peft.method={method}", "max_steps=3", "optimizer.max_grad_norm=0", "exact_match_samples=0",
+              "data.val_fraction=0", *(ON_POLICY if mode == "on_policy" else [])]
+    run_distill(distill_config, *common, f"output_dir={tmp_path / 'plain'}")
+    run_distill(distill_config, *common, "optimizer.in_backward=true", f"output_dir={tmp_path / 'eager'}")
+    plain, eager = records(tmp_path / "plain"), records(tmp_path / "eager")
+    keys = ("step", "loss", "kd_loss", "ce_loss", *(("sampled", "completion_length") if mode == "on_policy" else ()))
+    assert [[r.get(k) for k in keys] for r in eager] == [[r.get(k) for k in keys] for r in plain]
+    assert [r["step"] for r in eager] == [1, 2, 3]
+    for a, b in zip(plain, eager):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+    assert_bitwise_equal(weights(tmp_path / "eager" / "final"), weights(tmp_path / "plain" / "final"))

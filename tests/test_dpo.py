@@ -319,3 +319,21 @@ def test_a_reference_from_another_folder(dpo_config, model_dir, tmp_path):  # no
     done = cli("run", "dpo", "--config", str(dpo_config), f"ref.path={tmp_path / 'nowhere'}",
                f"output_dir={tmp_path / 'out2'}")
     assert done.returncode != 0 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_in_backward_equals_the_normal_step(method, dpo_config, tmp_path):
+    """optimizer.in_backward: two steps give the losses, metrics and weights of the normal step without clipping
+    (fp32, bit for bit). The reference (LoRA: the adapters-off view of the same weights; full: a frozen copy) is
+    scored before the forward and gets no update hook: step 1's loss is log 2 on both paths."""
+    common = [f"peft.method={method}", "max_steps=2", "optimizer.max_grad_norm=0", "data.val_fraction=0",
+              "log.plot=false"]
+    run_dpo(dpo_config, *common, f"output_dir={tmp_path / 'plain'}")
+    run_dpo(dpo_config, *common, "optimizer.in_backward=true", f"output_dir={tmp_path / 'eager'}")
+    plain, eager = records(tmp_path / "plain"), records(tmp_path / "eager")
+    keys = ("step", "loss", *dpo.METRICS)
+    assert [[r[k] for k in keys] for r in eager] == [[r[k] for k in keys] for r in plain]
+    assert eager[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for a, b in zip(plain, eager):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+    assert_bitwise_equal(weights(tmp_path / "eager" / "final"), weights(tmp_path / "plain" / "final"))

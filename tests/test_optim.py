@@ -588,9 +588,6 @@ def test_in_backward_config_errors(change, message):
     clip = 0.0 if change else 1.0
     cfg = SFTConfig(optimizer=OptimizerSection(in_backward=True, max_grad_norm=clip), **change)
     with pytest.raises(ConfigError, match=re.escape(message)) as e:
-        build_optimizer(cfg, 10, in_backward_ok=True)
+        build_optimizer(cfg, 10)
     assert e.value.key == "optimizer.in_backward"
-    with pytest.raises(ConfigError, match="this program does not support it yet"):
-        build_optimizer(attrs.evolve(cfg, grad_accum=1, optimizer=attrs.evolve(cfg.optimizer, max_grad_norm=0.0)), 10)
-    build_optimizer(attrs.evolve(cfg, grad_accum=1, optimizer=attrs.evolve(cfg.optimizer, max_grad_norm=0.0)), 10,
-                    in_backward_ok=True)
+    build_optimizer(attrs.evolve(cfg, grad_accum=1, optimizer=attrs.evolve(cfg.optimizer, max_grad_norm=0.0)), 10)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _sft_fixtures
-from _sft_fixtures import build_model_folder, model_dir, one_thread, train_file  # noqa: F401
+from _sft_fixtures import build_model_folder, config, model_dir, one_thread, train_file  # noqa: F401
 from ftprog.core import load_pretrained, router_aux_loss, token_loss_sum
 from ftprog.programs import training
 from ftprog.programs.cli import CONFIG_DIR
@@ -101,3 +101,78 @@ def test_every_program_trains_a_mixture_of_experts_with_its_router_loss(program,
     assert len(steps) == 2
     # num_experts * sum_e f_e P_e: 1 when perfectly balanced, at most num_experts
     assert all(1.0 <= r["aux_loss"] <= 4.0 for r in steps), steps
+
+
+# --------------------------------------------------------------------------- optimizer in the backward
+
+
+def _in_backward_cfg(in_backward: bool) -> SFTConfig:
+    from ftprog.programs.sft_config import OptimizerSection
+
+    return SFTConfig(optimizer=OptimizerSection(in_backward=in_backward, max_grad_norm=0.0, weight_decay=0.1))
+
+
+def test_train_step_in_backward_equals_the_normal_step(tmp_path):
+    """train_step with optimizer.in_backward gives the params, optimizer state, loss, metrics and gradient norm of
+    its accumulate + apply_gradients path (fp32, no clipping); a leaf the loss does not reach still gets the
+    zero-gradient update (weight decay) value_and_grad's zeros give it."""
+    from ftprog.core import from_config, optim
+    from ftprog.transforms import trainable
+
+    model = trainable(from_config("tiny", seed=0))
+    unreached = "model.layers.1.mlp.down_proj.weight"
+    assert unreached in model.trainable_params()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 512, (2, 16), generator=g) for _ in range(2)]
+
+    def loss_fn(m, tokens):
+        m = m.with_params({unreached: m.trainable_params()[unreached].detach()})  # no gradient reaches it
+        loss = token_loss_sum(m, tokens[:, :-1], tokens[:, 1:]) / tokens[:, 1:].numel()
+        return loss, {"rows": torch.tensor(float(len(tokens)))}
+
+    opt = optim.adamw(optim.schedule_by_name("constant", 1e-2, 2, 0), weight_decay=0.1)
+    runs = {}
+    for in_backward in (False, True):
+        m = model.with_params({k: v.clone() for k, v in model.trainable_params().items()})
+        state, seen = opt.init(m.trainable_params()), []
+        for step, tokens in enumerate(batches):
+            loss, sums, m, state, norm, lr = training.train_step(loss_fn, lambda b: (b,), [tokens], m, opt, state,
+                                                                 _in_backward_cfg(in_backward), step, tmp_path)
+            seen.append((loss, sums, norm, lr))
+        runs[in_backward] = m, state, seen
+    (plain, plain_state, plain_seen), (eager, eager_state, eager_seen) = runs[False], runs[True]
+    for (loss, sums, norm, lr), (loss2, sums2, norm2, lr2) in zip(plain_seen, eager_seen):
+        assert torch.equal(loss, loss2) and sums == sums2 == {"rows": 2.0} and lr == lr2
+        torch.testing.assert_close(norm2, norm, rtol=1e-6, atol=0)
+    for path, t in plain.trainable_params().items():
+        assert torch.equal(eager.trainable_params()[path], t), path
+    assert not torch.equal(plain.trainable_params()[unreached], model.trainable_params()[unreached])  # decayed
+    plain_flat, eager_flat = optim.state_dict(plain_state), optim.state_dict(eager_state)
+    assert plain_flat.keys() == eager_flat.keys() and all(torch.equal(plain_flat[k], eager_flat[k])
+                                                          for k in plain_flat)
+
+
+@pytest.mark.parametrize("program", ["sft", "dpo", "grpo", "distill"])
+@pytest.mark.parametrize("overrides, message", [
+    (["grad_accum=2", "optimizer.max_grad_norm=0"], "grad_accum=2: a step would run 2 backwards"),
+    (["optimizer.max_grad_norm=1.0"], "optimizer.max_grad_norm=1.0: clipping to a global norm needs every gradient"),
+], ids=["grad_accum", "clipping"])
+def test_every_program_refuses_in_backward_where_a_step_is_not_one_unclipped_backward(
+        program, overrides, message, request, monkeypatch, tmp_path):
+    """optimizer.in_backward with grad_accum > 1 (grpo: the rollout split into several backwards) or clipping: one
+    ConfigError naming the key and why, before any weights load."""
+    import importlib
+
+    from ftprog.core import ConfigError
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_pretrained called before the optimizer settings were checked")
+
+    monkeypatch.setattr(training, "load_pretrained", refuse)
+    module = importlib.import_module(f"ftprog.programs.{program}")
+    config = request.getfixturevalue("config" if program == "sft" else f"{program}_config")
+    cfg, resolved = load_config(module.CONFIG, config, ["optimizer.in_backward=true", *overrides],
+                                builtin_dir=CONFIG_DIR / program)
+    with pytest.raises(ConfigError, match=message) as e:
+        module.run(cfg, resolved)
+    assert e.value.key == "optimizer.in_backward"
