@@ -86,7 +86,8 @@ class OptimizerSection:
     in_backward: bool = False
     """Update each parameter as soon as its gradient is complete in the backward, and free that gradient: full
     fine-tuning then never holds all gradients at once. Needs grad_accum = 1 and max_grad_norm = 0 (the update
-    happens before the global gradient norm is known); one process; sft only for now."""
+    happens before the global gradient norm is known); one process. Every training program (grpo: any
+    num_iterations, each optimizer step being one backward)."""
 
 
 @attrs.frozen

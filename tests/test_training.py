@@ -91,10 +91,10 @@ def test_every_program_trains_a_mixture_of_experts_with_its_router_loss(program,
     import importlib
 
     module = importlib.import_module(f"ftprog.programs.{program}")
-    config = request.getfixturevalue(f"{program}_config")
+    config_file = request.getfixturevalue(f"{program}_config")
     overrides = [f"model.path={moe_dir}", "max_steps=2", "log.every=1", "log.plot=false", "eval_every=0",
                  'peft.targets=["q_proj", "experts"]']
-    cfg, resolved = load_config(module.CONFIG, config, overrides, builtin_dir=CONFIG_DIR / program)
+    cfg, resolved = load_config(module.CONFIG, config_file, overrides, builtin_dir=CONFIG_DIR / program)
     module.run(cfg, resolved)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -170,8 +170,8 @@ def test_every_program_refuses_in_backward_where_a_step_is_not_one_unclipped_bac
 
     monkeypatch.setattr(training, "load_pretrained", refuse)
     module = importlib.import_module(f"ftprog.programs.{program}")
-    config = request.getfixturevalue("config" if program == "sft" else f"{program}_config")
-    cfg, resolved = load_config(module.CONFIG, config, ["optimizer.in_backward=true", *overrides],
+    config_file = request.getfixturevalue("config" if program == "sft" else f"{program}_config")
+    cfg, resolved = load_config(module.CONFIG, config_file, ["optimizer.in_backward=true", *overrides],
                                 builtin_dir=CONFIG_DIR / program)
     with pytest.raises(ConfigError, match=message) as e:
         module.run(cfg, resolved)
