@@ -14,7 +14,9 @@ from ._data import (
 from ._distill import DIVERGENCES, distill_divergence, distill_loss_sum
 from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare, router_aux_loss
 from ._grad import value_and_grad
-from ._linear import dense_weight, is_training, linear, linear_kind, register_linear, set_training
+from ._linear import (
+    dense_weight, grouped_linear, is_training, linear, linear_kind, per_node_linear, register_linear, set_training,
+)
 from ._loss import token_logprobs, token_loss_sum
 from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
@@ -36,10 +38,10 @@ __all__ = [
     "ModelConfig", "PRESETS", "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss",
     "PreferenceStats", "Prepare", "PromptDataset", "PromptStats", "TokenizedDataset", "Tokenizer", "as_dtype",
     "combine", "dense_weight", "distill_divergence", "distill_loss_sum", "dpo_loss", "flatten", "fold_system", "from_config", "group_advantages",
-    "grpo_loss_sum", "grpo_normalizer", "grpo_token_loss", "is_dtensor", "is_plain", "is_quantized", "is_static",
+    "grouped_linear", "grpo_loss_sum", "grpo_normalizer", "grpo_token_loss", "is_dtensor", "is_plain", "is_quantized", "is_static",
     "is_training", "kto_kl", "kto_loss", "linear", "linear_kind", "linear_paths", "load_datasets",
     "load_preference_datasets", "load_pretrained", "load_prompt_datasets", "load_tokenizer", "make_model",
-    "matches", "nan_std", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "perplexity",
+    "matches", "nan_std", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "per_node_linear", "perplexity",
     "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
     "reward_metrics", "router_aux_loss", "save_pretrained", "select", "set_training", "simpo_loss",
     "split_validation", "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences",

@@ -10,13 +10,18 @@ runs here, so the model code never mentions adapters or quantization:
   stored in it (tensors and static settings). ``ftprog.transforms.lora``
   registers LoRA / DoRA this way; a new adapter kind needs no change here.
 
+Mixtures of experts compute one projection of every expert at once with
+:func:`grouped_linear` (rows sorted by expert): a kind may register a grouped
+implementation beside its per-node one; otherwise each expert's slice goes
+through :func:`linear`, so any mix of kinds (quantized, DoRA, unadapted) works.
+
 Training mode (adapter dropout) is one process-wide value that the forward
 sets from its context (:func:`set_training`), read with :func:`is_training`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +30,28 @@ from ._tree import is_quantized
 
 LinearFn = Callable[[torch.Tensor, Mapping], torch.Tensor]
 """``fn(x [..., in], node) -> [..., out]``: how one kind of linear node computes."""
+GroupedLinearFn = Callable[[torch.Tensor, Sequence[int], Sequence[Mapping]], torch.Tensor]
+"""``fn(x [rows, in], counts, nodes) -> [rows, out]``: a kind's :func:`grouped_linear` over nodes all of that kind."""
 
 PLAIN_KEYS = frozenset({"weight", "bias"})
 _KINDS: dict[str, LinearFn] = {}
+_GROUPED: dict[str, GroupedLinearFn] = {}
 _training = False
 
 
-def register_linear(key: str, fn: LinearFn) -> None:
+def register_linear(key: str, fn: LinearFn, *, grouped: GroupedLinearFn | None = None) -> None:
     """Make :func:`linear` compute every node that holds ``key`` with ``fn(x, node)``.
 
-    ``key`` is a name no other kind uses (LoRA registers ``"lora_A"``). Registering
-    a key again replaces its function (reloading a module is harmless).
+    ``key`` is a name no other kind uses (LoRA registers ``"lora_A"``). ``grouped``: how
+    :func:`grouped_linear` computes a group of such nodes at once (default: ``fn`` per node).
+    Registering a key again replaces its functions (reloading a module is harmless).
     """
     if key in PLAIN_KEYS:
         raise ValueError(f"register_linear: {key!r} is part of every plain linear node; choose another key")
     _KINDS[key] = fn
+    _GROUPED.pop(key, None)
+    if grouped is not None:
+        _GROUPED[key] = grouped
 
 
 def linear_kind(node: Mapping) -> str | None:
@@ -78,9 +90,37 @@ def dense_weight(node: Mapping[str, torch.Tensor], dtype: torch.dtype | None = N
     return w if dtype is None else w.to(dtype)
 
 
+def _kind(node: Mapping) -> str | None:
+    return None if len(node) == 1 or (len(node) == 2 and "bias" in node) else linear_kind(node)
+
+
 def linear(x: torch.Tensor, node: Mapping) -> torch.Tensor:
     """``x [..., in] -> [..., out]`` through whatever the tree holds at this linear."""
-    kind = None if len(node) == 1 or (len(node) == 2 and "bias" in node) else linear_kind(node)
+    kind = _kind(node)
     if kind is None:
         return F.linear(x, node["weight"], node.get("bias"))
     return _KINDS[kind](x, node)
+
+
+def grouped_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[Mapping]) -> torch.Tensor:
+    """``x [rows, in] -> [rows, out]``, the first ``counts[0]`` rows through ``nodes[0]``, the next ``counts[1]``
+    through ``nodes[1]``, ... (one projection of every expert over tokens sorted by expert).
+
+    Nodes all of one kind that registered a grouped implementation compute through it; any other group (plain,
+    quantized, mixed kinds) runs :func:`linear` per node. A node with ``count`` 0 still runs (on no rows), so its
+    parameters take part in the backward.
+    """
+    if len(counts) != len(nodes) or sum(counts) != x.shape[0]:
+        raise ValueError(f"grouped_linear: counts {list(counts)} (sum {sum(counts)}) for {len(nodes)} nodes and "
+                         f"{x.shape[0]} rows; give one count per node, summing to the rows")
+    kinds = {_kind(node) for node in nodes}
+    grouped = _GROUPED.get(kinds.pop()) if len(kinds) == 1 else None
+    if grouped is not None:
+        return grouped(x, counts, nodes)
+    return per_node_linear(x, counts, nodes)
+
+
+def per_node_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[Mapping]) -> torch.Tensor:
+    """:func:`grouped_linear` as one :func:`linear` per node: what a grouped implementation must equal."""
+    # split, not slicing: its backward is one concatenation rather than a zero-filled copy per slice
+    return torch.cat([linear(rows, node) for rows, node in zip(x.split(list(counts)), nodes)])

@@ -7,17 +7,19 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 
 from _hf import MOE_ARCHS, save_hf
 from _oracle import causal_lm_loss
 from ftprog.core import (
-    ConfigError, KVCache, ModelConfig, from_config, linear_paths, load_pretrained, param_shapes, router_aux_loss,
-    save_pretrained, value_and_grad,
+    ConfigError, KVCache, ModelConfig, from_config, grouped_linear, linear_paths, load_pretrained, param_shapes,
+    per_node_linear, router_aux_loss, save_pretrained, set_training, value_and_grad,
 )
 from ftprog.core._decoder import route
 from ftprog.transforms import checkpoint, load_adapter, lora, merge, save_adapter
+from ftprog.transforms._lora import LoraSpec
 
 ARCHS = sorted(MOE_ARCHS)
 
@@ -309,6 +311,70 @@ def test_expert_lora_gradients_and_router_target(tmp_path):
         lora(load_pretrained(tmp_path), rank=2, alpha=4, targets=("q_proj", "gate"))
     with pytest.raises(ValueError, match=r"\['w9'\] match no linear layer.*'experts'.*'w1'"):
         lora(load_pretrained(tmp_path), rank=2, alpha=4, targets=("w9",))
+
+
+def expert_nodes(counts, rank=3, dropout=0.0, hidden=16, out=12, seed=0):
+    """fp32 LoRA nodes of one projection of ``len(counts)`` experts (``B`` random, so the adapters count), and
+    ``x [sum counts, hidden]`` sorted by expert."""
+    g = torch.Generator().manual_seed(seed)
+    spec = LoraSpec(rank=rank, alpha=2.0 * rank, dropout=dropout)
+    nodes = [{"weight": torch.randn(out, hidden, generator=g), "lora_A": {"weight": torch.randn(rank, hidden, generator=g)},
+              "lora_B": {"weight": torch.randn(out, rank, generator=g)}, "lora": spec} for _ in counts]
+    return nodes, torch.randn(sum(counts), hidden, generator=g)
+
+
+def adapter_leaves_of(nodes):
+    return [t for n in nodes for t in (n["lora_A"]["weight"], n["lora_B"]["weight"])]
+
+
+def test_grouped_lora_equals_the_per_expert_loop():
+    """grouped_linear over LoRA experts (every adapter in two matmuls, masked) = one lora_linear per expert:
+    output and the gradients of the input and every adapter, fp32, with an expert no token chose (whose adapter
+    gets zero gradients); nodes of mixed kinds (plain, DoRA) and bad counts take the per-node path / are refused."""
+    counts = [3, 0, 5, 2]
+    nodes, x = expert_nodes(counts)
+    leaves = [x.requires_grad_(), *adapter_leaves_of(nodes)]
+    for t in leaves:
+        t.requires_grad_()
+    weight = torch.randn(10, 12)
+    results = []
+    for fn in (grouped_linear, per_node_linear):
+        y = fn(x, counts, nodes)
+        results.append((y, torch.autograd.grad((y * weight).sum(), leaves)))
+    (y, grads), (ref, ref_grads) = results
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-5 * r.abs().max().clamp(min=1e-6)
+    assert grads[3].abs().max() == 0 and grads[4].abs().max() == 0  # expert 1's A and B: no tokens
+    with torch.no_grad():
+        mixed = [nodes[0], {"weight": nodes[1]["weight"]}, {**nodes[2], "lora_magnitude_vector": torch.ones(12)},
+                 nodes[3]]
+        assert torch.equal(grouped_linear(x, counts, mixed), per_node_linear(x, counts, mixed))
+        dora = [{**n, "lora_magnitude_vector": torch.ones(12)} for n in nodes]
+        assert torch.equal(grouped_linear(x, counts, dora), per_node_linear(x, counts, dora))
+    with pytest.raises(ValueError, match=r"counts \[3, 0, 5\] \(sum 8\) for 4 nodes and 10 rows"):
+        grouped_linear(x, [3, 0, 5], nodes)
+
+
+def test_grouped_lora_dropout_drops_each_experts_input():
+    """With dropout, the grouped path draws one dropout mask over the sorted rows (each row is one expert's input
+    token, so every expert's adapter input is dropped independently, as peft drops each adapted linear's input)
+    and the base sees the undropped rows; outside training there is no dropout."""
+    counts = [4, 0, 6]
+    nodes, x = expert_nodes(counts, dropout=0.5)
+    previous = set_training(True)
+    try:
+        torch.manual_seed(7)
+        y = grouped_linear(x, counts, nodes)
+        torch.manual_seed(7)
+        dropped = F.dropout(x, 0.5)
+    finally:
+        set_training(previous)
+    scale = nodes[0]["lora"].scale
+    ref = torch.cat([F.linear(r, n["weight"]) + scale * F.linear(F.linear(d, n["lora_A"]["weight"]), n["lora_B"]["weight"])
+                     for r, d, n in zip(x.split(counts), dropped.split(counts), nodes)])
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.allclose(grouped_linear(x, counts, nodes), per_node_linear(x, counts, nodes), rtol=1e-5, atol=1e-5)
 
 
 def test_sft_adds_and_logs_the_router_loss(tmp_path, monkeypatch):
