@@ -511,14 +511,48 @@ def grouped_experts(p: Mapping, x: torch.Tensor, weights: torch.Tensor, experts:
     slot_expert = experts.reshape(-1)
     order = torch.argsort(slot_expert, stable=True)
     token = order // top_k
+    slot_weight = weights.reshape(-1)[order]
     if x.device.type == "meta":  # memory planning: no values to route by, so tokens spread evenly
         counts = [len(slot_expert) // len(p) + (e < len(slot_expert) % len(p)) for e in range(len(p))]
     else:
         counts = torch.bincount(slot_expert, minlength=len(p)).tolist()
+    block = expert_row_block(x.device.type, len(token), len(p))
+    if block > 1:
+        token, slot_weight, counts = padded_slots(token, slot_weight, counts, block)
     # index_select, not indexing: its backward is an index_add, several times faster on CPU than index_put
     y = expert_mlps([p[str(e)] for e in range(len(p))], x.index_select(0, token), counts, config)
-    y = y * weights.reshape(-1)[order, None]
+    y = y * slot_weight[:, None]
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+EXPERT_ROW_BLOCK = {"cpu": 32}
+"""Per device, the most rows an expert's slice is padded to a multiple of (:func:`padded_slots`). On the CPU,
+oneDNN builds a kernel for every new matrix shape (~1.5 ms for a bf16 matmul) and keeps the last 1,024; unpadded,
+each expert's row count is a new shape almost every step."""
+
+
+def expert_row_block(device_type: str, rows: int, experts: int) -> int:
+    """The multiple each expert's slice of ``rows`` (token, expert) pairs is padded to: a power of 2, at most
+    ``EXPERT_ROW_BLOCK`` for the device (1, no padding, elsewhere) and ``rows / (16 experts)``, so the padding
+    (``experts`` blocks) adds at most 1/16 to the rows."""
+    fair = min(EXPERT_ROW_BLOCK.get(device_type, 1), rows // (16 * experts))
+    return 1 << (fair.bit_length() - 1) if fair > 1 else 1
+
+
+def padded_slots(token: torch.Tensor, weight: torch.Tensor, counts: Sequence[int],
+                 block: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The sorted (token, weight) slots with each expert's ``counts[e]`` rows padded to a multiple of ``block``,
+    the last expert's further so that all rows are always ``ceil(sum counts / block) + len(counts)`` blocks: one
+    shape per step size for the matmuls over all rows. Padding rows read token 0 with weight 0, so they add
+    exactly nothing to the output or to any gradient. Returns ``(token, weight, padded counts)``."""
+    padded = [-(-c // block) * block for c in counts]
+    padded[-1] += (-(-sum(counts) // block) + len(counts)) * block - sum(padded)
+    starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    padded_starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
+    expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=len(token))
+    dest = (torch.arange(len(token)) + (padded_starts - starts)[expert]).to(token.device)
+    rows = torch.zeros(sum(padded), dtype=token.dtype, device=token.device).index_copy(0, dest, token)
+    return rows, weight.new_zeros(sum(padded)).index_copy(0, dest, weight), padded
 
 
 def expert_mlps(nodes: Sequence[Mapping], x: torch.Tensor, counts: Sequence[int], config: ModelConfig) -> torch.Tensor:

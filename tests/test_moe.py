@@ -17,7 +17,8 @@ from ftprog.core import (
     ConfigError, KVCache, ModelConfig, from_config, grouped_linear, linear_paths, load_pretrained, param_shapes,
     per_node_linear, router_aux_loss, save_pretrained, set_training, value_and_grad,
 )
-from ftprog.core._decoder import route
+from ftprog.core import _decoder
+from ftprog.core._decoder import expert_row_block, padded_slots, route
 from ftprog.transforms import checkpoint, load_adapter, lora, merge, save_adapter
 from ftprog.transforms._lora import LoraSpec
 
@@ -375,6 +376,33 @@ def test_grouped_lora_dropout_drops_each_experts_input():
                      for r, d, n in zip(x.split(counts), dropped.split(counts), nodes)])
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert torch.allclose(grouped_linear(x, counts, nodes), per_node_linear(x, counts, nodes), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_expert_rows_change_nothing(monkeypatch):
+    """On the CPU each expert's rows are padded to a multiple of a block (few matmul shapes for oneDNN's kernel
+    cache): padding rows carry weight 0 after the real rows of their expert, all rows a fixed number of blocks, and
+    a LoRA-on-experts model's logits and adapter gradients are those without padding (fp32)."""
+    token, weight = torch.tensor([5, 1, 2, 0, 7, 3, 4, 6, 8]), torch.arange(1.0, 10.0)
+    rows, weights, counts = padded_slots(token, weight, [3, 0, 5, 1], block=4)
+    assert counts == [4, 0, 8, 16] and len(rows) == (3 + 4) * 4
+    assert rows[:3].tolist() == [5, 1, 2] and rows[4:9].tolist() == [0, 7, 3, 4, 6] and rows[12] == 8
+    assert weights.tolist() == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 0, 0, 9] + [0] * 15
+    assert expert_row_block("cpu", 2048, 8) == 16 and expert_row_block("cuda", 2048, 8) == 1
+    config = {"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 4,
+              "num_experts_per_tok": 2}
+    model = lora(from_config(config, seed=0), rank=2, alpha=4, targets="experts")
+    g = torch.Generator().manual_seed(0)
+    model = model.with_params({p: 0.3 * torch.randn(t.shape, generator=g) for p, t in model.trainable_params().items()})
+    tokens = torch.randint(0, 64, (2, 64), generator=g)  # 256 (token, expert) pairs: blocks of 4 rows
+    results = []
+    for cap in (32, 1):
+        monkeypatch.setitem(_decoder.EXPERT_ROW_BLOCK, "cpu", cap)
+        results.append(value_and_grad(lambda m: causal_lm_loss(m(tokens, training=True), tokens))(model))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * ref_loss.item()
+    for path, grad in ref_grads.items():
+        assert (grads[path] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-6), path
 
 
 def test_sft_adds_and_logs_the_router_loss(tmp_path, monkeypatch):
