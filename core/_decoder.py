@@ -560,8 +560,8 @@ def expert_mlps(nodes: Sequence[Mapping], x: torch.Tensor, counts: Sequence[int]
     expert ``e``) ``-> same``; the projections are named as the checkpoint names them."""
     gate, up, down = config.moe.projections
     act = _ACTIVATIONS[config.hidden_act]
-    hidden = act(grouped_linear(x, counts, [n[gate] for n in nodes])) * grouped_linear(x, counts, [n[up] for n in nodes])
-    return grouped_linear(hidden, counts, [n[down] for n in nodes])
+    gated = act(grouped_linear(x, counts, [n[gate] for n in nodes]))
+    return grouped_linear(gated * grouped_linear(x, counts, [n[up] for n in nodes]), counts, [n[down] for n in nodes])
 
 
 def router_aux_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], config: ModelConfig,

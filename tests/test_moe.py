@@ -1,7 +1,7 @@
 """Mixtral and Qwen3-MoE against transformers (and peft) on tiny checkpoints (``_hf.MOE_ARCHS``): the checkpoint's
 per-expert layout kept in the tree and on save, top-k routing, plain / padded / packed / cached logits, bf16,
-greedy generation, full fine-tuning gradients, the router's load-balancing loss, per-expert LoRA, and the sft
-program's ``aux_loss``."""
+greedy generation, full fine-tuning gradients, the router's load-balancing loss, per-expert LoRA (grouped over the
+experts = one expert at a time), padded expert rows, and the sft program's ``aux_loss``."""
 
 import json
 
@@ -319,7 +319,8 @@ def expert_nodes(counts, rank=3, dropout=0.0, hidden=16, out=12, seed=0):
     ``x [sum counts, hidden]`` sorted by expert."""
     g = torch.Generator().manual_seed(seed)
     spec = LoraSpec(rank=rank, alpha=2.0 * rank, dropout=dropout)
-    nodes = [{"weight": torch.randn(out, hidden, generator=g), "lora_A": {"weight": torch.randn(rank, hidden, generator=g)},
+    nodes = [{"weight": torch.randn(out, hidden, generator=g),
+              "lora_A": {"weight": torch.randn(rank, hidden, generator=g)},
               "lora_B": {"weight": torch.randn(out, rank, generator=g)}, "lora": spec} for _ in counts]
     return nodes, torch.randn(sum(counts), hidden, generator=g)
 
@@ -372,7 +373,8 @@ def test_grouped_lora_dropout_drops_each_experts_input():
     finally:
         set_training(previous)
     scale = nodes[0]["lora"].scale
-    ref = torch.cat([F.linear(r, n["weight"]) + scale * F.linear(F.linear(d, n["lora_A"]["weight"]), n["lora_B"]["weight"])
+    ref = torch.cat([F.linear(r, n["weight"])
+                     + scale * F.linear(F.linear(d, n["lora_A"]["weight"]), n["lora_B"]["weight"])
                      for r, d, n in zip(x.split(counts), dropped.split(counts), nodes)])
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert torch.allclose(grouped_linear(x, counts, nodes), per_node_linear(x, counts, nodes), rtol=1e-5, atol=1e-5)
