@@ -352,7 +352,9 @@ def moe_lines(r: dict[str, Any]) -> list[str]:
              f"2r). Trainable parameters: ft-prog {_num(params.get('ftprog'))}, transformers "
              f"{_num(params.get('hf'))}. Cross-entropy only (no router loss) in both. transformers computes the "
              f"experts with `experts_implementation={impl!r}`; ft-prog sorts the (token, expert) pairs by expert and "
-             "runs one gated MLP per expert over its slice (`ftprog.core._decoder.grouped_experts`).", ""]
+             "runs each expert's base projections over its slice (padded on the CPU to a multiple of a row block), "
+             "every expert's adapters of a projection together in two matmuls "
+             "(`ftprog.core._decoder.grouped_experts`, `ftprog.core.grouped_linear`).", ""]
     for sp in r.get("speedups", []):
         if "hf" not in sp or not any(sp["label"] == x["label"] for x in rows):
             continue
