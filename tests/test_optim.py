@@ -436,45 +436,123 @@ def test_trains_a_tiny_model():
 # --------------------------------------------------------------------------- low-bit states (torchao)
 
 
-def _low_bit_params(dtype):
-    g = torch.Generator().manual_seed(0)
+@pytest.fixture(autouse=True)
+def eager_low_bit_step(monkeypatch):
+    """The low-bit AdamW step runs eagerly in this module (compiling it costs seconds per piece size), but in
+    the tests that ask for ``compiled_low_bit_step``."""
+    from ftprog.core import _optim
+
+    monkeypatch.setenv(_optim.COMPILE_OPTIMIZER_ENV, "0")
+    _optim._adam_steps.cache_clear()
+    yield
+    _optim._adam_steps.cache_clear()
+    _optim._compile_failed.clear()
+
+
+@pytest.fixture
+def compiled_low_bit_step(monkeypatch, eager_low_bit_step):
+    from ftprog.core import _optim
+
+    monkeypatch.delenv(_optim.COMPILE_OPTIMIZER_ENV)
+    _optim._adam_steps.cache_clear()
+
+
+def _low_bit_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
     return {"w": torch.randn(64, 128, generator=g).to(dtype), "b": torch.randn(100, generator=g).to(dtype)}
 
 
 def _low_bit_grads(step, dtype):
-    g = torch.Generator().manual_seed(50 + step)
-    return {"w": torch.randn(64, 128, generator=g).to(dtype), "b": torch.randn(100, generator=g).to(dtype)}
+    return _low_bit_params(dtype, seed=50 + step)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_bit_adamw_equals_torchao(monkeypatch, kind, dtype):
-    """state_dtype int8 / fp8: torchao's quantized moments and update, equal to AdamW8bit / AdamWFp8 (run eagerly)
-    bit for bit, also when a tensor is updated in pieces."""
+def _run_against_torchao(kind, dtype, steps=3):
+    """Our update and torchao's ``AdamW8bit`` / ``AdamWFp8`` side by side: (our params, state, their params, state)."""
     from torchao.optim import AdamW8bit, AdamWFp8
 
-    from ftprog.core import _optim
-
-    monkeypatch.setattr(_optim, "_UPCAST_NUMEL", 4096)  # "w" (8192 elements) goes in two pieces
     params = _low_bit_params(dtype)
     ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
     state = opt.init(params)
-    assert type(state.exp_avg["w"]).__name__ == ("OptimState8bit" if kind == "int8" else "OptimStateFp8")
     theirs = (AdamW8bit if kind == "int8" else AdamWFp8)(list(ref.values()), lr=1e-2, weight_decay=0.1)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # torchao compiles its step: run it eagerly
-    for step in range(3):
+    for step in range(steps):
         grads = _low_bit_grads(step, dtype)
         params, state = opt.update(grads, state, params, inplace=step % 2 == 0)
         for k, p in ref.items():
             p.grad = grads[k].clone()
         theirs.step()
-    for k, p in ref.items():
-        assert torch.equal(params[k], p.detach()), k
+    return params, state, {k: p.detach() for k, p in ref.items()}, {k: theirs.state[p] for k, p in ref.items()}
+
+
+def _assert_same_as_torchao(params, state, their_params, their_state):
+    for k, p in their_params.items():
+        assert torch.equal(params[k], p), k
         for name in ("exp_avg", "exp_avg_sq"):
-            ours_m, their_m = getattr(state, name)[k], theirs.state[p][name]
-            deq = (lambda t: t.dequantize()) if k == "w" else (lambda t: t)
-            assert torch.equal(deq(ours_m), deq(their_m)), (k, name)
+            ours, theirs = getattr(state, name)[k], their_state[k][name]
+            if k == "w":  # quantized: the same codes and block scales
+                assert type(ours) is type(theirs)
+                assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.scale, theirs.scale), (k, name)
+            else:
+                assert torch.equal(ours, theirs), (k, name)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_low_bit_adamw_equals_eager_torchao(monkeypatch, kind, dtype):
+    """state_dtype int8 / fp8 with FTPROG_COMPILE_OPTIMIZER=0: torchao's quantized moments and update, equal to
+    AdamW8bit / AdamWFp8 run eagerly bit for bit, also when a tensor is updated in pieces; one note says so."""
+    from ftprog.core import _optim
+
+    monkeypatch.setattr(_optim, "_LOW_BIT_PIECE", 1024)  # "w" (8192 elements) goes in 8 pieces
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # torchao compiles its step: run it eagerly
+    with pytest.warns(UserWarning, match="runs eagerly \\(FTPROG_COMPILE_OPTIMIZER=0\\)") as notes:
+        ours = _run_against_torchao(kind, dtype)
+    assert len([n for n in notes if "runs eagerly" in str(n.message)]) == 1
+    assert type(ours[1].exp_avg["w"]).__name__ == ("OptimState8bit" if kind == "int8" else "OptimStateFp8")
+    _assert_same_as_torchao(*ours)
+
+
+def test_compiled_low_bit_adamw_equals_compiled_torchao(compiled_low_bit_step):
+    """The compiled step (flat pieces of fixed sizes) equals torchao's AdamW8bit, which compiles its step per
+    param shape, bit for bit (measured: also fp8, and fp32 params); its state through safetensors resumes exactly."""
+    params, state, their_params, their_state = _run_against_torchao("int8", torch.bfloat16, steps=2)
+    _assert_same_as_torchao(params, state, their_params, their_state)
+    opt = adamw(1e-2, weight_decay=0.1, state_dtype="int8")
+    saved = st_load(st_save(dict(params)))
+    resumed_state = load_state_dict(opt, saved, st_load(st_save(state_dict(state))))
+    grads = _low_bit_grads(2, torch.bfloat16)
+    straight, straight_state = opt.update(grads, state, params)
+    resumed, resumed_state = opt.update(grads, resumed_state, saved)
+    assert_bitwise(resumed, straight)
+    assert_bitwise(state_dict(resumed_state), state_dict(straight_state))
+
+
+def test_failed_compile_falls_back_to_the_eager_step(monkeypatch, compiled_low_bit_step):
+    """No C++ compiler (or Triton): one note, then the eager step, equal to torchao's eager optimizer."""
+    import torch._dynamo
+
+    def broken(*args):
+        raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken if fn.__module__ == "ftprog.core._optim" else fn)
+    with pytest.warns(UserWarning, match="torch.compile failed: InvalidCxxCompiler: No working C") as notes:
+        ours = _run_against_torchao("fp8", torch.float32)
+    assert len([n for n in notes if "runs eagerly" in str(n.message)]) == 1
+    _assert_same_as_torchao(*ours)
+
+
+@pytest.mark.parametrize("n,quantized,sizes", [
+    (8192, True, [4096, 4096]), (4096 + 3 * 256, True, [4096, 256, 256, 256]),
+    (3 * 2**18 + 2**16 + 1024, True, [2**18] * 3 + [2**16, 1024]), (100, False, [100]),
+    (2**20 + 5, False, [2**20, 5]), (0, False, [])])
+def test_low_bit_cuts_are_a_few_fixed_sizes(n, quantized, sizes):
+    from ftprog.core._optim import _LOW_BIT_PIECE, _low_bit_cuts
+
+    cuts = _low_bit_cuts(n, quantized)
+    assert [c.stop - c.start for c in cuts] == sizes
+    assert [c.start for c in cuts] == [sum(sizes[:i]) for i in range(len(sizes))]
+    if quantized:
+        assert all(size in {256 * 4**k for k in range(10)} and size <= _LOW_BIT_PIECE for size in sizes)
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
