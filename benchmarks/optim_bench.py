@@ -1,6 +1,14 @@
 """Step time of ft-prog's AdamW against torch.optim.AdamW on a 56M-parameter set of tensors.
 
     python -m benchmarks.optim_bench [--device cuda] [--dtype bf16] [--steps 10] [--rounds 3]
+    python -m benchmarks.optim_bench --states fp32,bf16,int8,fp8 [--shape cpu-default] [--dtype bf16] [--threads 1]
+                                     [--sft-step]
+
+``--states``: ft-prog's AdamW update on a preset's parameters (``--shape``) with each moment dtype, every
+one in a fresh interpreter: the first update (for int8 / fp8 it compiles the step; pass a fresh
+``TORCHINDUCTOR_CACHE_DIR`` for a cold compile) and the median of the next ``--steps``. ``--sft-step``
+adds the whole full fine-tuning step of that model (forward, backward, clipping, in-place update) on
+random 4 x 256 token batches.
 
 Variants run round-robin (``--rounds`` times, ``--steps`` timed steps each, on
 fresh params) and each keeps its best median, which tames a busy machine.
@@ -15,7 +23,10 @@ different amounts of work; the fp32 rows are like for like.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -51,13 +62,88 @@ def timed(step, device: torch.device, steps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+STATES = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8", "fp8": "fp8"}
+
+
+def one_state(state: str, shape: str, device: torch.device, dtype: torch.dtype, steps: int,
+              sft_step: bool) -> dict[str, float]:
+    """Seconds of the first update and median seconds of the next ``steps`` (and of the whole step)."""
+    from ftprog.core import from_config, token_loss_sum, value_and_grad
+    from ftprog.core._optim import clip_by_global_norm
+    from ftprog.transforms import trainable
+
+    model = trainable(from_config(shape, dtype=dtype, device=device))
+    params = model.trainable_params()
+    gen = torch.Generator().manual_seed(0)
+    grads = {k: (torch.randn(v.shape, generator=gen) * 1e-3).to(device, dtype) for k, v in params.items()}
+    opt = adamw(1e-4, weight_decay=0.01, state_dtype=STATES[state])
+    state_ = opt.init(params)
+    times = []
+    for _ in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        params, state_ = opt.update(grads, state_, params, inplace=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {"first_update_s": times[0], "update_s": statistics.median(times[1:]),
+           "params": sum(v.numel() for v in params.values())}
+    if sft_step:
+        vocab = model.config.vocab_size
+        batches = [torch.randint(0, vocab, (4, 257), generator=gen).to(device) for _ in range(steps + 1)]
+        grad_fn = value_and_grad(lambda m, t: token_loss_sum(m, t[:, :-1], t[:, 1:]) / t[:, 1:].numel())
+        step_times = []
+        for tokens in batches:
+            sync(device)
+            t0 = time.perf_counter()
+            _, g = grad_fn(model, tokens)
+            g, _ = clip_by_global_norm(g, 1.0, inplace=True)
+            new, state_ = opt.update(g, state_, model.trainable_params(), inplace=True)
+            model = model.with_params(new)
+            del g, new
+            sync(device)
+            step_times.append(time.perf_counter() - t0)
+        out["sft_step_s"] = statistics.median(step_times[1:])
+    return out
+
+
+def states_table(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Each of ``--states`` in a fresh interpreter (its own compile), printed as a table."""
+    results = {}
+    for state in args.states.split(","):
+        cmd = [sys.executable, "-m", "benchmarks.optim_bench", "--one-state", state, "--shape", args.shape,
+               "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
+               "--threads", str(args.threads), *(["--sft-step"] if args.sft_step else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[state] = json.loads(done.stdout.strip().splitlines()[-1])
+    n = next(iter(results.values()))["params"]
+    print(f"AdamW update, {args.shape} ({n / 1e6:.1f}M params), {args.dtype} on {args.device}, "
+          f"{args.threads} thread(s), median of {args.steps}")
+    print(f"  {'state':6s} {'first update':>13s} {'update':>9s}" + (f" {'sft step':>9s}" if args.sft_step else ""))
+    for state, r in results.items():
+        print(f"  {state:6s} {r['first_update_s']:12.2f}s {r['update_s']:8.3f}s"
+              + (f" {r['sft_step_s']:8.2f}s" if args.sft_step else ""))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--states", help="comma-separated moment dtypes (fp32, bf16, int8, fp8): the --shape table")
+    ap.add_argument("--shape", default="cpu-default", help="preset whose parameters --states updates")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--sft-step", action="store_true", help="--states also times the whole training step")
+    ap.add_argument("--one-state", choices=sorted(STATES), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one_state:
+        print(json.dumps(one_state(args.one_state, args.shape, torch.device(args.device), DTYPES[args.dtype],
+                                   args.steps, args.sft_step)))
+        return {}
+    if args.states:
+        return states_table(args)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)
     base = {f"t{i}": (torch.randn(s, generator=gen) * 0.02).to(device, dtype) for i, s in enumerate(shapes())}

@@ -598,11 +598,14 @@ def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: f
 
     ``state_dtype``: the dtype of the moments (default fp32, fp64 for fp64
     params), or ``"int8"`` / ``"fp8"`` (:data:`LOW_BIT_STATES`): torchao's block-quantized moments, 2 bytes
-    per parameter plus a scale per 256, updated by torchao's AdamW step (equal to ``torchao.optim.AdamW8bit``
-    / ``AdamWFp8`` run eagerly; their compiled step may round differently). ``"bfloat16"`` halves the optimizer memory of a bf16 model (4
-    instead of 8 bytes per parameter) and lets the fused kernel work on the
-    params directly: it then equals ``torch.optim.AdamW(fused=True)`` on bf16
-    params bit for bit (each element computed in fp32, stored rounded).
+    per parameter plus a scale per 256, updated by torchao's AdamW step compiled with ``torch.compile`` (equal
+    to ``torchao.optim.AdamW8bit`` / ``AdamWFp8``, which compile it too, bit for bit; the first update
+    compiles a kernel per piece size, seconds each). With ``FTPROG_COMPILE_OPTIMIZER=0``, or where compiling
+    fails (no C++ compiler), the step runs eagerly after one printed note: several times slower, equal to
+    their step run eagerly, which differs from the compiled one by last-bit rounding. ``"bfloat16"`` halves
+    the optimizer memory of a bf16 model (4 instead of 8 bytes per parameter) and lets the fused kernel work
+    on the params directly: it then equals ``torch.optim.AdamW(fused=True)`` on bf16 params bit for bit (each
+    element computed in fp32, stored rounded).
     """
     lr = _check_lr(lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:

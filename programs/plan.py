@@ -75,7 +75,7 @@ from ..core import (
 from ..core import _decoder
 from ..core._decoder import attention_path
 from ..core._loss import _padded_rows, _softmax_rows  # a chunk's padded rows; the loss's fp32 softmax block
-from ..core._optim import _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece size
+from ..core._optim import _LOW_BIT_PIECE, _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece sizes
 from ..transforms import checkpoint, fuse_projections, lora, param_bytes, quantize, trainable
 from . import demo_assets
 from .config import load_config
@@ -99,8 +99,13 @@ cuda: the CUDA context and cuBLAS/cuDNN workspaces (an estimate; peak
 """
 
 LOW_BIT_UPDATE_TEMPORARIES = 7
-"""fp32 piece-sized tensors alive at once in torchao's AdamW step on quantized moments (the param, grad, both
-moments dequantized, the squared grad, the denominator, the update), counted from ``single_param_adam``."""
+"""fp32 piece-sized tensors alive at once in torchao's AdamW step on quantized moments run eagerly (the param,
+grad, both moments dequantized, the squared grad, the denominator, the update), counted from
+``single_param_adam``; an upper bound for the compiled step (int8: 2, the new moments in fp32; fp8: none)."""
+
+LOW_BIT_COMPILE_OVERHEAD = 80 * 2**20
+"""Host memory the compiled low-bit AdamW step (``state_dtype`` int8 / fp8) adds on CPU: inductor and the
+compiled kernels, measured as +78-84 MiB of resident set over the eager step (cpu-default, torch 2.13)."""
 
 HOST_ALLOCATOR_SLACK = 0.4
 """cpu: host memory the allocator holds beyond the live tensors over a whole run, as a fraction of the tensor
@@ -639,8 +644,8 @@ def estimate(
         loss_chunk += V * s.hidden_size * b
     accum = grads_s if grad_accum > 1 else 0
     pieces = min(trainable, _UPCAST_NUMEL)
-    if state_dtype in optim.LOW_BIT_STATES:  # torchao's step keeps ~7 fp32 temporaries of each piece
-        upcast = pieces * 4 * LOW_BIT_UPDATE_TEMPORARIES
+    if state_dtype in optim.LOW_BIT_STATES:  # torchao's step keeps at most ~7 fp32 temporaries of each piece
+        upcast = min(trainable, _LOW_BIT_PIECE) * 4 * LOW_BIT_UPDATE_TEMPORARIES
     else:
         state_bytes = DTYPE_BYTES[state_dtype]
         upcast = pieces * state_bytes * 2 if trainable_bytes < trainable * state_bytes else 0
@@ -663,7 +668,9 @@ def estimate(
     if overhead is None:
         overhead = RUNTIME_OVERHEAD[kind]
         if kind == "cpu":  # torch modules loaded on first use count in the process's resident set
-            overhead += CHECKPOINT_IMPORT_OVERHEAD * u.checkpoint + QUANTIZE_IMPORT_OVERHEAD * (u.method == "qlora")
+            low_bit = state_dtype in optim.LOW_BIT_STATES
+            overhead += (CHECKPOINT_IMPORT_OVERHEAD * u.checkpoint + LOW_BIT_COMPILE_OVERHEAD * low_bit
+                         + QUANTIZE_IMPORT_OVERHEAD * (u.method == "qlora" or low_bit))
             overhead += HOST_ALLOCATOR_SLACK * phases[peak_phase]
     return Plan(
         model=model_name or "config", setup=u, device=str(device), nproc=nproc, grad_accum=grad_accum,
