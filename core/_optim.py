@@ -509,16 +509,12 @@ def _low_bit_cuts(n: int, quantized: bool) -> list[slice]:
 
 
 @functools.cache
-def _adam_steps() -> tuple[Callable[..., None], Callable[..., None]]:
+def _compiled_adam_steps() -> tuple[Callable[..., None], Callable[..., None]]:
     """torchao's AdamW step on one flat piece (``single_param_adam``; the piece of the param and the moments
-    updated in place) for quantized and for plain moments: compiled, or both eager (with one printed note) when
-    ``FTPROG_COMPILE_OPTIMIZER=0``. Two functions, so two compile caches: quantized pieces come in a few static
-    sizes; plain moments (norms, odd sizes) in any size, compiled once with a dynamic length."""
+    updated in place) compiled for quantized and for plain moments. Two functions, so two compile caches:
+    quantized pieces come in a few static sizes; plain moments (norms, odd sizes) in any size, compiled once with
+    a dynamic length."""
     from torchao.optim.adam import single_param_adam
-
-    if os.environ.get(COMPILE_OPTIMIZER_ENV, "1").strip() == "0":
-        _eager_note(f"{COMPILE_OPTIMIZER_ENV}=0")
-        return single_param_adam, single_param_adam
 
     def quantized_piece(*args: Any) -> None:
         single_param_adam(*args)
@@ -530,34 +526,38 @@ def _adam_steps() -> tuple[Callable[..., None], Callable[..., None]]:
             torch.compile(plain_piece, fullgraph=True, dynamic=True))
 
 
-def _eager_note(why: str) -> None:
-    warnings.warn(f"optimizer.state_dtype int8 / fp8: the AdamW step runs eagerly ({why}), several times slower "
-                  f"than compiled")
-
-
+_eager_reasons: dict[str, None] = {}  # why the step ran eagerly in this process (each printed once)
 _compile_failed: list[BaseException] = []  # the error, once compiling the step has failed in this process
 
 
+def _eager_note(why: str) -> None:
+    if why not in _eager_reasons:
+        _eager_reasons[why] = None
+        warnings.warn(f"optimizer.state_dtype int8 / fp8: the AdamW step runs eagerly ({why}), several times "
+                      f"slower than compiled")
+
+
 def _run_piece(quantized: bool, args: tuple) -> None:
-    """One piece through :func:`_adam_steps`; eagerly for the rest of the process if compiling fails (no C++
-    compiler or Triton, ...): the failure comes before the step runs, so nothing is half-updated."""
+    """One piece through the compiled step, or eagerly with one printed note when ``FTPROG_COMPILE_OPTIMIZER=0``
+    or compiling has failed in this process (no C++ compiler or Triton, ...: the failure comes before the step
+    runs, so nothing is half-updated)."""
     from torchao.optim.adam import single_param_adam
 
-    step = _adam_steps()[0 if quantized else 1]
-    if step is single_param_adam or _compile_failed:
-        single_param_adam(*args)
-        return
-    import torch._dynamo
+    if os.environ.get(COMPILE_OPTIMIZER_ENV, "1").strip() == "0":
+        _eager_note(f"{COMPILE_OPTIMIZER_ENV}=0")
+    elif not _compile_failed:
+        import torch._dynamo
 
-    try:  # the cache holds a kernel per piece size and dtype: bounded by the cuts, not by the model
-        with torch._dynamo.utils.disable_cache_limit(), warnings.catch_warnings():
-            # torchao's state classes have no stable hash for AOT autograd's cache: that cache is skipped
-            warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching")
-            step(*args)
-    except torch._dynamo.exc.TorchDynamoException as e:
-        _compile_failed.append(e)
-        _eager_note(f"torch.compile failed: {str(e).strip().splitlines()[0]}")
-        single_param_adam(*args)
+        try:  # the cache holds a kernel per piece size and dtype: bounded by the cuts, not by the model
+            with torch._dynamo.utils.disable_cache_limit(), warnings.catch_warnings():
+                # torchao's state classes have no stable hash for AOT autograd's cache: that cache is skipped
+                warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching")
+                _compiled_adam_steps()[0 if quantized else 1](*args)
+            return
+        except torch._dynamo.exc.TorchDynamoException as e:
+            _compile_failed.append(e)
+            _eager_note(f"torch.compile failed: {str(e).strip().splitlines()[0]}")
+    single_param_adam(*args)
 
 
 def _low_bit_adamw(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,

@@ -534,13 +534,14 @@ def test_longrun_samples_rss_through_a_run(tmp_path):
     assert cases[0]["workload"]["n"] >= 300 * cases[0]["batch"]
 
 
-def test_memory_technique_case_compares_with_the_baselines_plain_full_fine_tuning(tmp_path):
+def test_memory_technique_case_compares_with_the_baselines_plain_full_fine_tuning(tmp_path, monkeypatch):
     """The ``in-backward`` + ``int8-state`` stack (issue 20's memory case): ft-prog's full fine-tuning with torchao's
     int8 moments, updated in the backward, from the same weights and batch as transformers' plain full
     fine-tuning (same step-0 loss); the comparison and its report name the baseline's stack, and the plan counts
     the int8 moments and no phase holding every gradient."""
     from benchmarks import harness, report, worker
 
+    monkeypatch.setenv("FTPROG_COMPILE_OPTIMIZER", "0")  # the eager int8 step: compiling it here costs ~12 s
     path = tmp_path / "tiny-bf16"
     worker.run_weights({"config": {**TINY, "model_type": "llama"}, "dtype": "bf16", "path": str(path)})
     common = dict(kind="train", method="full", dtype="bf16", threads=1, batch=2, seq=16, shape="tiny", rank=8,

@@ -439,14 +439,18 @@ def test_trains_a_tiny_model():
 @pytest.fixture(autouse=True)
 def eager_low_bit_step(monkeypatch):
     """The low-bit AdamW step runs eagerly in this module (compiling it costs seconds per piece size), but in
-    the tests that ask for ``compiled_low_bit_step``."""
+    the tests that ask for ``compiled_low_bit_step``; each test sees the eager step's note afresh."""
     from ftprog.core import _optim
 
+    def fresh():  # a test may compile the step under a patched torch.compile, or make it fail
+        _optim._compiled_adam_steps.cache_clear()
+        _optim._compile_failed.clear()
+        _optim._eager_reasons.clear()
+
     monkeypatch.setenv(_optim.COMPILE_OPTIMIZER_ENV, "0")
-    _optim._adam_steps.cache_clear()
+    fresh()
     yield
-    _optim._adam_steps.cache_clear()
-    _optim._compile_failed.clear()
+    fresh()
 
 
 @pytest.fixture
@@ -454,7 +458,6 @@ def compiled_low_bit_step(monkeypatch, eager_low_bit_step):
     from ftprog.core import _optim
 
     monkeypatch.delenv(_optim.COMPILE_OPTIMIZER_ENV)
-    _optim._adam_steps.cache_clear()
 
 
 def _low_bit_params(dtype, seed=0, w_shape=(64, 128)):
