@@ -152,7 +152,8 @@ def cases(shape: str, *, steps: int = 300, batch: int = 4, dtype: str = "bf16", 
                     prompt_frac=0.4)
     return [{"kind": "sft", "system": system, "setting": "default", "method": "full", "shape": shape,
              "device": "cpu", "dtype": dtype, "threads": threads, "batch": batch, "warmup": 0, "rank": 8,
-             "targets": ["q_proj", "v_proj"], "workload": workload, "profile": False} for system in systems]
+             "targets": ["q_proj", "v_proj"], "workload": workload, "profile": False, "print_steps": True}
+            for system in systems]
 
 
 def run_cases(out: Path, long_cases: list[dict[str, Any]], *, pythons: dict[str, str] | None = None,
@@ -178,10 +179,11 @@ def run_cases(out: Path, long_cases: list[dict[str, Any]], *, pythons: dict[str,
         python = (pythons or {}).get(case["system"], sys.executable)
         runs[label] = sample([python, "-m", "benchmarks.worker", str(case_file), str(result_file)],
                              env=runner.env(case["threads"], case["system"]), timeout=timeout)
-        summaries[label] = summarize(runs[label], reference_step=None)
+        summaries[label] = summarize(runs[label], reference_step=10 if 10 in runs[label]["steps"] else None)
         print(label, json.dumps(summaries[label]), flush=True)
-    (out / "longrun.json").write_text(json.dumps({"summaries": summaries, "runs": runs}))
-    plot(runs, out / "longrun.png")
+        # after every case, so a long harness run stopped part-way keeps the runs it finished
+        (out / "longrun.json").write_text(json.dumps({"summaries": summaries, "runs": runs}))
+        plot(runs, out / "longrun.png")
     return summaries
 
 
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torchtune-python", help="interpreter of a torchtune environment (adds torchtune)")
+    ap.add_argument("--systems", help="comma-separated systems of the harness case (default: ftprog, hf and "
+                                      "torchtune when its interpreter is given)")
     ap.add_argument("--label", default="run")
     ap.add_argument("--interval", type=float, default=0.05)
     ap.add_argument("--steps-file", type=Path, help="a JSONL metrics log whose rows carry the step number")
@@ -202,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.harness:
-        systems = ("ftprog", "hf", "torchtune") if args.torchtune_python else ("ftprog", "hf")
+        systems = tuple(args.systems.split(",")) if args.systems else \
+            ("ftprog", "hf", "torchtune") if args.torchtune_python else ("ftprog", "hf")
         pythons = {"torchtune": args.torchtune_python} if args.torchtune_python else None
         run_cases(out, cases(args.shape, steps=args.steps, threads=args.threads, systems=systems), pythons=pythons)
         return 0

@@ -620,6 +620,8 @@ def run_sft(case: dict[str, Any]) -> dict[str, Any]:
         targets += n_t
         real += n_r
         cells += n_c
+        if case.get("print_steps"):  # the long-run case places its memory samples on steps by these lines
+            print(f"step {i + 1}", flush=True)
     total = time.perf_counter() - start
     out.update(mem.stop())
     if case["system"] == "ftprog" and not case.get("baseline_tree"):  # padded batches: the plan's worst case

@@ -531,7 +531,7 @@ def test_longrun_samples_rss_through_a_run(tmp_path):
     assert longrun.plot({"child": run}, tmp_path / "rss.png").read_bytes()[:4] == b"\x89PNG"
     cases = longrun.cases("tiny", steps=300)
     assert {c["system"] for c in cases} == {"ftprog", "hf"} and all(c["method"] == "full" for c in cases)
-    assert cases[0]["workload"]["n"] >= 300 * cases[0]["batch"]
+    assert cases[0]["workload"]["n"] >= 300 * cases[0]["batch"] and all(c["print_steps"] for c in cases)
 
 
 def test_memory_technique_case_compares_with_the_baselines_plain_full_fine_tuning(tmp_path, monkeypatch):
