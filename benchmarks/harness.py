@@ -141,7 +141,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     elif name == "cpu-250m":  # issue 20: a shape closer to what people fine-tune (254M), the fixed-shape train cases
         s = dict(shape="cpu-250m", device="cpu", dtypes=["bf16"], threads=[2], batch=2, seq=256, rank=8,
                  targets=["q_proj", "v_proj"], warmup=1, steps=4, rounds=1, methods=["lora", "full"],
-                 extras=[("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("in-backward", "int8-state"))],
+                 extras=[("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("in-backward", "int8-state")),
+                         ("ftprog", "full", ("in-backward", "fp8-state"))],
                  peak_dtypes=["bf16"], help_repeats=0, demo=False,
                  default_skip=["sft", "generate", "dpo", "rollout", "grpo", "distill", "startup", "profile"])
     elif name == "gpu":
