@@ -101,7 +101,9 @@ def sample(cmd: list[str], *, env: dict[str, str] | None = None, interval: float
 
 def summarize(run: dict[str, Any], reference_step: int | None = 10) -> dict[str, Any]:
     """Peak RSS, the RSS when ``reference_step`` was printed (None: at a tenth of the run's time, for commands
-    that print no steps) and their ratio (MiB), and the last step seen."""
+    that print no steps) and their ratio (MiB), and the last step seen. A step's RSS swings between its peak (the
+    backward) and the level between steps, so the run's peak is also given over the highest RSS up to
+    ``reference_step`` (``peak_over_early_peak``: how much the in-step peak grew over the run)."""
     samples = run["samples"]
     if not samples:
         return {"error": "no samples"}
@@ -111,15 +113,17 @@ def summarize(run: dict[str, Any], reference_step: int | None = 10) -> dict[str,
         reference_step = "10pct"
     else:
         at = run["steps"].get(reference_step) or run["steps"].get(str(reference_step))
-    level = None
+    level = early_peak = None
     if at is not None:
         before = [v for t, v in samples if t <= at]
-        level = before[-1] if before else None
+        level, early_peak = (before[-1], max(before)) if before else (None, None)
     steps = [int(s) for s in run["steps"]]
     mib = 2**20
     return {"peak_mib": round(peak / mib, 1), f"step{reference_step}_mib": round(level / mib, 1) if level else None,
-            "peak_over_step": round(peak / level, 3) if level else None, "last_step": max(steps) if steps else None,
-            "wall_s": round(run["wall_s"], 1), "rc": run["rc"]}
+            "peak_over_step": round(peak / level, 3) if level else None,
+            f"peak_to_step{reference_step}_mib": round(early_peak / mib, 1) if early_peak else None,
+            "peak_over_early_peak": round(peak / early_peak, 3) if early_peak else None,
+            "last_step": max(steps) if steps else None, "wall_s": round(run["wall_s"], 1), "rc": run["rc"]}
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> Path:

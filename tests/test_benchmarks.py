@@ -528,6 +528,7 @@ def test_longrun_samples_rss_through_a_run(tmp_path):
     assert run["rc"] == 0 and len(run["samples"]) > 5 and {10, 12} <= set(run["steps"])
     summary = longrun.summarize(run)
     assert summary["last_step"] == 12 and summary["peak_over_step"] >= 1.0  # it grew by 4 MiB a step
+    assert summary["peak_over_early_peak"] >= 1.0 and summary["peak_to_step10_mib"] >= summary["step10_mib"]
     assert longrun.plot({"child": run}, tmp_path / "rss.png").read_bytes()[:4] == b"\x89PNG"
     cases = longrun.cases("tiny", steps=300)
     assert {c["system"] for c in cases} == {"ftprog", "hf"} and all(c["method"] == "full" for c in cases)
