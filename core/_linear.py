@@ -121,6 +121,7 @@ def grouped_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[Mappi
 
 
 def per_node_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[Mapping]) -> torch.Tensor:
-    """:func:`grouped_linear` as one :func:`linear` per node: what a grouped implementation must equal."""
+    """:func:`grouped_linear` as one :func:`linear` per node: what a grouped implementation must equal in fp32
+    (in a narrower dtype it may round differently, e.g. LoRA's grouped adapters compute in the input's dtype)."""
     # split, not slicing: its backward is one concatenation rather than a zero-filled copy per slice
     return torch.cat([linear(rows, node) for rows, node in zip(x.split(list(counts)), nodes)])
