@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._linear import dense_weight, linear_kind
+from ._linear import dense_weight, linear_kind, matmul_dtype
 from ._model import Model
 from ._tree import is_plain
 
@@ -101,9 +101,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = None  # one chunk: in the weight's dtype; several: accumulated in fp32
         single = hidden.shape[0] <= chunk_size
         block = _softmax_rows(weight.shape[0], hidden.device)
+        weight_dtype, compute = weight.dtype, matmul_dtype(weight.dtype, weight.device)
+        weight = weight.to(compute)  # itself, or one fp32 copy for the call on a CPU without bf16 matmuls
         for start in range(0, hidden.shape[0], chunk_size):
             t = targets[start : start + chunk_size]
             h = _pad_rows(hidden[start : start + chunk_size], chunk_size)  # zero rows: zero logits, no gradient
+            h = h.to(compute)
             logits = h @ weight.T
             # softmax, loss and d(sum CE)/d logits, a few rows at a time; the gradient overwrites the logits
             for r in range(0, len(t), block):
@@ -115,13 +118,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if weight_grad:
                 part = logits.T @ h  # matmul in the weight's dtype (fp32 accumulation inside)
                 if single:
-                    grad_weight = part
+                    grad_weight = part.to(weight_dtype)
                 elif grad_weight is None:
                     grad_weight = part.float()
                 else:
                     grad_weight += part
         if weight_grad and grad_weight is None:  # no target positions (e.g. an empty data-parallel slice)
-            grad_weight = torch.zeros_like(weight)
+            grad_weight = torch.zeros_like(weight, dtype=weight_dtype)
         return total, grad_hidden, grad_weight
 
     @staticmethod
@@ -161,9 +164,11 @@ class _LinearTokenNLL(torch.autograd.Function):
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden_grad else None
         block = _softmax_rows(weight.shape[0], hidden.device)
+        compute = matmul_dtype(weight.dtype, weight.device)
+        weight = weight.to(compute)
         for start in range(0, hidden.shape[0], chunk_size):
             t = targets[start : start + chunk_size]
-            logits = _pad_rows(hidden[start : start + chunk_size], chunk_size) @ weight.T
+            logits = _pad_rows(hidden[start : start + chunk_size], chunk_size).to(compute) @ weight.T
             for r in range(0, len(t), block):
                 tr = t[r : r + block]
                 nll[start + r : start + r + len(tr)] = _block_nll(logits[r : r + len(tr)], tr, cap, hidden_grad,

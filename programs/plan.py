@@ -69,8 +69,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..core import (
-    PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, is_static, optim, preset, token_loss_sum,
-    value_and_grad,
+    PRESETS, Model, ModelConfig, as_dtype, flatten, from_config, is_static, matmul_dtype, optim, preset,
+    token_loss_sum, value_and_grad,
 )
 from ..core import _decoder
 from ..core._decoder import attention_path
@@ -635,12 +635,18 @@ def estimate(
     # gradient), the fp32 softmax of a block of its rows at a time (its fp32 copy of the rows is freed with the
     # block: measured, the peak holds one fp32 block beside the logits), and for a trained output weight whose
     # targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
+    # On a CPU without bf16 matmuls (matmul_dtype) the loss multiplies fp32 copies of the output weight and of a
+    # chunk's rows, its logits are fp32, and a trained weight's gradient product is rounded from fp32 (measured:
+    # the peak holds the copies and the rounded product).
     b, V = DTYPE_BYTES[u.dtype], s.vocab_size
+    m = 4 if matmul_dtype(as_dtype(u.dtype), kind) == torch.float32 else b
     targets = u.batch_size * u.seq_len
     chunk = _padded_rows(min(u.chunk_size, targets), u.chunk_size)  # the loss pads a chunk's rows to a bucket
     softmax_rows = min(chunk, _softmax_rows(V, torch.device(kind)))
-    loss_chunk = chunk * V * b + softmax_rows * V * 4
-    if u.method == "full" and targets > u.chunk_size:
+    loss_chunk = chunk * V * m + softmax_rows * V * 4
+    if m != b:
+        loss_chunk += V * s.hidden_size * (4 + b if u.method == "full" else 4) + chunk * s.hidden_size * 4
+    elif u.method == "full" and targets > u.chunk_size:
         loss_chunk += V * s.hidden_size * b
     accum = grads_s if grad_accum > 1 else 0
     pieces = min(trainable, _UPCAST_NUMEL)

@@ -23,7 +23,10 @@ import attrs
 import orjson
 import torch
 
-from ..core import ConfigError, Model, as_dtype, load_pretrained, optim, router_aux_loss, value_and_grad
+from ..core import (
+    CPU_MATMUL_UPCAST_ENV, ConfigError, Model, as_dtype, load_pretrained, matmul_dtype, optim, router_aux_loss,
+    value_and_grad,
+)
 from ..core._checkpoint import recover_interrupted_swaps
 from ..core._data import DataConfig
 from ..transforms import (
@@ -45,7 +48,22 @@ def setup_process(cfg: Any, dist: distributed.DistInfo) -> tuple[torch.device, C
         torch.set_num_threads(cfg.threads)
     say = print if dist.is_main else (lambda *args, **kwargs: None)
     say(allocator_note(), flush=True)  # which malloc (programs.host_memory): host memory over a long run
+    note = matmul_note(getattr(cfg, "dtype", None), device)
+    if note:
+        say(note, flush=True)
     return device, say
+
+
+def matmul_note(dtype: str | None, device: torch.device) -> str | None:
+    """The line a run prints when its ``dtype`` matmuls compute in fp32 on this CPU (``ftprog.core.matmul_dtype``),
+    else None."""
+    if dtype is None or device.type != "cpu":
+        return None
+    narrow = as_dtype(dtype)
+    if matmul_dtype(narrow, device) == narrow:
+        return None
+    return (f"matmuls: {dtype} computed in fp32 (this CPU has no {dtype} matrix kernels: no AVX-512 / AMX; weights "
+            f"and activations stay {dtype}; {CPU_MATMUL_UPCAST_ENV}=0 to use torch's slower {dtype} loop)")
 
 
 def data_config(cfg: Any) -> DataConfig:

@@ -9,7 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ftprog.core import flatten, from_config, optim, param_shapes, token_loss_sum, value_and_grad
+from ftprog.core import (
+    CPU_MATMUL_UPCAST_ENV, flatten, from_config, optim, param_shapes, token_loss_sum, value_and_grad,
+)
 from ftprog.programs.plan import (
     PlanError, Setup, estimate, format_plan, measure, model_builder, model_config, parse_memory, plan,
 )
@@ -326,10 +328,11 @@ def test_plan_of_builtin_configs():
         plan("demo", ["model.path=/nonexistent/model-folder"], device="cpu")
 
 
-def test_loss_softmax_block_as_the_loss_takes_it():
+def test_loss_softmax_block_as_the_loss_takes_it(monkeypatch):
     """The plan holds the fp32 softmax block the loss takes on each device."""
     from ftprog.core import _loss
 
+    monkeypatch.setenv(CPU_MATMUL_UPCAST_ENV, "0")  # bf16 matmuls in bf16 on the CPU too (the upcast: below)
     config = {**CONFIG, "vocab_size": 32000}
     cpu, cuda = (estimate(config, method="full", dtype="bf16", batch_size=4, seq_len=256, device=d) for d in ("cpu", "cuda"))
     cpu_rows = _loss._softmax_rows(32000, torch.device("cpu"))
@@ -338,6 +341,21 @@ def test_loss_softmax_block_as_the_loss_takes_it():
     assert cuda.softmax_rows == min(chunk, _loss._softmax_rows(32000, torch.device("cuda"))) > cpu.softmax_rows
     assert cuda.loss_chunk - cpu.loss_chunk == (cuda.softmax_rows - cpu.softmax_rows) * 32000 * 4  # an fp32 block
     assert f"{cpu.softmax_rows} rows at a time" in format_plan(cpu)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_loss_chunk_on_a_cpu_without_bf16_matmuls(monkeypatch, method):
+    """Upcast bf16 matmuls (``matmul_dtype``): the plan's loss chunk gains fp32 logits, fp32 copies of the output
+    weight and of a chunk's rows, and for a trained output weight its rounded gradient product."""
+    config = {**CONFIG, "vocab_size": 32000}
+    plans = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(CPU_MATMUL_UPCAST_ENV, flag)
+        plans[flag] = estimate(config, method=method, dtype="bf16", batch_size=2, seq_len=128, device="cpu")
+    native, upcast = plans["0"], plans["1"]
+    chunk, hidden = min(native.setup.chunk_size, 2 * 128), CONFIG["hidden_size"]
+    weight = 32000 * hidden * (4 + 2 if method == "full" else 4)
+    assert upcast.loss_chunk - native.loss_chunk == chunk * 32000 * 2 + weight + chunk * hidden * 4
 
 
 def test_plan_command_verdict_and_a_bad_target():

@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..core import Model, is_plain, register_linear
+from ..core import Model, dense_linear, is_plain, matmul_dtype, register_linear
 
 from ._base import check_order, with_decoder
 
@@ -83,7 +82,7 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, count, *tensors):
         weights, biases = tensors[:count], tensors[count:]
-        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+        return dense_linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -95,15 +94,17 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x = grad @ torch.cat(weights) if needs[0] else None
+        compute = matmul_dtype(grad.dtype, grad.device)  # fp32 for bf16 on a CPU without bf16 matmuls
+        g = grad.to(compute)
+        grad_x = (g @ torch.cat(weights).to(compute)).to(grad.dtype) if needs[0] else None
         sizes = [w.shape[0] for w in weights]
-        flat = grad.reshape(-1, grad.shape[-1])
+        flat = g.reshape(-1, g.shape[-1])
         grad_w = [None] * ctx.count
         if any(needs[2:2 + ctx.count]):
-            grad_w = list((flat.t() @ x.reshape(-1, x.shape[-1])).split(sizes))
+            grad_w = list((flat.t() @ x.reshape(-1, x.shape[-1]).to(compute)).to(x.dtype).split(sizes))
         grad_b = [None] * ctx.count if ctx.has_bias else []
         if ctx.has_bias and any(needs[2 + ctx.count:]):
-            grad_b = list(flat.sum(0).split(sizes))
+            grad_b = list(flat.sum(0).to(grad.dtype).split(sizes))
         mine = [g if n else None for g, n in zip(grad_w + grad_b, needs[2:])]
         return grad_x, None, *mine
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import (
-    Model, dense_weight, flatten, is_quantized, is_training, linear, linear_kind, linear_paths, matches,
-    per_node_linear, register_linear, tree_map, unflatten,
+    Model, dense_linear, dense_weight, flatten, is_quantized, is_training, linear, linear_kind, linear_paths, matches,
+    matmul_dtype, per_node_linear, register_linear, tree_map, unflatten,
 )
 from ..core._tree import get
 
@@ -81,9 +81,9 @@ def lora_linear(x: torch.Tensor, node: Mapping) -> torch.Tensor:
         row_norm = (w + lora_delta(node).to(w.dtype)).norm(dim=1)
     mag_scale = (magnitude / row_norm).to(x.dtype)
     if x_drop is x:
-        out = mag_scale * (F.linear(x, weight) + update)
+        out = mag_scale * (dense_linear(x, weight) + update)
         return out if bias is None else out + bias
-    return F.linear(x, weight, bias) + (mag_scale - 1) * F.linear(x_drop, weight) + mag_scale * update
+    return dense_linear(x, weight, bias) + (mag_scale - 1) * dense_linear(x_drop, weight) + mag_scale * update
 
 
 def grouped_lora_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[Mapping]) -> torch.Tensor:
@@ -93,7 +93,8 @@ def grouped_lora_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[
     ``[rows, sum r_e]``, each row's columns of other nodes' adapters zeroed (a mask that also holds the scale),
     then ``h @ cat(B_e)^T``. The adapters compute in ``x``'s dtype (their factors cast to it, as PEFT computes the
     adapters of 3-D expert weights: in the weights' dtype), not in their own fp32 as :func:`lora_linear` does:
-    in fp32 both give the same values; in bf16 the grouped path runs on the CPU's bf16 matrix units.
+    in fp32 both give the same values; in bf16 the grouped path runs on the CPU's bf16 matrix units (in fp32 on
+    a CPU without them, :func:`ftprog.core.matmul_dtype`).
 
     Dropout is one mask over the sorted rows: each row is one token's input to one node, so every node's adapter
     sees its own independently dropped inputs, as PEFT drops each adapted linear's input. DoRA nodes, or nodes
@@ -104,12 +105,15 @@ def grouped_lora_linear(x: torch.Tensor, counts: Sequence[int], nodes: Sequence[
         return per_node_linear(x, counts, nodes)
     spec = specs.pop()
     base = per_node_linear(x, counts, [{k: v for k, v in node.items() if k in BASE_KEYS} for node in nodes])
-    a = torch.cat([node["lora_A"]["weight"] for node in nodes]).to(x.dtype)
-    b = torch.cat([node["lora_B"]["weight"] for node in nodes], dim=1).to(x.dtype)
+    compute = matmul_dtype(x.dtype, x.device)
+    a = torch.cat([node["lora_A"]["weight"] for node in nodes]).to(compute)
+    b = torch.cat([node["lora_B"]["weight"] for node in nodes], dim=1).to(compute)
     x_drop = F.dropout(x, spec.dropout, training=True) if spec.dropout and is_training() else x
-    h = F.linear(x_drop, a) * own_adapter_mask(counts, [node["lora_A"]["weight"].shape[0] for node in nodes],
-                                               spec.scale, x)
-    return torch.addmm(base, h, b.t())
+    h = F.linear(x_drop.to(compute), a)
+    h = h * own_adapter_mask(counts, [node["lora_A"]["weight"].shape[0] for node in nodes], spec.scale, h)
+    if compute == x.dtype:
+        return torch.addmm(base, h, b.t())
+    return base + (h @ b.t()).to(x.dtype)
 
 
 def own_adapter_mask(counts: Sequence[int], ranks: Sequence[int], scale: float, x: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,8 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
-from ..core import Model, flatten, is_quantized, linear, register_linear, unflatten
+from ..core import Model, dense_linear, flatten, is_quantized, linear, register_linear, unflatten
 from ..core._tree import get
 
 from ._base import BASE_KEYS, check_order, record
@@ -100,7 +99,7 @@ def qat_linear(x: torch.Tensor, node: Mapping) -> torch.Tensor:
         # An adapter holds this node too: it runs, and computes its base through linear() on the base keys
         # (which come back here). Moving the qat key last makes the adapter's key the one linear() finds first.
         return linear(x, {**{k: v for k, v in node.items() if k != QAT_KEY}, QAT_KEY: spec})
-    return F.linear(fake_quantize_input(x, spec), fake_quantize_weight(node["weight"], spec), node.get("bias"))
+    return dense_linear(fake_quantize_input(x, spec), fake_quantize_weight(node["weight"], spec), node.get("bias"))
 
 
 register_linear(QAT_KEY, qat_linear)
