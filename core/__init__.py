@@ -15,7 +15,8 @@ from ._distill import DIVERGENCES, distill_divergence, distill_loss_sum
 from ._decoder import Decoder, KVCache, LayerContext, LayerFn, LayerWrap, Prepare, router_aux_loss
 from ._grad import value_and_grad
 from ._linear import (
-    CPU_MATMUL_UPCAST_ENV, dense_linear, dense_weight, grouped_linear, matmul_dtype, is_training, linear, linear_kind, per_node_linear, register_linear, set_training,
+    CPU_MATMUL_UPCAST_ENV, dense_linear, dense_weight, grouped_linear, is_training, linear, linear_kind, matmul_dtype,
+    per_node_linear, register_linear, set_training,
 )
 from ._loss import token_logprobs, token_loss_sum
 from ._memory import reuse_freed_memory
@@ -33,7 +34,8 @@ from ._tree import (
 )
 
 __all__ = [
-    "Batch", "CHATML_TEMPLATE", "CPU_MATMUL_UPCAST_ENV", "dense_linear", "matmul_dtype", "CheckpointError", "ConfigError", "DataConfig", "DataError", "DataLoader",
+    "Batch", "CHATML_TEMPLATE", "CPU_MATMUL_UPCAST_ENV", "CheckpointError", "ConfigError", "DataConfig", "DataError",
+    "DataLoader", "dense_linear", "matmul_dtype",
     "DIVERGENCES", "Decoder", "GRPO_LOSS_TYPES", "KVCache", "LOSS_TYPES", "LayerContext", "LayerFn", "LayerWrap", "Model",
     "ModelConfig", "PRESETS", "PreferenceBatch", "PreferenceDataset", "PreferenceLoader", "PreferenceLoss",
     "PreferenceStats", "Prepare", "PromptDataset", "PromptStats", "TokenizedDataset", "Tokenizer", "as_dtype",

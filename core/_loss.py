@@ -116,7 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if hidden_grad:
                 grad_hidden[start : start + len(t)] = (logits @ weight)[: len(t)]
             if weight_grad:
-                part = logits.T @ h  # matmul in the weight's dtype (fp32 accumulation inside)
+                part = logits.T @ h  # in the compute dtype (bf16: fp32 accumulation inside)
                 if single:
                     grad_weight = part.to(weight_dtype)
                 elif grad_weight is None:
