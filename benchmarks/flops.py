@@ -133,11 +133,16 @@ def train_step_flops(config: dict[str, Any], *, method: str, batch: int, seq: in
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
 
 
-def measure_matmul_peak(device: str = "cpu", dtype: str = "bf16", seconds: float = 1.0) -> dict[str, float]:
-    """Best FLOP/s of a large square ``torch.mm`` (n = 2048 on CPU, 8192 on CUDA) over about ``seconds``."""
+def measure_matmul_peak(device: str = "cpu", dtype: str = "bf16", seconds: float = 1.0) -> dict[str, Any]:
+    """Best FLOP/s of a large square ``torch.mm`` (n = 2048 on CPU, 8192 on CUDA) over about ``seconds``, in the
+    dtype ft-prog multiplies ``dtype`` matrices in (``computed_in``: fp32 for bf16 on a CPU without bf16 kernels,
+    ``ftprog.core.matmul_dtype``, where torch's bf16 loop would take minutes to measure)."""
     import torch
 
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
+    from ftprog.core import matmul_dtype
+
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+    dt = matmul_dtype(names[dtype], device)
     n = 8192 if device.startswith("cuda") else 2048
     a = torch.randn(n, n, device=device).to(dt)
     b = torch.randn(n, n, device=device).to(dt)
@@ -169,4 +174,5 @@ def measure_matmul_peak(device: str = "cpu", dtype: str = "bf16", seconds: float
         lat.append(time.perf_counter() - t0)
     lat.sort()
     return {"n": n, "flops_per_s": 2.0 * n**3 / best, "best_s": best, "reps": reps,
+            "computed_in": next(name for name, d in names.items() if d == dt),
             "small_linear_median_s": lat[len(lat) // 2], "small_linear_p90_s": lat[int(len(lat) * 0.9)]}

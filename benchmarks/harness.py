@@ -875,7 +875,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                 if res.get("ok"):
                     peaks[(dtype, threads)] = res["flops_per_s"]
                     peak_rows.append({"dtype": dtype, "threads": threads, "flops_per_s": res["flops_per_s"],
-                                      "n": res["n"], "small_linear_s": res["small_linear_median_s"]})
+                                      "n": res["n"], "small_linear_s": res["small_linear_median_s"],
+                                      "computed_in": res["computed_in"]})
 
     # 3. Baselines that may be missing, start-up time.
     startup = (time_startup(settings["help_repeats"], settings["demo"], out)

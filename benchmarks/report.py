@@ -143,7 +143,9 @@ def markdown(r: dict[str, Any]) -> str:
             end = p.get("flops_per_s_end")
             lat = [p.get("small_linear_s"), p.get("small_linear_end_s")]
             busy |= any(x and x > 1e-3 for x in lat)
-            lines.append(f"| {p['dtype']} | {p['threads'] or 'default'} | {p['n']} | {p['flops_per_s'] / 1e12:.3f} / "
+            dtype = p["dtype"] if p.get("computed_in", p["dtype"]) == p["dtype"] else \
+                f"{p['dtype']} (computed in {p['computed_in']}: no {p['dtype']} kernels on this CPU)"
+            lines.append(f"| {dtype} | {p['threads'] or 'default'} | {p['n']} | {p['flops_per_s'] / 1e12:.3f} / "
                          f"{'-' if end is None else format(end / 1e12, '.3f')} | "
                          + " / ".join("-" if x is None else f"{x * 1e6:,.0f}" for x in lat) + " |")
         if busy:

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from ftprog.core import matmul_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,6 +42,9 @@ def test_quick_preset_writes_json_markdown_and_chart(quick_run):
     m = results["machine"]
     assert m["cpu"] and m["cores"] and m["torch"]
     assert results["matmul_peak"][0]["flops_per_s"] > 0
+    # measured in the dtype ft-prog multiplies bf16 in here (fp32 on a CPU without bf16 kernels)
+    upcast = matmul_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert results["matmul_peak"][0]["computed_in"] == ("fp32" if upcast else "bf16")
 
     rows = {r["label"]: r for r in results["rows"]}
     failed = {label: r["error"] for label, r in rows.items() if "error" in r}
