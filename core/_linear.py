@@ -88,7 +88,10 @@ def set_training(on: bool) -> bool:
 
 def dense_weight(node: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight of a linear node as a plain tensor (NF4/int8/int4 dequantized)."""
-    w = node["weight"]
+    return _dense(node["weight"], dtype)
+
+
+def _dense(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if is_quantized(w):
         # NF4Tensor.dequantize is a static lookup helper; its full dequantization is get_original_weight.
         w = w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()
@@ -130,19 +133,24 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, computed in :func:`matmul_dtype` (fp32 for bf16 on a CPU without bf16
-    kernels; the backward too, keeping only ``x`` and ``weight`` themselves, never fp32 copies)."""
+    kernels, an NF4 weight dequantized to it; the backward too, keeping only ``x`` and ``weight`` themselves,
+    never fp32 copies)."""
     compute = matmul_dtype(x.dtype, x.device)
-    if compute == x.dtype or weight.dtype != x.dtype or not is_plain(weight):
+    # An NF4 weight's own linear is a dequantization and a matmul in x's dtype, so it upcasts like a plain one;
+    # int8 / int4 weights keep torchao's kernels.
+    nf4 = is_quantized(weight) and hasattr(weight, "get_original_weight")
+    if compute == x.dtype or not (nf4 or is_plain(weight) and weight.dtype == x.dtype):
         return F.linear(x, weight, bias)
     return _UpcastLinear.apply(x, weight, bias, compute)
 
 
 class _UpcastLinear(torch.autograd.Function):
-    """``F.linear`` on ``compute`` copies of its inputs, the output (and the gradients) rounded back to theirs."""
+    """``F.linear`` on ``compute`` copies of its inputs (an NF4 weight dequantized), the output (and the
+    gradients) rounded back to theirs."""
 
     @staticmethod
     def forward(x, weight, bias, compute):
-        out = F.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+        out = F.linear(x.to(compute), _dense(weight, compute), None if bias is None else bias.to(compute))
         return out.to(x.dtype)
 
     @staticmethod
@@ -158,7 +166,7 @@ class _UpcastLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         g = grad.to(ctx.compute)
-        grad_x = (g @ weight.to(ctx.compute)).to(grad.dtype) if need_x else None
+        grad_x = (g @ _dense(weight, ctx.compute)).to(grad.dtype) if need_x else None
         flat = g.reshape(-1, g.shape[-1])
         grad_w = (flat.t() @ x.reshape(-1, x.shape[-1]).to(ctx.compute)).to(x.dtype) if need_w else None
         grad_b = flat.sum(0).to(grad.dtype) if need_b else None

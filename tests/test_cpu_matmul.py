@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from ftprog.core import (
     CPU_MATMUL_UPCAST_ENV, dense_linear, from_config, matmul_dtype, token_loss_sum, value_and_grad,
 )
-from ftprog.transforms import fuse_projections, lora, trainable
+from ftprog.transforms import fuse_projections, lora, quantize, trainable
 
 LLAMA = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
+NF4_LLAMA = {**LLAMA, "hidden_size": 128, "intermediate_size": 256, "num_key_value_heads": 4}  # NF4's 16384 blocks
 
 
 @pytest.fixture
@@ -82,9 +83,11 @@ def step(model, monkeypatch, flag):
     lambda: fuse_projections(trainable(from_config(LLAMA, dtype=torch.bfloat16))),
     lambda: lora(from_config(LLAMA, dtype=torch.bfloat16), rank=4, alpha=8, targets=("q_proj", "v_proj")),
     lambda: lora(from_config(MIXTRAL, dtype=torch.bfloat16), rank=4, alpha=8, targets=("q_proj", "experts")),
-], ids=["full", "fused-projections", "lora", "moe-grouped-lora"])
+    lambda: lora(quantize(from_config(NF4_LLAMA, dtype=torch.bfloat16), "nf4"), rank=4, alpha=8,
+                 targets=("q_proj", "v_proj")),
+], ids=["full", "fused-projections", "lora", "moe-grouped-lora", "qlora-nf4"])
 def test_a_bf16_model_trains_upcast_as_with_bf16_kernels(monkeypatch, build):
-    """The whole step (projections, fused loss, adapters, grouped experts) upcast against torch's own bf16
+    """The whole step (projections, fused loss, adapters, grouped experts, NF4 bases) upcast against torch's own bf16
     matmuls: both accumulate in fp32, so they differ by summation order and bf16 rounding only."""
     model = build()
     if model.trainable_params():  # LoRA's B starts at zero: move it, so the adapters change the output
