@@ -128,6 +128,9 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     forced = os.environ.get(CPU_MATMUL_UPCAST_ENV, "").strip()
     if forced in ("0", "1"):
         return torch.float32 if forced == "1" else dtype
+    if forced:
+        raise ValueError(f"{CPU_MATMUL_UPCAST_ENV}={forced!r}: use 1 (bf16 / fp16 matmuls on the CPU in fp32), 0 "
+                         "(in their own dtype) or leave it unset (decided from the CPU)")
     return dtype if _cpu_has_kernels(dtype) else torch.float32
 
 

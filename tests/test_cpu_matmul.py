@@ -35,6 +35,22 @@ def test_matmul_dtype_upcasts_only_narrow_floats_on_the_cpu(monkeypatch):
     monkeypatch.delenv(CPU_MATMUL_UPCAST_ENV)  # unset: from the CPU, as torch's oneDNN decides
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert matmul_dtype(torch.bfloat16, "cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv(CPU_MATMUL_UPCAST_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{CPU_MATMUL_UPCAST_ENV}='yes': use 1 .* 0 .* or leave it unset"):
+        matmul_dtype(torch.bfloat16, "cpu")
+
+
+def test_a_wrong_upcast_setting_stops_a_bf16_run_before_loading(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, CPU_MATMUL_UPCAST_ENV: "maybe"}
+    proc = subprocess.run([sys.executable, "-m", "ftprog.programs.cli", "run", "sft", "--config", "demo",
+                           "dtype=bf16", f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{CPU_MATMUL_UPCAST_ENV}='maybe': use 1" in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
 
 
 @pytest.mark.parametrize("bias", [False, True])
