@@ -4,6 +4,10 @@
 the bf16 values (rounded once), keep no fp32 copies for the backward, and train a model as the native path does.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,10 +45,7 @@ def test_matmul_dtype_upcasts_only_narrow_floats_on_the_cpu(monkeypatch):
 
 
 def test_a_wrong_upcast_setting_stops_a_bf16_run_before_loading(tmp_path):
-    import subprocess
-    import sys
-
-    env = {**__import__("os").environ, CPU_MATMUL_UPCAST_ENV: "maybe"}
+    env = {**os.environ, CPU_MATMUL_UPCAST_ENV: "maybe"}
     proc = subprocess.run([sys.executable, "-m", "ftprog.programs.cli", "run", "sft", "--config", "demo",
                            "dtype=bf16", f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env,
                           timeout=300)
