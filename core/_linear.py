@@ -168,12 +168,21 @@ class _UpcastLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
-        g = grad.to(ctx.compute)
-        grad_x = (g @ _dense(weight, ctx.compute)).to(grad.dtype) if need_x else None
-        flat = g.reshape(-1, g.shape[-1])
-        grad_w = (flat.t() @ x.reshape(-1, x.shape[-1]).to(ctx.compute)).to(x.dtype) if need_w else None
-        grad_b = flat.sum(0).to(grad.dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None
+        return *linear_grads(grad, x if need_w else None, weight if need_x else None, need_b), None
+
+
+def linear_grads(grad: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None, bias: bool
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(grad x, grad weight, grad bias)`` of ``F.linear(x, weight, bias)`` for its output's ``grad [..., out]``,
+    computed in :func:`matmul_dtype` and returned in ``grad``'s dtype; grad x only given ``weight [out, in]``
+    (plain or NF4), grad weight only given ``x [..., in]``, grad bias only if ``bias``."""
+    compute = matmul_dtype(grad.dtype, grad.device)
+    g = grad.to(compute)
+    grad_x = (g @ _dense(weight, compute)).to(grad.dtype) if weight is not None else None
+    flat = g.reshape(-1, g.shape[-1])
+    grad_w = (flat.t() @ x.reshape(-1, x.shape[-1]).to(compute)).to(grad.dtype) if x is not None else None
+    grad_b = flat.sum(0).to(grad.dtype) if bias else None
+    return grad_x, grad_w, grad_b
 
 
 def _kind(node: Mapping) -> str | None:

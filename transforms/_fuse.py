@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..core import Model, dense_linear, is_plain, matmul_dtype, register_linear
+from ..core import Model, dense_linear, is_plain, register_linear
+from ..core._linear import linear_grads
 
 from ._base import check_order, with_decoder
 
@@ -94,17 +95,12 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        compute = matmul_dtype(grad.dtype, grad.device)  # fp32 for bf16 on a CPU without bf16 matmuls
-        g = grad.to(compute)
-        grad_x = (g @ torch.cat(weights).to(compute)).to(grad.dtype) if needs[0] else None
+        need_w, need_b = any(needs[2:2 + ctx.count]), ctx.has_bias and any(needs[2 + ctx.count:])
+        grad_x, flat_w, flat_b = linear_grads(grad, x if need_w else None, torch.cat(weights) if needs[0] else None,
+                                              need_b)
         sizes = [w.shape[0] for w in weights]
-        flat = g.reshape(-1, g.shape[-1])
-        grad_w = [None] * ctx.count
-        if any(needs[2:2 + ctx.count]):
-            grad_w = list((flat.t() @ x.reshape(-1, x.shape[-1]).to(compute)).to(x.dtype).split(sizes))
-        grad_b = [None] * ctx.count if ctx.has_bias else []
-        if ctx.has_bias and any(needs[2 + ctx.count:]):
-            grad_b = list(flat.sum(0).to(grad.dtype).split(sizes))
+        grad_w = list(flat_w.split(sizes)) if need_w else [None] * ctx.count
+        grad_b = list(flat_b.split(sizes)) if need_b else [None] * (ctx.count if ctx.has_bias else 0)
         mine = [g if n else None for g, n in zip(grad_w + grad_b, needs[2:])]
         return grad_x, None, *mine
 
