@@ -5,7 +5,7 @@
                                      [--sft-step]
 
 ``--states``: ft-prog's AdamW update on a preset's parameters (``--shape``) with each moment dtype, every
-one in a fresh interpreter: the first update (for int8 / fp8 it compiles the step; pass a fresh
+one in a fresh interpreter: the first update (for int8 / fp8 / int4 it compiles the step; pass a fresh
 ``TORCHINDUCTOR_CACHE_DIR`` for a cold compile) and the median of the next ``--steps``. ``--sft-step``
 adds the whole full fine-tuning step of that model (forward, backward, clipping, in-place update) on
 random 4 x 256 token batches.
@@ -62,7 +62,7 @@ def timed(step, device: torch.device, steps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-STATES = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8", "fp8": "fp8"}
+STATES = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8", "fp8": "fp8", "int4": "int4"}
 
 
 def one_state(state: str, shape: str, device: torch.device, dtype: torch.dtype, steps: int,
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--states", help="comma-separated moment dtypes (fp32, bf16, int8, fp8): the --shape table")
+    ap.add_argument("--states", help="comma-separated moment dtypes (fp32, bf16, int8, fp8, int4): the --shape table")
     ap.add_argument("--shape", default="cpu-default", help="preset whose parameters --states updates")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sft-step", action="store_true", help="--states also times the whole training step")

@@ -224,14 +224,15 @@ def baseline_adamw(params):
         return torch.optim.AdamW(params, lr=LR)
 
 
-LOW_BIT_STACKS = {"int8-state": "int8", "fp8-state": "fp8"}
+LOW_BIT_STACKS = {"int8-state": "int8", "fp8-state": "fp8", "int4-state": "int4"}
 """Stacks that give ft-prog's AdamW torchao's block-quantized moments (``optimizer.state_dtype``)."""
 
 
 def optimizer_state_dtype(case: dict[str, Any]):
     """ft-prog's AdamW moments: for full fine-tuning in the params' dtype, as ``torch.optim.AdamW`` keeps them
     for the baseline's bf16 params (identical work; stack ``fp32-state`` keeps fp32 moments instead, ``int8-state``
-    / ``fp8-state`` torchao's quantized ones); LoRA adapters are fp32 in both systems, and so are their moments."""
+    / ``fp8-state`` / ``int4-state`` torchao's quantized ones); LoRA adapters are fp32 in both systems, and so are
+    their moments."""
     stack = case.get("stack", [])
     low_bit = [LOW_BIT_STACKS[x] for x in stack if x in LOW_BIT_STACKS]
     if low_bit:

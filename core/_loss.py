@@ -38,6 +38,41 @@ _SOFTMAX_BLOCK_CUDA = 1 << 24
 # buckets it stayed flat). The padding costs at most 127 rows of the chunk's matmuls.
 _ROWS_QUANTUM = 128
 
+# Vocabulary rows of the output weight upcast at a time on a CPU without bf16 matmuls (matmul_dtype): fp32
+# copies of slices, never of the whole [vocab, hidden] weight (125 MiB at vocab 32k x hidden 1024), and the
+# weight gradient's fp32 product one slice at a time too.
+_UPCAST_ROWS = 4096
+
+
+def _vocab_slices(weight: torch.Tensor, compute: torch.dtype):
+    """``(first row, rows of the weight in the compute dtype)`` over the vocabulary: the weight itself when it is
+    already in that dtype, else copies of ``_UPCAST_ROWS`` rows made one at a time, as they are used."""
+    if weight.dtype == compute:
+        yield 0, weight
+        return
+    for start in range(0, weight.shape[0], _UPCAST_ROWS):
+        yield start, weight[start : start + _UPCAST_ROWS].to(compute)
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits ``h @ weight.T``, ``[rows, vocab]`` in ``h``'s dtype (a weight in another dtype upcast a slice at a
+    time)."""
+    if weight.dtype == h.dtype or weight.shape[0] <= _UPCAST_ROWS:
+        return h @ weight.to(h.dtype).T
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
+    for start, w in _vocab_slices(weight, h.dtype):
+        out[:, start : start + len(w)] = h @ w.T
+    return out
+
+
+def _back_project(g: torch.Tensor, weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``g @ weight``, ``[rows, hidden]`` in the compute dtype, for ``g [rows, vocab]`` (the logits' gradient)."""
+    out = None
+    for first, w in _vocab_slices(weight, compute):
+        part = g[:, first : first + len(w)]
+        out = part @ w if out is None else out.addmm_(part, w)
+    return out
+
 
 def _padded_rows(rows: int, chunk_size: int) -> int:
     """Rows a chunk of ``rows`` target positions is computed at: rounded up to :data:`_ROWS_QUANTUM`, at most
@@ -102,27 +137,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         single = hidden.shape[0] <= chunk_size
         block = _softmax_rows(weight.shape[0], hidden.device)
         weight_dtype, compute = weight.dtype, matmul_dtype(weight.dtype, weight.device)
-        weight = weight.to(compute)  # itself, or one fp32 copy for the call on a CPU without bf16 matmuls
+        sliced = compute != weight_dtype  # a CPU without bf16 matmuls: fp32 copies of vocabulary slices
         for start in range(0, hidden.shape[0], chunk_size):
             t = targets[start : start + chunk_size]
             h = _pad_rows(hidden[start : start + chunk_size], chunk_size)  # zero rows: zero logits, no gradient
             h = h.to(compute)
-            logits = h @ weight.T
+            logits = _project(h, weight)
             # softmax, loss and d(sum CE)/d logits, a few rows at a time; the gradient overwrites the logits
             for r in range(0, len(t), block):
                 total += _block_nll(logits[r : min(r + block, len(t))], t[r : r + block], cap, need_grad).sum()
             if not need_grad:
                 continue
-            if hidden_grad:
-                grad_hidden[start : start + len(t)] = (logits @ weight)[: len(t)]
-            if weight_grad:
-                part = logits.T @ h  # in the compute dtype (bf16: fp32 accumulation inside)
-                if single:
-                    grad_weight = part.to(weight_dtype)
-                elif grad_weight is None:
-                    grad_weight = part.float()
+            dh = None
+            for first, w in _vocab_slices(weight, compute):
+                g = logits[:, first : first + len(w)]
+                if hidden_grad:
+                    dh = g @ w if dh is None else dh.addmm_(g, w)
+                if not weight_grad:
+                    continue
+                if single and not sliced:
+                    grad_weight = g.T @ h  # in the compute dtype (bf16: fp32 accumulation inside)
+                    continue
+                if grad_weight is None:
+                    grad_weight = torch.zeros(weight.shape, dtype=weight_dtype if single else torch.float32,
+                                              device=weight.device)
+                if single:  # rounded once to the weight's dtype
+                    grad_weight[first : first + len(w)] = g.T @ h
                 else:
-                    grad_weight += part
+                    grad_weight[first : first + len(w)] += g.T @ h
+            if hidden_grad:
+                grad_hidden[start : start + len(t)] = dh[: len(t)]
         if weight_grad and grad_weight is None:  # no target positions (e.g. an empty data-parallel slice)
             grad_weight = torch.zeros_like(weight, dtype=weight_dtype)
         return total, grad_hidden, grad_weight
@@ -165,16 +209,15 @@ class _LinearTokenNLL(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if hidden_grad else None
         block = _softmax_rows(weight.shape[0], hidden.device)
         compute = matmul_dtype(weight.dtype, weight.device)
-        weight = weight.to(compute)
         for start in range(0, hidden.shape[0], chunk_size):
             t = targets[start : start + chunk_size]
-            logits = _pad_rows(hidden[start : start + chunk_size], chunk_size).to(compute) @ weight.T
+            logits = _project(_pad_rows(hidden[start : start + chunk_size], chunk_size).to(compute), weight)
             for r in range(0, len(t), block):
                 tr = t[r : r + block]
                 nll[start + r : start + r + len(tr)] = _block_nll(logits[r : r + len(tr)], tr, cap, hidden_grad,
                                                                   temperature)
             if hidden_grad:
-                grad_hidden[start : start + len(t)] = (logits @ weight)[: len(t)]
+                grad_hidden[start : start + len(t)] = _back_project(logits, weight, compute)[: len(t)]
         return nll, grad_hidden
 
     @staticmethod

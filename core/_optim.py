@@ -196,11 +196,13 @@ def _state_dtype(dtype: torch.dtype, requested: torch.dtype | None = None) -> to
     return requested if requested is not None else torch.promote_types(dtype, torch.float32)
 
 
-LOW_BIT_STATES = ("int8", "fp8")
-"""AdamW ``state_dtype`` values kept quantized by torchao (block-wise, 256 elements per fp32 scale): ``int8``
-(``OptimState8bit``, a dynamic-tree code map) and ``fp8`` (``OptimStateFp8``, e4m3). Both run on CPU and CUDA
-(torch 2.13, torchao 0.18). torchao's 4-bit state is not offered: it needs numel divisible by 128 and its
-update differs from ``AdamW4bit``'s compiled one."""
+LOW_BIT_STATES = ("int8", "fp8", "int4")
+"""AdamW ``state_dtype`` values kept quantized by torchao, block-wise with one fp32 scale per block: ``int8``
+(``OptimState8bit``, a dynamic-tree code map, 256-element blocks), ``fp8`` (``OptimStateFp8``, e4m3, 256) and
+``int4`` (``OptimState4bit``, two 4-bit codes a byte, 128-element blocks: half of int8's memory). All run on CPU
+and CUDA (torch 2.13, torchao 0.18). Tensors under 4096 elements, or not made of whole blocks, keep plain moments
+in the param's dtype, as torchao's ``AdamW8bit`` / ``AdamWFp8`` / ``AdamW4bit`` do."""
+_LOW_BIT_BLOCK = {"int8": 256, "fp8": 256, "int4": 128}  # elements per fp32 scale of each kind (torchao's defaults)
 
 
 def _check_state_dtype(dtype: Any, low_bit: bool = False) -> torch.dtype | str | None:
@@ -445,37 +447,43 @@ def _adamw_foreach(p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Te
 
 # --------------------------------------------------------------------------- low-bit AdamW state (torchao)
 
-_LOW_BIT_BLOCK = 256  # elements per fp32 scale, torchao's default
-# The largest flat piece of a quantized moment handed to the compiled step. Pieces are _LOW_BIT_BLOCK * 4**k
-# elements (at most 6 sizes, usually 2), so the static-shape kernel compiles once per size and is reused
+# The largest flat piece of a quantized moment handed to the compiled step. Pieces are block * 4**k elements
+# (_LOW_BIT_BLOCK; at most 7 sizes, usually 2), so the static-shape kernel compiles once per size and is reused
 # everywhere. 2**18 measured fastest on CPU (int8: 30 ns/element; 2**20: 60, the kernel's passes over a piece
 # no longer stay in cache; 2**16: 34).
 _LOW_BIT_PIECE = 1 << 18
 COMPILE_OPTIMIZER_ENV = "FTPROG_COMPILE_OPTIMIZER"
-"""``FTPROG_COMPILE_OPTIMIZER=0`` runs the low-bit AdamW step (``state_dtype`` int8 / fp8) eagerly instead of
-compiled: no compile time, ~5-10x slower updates, the same result but for last-bit rounding."""
+"""``FTPROG_COMPILE_OPTIMIZER=0`` runs the low-bit AdamW step (``state_dtype`` int8 / fp8 / int4) eagerly instead
+of compiled: no compile time, ~5-10x slower updates, the same result but for last-bit rounding."""
 
 
 def _low_bit_zeros(params: Params, kind: str, signed: bool) -> dict[str, Tensor]:
-    """Zero moments as torchao's ``AdamW8bit`` / ``AdamWFp8`` make them: quantized for tensors of at least 4096
-    elements that split into whole blocks, plain zeros in the param's dtype for the rest (norms, biases)."""
+    """Zero moments as torchao's ``AdamW8bit`` / ``AdamWFp8`` / ``AdamW4bit`` make them: quantized for tensors of
+    at least 4096 elements that split into whole blocks, plain zeros in the param's dtype for the rest (norms,
+    biases)."""
+    from torchao.optim.subclass_4bit import OptimState4bit
     from torchao.optim.subclass_8bit import OptimState8bit
     from torchao.optim.subclass_fp8 import OptimStateFp8
 
+    block = _LOW_BIT_BLOCK[kind]
     out = {}
     for k, p in params.items():
         if is_dtensor(p):
             raise ValueError(f"state_dtype={kind!r} does not support sharded params ({k!r} is a DTensor)")
-        if p.numel() >= 4096 and p.numel() % _LOW_BIT_BLOCK == 0:
-            out[k] = (OptimState8bit.zeros(p.shape, signed, _LOW_BIT_BLOCK, p.device, dtype=p.dtype) if kind == "int8"
-                      else OptimStateFp8.zeros(p.shape, _LOW_BIT_BLOCK, p.device, dtype=p.dtype))
+        if p.numel() >= 4096 and p.numel() % block == 0:
+            if kind == "fp8":
+                out[k] = OptimStateFp8.zeros(p.shape, block, p.device, dtype=p.dtype)
+            else:
+                cls = OptimState8bit if kind == "int8" else OptimState4bit
+                out[k] = cls.zeros(p.shape, signed, block, p.device, dtype=p.dtype)
         else:
             out[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
     return out
 
 
 def _is_quantized_state(t: Tensor) -> bool:
-    """A torchao low-bit moment (``OptimState8bit`` / ``OptimStateFp8``), not a plain tensor or a DTensor."""
+    """A torchao low-bit moment (``OptimState8bit`` / ``OptimStateFp8`` / ``OptimState4bit``), not a plain tensor
+    or a DTensor."""
     return type(t).__module__.startswith("torchao.optim.")
 
 
@@ -486,18 +494,21 @@ def _state_piece(t: Tensor, sl: slice) -> Tensor:
         return t.view(-1)[sl]
     names, meta = t.__tensor_flatten__()
     inner = {name: getattr(t, name) for name in names}
-    inner["codes"] = inner["codes"].view(-1)[sl]
-    inner["scale"] = inner["scale"][sl.start // _LOW_BIT_BLOCK: sl.stop // _LOW_BIT_BLOCK]
+    per_code = t.numel() // t.codes.numel()  # elements a stored code holds: 1, or 2 for int4 (two codes a byte)
+    inner["codes"] = inner["codes"].view(-1)[sl.start // per_code: sl.stop // per_code]
+    inner["scale"] = inner["scale"][sl.start // t.block_size: sl.stop // t.block_size]
+    if type(t).__name__ == "OptimState4bit":  # metadata [signed, shape, dtype]: the piece's own shape, flat
+        meta = [meta[0], (sl.stop - sl.start,), meta[2]]
     return type(t).__tensor_unflatten__(inner, meta, None, None)
 
 
-def _low_bit_cuts(n: int, quantized: bool) -> list[slice]:
-    """Flat ranges covering ``n`` elements. Quantized (``n`` a multiple of ``_LOW_BIT_BLOCK``): greedy pieces of
-    ``_LOW_BIT_BLOCK * 4**k`` elements, at most ``_LOW_BIT_PIECE`` (a few fixed sizes); plain: ``_UPCAST_NUMEL``
-    pieces and a remainder (the plain step is compiled for any size)."""
-    if not quantized:
+def _low_bit_cuts(n: int, block: int) -> list[slice]:
+    """Flat ranges covering ``n`` elements. Quantized moments (``block`` elements per scale, ``n`` a multiple of
+    it): greedy pieces of ``block * 4**k`` elements, at most ``_LOW_BIT_PIECE`` (a few fixed sizes); plain ones
+    (``block`` 0): ``_UPCAST_NUMEL`` pieces and a remainder (the plain step is compiled for any size)."""
+    if not block:
         return [slice(a, min(a + _UPCAST_NUMEL, n)) for a in range(0, n, _UPCAST_NUMEL)]
-    out, start, size = [], 0, _LOW_BIT_BLOCK
+    out, start, size = [], 0, block
     while size * 4 <= _LOW_BIT_PIECE:
         size *= 4
     while start < n:
@@ -533,8 +544,8 @@ _compile_failed: list[BaseException] = []  # the error, once compiling the step 
 def _eager_note(why: str) -> None:
     if why not in _eager_reasons:
         _eager_reasons[why] = None
-        warnings.warn(f"optimizer.state_dtype int8 / fp8: the AdamW step runs eagerly ({why}), several times "
-                      f"slower than compiled")
+        warnings.warn(f"optimizer.state_dtype int8 / fp8 / int4: the AdamW step runs eagerly ({why}), several "
+                      f"times slower than compiled")
 
 
 def _run_piece(quantized: bool, args: tuple) -> None:
@@ -573,7 +584,7 @@ def _low_bit_adamw(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: lis
         q = p.clone(memory_format=torch.contiguous_format) if not inplace or not p.is_contiguous() else p
         g = g.contiguous()
         quantized = _is_quantized_state(m)
-        for sl in _low_bit_cuts(q.numel(), quantized):
+        for sl in _low_bit_cuts(q.numel(), m.block_size if quantized else 0):
             _run_piece(quantized, (q.view(-1)[sl], g.view(-1)[sl], step, _state_piece(m, sl), _state_piece(v, sl),
                                    None, lr_t, betas[0], betas[1], wd, eps, True, False))
         if inplace and q is not p:
@@ -597,9 +608,10 @@ def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: f
     rounding only.
 
     ``state_dtype``: the dtype of the moments (default fp32, fp64 for fp64
-    params), or ``"int8"`` / ``"fp8"`` (:data:`LOW_BIT_STATES`): torchao's block-quantized moments, 2 bytes
-    per parameter plus a scale per 256, updated by torchao's AdamW step compiled with ``torch.compile`` (equal
-    to ``torchao.optim.AdamW8bit`` / ``AdamWFp8``, which compile it too, bit for bit; the first update
+    params), or ``"int8"`` / ``"fp8"`` / ``"int4"`` (:data:`LOW_BIT_STATES`): torchao's block-quantized
+    moments, 2 bytes per parameter plus a scale per 256 (int4: 1 byte plus a scale per 128), updated by
+    torchao's AdamW step compiled with ``torch.compile`` (equal to ``torchao.optim.AdamW8bit`` / ``AdamWFp8`` /
+    ``AdamW4bit``, which compile it too, bit for bit; the first update
     compiles a kernel per piece size, seconds each). With ``FTPROG_COMPILE_OPTIMIZER=0``, or where compiling
     fails (no C++ compiler), the step runs eagerly after one printed note: several times slower, equal to
     their step run eagerly, which differs from the compiled one by last-bit rounding. ``"bfloat16"`` halves

@@ -74,7 +74,8 @@ from ..core import (
 )
 from ..core import _decoder
 from ..core._decoder import attention_path
-from ..core._loss import _padded_rows, _softmax_rows  # a chunk's padded rows; the loss's fp32 softmax block
+from ..core._loss import _UPCAST_ROWS, _padded_rows, _softmax_rows  # a chunk's padded rows; the loss's fp32
+# softmax block; the output weight's vocabulary rows upcast at a time
 from ..core._optim import _LOW_BIT_PIECE, _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece sizes
 from ..transforms import checkpoint, fuse_projections, lora, param_bytes, quantize, trainable
 from . import demo_assets
@@ -101,10 +102,10 @@ cuda: the CUDA context and cuBLAS/cuDNN workspaces (an estimate; peak
 LOW_BIT_UPDATE_TEMPORARIES = 7
 """fp32 piece-sized tensors alive at once in torchao's AdamW step on quantized moments run eagerly (the param,
 grad, both moments dequantized, the squared grad, the denominator, the update), counted from
-``single_param_adam``; an upper bound for the compiled step (int8: 2, the new moments in fp32; fp8: none)."""
+``single_param_adam``; an upper bound for the compiled step (int8, int4: 2, the new moments in fp32; fp8: none)."""
 
 LOW_BIT_COMPILE_OVERHEAD = 80 * 2**20
-"""Host memory the compiled low-bit AdamW step (``state_dtype`` int8 / fp8) adds on CPU: inductor and the
+"""Host memory the compiled low-bit AdamW step (``state_dtype`` int8 / fp8 / int4) adds on CPU: inductor and the
 compiled kernels, measured as +78-84 MiB of resident set over the eager step (cpu-default, torch 2.13)."""
 
 HOST_ALLOCATOR_SLACK = 0.4
@@ -585,8 +586,8 @@ def estimate(
     - ``grad accumulation``: static + 3 x gradients (the sum, the new part and the running total);
     - ``clip``: static + gradients + the fp32 pieces their norms are taken of; ``update``: static +
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
-      of a functional update). ``state_dtype``: the optimizer moments' dtype (int8 / fp8: torchao's quantized
-      ones, their step's fp32 pieces). ``in_backward``: the optimizer runs in the backward, so no phase holds
+      of a functional update). ``state_dtype``: the optimizer moments' dtype (int8 / fp8 / int4: torchao's
+      quantized ones, their step's fp32 pieces). ``in_backward``: the optimizer runs in the backward, so no phase holds
       all gradients (see :func:`ftprog.programs.training.in_backward_step`)
     """
     config = model_config(config)
@@ -635,9 +636,12 @@ def estimate(
     # gradient), the fp32 softmax of a block of its rows at a time (its fp32 copy of the rows is freed with the
     # block: measured, the peak holds one fp32 block beside the logits), and for a trained output weight whose
     # targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
-    # On a CPU without bf16 matmuls (matmul_dtype) the loss multiplies fp32 copies of the output weight and of a
-    # chunk's rows, its logits are fp32, and a trained weight's gradient product is rounded from fp32 (measured:
-    # the peak holds the copies and the rounded product).
+    # On a CPU without bf16 matmuls (matmul_dtype) the loss multiplies fp32 copies of a chunk's rows and of the
+    # output weight's vocabulary slices, one at a time, into fp32 logits; the hidden gradient is summed in fp32
+    # and a trained weight's gradient is written slice by slice. Beside the logits, the peak holds the largest of:
+    # a softmax block; a slice's product before it is copied into the logits (none for one slice), the slice and
+    # the rows; in the gradient pass a slice and the next one (or the slice's weight-gradient product), the rows,
+    # their gradient and the weight's gradient (measured with live-tensor accounting to the byte).
     b, V = DTYPE_BYTES[u.dtype], s.vocab_size
     m = 4 if matmul_dtype(as_dtype(u.dtype), kind) == torch.float32 else b
     targets = u.batch_size * u.seq_len
@@ -645,7 +649,11 @@ def estimate(
     softmax_rows = min(chunk, _softmax_rows(V, torch.device(kind)))
     loss_chunk = chunk * V * m + softmax_rows * V * 4
     if m != b:
-        loss_chunk += V * s.hidden_size * (4 + b if u.method == "full" else 4) + chunk * s.hidden_size * 4
+        H, rows = s.hidden_size, min(V, _UPCAST_ROWS)
+        weight_grad = V * H * (b if targets <= u.chunk_size else 4) if u.method == "full" else 0
+        project = chunk * rows * 4 * (V > rows) + rows * H * 4 + chunk * H * 4
+        back = (1 + (V > rows or u.method == "full")) * rows * H * 4 + 2 * chunk * H * 4 + weight_grad
+        loss_chunk = chunk * V * 4 + max(softmax_rows * V * 4, project, back)
     elif u.method == "full" and targets > u.chunk_size:
         loss_chunk += V * s.hidden_size * b
     accum = grads_s if grad_accum > 1 else 0

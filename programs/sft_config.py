@@ -79,12 +79,12 @@ class OptimizerSection:
     """Linear warmup from 0; longer than the run, it is cut to the run's length (a note says so)."""
     max_grad_norm: float = attrs.field(default=1.0, validator=in_range(0))
     """Clip gradients to this global norm; 0 disables clipping."""
-    state_dtype: Literal["fp32", "bf16", "int8", "fp8"] = "fp32"
+    state_dtype: Literal["fp32", "bf16", "int8", "fp8", "int4"] = "fp32"
     """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params; its
     second moment stops moving once 0.001 x grad**2 is under half a bf16 step of it, so fp32 stays the default);
-    int8 and fp8 (adamw only, one process) keep them block-quantized by torchao, a quarter of fp32's, updated by
-    torchao's step compiled (on 54M params, 1 thread: int8 2.7 s, fp8 0.37 s, fp32 0.19 s per update; the first
-    update compiles)."""
+    int8 and fp8 (adamw only, one process) keep them block-quantized by torchao, a quarter of fp32's, int4 an
+    eighth, updated by torchao's step compiled (on 54M params, 1 thread: int8 2.7 s, fp8 0.37 s, fp32 0.19 s per
+    update; the first update compiles)."""
     in_backward: bool = False
     """Update each parameter as soon as its gradient is complete in the backward, and free that gradient: full
     fine-tuning then never holds all gradients at once. Needs grad_accum = 1 and max_grad_norm = 0 (the update

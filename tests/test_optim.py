@@ -470,14 +470,16 @@ def _low_bit_grads(step, dtype, w_shape=(64, 128)):
 
 
 def _run_against_torchao(kind, dtype, steps=3, w_shape=(64, 128)):
-    """Our update and torchao's ``AdamW8bit`` / ``AdamWFp8`` side by side: (our params, state, their params, state)."""
-    from torchao.optim import AdamW8bit, AdamWFp8
+    """Our update and torchao's ``AdamW8bit`` / ``AdamWFp8`` / ``AdamW4bit`` side by side: (our params, state,
+    their params, state)."""
+    from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
 
     params = _low_bit_params(dtype, w_shape=w_shape)
     ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
     state = opt.init(params)
-    theirs = (AdamW8bit if kind == "int8" else AdamWFp8)(list(ref.values()), lr=1e-2, weight_decay=0.1)
+    theirs = {"int8": AdamW8bit, "fp8": AdamWFp8, "int4": AdamW4bit}[kind](list(ref.values()), lr=1e-2,
+                                                                         weight_decay=0.1)
     for step in range(steps):
         grads = _low_bit_grads(step, dtype, w_shape)
         params, state = opt.update(grads, state, params, inplace=step % 2 == 0)
@@ -499,11 +501,12 @@ def _assert_same_as_torchao(params, state, their_params, their_state):
                 assert torch.equal(ours, theirs), (k, name)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_low_bit_adamw_equals_eager_torchao(monkeypatch, kind, dtype):
-    """state_dtype int8 / fp8 with FTPROG_COMPILE_OPTIMIZER=0: torchao's quantized moments and update, equal to
-    AdamW8bit / AdamWFp8 run eagerly bit for bit, also when a tensor is updated in pieces; one note says so."""
+    """state_dtype int8 / fp8 / int4 with FTPROG_COMPILE_OPTIMIZER=0: torchao's quantized moments and update,
+    equal to AdamW8bit / AdamWFp8 / AdamW4bit run eagerly bit for bit, also when a tensor is updated in pieces
+    (int4: two codes a byte, 128-element blocks); one note says so."""
     from ftprog.core import _optim
 
     monkeypatch.setattr(_optim, "_LOW_BIT_PIECE", 1024)  # "w" (8192 elements) goes in 8 pieces
@@ -511,18 +514,21 @@ def test_eager_low_bit_adamw_equals_eager_torchao(monkeypatch, kind, dtype):
     with pytest.warns(UserWarning, match="runs eagerly \\(FTPROG_COMPILE_OPTIMIZER=0\\)") as notes:
         ours = _run_against_torchao(kind, dtype)
     assert len([n for n in notes if "runs eagerly" in str(n.message)]) == 1
-    assert type(ours[1].exp_avg["w"]).__name__ == ("OptimState8bit" if kind == "int8" else "OptimStateFp8")
+    assert type(ours[1].exp_avg["w"]).__name__ == {"int8": "OptimState8bit", "fp8": "OptimStateFp8",
+                                                   "int4": "OptimState4bit"}[kind]
     _assert_same_as_torchao(*ours)
 
 
-def test_compiled_low_bit_adamw_equals_compiled_torchao(compiled_low_bit_step):
-    """The compiled step (flat pieces of fixed sizes) equals torchao's AdamWFp8, which compiles its step per
-    param shape, bit for bit (measured, not run here as int8 compiles 3-4x slower: also int8, fp32 params, 2-D
-    params cut in pieces); its state through safetensors resumes exactly. "w" is one piece, so both compile the
-    same graph and inductor's cache halves the compile time."""
-    params, state, their_params, their_state = _run_against_torchao("fp8", torch.bfloat16, steps=2, w_shape=(4096,))
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_compiled_low_bit_adamw_equals_compiled_torchao(compiled_low_bit_step, kind):
+    """The compiled step (flat pieces of fixed sizes) equals torchao's AdamWFp8 / AdamW4bit, which compile their
+    step per param shape, bit for bit (measured, not run here as int8 compiles 3-4x slower: also int8, fp32
+    params, 2-D params cut in pieces); its state through safetensors resumes exactly. fp8's "w" is one piece, so
+    both compile the same graph and inductor's cache halves the compile time; int4's is two (128-element
+    blocks)."""
+    params, state, their_params, their_state = _run_against_torchao(kind, torch.bfloat16, steps=2, w_shape=(4096,))
     _assert_same_as_torchao(params, state, their_params, their_state)
-    opt = adamw(1e-2, weight_decay=0.1, state_dtype="fp8")
+    opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
     saved = st_load(st_save(dict(params)))
     resumed_state = load_state_dict(opt, saved, st_load(st_save(state_dict(state))))
     grads = _low_bit_grads(2, torch.bfloat16, (4096,))
@@ -546,21 +552,21 @@ def test_failed_compile_falls_back_to_the_eager_step(monkeypatch, compiled_low_b
     _assert_same_as_torchao(*ours)
 
 
-@pytest.mark.parametrize("n,quantized,sizes", [
-    (8192, True, [4096, 4096]), (4096 + 3 * 256, True, [4096, 256, 256, 256]),
-    (3 * 2**18 + 2**16 + 1024, True, [2**18] * 3 + [2**16, 1024]), (100, False, [100]),
-    (2**20 + 5, False, [2**20, 5]), (0, False, [])])
-def test_low_bit_cuts_are_a_few_fixed_sizes(n, quantized, sizes):
+@pytest.mark.parametrize("n,block,sizes", [
+    (8192, 256, [4096, 4096]), (4096 + 3 * 256, 256, [4096, 256, 256, 256]),
+    (3 * 2**18 + 2**16 + 1024, 256, [2**18] * 3 + [2**16, 1024]), (100, 0, [100]),
+    (2**20 + 5, 0, [2**20, 5]), (0, 0, []), (2**18 + 2048 + 128, 128, [2**17, 2**17, 2048, 128])])
+def test_low_bit_cuts_are_a_few_fixed_sizes(n, block, sizes):
     from ftprog.core._optim import _LOW_BIT_PIECE, _low_bit_cuts
 
-    cuts = _low_bit_cuts(n, quantized)
+    cuts = _low_bit_cuts(n, block)
     assert [c.stop - c.start for c in cuts] == sizes
     assert [c.start for c in cuts] == [sum(sizes[:i]) for i in range(len(sizes))]
-    if quantized:
-        assert all(size in {256 * 4**k for k in range(10)} and size <= _LOW_BIT_PIECE for size in sizes)
+    if block:
+        assert all(size in {block * 4**k for k in range(10)} and size <= _LOW_BIT_PIECE for size in sizes)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
 def test_low_bit_state_dict_resumes_bitwise(kind):
     opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
     params = _low_bit_params(torch.bfloat16)
@@ -634,12 +640,13 @@ def test_in_backward_step_equals_a_normal_step(tmp_path):
     assert all(t.grad is None for t in eager.trainable_params().values())
 
 
-def test_in_backward_step_resumes_bitwise(tmp_path):
-    """Stopped after a step (params and int8 optimizer state through safetensors), the next in-backward step
-    continues exactly as an uninterrupted run."""
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_in_backward_step_resumes_bitwise(tmp_path, kind):
+    """Stopped after a step (params and int8 / int4 optimizer state through safetensors), the next in-backward
+    step continues exactly as an uninterrupted run."""
     from ftprog.programs.training import in_backward_step
 
-    model, batches, loss_fn, opt = _tiny_step_setup("int8")
+    model, batches, loss_fn, opt = _tiny_step_setup(kind)
 
     def run(model, state, steps, start):
         for step in range(start, start + steps):

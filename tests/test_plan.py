@@ -202,10 +202,10 @@ class LiveBytes(TorchDispatchMode):
 
 # (stack, dtype, relative tolerance): each a little above its measured error (plan / live - 1), which is
 # deterministic: lora -5.8%, full -0.3%, lora+checkpoint -0.0%, qlora -6.5%, full fp32 +1.4%, bf16 state -0.4%,
-# optimizer in the backward +2.4%.
-@pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.065), ("full", "bf16", 0.01),
+# optimizer in the backward +2.4%; with bf16 matmuls upcast (FTPROG_CPU_MATMUL_UPCAST=1) full and bf16 state +1.9%.
+@pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.065), ("full", "bf16", 0.025),
                                              ("lora+checkpoint", "fp32", 0.025), ("qlora", "bf16", 0.075),
-                                             ("full", "fp32", 0.02), ("full+bf16state", "bf16", 0.01),
+                                             ("full", "fp32", 0.02), ("full+bf16state", "bf16", 0.025),
                                              ("full+inbackward", "bf16", 0.03)])
 def test_step_peak_matches_live_tensors(stack, dtype, rel, tmp_path):
     """The whole step (value_and_grad, clip, in-place AdamW; or in_backward_step), as programs/sft.py runs it."""
@@ -261,9 +261,11 @@ def test_weights_gradients_optimizer_by_method():
     bf16_state = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128, state_dtype="bf16")
     assert bf16_state.optimizer == 4 * n and "bf16 state" in str(bf16_state.breakdown())
     with pytest.raises(PlanError, match="optimizer state dtype"):
-        estimate(shape, method="full", state_dtype="int4")
+        estimate(shape, method="full", state_dtype="int2")
     int8 = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128, state_dtype="int8")
     assert int8.optimizer == pytest.approx(2 * n, rel=0.03)  # a byte per moment, an fp32 scale per 256
+    int4 = estimate(shape, method="full", dtype="bf16", batch_size=1, seq_len=128, state_dtype="int4")
+    assert int4.optimizer == pytest.approx(n, rel=0.07)  # half a byte per moment, an fp32 scale per 128
     adapted = estimate(shape, method="lora", dtype="bf16", batch_size=1, seq_len=128, rank=16,
                        targets=("all-linear",))
     projections = [s for k, s in param_shapes(shape).items() if k.endswith("_proj.weight")]
@@ -345,8 +347,9 @@ def test_loss_softmax_block_as_the_loss_takes_it(monkeypatch):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_loss_chunk_on_a_cpu_without_bf16_matmuls(monkeypatch, method):
-    """Upcast bf16 matmuls (``matmul_dtype``): the plan's loss chunk gains fp32 logits, fp32 copies of the output
-    weight and of a chunk's rows, and for a trained output weight its rounded gradient product."""
+    """Upcast bf16 matmuls (``matmul_dtype``): the plan's loss chunk gains fp32 logits and, beside them, two fp32
+    copies of 4096-row slices of the output weight, the chunk's rows and their gradient in fp32, and for a trained
+    output weight its gradient (bf16); the native chunk's softmax block is no longer the largest term."""
     config = {**CONFIG, "vocab_size": 32000}
     plans = {}
     for flag in ("0", "1"):
@@ -354,8 +357,12 @@ def test_loss_chunk_on_a_cpu_without_bf16_matmuls(monkeypatch, method):
         plans[flag] = estimate(config, method=method, dtype="bf16", batch_size=2, seq_len=128, device="cpu")
     native, upcast = plans["0"], plans["1"]
     chunk, hidden = min(native.setup.chunk_size, 2 * 128), CONFIG["hidden_size"]
-    weight = 32000 * hidden * (4 + 2 if method == "full" else 4)
-    assert upcast.loss_chunk - native.loss_chunk == chunk * 32000 * 2 + weight + chunk * hidden * 4
+    weight_grad = 32000 * hidden * 2 if method == "full" else 0
+    softmax = native.softmax_rows * 32000 * 4
+    assert native.loss_chunk == chunk * 32000 * 2 + softmax + weight_grad * (chunk > native.setup.chunk_size)
+    project = chunk * 4096 * 4 + 4096 * hidden * 4 + chunk * hidden * 4  # a slice's product, the slice, the rows
+    back = 2 * 4096 * hidden * 4 + 2 * chunk * hidden * 4 + weight_grad  # two slices, rows and their gradient
+    assert upcast.loss_chunk == chunk * 32000 * 4 + max(softmax, project, back)
 
 
 def test_plan_command_verdict_and_a_bad_target():

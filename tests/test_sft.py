@@ -257,6 +257,30 @@ def test_rerun_resumes_exactly(method, dtype, config, tmp_path, capsys):
     assert [r["step"] for r in records(out) if "val_loss" in r] == [2, 4, 6]
 
 
+def test_in_backward_int4_state_rerun_resumes_exactly(config, tmp_path, capsys, monkeypatch):
+    """optimizer.in_backward with torchao's 4-bit moments (state_dtype = int4): the checkpoint keeps the packed
+    codes (two a byte) and a scale per 128 elements, and the run resumed from it ends bit for bit the same."""
+    monkeypatch.setenv("FTPROG_COMPILE_OPTIMIZER", "0")  # the eager step: no compile time in the test
+    out = tmp_path / "out"
+    overrides = ["max_steps=4", "save_every=2", "packing=true", "seq_len=128", "log.plot=false",
+                 "optimizer.in_backward=true", "optimizer.max_grad_norm=0", "optimizer.state_dtype=int4",
+                 "optimizer.lr=1e-3"]
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        run_sft(config, *overrides)
+    first, first_losses = weights(out / "final"), losses(out)
+    state = load_file(out / "step_2" / "optimizer.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    codes, scale = state[f"exp_avg_sq.{name}.codes"], state[f"exp_avg_sq.{name}.scale"]
+    assert codes.dtype == torch.uint8 and 2 * codes.numel() == 128 * scale.numel() == first[name].numel()
+    assert first_losses[-1][1] < first_losses[0][1]
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+    run_sft(config, *overrides)
+    assert f"resumed from {out / 'step_2'} (step 2)" in capsys.readouterr().out
+    assert_bitwise_equal(weights(out / "final"), first)
+    assert losses(out) == first_losses
+
+
 def test_resume_false_starts_over(config, tmp_path, capsys):
     out = tmp_path / "out"
     run_sft(config, "max_steps=6", "save_every=4", "log.plot=false")  # leaves step_4
