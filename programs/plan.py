@@ -102,7 +102,8 @@ cuda: the CUDA context and cuBLAS/cuDNN workspaces (an estimate; peak
 LOW_BIT_UPDATE_TEMPORARIES = 7
 """fp32 piece-sized tensors alive at once in torchao's AdamW step on quantized moments run eagerly (the param,
 grad, both moments dequantized, the squared grad, the denominator, the update), counted from
-``single_param_adam``; an upper bound for the compiled step (int8, int4: 2, the new moments in fp32; fp8: none)."""
+``single_param_adam``; an upper bound for the compiled step (int8: 2, the new moments in fp32; fp8: none; int4
+not measured)."""
 
 LOW_BIT_COMPILE_OVERHEAD = 80 * 2**20
 """Host memory the compiled low-bit AdamW step (``state_dtype`` int8 / fp8 / int4) adds on CPU: inductor and the

@@ -260,7 +260,10 @@ def test_rerun_resumes_exactly(method, dtype, config, tmp_path, capsys):
 def test_in_backward_int4_state_rerun_resumes_exactly(config, tmp_path, capsys, monkeypatch):
     """optimizer.in_backward with torchao's 4-bit moments (state_dtype = int4): the checkpoint keeps the packed
     codes (two a byte) and a scale per 128 elements, and the run resumed from it ends bit for bit the same."""
-    monkeypatch.setenv("FTPROG_COMPILE_OPTIMIZER", "0")  # the eager step: no compile time in the test
+    from ftprog.core import _optim
+
+    monkeypatch.setenv(_optim.COMPILE_OPTIMIZER_ENV, "0")  # the eager step: no compile time in the test
+    monkeypatch.setattr(_optim, "_eager_reasons", {})  # its note, printed once a process, is printed here
     out = tmp_path / "out"
     overrides = ["max_steps=4", "save_every=2", "packing=true", "seq_len=128", "log.plot=false",
                  "optimizer.in_backward=true", "optimizer.max_grad_norm=0", "optimizer.state_dtype=int4",
