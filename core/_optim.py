@@ -200,8 +200,9 @@ LOW_BIT_STATES = ("int8", "fp8", "int4")
 """AdamW ``state_dtype`` values kept quantized by torchao, block-wise with one fp32 scale per block: ``int8``
 (``OptimState8bit``, a dynamic-tree code map, 256-element blocks), ``fp8`` (``OptimStateFp8``, e4m3, 256) and
 ``int4`` (``OptimState4bit``, two 4-bit codes a byte, 128-element blocks: half of int8's memory). int8 and fp8
-run on CPU and CUDA (torch 2.13, torchao 0.18); int4 was checked on CPU only. Tensors under 4096 elements, or not made of whole blocks, keep plain moments
-in the param's dtype, as torchao's ``AdamW8bit`` / ``AdamWFp8`` / ``AdamW4bit`` do."""
+run on CPU and CUDA (torch 2.13, torchao 0.18); int4 was checked on CPU only. Tensors under 4096 elements, or
+not made of whole blocks, keep plain moments in the param's dtype, as torchao's ``AdamW8bit`` / ``AdamWFp8`` /
+``AdamW4bit`` do."""
 _LOW_BIT_BLOCK = {"int8": 256, "fp8": 256, "int4": 128}  # elements per fp32 scale of each kind (torchao's defaults)
 
 
