@@ -42,12 +42,69 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
     """RMSNorm over the last dim, computed in fp32, scaled by ``offset + weight``.
 
     ``scale_fp32``: scale in fp32, then cast back (Gemma, OLMo 2); else cast back, then scale (Llama).
+    Below fp32, the backward keeps ``x`` and the fp32 ``1 / rms`` per row, not fp32 copies of ``x`` and of the
+    normalised rows, and its gradients equal autograd's through the plain ops bit for bit. An fp32 ``x`` goes
+    through the plain ops (autograd keeps no copy of it; its graph sums the gradient of ``x`` with the
+    residual's in the order transformers' does).
     """
+    if x.dtype == torch.float32:
+        return _rms_forward(x, weight, eps, offset, scale_fp32)[0]
+    return _RMSNorm.apply(x, weight, eps, offset, scale_fp32)[0]
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, scale_fp32: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * rstd
     if scale_fp32:
-        return (h * (offset + weight.float())).to(x.dtype)
-    return (weight + offset if offset else weight) * h.to(x.dtype)
+        return (h * (offset + weight.float())).to(x.dtype), rstd
+    return (weight + offset if offset else weight) * h.to(x.dtype), rstd
+
+
+class _RMSNorm(torch.autograd.Function):
+    """:func:`rms_norm` saving ``x`` and ``rstd [..., 1]`` (fp32) for its backward, which recomputes the
+    normalised rows and runs the ops autograd would run for the plain composition."""
+
+    @staticmethod
+    def forward(x, weight, eps, offset, scale_fp32):
+        return _rms_forward(x, weight, eps, offset, scale_fp32)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, offset, scale_fp32 = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.offset, ctx.scale_fp32 = offset, scale_fp32
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_rstd):
+        if grad is None:
+            return None, None, None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x.float()
+        h = x32 * rstd
+        batch_dims = tuple(range(grad.dim() - 1))
+        grad_weight = None
+        if ctx.scale_fp32:
+            g32 = grad.float()
+            grad_h = g32 * (ctx.offset + weight.float())
+            if ctx.needs_input_grad[1]:
+                grad_weight = (g32 * h).sum(batch_dims).to(weight.dtype)
+        else:
+            scale = weight + ctx.offset if ctx.offset else weight
+            grad_h = (grad * scale).to(x.dtype).float()
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad * h.to(x.dtype)).sum(batch_dims)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # h = x * rstd, rstd = rsqrt(mean(x^2) + eps): autograd's formulas, in its order
+            grad_rstd = (grad_h * x32).sum(-1, keepdim=True)
+            grad_mean = -0.5 * grad_rstd * rstd.pow(3)
+            grad_sq = grad_mean.expand(x32.shape) / x32.shape[-1]
+            grad_x = (grad_h * rstd + grad_sq * (2 * x32)).to(x.dtype)
+        return grad_x, grad_weight, None, None, None
 
 
 def norm(x: torch.Tensor, node: Mapping, config: ModelConfig) -> torch.Tensor:
@@ -455,6 +512,35 @@ def layer_norm_names(config: ModelConfig) -> tuple[str, ...]:
 
 
 _ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ACTIVATION_GRADS = {"silu": torch.ops.aten.silu_backward,
+                     "gelu_pytorch_tanh": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh")}
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` (SwiGLU / GeGLU's product, ``activation`` a ``hidden_act`` name). For the backward it
+    keeps ``gate`` and ``up`` only and recomputes ``act(gate)``; the gradients equal autograd's bit for bit."""
+    return _Gated.apply(gate, up, activation)
+
+
+class _Gated(torch.autograd.Function):
+    @staticmethod
+    def forward(gate, up, activation):
+        return _ACTIVATIONS[activation](gate) * up
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gate, up, ctx.activation = inputs
+        ctx.save_for_backward(gate, up)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        gate, up = ctx.saved_tensors
+        grad_up = grad * _ACTIVATIONS[ctx.activation](gate) if ctx.needs_input_grad[1] else None
+        grad_gate = _ACTIVATION_GRADS[ctx.activation](grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up, None
 
 
 def mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -463,7 +549,7 @@ def mlp(p: Mapping, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
         gate, up = linear(x, p["gate_up_proj"]).chunk(2, dim=-1)
     else:
         gate, up = linear(x, p["gate_proj"]), linear(x, p["up_proj"])
-    return linear(_ACTIVATIONS[config.hidden_act](gate) * up, p["down_proj"])
+    return linear(gated(gate, up, config.hidden_act), p["down_proj"])
 
 
 def sparse_mlp(p: Mapping, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -559,9 +645,9 @@ def expert_mlps(nodes: Sequence[Mapping], x: torch.Tensor, counts: Sequence[int]
     """Every expert's gated MLP over its slice of ``x [rows, hidden]`` (rows sorted by expert, ``counts[e]`` for
     expert ``e``) ``-> same``; the projections are named as the checkpoint names them."""
     gate, up, down = config.moe.projections
-    act = _ACTIVATIONS[config.hidden_act]
-    gated = act(grouped_linear(x, counts, [n[gate] for n in nodes]))
-    return grouped_linear(gated * grouped_linear(x, counts, [n[up] for n in nodes]), counts, [n[down] for n in nodes])
+    hidden = gated(grouped_linear(x, counts, [n[gate] for n in nodes]),
+                   grouped_linear(x, counts, [n[up] for n in nodes]), config.hidden_act)
+    return grouped_linear(hidden, counts, [n[down] for n in nodes])
 
 
 def router_aux_loss(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], config: ModelConfig,

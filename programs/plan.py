@@ -75,7 +75,7 @@ from ..core import (
 from ..core import _decoder
 from ..core._decoder import attention_path
 # a chunk's padded rows; the output weight's vocabulary rows upcast at a time; the loss's fp32 softmax block
-from ..core._loss import _UPCAST_ROWS, _padded_rows, _softmax_rows
+from ..core._loss import _UPCAST_ROWS, _frozen_chunk_rows, _padded_rows, _softmax_rows
 from ..core._optim import _LOW_BIT_PIECE, _UPCAST_NUMEL  # the optimizer's upcast / gradient-norm piece sizes
 from ..transforms import checkpoint, fuse_projections, lora, param_bytes, quantize, trainable
 from . import demo_assets
@@ -634,9 +634,10 @@ def estimate(
     static = weights + adapters_s + opt_s
 
     # The loss's transients: a chunk's [chunk, vocab] logits in the weight dtype (overwritten by their
-    # gradient), the fp32 softmax of a block of its rows at a time (its fp32 copy of the rows is freed with the
-    # block: measured, the peak holds one fp32 block beside the logits), and for a trained output weight whose
-    # targets span several chunks the chunk's [vocab, hidden] weight-gradient product.
+    # gradient; a frozen output weight's chunks are at most _frozen_chunk_rows rows), the fp32 softmax of a block
+    # of its rows at a time (its fp32 copy of the rows is freed with the block: measured, the peak holds one fp32
+    # block beside the logits), and for a trained output weight whose targets span several chunks the chunk's
+    # [vocab, hidden] weight-gradient product.
     # On a CPU without bf16 matmuls (matmul_dtype) the loss multiplies fp32 copies of a chunk's rows and of the
     # output weight's vocabulary slices, one at a time, into fp32 logits; the hidden gradient is summed in fp32
     # and a trained weight's gradient is written slice by slice. Beside the logits, the peak holds the largest of:
@@ -647,7 +648,8 @@ def estimate(
     b, V = DTYPE_BYTES[u.dtype], s.vocab_size
     m = 4 if matmul_dtype(as_dtype(u.dtype), kind) == torch.float32 else b
     targets = u.batch_size * u.seq_len
-    chunk = _padded_rows(min(u.chunk_size, targets), u.chunk_size)  # the loss pads a chunk's rows to a bucket
+    chunk_size = u.chunk_size if u.method == "full" else _frozen_chunk_rows(u.chunk_size, V)
+    chunk = _padded_rows(min(chunk_size, targets), chunk_size)  # the loss pads a chunk's rows to a bucket
     softmax_rows = min(chunk, _softmax_rows(V, torch.device(kind)))
     loss_chunk = chunk * V * m + softmax_rows * V * 4
     if m != b:

@@ -201,13 +201,14 @@ class LiveBytes(TorchDispatchMode):
 
 
 # (stack, dtype, relative tolerance): each a little above its measured error (plan / live - 1), which is
-# deterministic: lora -5.8%, full -0.3%, lora+checkpoint -0.0%, qlora -6.5%, full fp32 +1.4%, bf16 state -0.4%,
-# optimizer in the backward +2.4%; with bf16 matmuls upcast (FTPROG_CPU_MATMUL_UPCAST=1) full +1.9%, bf16 state
-# +2.4%, lora -0.6%, in the backward +1.9%.
-@pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.065), ("full", "bf16", 0.025),
-                                             ("lora+checkpoint", "fp32", 0.025), ("qlora", "bf16", 0.075),
-                                             ("full", "fp32", 0.02), ("full+bf16state", "bf16", 0.025),
-                                             ("full+inbackward", "bf16", 0.03)])
+# deterministic: lora -8.1%, full -0.7%, lora+checkpoint -1.3%, qlora -9.4%, full fp32 +0.5%, bf16 state -0.9%,
+# optimizer in the backward +4.7%; with bf16 matmuls upcast (FTPROG_CPU_MATMUL_UPCAST=1) full +2.1%, bf16 state
+# +2.7%, lora -0.7%, in the backward +2.1%. (The LoRA gaps are the same ~2.6 MB as before the forward kept less
+# for the backward, now of a smaller total.)
+@pytest.mark.parametrize("stack,dtype,rel", [("lora", "bf16", 0.09), ("full", "bf16", 0.025),
+                                             ("lora+checkpoint", "fp32", 0.02), ("qlora", "bf16", 0.10),
+                                             ("full", "fp32", 0.015), ("full+bf16state", "bf16", 0.03),
+                                             ("full+inbackward", "bf16", 0.05)])
 def test_step_peak_matches_live_tensors(stack, dtype, rel, tmp_path):
     """The whole step (value_and_grad, clip, in-place AdamW; or in_backward_step), as programs/sft.py runs it."""
     from ftprog.programs.training import in_backward_step
@@ -357,7 +358,8 @@ def test_loss_chunk_on_a_cpu_without_bf16_matmuls(monkeypatch, method):
         monkeypatch.setenv(CPU_MATMUL_UPCAST_ENV, flag)
         plans[flag] = estimate(config, method=method, dtype="bf16", batch_size=2, seq_len=128, device="cpu")
     native, upcast = plans["0"], plans["1"]
-    chunk, hidden = min(native.setup.chunk_size, 2 * 128), CONFIG["hidden_size"]
+    rows = native.setup.chunk_size if method == "full" else 512  # a frozen weight: 2**24 // 32000 rows, in 128s
+    chunk, hidden = min(rows, 2 * 128), CONFIG["hidden_size"]
     weight_grad = 32000 * hidden * 2 if method == "full" else 0
     softmax = native.softmax_rows * 32000 * 4
     assert native.loss_chunk == chunk * 32000 * 2 + softmax + weight_grad * (chunk > native.setup.chunk_size)

@@ -65,13 +65,55 @@ def lora_delta(node: Mapping) -> torch.Tensor:
     return (b @ a) * node[SPEC_KEY].scale
 
 
+def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(x @ a^T) @ b^T`` in the adapters' dtype (``x [..., in]`` upcast to it, as PEFT does) ``-> [..., out]``.
+
+    For the backward it keeps ``x`` in its own dtype and the ``[..., rank]`` middle, not the upcast copy of ``x``
+    (an fp32 copy of a bf16 input per adapted linear); the gradients equal autograd's through the same matmuls
+    bit for bit. With ``x`` already in the adapters' dtype there is no copy to spare: the plain ops run.
+    """
+    if x.dtype == a.dtype:
+        return F.linear(F.linear(x, a), b)
+    return _LoraBranch.apply(x, a, b)[0]
+
+
+class _LoraBranch(torch.autograd.Function):
+    @staticmethod
+    def forward(x, a, b):
+        middle = F.linear(x.to(a.dtype), a)
+        return F.linear(middle, b), middle
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_middle):
+        if grad is None:
+            return None, None, None
+        x, a, b, middle = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_b = grad.t().mm(middle.reshape(-1, middle.shape[-1])) if need_b else None
+        grad_x = grad_a = None
+        if need_x or need_a:
+            grad_middle = grad.mm(b)
+            if need_a:
+                grad_a = grad_middle.t().mm(x.reshape(-1, x.shape[-1]).to(a.dtype))
+            if need_x:
+                grad_x = grad_middle.mm(a).to(x.dtype).reshape(x.shape)
+        return grad_x, grad_a, grad_b
+
+
 def lora_linear(x: torch.Tensor, node: Mapping) -> torch.Tensor:
     """``x [..., in] -> [..., out]`` through an adapted node (LoRA, or DoRA with a magnitude vector)."""
     spec: LoraSpec = node[SPEC_KEY]
     weight, bias = node["weight"], node.get("bias")
     a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
     x_drop = F.dropout(x, spec.dropout, training=True) if spec.dropout and is_training() else x
-    update = F.linear(F.linear(x_drop.to(a.dtype), a), b).to(x.dtype) * spec.scale
+    update = lora_branch(x_drop, a, b).to(x.dtype) * spec.scale
     magnitude = node.get("lora_magnitude_vector")
     if magnitude is None:  # the base through the primitive: a fake-quantized base (transforms.qat) stays so
         return linear(x, {k: v for k, v in node.items() if k in BASE_KEYS}) + update
