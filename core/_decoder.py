@@ -45,11 +45,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
     Below fp32, the backward keeps ``x`` and the fp32 ``1 / rms`` per row, not fp32 copies of ``x`` and of the
     normalised rows, and its gradients equal autograd's through the plain ops bit for bit. An fp32 ``x`` goes
     through the plain ops (autograd keeps no copy of it; its graph sums the gradient of ``x`` with the
-    residual's in the order transformers' does).
+    residual's in the order transformers' does), as does a call that needs no gradient (generation: the
+    autograd function's own overhead, ~90 us a call, would be most of a decoding step's norm).
     """
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 or not _needs_grad(x, weight):
         return _rms_forward(x, weight, eps, offset, scale_fp32)[0]
     return _RMSNorm.apply(x, weight, eps, offset, scale_fp32)[0]
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record an op on ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, scale_fp32: bool
@@ -518,7 +524,10 @@ _ACTIVATION_GRADS = {"silu": torch.ops.aten.silu_backward,
 
 def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up`` (SwiGLU / GeGLU's product, ``activation`` a ``hidden_act`` name). For the backward it
-    keeps ``gate`` and ``up`` only and recomputes ``act(gate)``; the gradients equal autograd's bit for bit."""
+    keeps ``gate`` and ``up`` only and recomputes ``act(gate)``; the gradients equal autograd's bit for bit.
+    Without a gradient to take, the plain ops run."""
+    if not _needs_grad(gate, up):
+        return _ACTIVATIONS[activation](gate) * up
     return _Gated.apply(gate, up, activation)
 
 

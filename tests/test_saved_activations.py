@@ -159,3 +159,25 @@ def test_whole_model_gradients_equal_the_plain_ops(family, method, monkeypatch):
     assert grads.keys() == plain_grads.keys() and len(grads) > 0
     for path, g in grads.items():
         assert torch.equal(g, plain_grads[path]), path
+
+
+def test_without_a_gradient_the_plain_ops_run(monkeypatch):
+    """Generation and evaluation skip the autograd functions (their per-call overhead), with the same output."""
+    from ftprog.core import _decoder
+    from ftprog.transforms import _lora
+
+    def refuse(*args):
+        raise AssertionError("an autograd function ran without a gradient to take")
+
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    w = torch.randn(32, dtype=torch.bfloat16)
+    a, b = torch.randn(4, 32), torch.randn(24, 4)
+    expected = (_plain_rms_norm(x, w, 1e-6), F.silu(x) * x, F.linear(F.linear(x.float(), a), b))
+    for fn in (_decoder._RMSNorm, _decoder._Gated, _lora._LoraBranch):
+        monkeypatch.setattr(fn, "apply", refuse)
+    with torch.no_grad():
+        got = (rms_norm(x, w, 1e-6), gated(x, x, "silu"), lora_branch(x, a, b))
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    with pytest.raises(AssertionError, match="autograd function"):
+        rms_norm(x, w.requires_grad_(), 1e-6)

@@ -26,6 +26,7 @@ from ..core import (
     Model, dense_linear, dense_weight, flatten, is_quantized, is_training, linear, linear_kind, linear_paths, matches,
     matmul_dtype, per_node_linear, register_linear, tree_map, unflatten,
 )
+from ..core._decoder import _needs_grad
 from ..core._tree import get
 
 from ._base import BASE_KEYS, check_order, record
@@ -70,10 +71,11 @@ def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
     For the backward it keeps ``x`` in its own dtype and the ``[..., rank]`` middle, not the upcast copy of ``x``
     (an fp32 copy of a bf16 input per adapted linear); the gradients equal autograd's through the same matmuls
-    bit for bit. With ``x`` already in the adapters' dtype there is no copy to spare: the plain ops run.
+    bit for bit. With ``x`` already in the adapters' dtype there is no copy to spare, and without a gradient to
+    take nothing is kept: the plain ops run.
     """
-    if x.dtype == a.dtype:
-        return F.linear(F.linear(x, a), b)
+    if x.dtype == a.dtype or not _needs_grad(x, a, b):
+        return F.linear(F.linear(x.to(a.dtype), a), b)
     return _LoraBranch.apply(x, a, b)[0]
 
 
