@@ -289,6 +289,9 @@ def test_demo_runs_offline_as_the_first_command(tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
+EXACT_HEAP = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}  # see _step_memory.py
+
+
 def test_the_lora_reference_costs_no_memory():
     """Peak memory of a LoRA DPO step (chosen + rejected rows, the adapters-off reference) is within a few percent
     of a LoRA SFT step on the same rows, and a reference holding its own copy of the weights would not be."""
@@ -296,7 +299,7 @@ def test_the_lora_reference_costs_no_memory():
     peak = {}
     for kind in ("sft", "dpo", "dpo-copy"):
         done = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=TIMEOUT,
-                              env={**os.environ, **ONE_THREAD})
+                              env={**os.environ, **ONE_THREAD, **EXACT_HEAP})
         assert done.returncode == 0, done.stderr[-2000:]
         peak[kind] = json.loads(done.stdout.splitlines()[-1])["peak_kib"]
     assert peak["dpo"] <= 1.08 * peak["sft"], peak
