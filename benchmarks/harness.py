@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks import machine
 from benchmarks.flops import train_step_flops
-from ftprog.programs.host_memory import allocator_library
+from ftprog.programs.host_memory import allocator_library, preload_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -352,7 +352,7 @@ class Runner:
                 env[var] = str(threads)
         lib = allocator_library()
         if system == "ftprog" and lib is not None:  # the malloc `ft-prog run` re-executes itself with
-            env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+            env = preload_env(lib, env)
         return env
 
     def run(self, case: dict[str, Any], label: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ dependency of ft-prog on Linux x86_64, ``pip install ft-prog[mimalloc]`` elsewhe
 :func:`preload_allocator` re-executes the command once with it in
 ``LD_PRELOAD``, before torch is imported. ``FTPROG_ALLOCATOR=system`` keeps the C library's ``malloc``;
 ``FTPROG_ALLOCATOR=/path/to/lib.so`` preloads another (jemalloc, tcmalloc). This module imports no torch.
+
+mimalloc runs with :data:`MIMALLOC_OPTIONS` unless the environment sets them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from pathlib import Path
 
 ALLOCATOR_ENV = "FTPROG_ALLOCATOR"
 _PRELOADED_ENV = "FTPROG_ALLOCATOR_PRELOADED"  # set in the re-executed process: never re-execute twice
+
+MIMALLOC_OPTIONS = {"MIMALLOC_ALLOW_THP": "0"}
+"""Environment settings a preloaded mimalloc gets unless already set. No transparent huge pages: with them mimalloc
+gives freed memory back to the system only in whole 2 MiB pages, and its arenas start out larger. Measured at
+``cpu-250m`` (254M parameters, bf16, 2 x 256, 2 threads, AMD EPYC VM), peak resident memory over a warm-up and two
+steps: LoRA 1,104 -> 1,071 MiB, LoRA with checkpointing 970 -> 933, full fine-tuning 2,397 -> 2,283, at the same
+step times within noise; before loading, 245 -> 222 MiB. (``MIMALLOC_PURGE_DELAY=0`` took LoRA to 1,002 MiB but
+its steps 30% longer.)"""
 
 
 def allocator_library() -> Path | None:
@@ -49,11 +59,21 @@ def preload_allocator() -> None:
     lib = allocator_library()
     if lib is None or os.environ.get(_PRELOADED_ENV) or _loaded(lib):
         return
-    env = dict(os.environ, **{_PRELOADED_ENV: str(lib)})
-    env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+    env = preload_env(lib, dict(os.environ, **{_PRELOADED_ENV: str(lib)}))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def preload_env(lib: Path, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``lib`` first in ``LD_PRELOAD`` and, for mimalloc, :data:`MIMALLOC_OPTIONS` where ``env`` does
+    not set them (a new dict)."""
+    env = dict(env)
+    env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+    if "mimalloc" in Path(lib).name:
+        for key, value in MIMALLOC_OPTIONS.items():
+            env.setdefault(key, value)
+    return env
 
 
 def _loaded(lib: Path) -> bool:

@@ -41,7 +41,7 @@ HOST_MEMORY_PROBE = r"""
 import os, sys
 from ftprog.programs.host_memory import allocator_note, preload_allocator
 preload_allocator()  # re-executes this very command once, the library in LD_PRELOAD
-print(os.getpid(), "torch" in sys.modules, allocator_note())
+print(os.getpid(), "torch" in sys.modules, os.environ.get("MIMALLOC_ALLOW_THP", "-"), allocator_note())
 """
 
 
@@ -61,15 +61,28 @@ def test_preload_allocator_reexecutes_once_with_the_library():
     env = {**os.environ, "FTPROG_ALLOCATOR": lib}
     env.pop("FTPROG_ALLOCATOR_PRELOADED", None)
     proc = subprocess.Popen([sys.executable, "-c", HOST_MEMORY_PROBE], env=env, stdout=subprocess.PIPE, text=True)
-    out = proc.communicate()[0].split(maxsplit=2)
+    out = proc.communicate()[0].split(maxsplit=3)
     assert int(out[0]) == proc.pid and out[1] == "False"  # the same process, re-executed before torch loaded
-    assert out[2].strip().startswith(f"host memory: {Path(lib).name} (preloaded")
+    assert out[2] == ("0" if "mimalloc" in Path(lib).name else "-")  # MIMALLOC_OPTIONS, for mimalloc only
+    assert out[3].strip().startswith(f"host memory: {Path(lib).name} (preloaded")
     system = subprocess.run([sys.executable, "-c", HOST_MEMORY_PROBE], env={**env, "FTPROG_ALLOCATOR": "system"},
                             capture_output=True, text=True, check=True).stdout
     assert "host memory: the C library's malloc (FTPROG_ALLOCATOR=system)" in system
     missing = subprocess.run([sys.executable, "-c", HOST_MEMORY_PROBE], env={**env, "FTPROG_ALLOCATOR": "/no/lib.so"},
                              capture_output=True, text=True, check=True).stdout
     assert "host memory: the C library's malloc (FTPROG_ALLOCATOR=/no/lib.so is not a file)" in missing
+
+
+def test_preload_env_sets_mimallocs_options_unless_given():
+    from ftprog.programs.host_memory import MIMALLOC_OPTIONS, preload_env
+
+    given = {"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}
+    env = preload_env(Path("/x/libmimalloc.so"), given)
+    assert env == {**given, "LD_PRELOAD": f"/x/libmimalloc.so{os.pathsep}/opt/other.so", **MIMALLOC_OPTIONS}
+    assert given == {"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}  # a new dict
+    assert MIMALLOC_OPTIONS == {"MIMALLOC_ALLOW_THP": "0"}
+    assert preload_env(Path("/x/libmimalloc.so"), {"MIMALLOC_ALLOW_THP": "1"})["MIMALLOC_ALLOW_THP"] == "1"
+    assert preload_env(Path("/x/libjemalloc.so"), {}) == {"LD_PRELOAD": "/x/libjemalloc.so"}
 
 
 def test_loss_matmuls_repeat_a_few_shapes():
