@@ -60,6 +60,7 @@ def test_preload_allocator_reexecutes_once_with_the_library():
     lib = _a_preloadable_library()
     env = {**os.environ, "FTPROG_ALLOCATOR": lib}
     env.pop("FTPROG_ALLOCATOR_PRELOADED", None)
+    env.pop("MIMALLOC_ALLOW_THP", None)
     proc = subprocess.Popen([sys.executable, "-c", HOST_MEMORY_PROBE], env=env, stdout=subprocess.PIPE, text=True)
     out = proc.communicate()[0].split(maxsplit=3)
     assert int(out[0]) == proc.pid and out[1] == "False"  # the same process, re-executed before torch loaded
