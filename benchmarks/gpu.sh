@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # ft-prog vs transformers + PEFT on one GPU, Llama 3.2 1B shape (random weights), bf16, LoRA r=8 on q/v (also compiled),
-# batch 4 x 2048 tokens (packed rows), plus full fine-tuning, checkpointing, QLoRA, the realistic SFT
-# workload (seq 2048, packing), generation, and (last) ft-prog at the Llama 3.2 3B LoRA setting whose peak memory
-# torchtune publishes (8.5 GiB). Finishes in under 10 minutes on an H100/H200-class GPU:
-# a 480 s budget skips (and reports) the cases that would end later. Results: benchmarks/results/gpu-<time>/.
+# batch 4 x 2048 tokens (packed rows), plus full fine-tuning, checkpointing, QLoRA, issue 20's techniques (full
+# fine-tuning with fused projections and with the optimizer in the backward on int8 moments, LoRA with activation
+# offloading under checkpointing; each against transformers' case without it), the realistic SFT workload (seq
+# 2048, packing: flex_attention over a block mask), generation, and (last) ft-prog at the Llama 3.2 3B LoRA
+# setting whose peak memory torchtune publishes (8.5 GiB). Finishes in under 10 minutes on an H100/H200-class
+# GPU: a 480 s budget skips (and reports) the cases that would end later. Results: benchmarks/results/gpu-<time>/.
 #
 #   bash benchmarks/gpu.sh                 # extra options go to `python -m benchmarks`, e.g. --rounds 2
 #

@@ -41,9 +41,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The fixed-shape train cases torchtune runs (benchmarks/torchtune_worker.py); it runs the sft workload too.
 TORCHTUNE_METHODS = ("lora", "full")
 TORCHTUNE_STACKS = ((), ("checkpoint",))
-# ft-prog settings no baseline has (the optimizer's moments in another dtype, its step in the backward): cases
-# with them are compared with the baseline's case without them.
-FTPROG_ONLY_STACKS = ("fp32-state", "int8-state", "fp8-state", "int4-state", "in-backward")
+# ft-prog settings no baseline has (the optimizer's moments in another dtype, its step in the backward, fused
+# projections, activation offloading): cases with them are compared with the baseline's case without them.
+FTPROG_ONLY_STACKS = ("fp32-state", "int8-state", "fp8-state", "int4-state", "in-backward", "fuse", "offload")
 # Baselines ft-prog is compared against, in table order; ftprog-base: an earlier ft-prog (--ftprog-baseline);
 # trl: TRL's DPOTrainer (the dpo cases).
 BASELINES = ("hf", "torchtune", "trl", "ftprog-base")
@@ -156,7 +156,9 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                  targets=["q_proj", "v_proj"], warmup=3, steps=10, rounds=1, methods=["lora"],
                  extras=[("ftprog", "lora", ("compile",)), ("ftprog", "lora", ("checkpoint",)),
                          ("hf", "lora", ("checkpoint",)), ("ftprog", "full", ()), ("hf", "full", ()),
-                         ("ftprog", "qlora", ())],
+                         ("ftprog", "qlora", ()), ("ftprog", "full", ("fuse",)),
+                         ("ftprog", "full", ("in-backward", "int8-state")),
+                         ("ftprog", "lora", ("checkpoint", "offload"))],
                  sft=dict(n=192, seed=0, seq_len=2048, median=300, sigma=0.7, min_len=16, prompt_frac=0.4, batch=4,
                           warmup=2),
                  generate=dict(prompt_len=64, new_tokens=128, repeats=2),

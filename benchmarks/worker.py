@@ -152,7 +152,7 @@ def build_ftprog(case: dict[str, Any]):
     import torch
 
     from ftprog.core import load_pretrained
-    from ftprog.transforms import checkpoint, compile, lora, quantize, trainable
+    from ftprog.transforms import checkpoint, compile, fuse_projections, lora, offload_activations, quantize, trainable
 
     method, stack = case["method"], case.get("stack", [])
     model = load_pretrained(case["checkpoint"], dtype=torch_dtype(case["dtype"]), device=case["device"])
@@ -165,6 +165,12 @@ def build_ftprog(case: dict[str, Any]):
                      dora=method == "dora")
     if "checkpoint" in stack:
         model = checkpoint(model)
+    if "fuse" in stack:
+        model = fuse_projections(model)
+    if "offload" in stack:
+        if model.device.type != "cuda":
+            raise RuntimeError("unavailable: activation offloading runs on CUDA only (a no-op on the CPU)")
+        model = offload_activations(model)
     if "compile" in stack:
         model = compile(model)
     del torch
@@ -250,6 +256,7 @@ def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: 
                  rank=case.get("rank", 8), targets=tuple(case.get("targets", ("q_proj", "v_proj"))),
                  state_dtype=str(optimizer_state_dtype(case) or "fp32").replace("torch.", ""),
                  checkpoint="checkpoint" in case.get("stack", []), mask=mask,
+                 fuse_projections="fuse" in case.get("stack", []),
                  in_backward="in-backward" in case.get("stack", []),
                  device=case["device"], max_grad_norm=MAX_GRAD_NORM)
     return {"peak": p.peak, "tensor_peak": p.tensor_peak, "overhead": p.overhead, "phase": p.peak_phase,

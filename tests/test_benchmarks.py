@@ -573,3 +573,44 @@ def test_memory_technique_case_compares_with_the_baselines_plain_full_fine_tunin
                           "machine": {}, "started": "-", "wall_s": 1.0, "rows": [], "speedups": [sp],
                           "loss_checks": [], "torchtune": {"available": False, "reason": "x"}})
     assert "train-ftprog-full-in-backward+int8-state-bf16-t1 (theirs: base)" in md
+
+
+def test_gpu_preset_measures_fused_projections_offloading_and_in_backward(tmp_path, monkeypatch):
+    """The gpu preset's cases for issue 20's techniques (full fine-tuning with fused projections, with in-backward +
+    int8 moments; LoRA with offloading under checkpointing), each compared with transformers' case without them; on
+    the CPU the fused case runs the plain case's step (same losses) and offloading reports itself unavailable."""
+    import ftprog.transforms
+    from benchmarks import harness, worker
+
+    fused_models = []
+
+    def fuse_projections(model):
+        fused_models.append(ftprog.transforms.fuse_projections.__wrapped__(model))
+        return fused_models[-1]
+
+    fuse_projections.__wrapped__ = ftprog.transforms.fuse_projections
+    monkeypatch.setattr(ftprog.transforms, "fuse_projections", fuse_projections)
+    args = harness.build_parser().parse_args(["--preset", "gpu"])
+    gpu = {harness.case_label(c): c for c in harness.preset_cases("gpu", args)[1]}
+    for method, stack in (("full", "fuse"), ("full", "in-backward+int8-state"), ("lora", "checkpoint+offload")):
+        assert f"train-ftprog-{method}-{stack}-bf16-tdefault" in gpu, sorted(gpu)
+    path = tmp_path / "tiny-bf16"
+    worker.run_weights({"config": {**TINY, "model_type": "llama"}, "dtype": "bf16", "path": str(path)})
+    common = dict(kind="train", system="ftprog", method="full", dtype="bf16", threads=1, batch=2, seq=16,
+                  shape="tiny", rank=8, targets=["q_proj", "v_proj"], warmup=1, steps=1, device="cpu",
+                  checkpoint=str(path))
+    rows = []
+    for stack in ([], ["fuse"]):
+        case = {**common, "stack": stack}
+        out = worker.run_train(case)
+        rows.append({"case": case, "label": harness.case_label(case), "tokens_per_s": 1.0,
+                     "peak_memory": out["rss_peak"], **out})
+    plain, fused = rows
+    assert [m.device.type for m in fused_models].count("cpu") == 1  # the trained model (the plan's are on meta)
+    assert fused["losses"] == pytest.approx(plain["losses"], rel=1e-3)
+    assert fused["losses"][1] != fused["losses"][0]  # a real step between them
+    hf = {**plain, "case": {**plain["case"], "system": "hf"}, "tokens_per_s": 0.5}
+    (sp,) = harness.speedups([fused, hf])
+    assert sp["against"] == "base" and sp["speedup"] == 2
+    with pytest.raises(RuntimeError, match="unavailable: activation offloading runs on CUDA only"):
+        worker.run_train({**common, "stack": ["checkpoint", "offload"]})

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -212,11 +213,30 @@ def test_method_trains_and_final_loads(method, config, model_dir, tmp_path, monk
 RESUME = ["max_steps=8", "save_every=2", "packing=true", "seq_len=128", "log.plot=false"]
 
 
-@pytest.mark.parametrize("method", ["none", "lora"])
-def test_resume_after_sigkill_is_exact(method, config, tmp_path):
-    overrides = [*RESUME, f"peft.method={method}",
-                 *(["peft.dropout=0.1", "optimizer.lr=1e-2"] if method == "lora" else [])]
-    run_sft(config, *overrides, f"output_dir={tmp_path / 'a'}")
+METHODS_RESUMED = {
+    "none": ["peft.method=none"],
+    "lora": ["peft.method=lora", "peft.dropout=0.1", "optimizer.lr=1e-2"],
+    # issue 20's memory techniques stacked on full fine-tuning: the optimizer in the backward with torchao's int8
+    # moments, checkpointing, fused projections and activation offloading (a no-op with a note on the CPU)
+    "techniques": ["peft.method=none", "optimizer.in_backward=true", "optimizer.max_grad_norm=0",
+                   "optimizer.state_dtype=int8", "optimizer.lr=1e-3", "activation_checkpointing=true",
+                   "fuse_projections=true", "activation_offloading=true"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS_RESUMED))
+def test_resume_after_sigkill_is_exact(method, config, tmp_path, monkeypatch):
+    from ftprog.core import _optim
+
+    overrides = [*RESUME, *METHODS_RESUMED[method]]
+    monkeypatch.setenv(_optim.COMPILE_OPTIMIZER_ENV, "0")  # int8's eager step, here and in the CLI runs: no compile
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "optimizer.state_dtype int8", UserWarning)
+        run_sft(config, *overrides, f"output_dir={tmp_path / 'a'}")
+    if method == "techniques":  # the checkpoints keep torchao's one-byte codes
+        state = load_file(tmp_path / "a" / "step_6" / "optimizer.safetensors")
+        assert [v.element_size() for k, v in state.items() if k.startswith("exp_avg_sq.") and k.endswith(".codes")]
+        assert {v.element_size() for k, v in state.items() if k.endswith(".codes")} == {1}
     out = tmp_path / "b"
     args = ["run", "sft", "--config", str(config), *overrides, f"output_dir={out}"]
 
