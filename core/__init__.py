@@ -23,6 +23,7 @@ from ._memory import reuse_freed_memory
 from ._model import Model, from_config, linear_paths, make_model, param_shapes
 from ._grpo import GRPO_LOSS_TYPES, group_advantages, grpo_loss_sum, grpo_normalizer, grpo_token_loss, nan_std
 from ._perplexity import perplexity, perplexity_windows
+from ._recompute import recompute
 from ._preference import (
     LOSS_TYPES, PreferenceLoss, dpo_loss, kto_kl, kto_loss, needs_reference, orpo_loss, reward_metrics, simpo_loss,
     uses_average_logps,
@@ -46,7 +47,7 @@ __all__ = [
     "load_preference_datasets", "load_pretrained", "load_prompt_datasets", "load_tokenizer", "make_model",
     "matches", "nan_std", "needs_reference", "optim", "orpo_loss", "param_shapes", "partition", "per_node_linear",
     "perplexity",
-    "perplexity_windows", "preset", "read_config", "read_rows", "register_linear", "reuse_freed_memory",
+    "perplexity_windows", "preset", "read_config", "recompute", "read_rows", "register_linear", "reuse_freed_memory",
     "reward_metrics", "router_aux_loss", "save_pretrained", "select", "set_training", "simpo_loss",
     "split_validation", "token_logprobs", "token_loss_sum", "tokenize_dataset", "tokenize_preferences",
     "tokenize_prompts", "tree_map", "unflatten", "uses_average_logps", "value_and_grad",

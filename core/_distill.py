@@ -3,7 +3,7 @@
 Both models run their decoder once; only positions with a target (``-100`` elsewhere) go through the output
 layers, ``chunk_size`` positions at a time, so neither model's full-vocabulary logits ever exist for the whole
 batch. The teacher runs under ``no_grad`` (no autograd graph, no gradient); each chunk is recomputed in the
-backward (``torch.utils.checkpoint``), so one chunk's logits of each model exist at a time.
+backward (:func:`~ftprog.core.recompute`), so one chunk's logits of each model exist at a time.
 
 Divergences, per target position, with ``p_s = softmax(student_logits / T)`` and ``p_t = softmax(teacher_logits /
 T)`` (TRL's ``GKDTrainer.generalized_jsd_loss`` conventions; the loss is *not* multiplied by ``T^2``, as in TRL):
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ._loss import _target_rows
 from ._model import Model
+from ._recompute import recompute
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -101,8 +101,7 @@ def distill_loss_sum(
     kd = ce = s_hidden[:0].float().sum()  # zero, in the graph even without targets (an empty data-parallel slice)
     for start in range(0, s_hidden.shape[0], chunk_size):
         end = start + chunk_size
-        part_kd, part_ce = checkpoint(_chunk_losses, student, s_head, teacher, t_head, s_hidden[start:end],
-                                      t_hidden[start:end], ids[start:end], kind, temperature, beta, training,
-                                      use_reentrant=False)
+        part_kd, part_ce = recompute(_chunk_losses, student, s_head, teacher, t_head, s_hidden[start:end],
+                                     t_hidden[start:end], ids[start:end], kind, temperature, beta, training)
         kd, ce = kd + part_kd, ce + part_ce
     return kd, ce

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ._linear import dense_weight, linear_kind, matmul_dtype
 from ._model import Model
+from ._recompute import recompute
 from ._tree import is_plain
 
 IGNORE = -100
@@ -309,8 +309,8 @@ def token_loss_sum(
                                          grad and weight.requires_grad, model.config.final_softcap)[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        total = total + checkpoint(_chunk_loss, model, head, hidden[start : start + chunk_size],
-                                   targets[start : start + chunk_size], training, use_reentrant=False)
+        total = total + recompute(_chunk_loss, model, head, hidden[start : start + chunk_size],
+                                  targets[start : start + chunk_size], training)
     return total
 
 
@@ -343,8 +343,8 @@ def token_logprobs(
                                     model.config.final_softcap, temperature)[0]
         picked = -nll
     else:
-        parts = [checkpoint(_chunk_logprobs, model, head, hidden[start : start + chunk_size],
-                            ids[start : start + chunk_size], training, temperature, use_reentrant=False)
+        parts = [recompute(_chunk_logprobs, model, head, hidden[start : start + chunk_size],
+                           ids[start : start + chunk_size], training, temperature)
                  for start in range(0, hidden.shape[0], chunk_size)]
         picked = torch.cat(parts) if parts else hidden.sum(-1).float()  # no targets: empty, still in the graph
     out = torch.zeros(keep.shape, dtype=torch.float32, device=hidden.device).masked_scatter(keep, picked)

@@ -116,13 +116,10 @@ peak. Measured with ``python -m benchmarks.longrun`` (full fine-tuning, bf16, 4 
 and 0.48 on glibc's malloc, with 2 layers 0.41 on mimalloc. The freed blocks of a step's transients (logits,
 gradients, upcast pieces) stay with the allocator for the next step."""
 
-CHECKPOINT_IMPORT_OVERHEAD = 75 * 2**20
-"""Host memory the first checkpointed step adds on CPU: non-reentrant ``torch.utils.checkpoint`` imports
-``torch._dynamo`` (and with it much of torch), measured as +75-86 MiB of resident set (torch 2.13 CPU)."""
-
 QUANTIZE_IMPORT_OVERHEAD = 80 * 2**20
 """Host memory importing torchao adds on CPU (QLoRA, low-bit moments): +81-86 MiB of resident set measured
-(torchao 0.18), ``torch._dynamo``'s +73 included (torchao imports it), so with checkpointing it adds ~13 MiB."""
+(torchao 0.18), ``torch._dynamo``'s +73 included (torchao imports it). Activation checkpointing imports
+nothing (:func:`ftprog.core.recompute`)."""
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -688,10 +685,8 @@ def estimate(
         overhead = RUNTIME_OVERHEAD[kind]
         if kind == "cpu":  # torch modules loaded on first use count in the process's resident set
             low_bit = state_dtype in optim.LOW_BIT_STATES
-            # torchao's import brings in torch._dynamo, what checkpointing imports: the two are counted once
-            imports = max(CHECKPOINT_IMPORT_OVERHEAD * u.checkpoint,
-                          QUANTIZE_IMPORT_OVERHEAD * (u.method == "qlora" or low_bit))
-            overhead += imports + LOW_BIT_COMPILE_OVERHEAD * low_bit
+            overhead += QUANTIZE_IMPORT_OVERHEAD * (u.method == "qlora" or low_bit)
+            overhead += LOW_BIT_COMPILE_OVERHEAD * low_bit
             overhead += HOST_ALLOCATOR_SLACK * phases[peak_phase]
     return Plan(
         model=model_name or "config", setup=u, device=str(device), nproc=nproc, grad_accum=grad_accum,

@@ -3,8 +3,8 @@
 Every tensor autograd saves inside a layer (``saved_tensors_hooks``) of at least ``min_bytes`` is copied to
 pinned host memory on a side CUDA stream (overlapping the forward's compute) and copied back when the
 backward unpacks it; the layer's own parameters stay where they are. Under activation checkpointing the hooks
-sit outside the checkpoint, so they see only what it keeps, each layer's input (non-reentrant checkpointing
-saves its inputs as autograd saved tensors before its own hooks take over), and the recomputed forward's
+sit outside the checkpoint, so they see only what it keeps, each layer's input (:func:`ftprog.core.recompute`
+saves its tensor arguments as autograd saved tensors and runs the layer without a graph), and the recomputed forward's
 tensors live on the device as checkpointing has them. On a CPU model the copies go from host memory to host
 memory: that is how the tests check the round trip; training programs do not apply it there
 (``activation_offloading`` is a no-op with a note on the CPU).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,7 @@ import attrs
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ..core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized
+from ..core import LayerFn, Model, as_dtype, flatten, is_dtensor, is_quantized, recompute
 from ..core._tree import tree_map_with_path
 
 from ._base import check_order, record, with_decoder
@@ -39,20 +40,34 @@ def checkpoint(model: Model, *, every: int = 1) -> Model:
 def recomputed(layer_fn: LayerFn) -> LayerFn:
     """``layer_fn`` whose activations are recomputed in the backward (only its inputs are kept).
 
-    Without gradients (inference, generation) it simply runs. Compiled, a layer
-    whose parameters are sharded (DTensors) saves the outputs of its random ops
-    (attention, dropout) instead of replaying them: torch 2.13's partitioner
-    misplaces the saved RNG states of replayed random ops when the graph also
-    saves a DeviceMesh, and the compiled forward then fails with "expected all
-    tensors_saved_with_vc_check to be Tensors".
+    Without gradients (inference, generation) it simply runs. Eager, it runs through
+    :func:`~ftprog.core.recompute`, which keeps the process free of ``torch._dynamo``
+    (~73 MiB of host memory); a sparse layer's router logits come out of the recomputed
+    function beside its output, so the router's auxiliary loss still has its gradient.
+    Compiled, it is ``torch.utils.checkpoint``, which the compiler traces; a layer whose
+    parameters are sharded (DTensors) then saves the outputs of its random ops (attention,
+    dropout) instead of replaying them: torch 2.13's partitioner misplaces the saved RNG
+    states of replayed random ops when the graph also saves a DeviceMesh, and the compiled
+    forward then fails with "expected all tensors_saved_with_vc_check to be Tensors".
     """
+
+    def with_router_logits(p, x, ctx):
+        sink: dict[int, torch.Tensor] = {}
+        return layer_fn(p, x, dataclasses.replace(ctx, router_logits=sink)), sink
 
     def run(p, x, ctx):
         if not torch.is_grad_enabled():
             return layer_fn(p, x, ctx)
-        if torch.compiler.is_compiling() and any(is_dtensor(t) for t in flatten(p).values()):
-            return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False, context_fn=_save_random_ops_context)
-        return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False)
+        if torch.compiler.is_compiling():
+            if any(is_dtensor(t) for t in flatten(p).values()):
+                return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False,
+                                         context_fn=_save_random_ops_context)
+            return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False)
+        if ctx.router_logits is None:
+            return recompute(layer_fn, p, x, ctx)
+        out, router_logits = recompute(with_router_logits, p, x, ctx)
+        ctx.router_logits.update(router_logits)
+        return out
 
     return run
 
