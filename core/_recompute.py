@@ -5,11 +5,12 @@ recomputation with the compiler disabled), which adds ~73 MiB of resident set an
 that never compiles (torch 2.13). :func:`recompute` keeps the same contract for a function of explicit
 tensor arguments: the forward runs without a graph, only the tensor arguments are kept (as autograd saved
 tensors, so ``saved_tensors_hooks`` such as activation offloading see exactly them), and the backward runs
-the function again with the forward's random-number state before taking its gradients.
+the function again with the forward's random-number and autocast states before taking its gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +28,10 @@ def recompute(fn: Callable[..., Any], *args: Any) -> Any:
         args: its arguments; the tensors among them are kept for the backward.
 
     Returns ``fn(*args)``: a tensor, or tuples, lists and dicts of tensors. Its gradients equal those of
-    ``fn(*args)`` run plainly, dropout masks included (the CPU's and the inputs' CUDA device's random states
-    are replayed); first-order gradients only. Without gradients enabled it simply runs ``fn``; under
-    ``torch.compile`` it is ``torch.utils.checkpoint``, which the compiler traces (and has imported already).
+    ``fn(*args)`` run plainly: the rerun has the forward's random states (the CPU's and the inputs' CUDA
+    device's: dropout masks are the same) and autocast state. First-order gradients only. Without gradients
+    enabled it simply runs ``fn``; under ``torch.compile`` it is ``torch.utils.checkpoint``, which the compiler
+    traces (and has imported already).
     """
     if not torch.is_grad_enabled():
         return fn(*args)
@@ -62,6 +64,8 @@ class _Recompute(torch.autograd.Function):
         ctx.call = call
         ctx.cuda_device = next((t.device for t in tensors if t.is_cuda), None)
         ctx.rng_states = _rng_states(ctx.cuda_device)
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                        for kind in ("cpu", "cuda") if kind == "cpu" or ctx.cuda_device is not None]
         ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
         outputs, result["spec"] = call(tensors)
@@ -75,7 +79,11 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         inputs = tuple(t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:]))
         devices = [ctx.cuda_device] if ctx.cuda_device is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(torch.enable_grad())
+            for kind, enabled, dtype in ctx.autocast:  # the forward's autocast, as it was
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
             _set_rng_states(ctx.rng_states, ctx.cuda_device)
             outputs, _ = ctx.call(inputs)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]

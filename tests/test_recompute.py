@@ -47,6 +47,23 @@ def test_recompute_gradients_equal_the_plain_function(p_drop):
     assert torch.equal(plain[3], again[3])  # the replay left the random stream where the plain run left it
 
 
+def test_the_recomputation_runs_under_the_forwards_autocast():
+    """Under CPU autocast the matmul runs in bf16 in the forward; the backward's rerun must too (it runs
+    outside the autocast region), or its gradients would be fp32 ones."""
+    w = torch.randn(16, 16, requires_grad=True)
+    x = torch.randn(8, 16)
+
+    def fn(w, x):
+        return (x @ w).float().sin().sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.autograd.grad(fn(w, x), w)[0]
+        kept = recompute(fn, w, x)
+    again = torch.autograd.grad(kept, w)[0]
+    assert torch.equal(again, plain)
+    assert not torch.equal(again, torch.autograd.grad(fn(w, x), w)[0])  # fp32 gradients differ
+
+
 def test_recompute_keeps_only_its_tensor_arguments_and_needs_no_grad_for_frozen_ones():
     w = torch.randn(64, 64)  # frozen
     a = torch.randn(64, 4, requires_grad=True)
