@@ -58,12 +58,10 @@ def recomputed(layer_fn: LayerFn) -> LayerFn:
     def run(p, x, ctx):
         if not torch.is_grad_enabled():
             return layer_fn(p, x, ctx)
-        if torch.compiler.is_compiling():
-            if any(is_dtensor(t) for t in flatten(p).values()):
-                return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False,
-                                         context_fn=_save_random_ops_context)
-            return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False)
-        if ctx.router_logits is None:
+        if torch.compiler.is_compiling() and any(is_dtensor(t) for t in flatten(p).values()):
+            return _torch_checkpoint(layer_fn, p, x, ctx, use_reentrant=False, context_fn=_save_random_ops_context)
+        # compiled, recompute is torch's checkpoint, whose traced graph keeps the router's writes to ctx
+        if ctx.router_logits is None or torch.compiler.is_compiling():
             return recompute(layer_fn, p, x, ctx)
         out, router_logits = recompute(with_router_logits, p, x, ctx)
         ctx.router_logits.update(router_logits)
