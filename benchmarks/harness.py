@@ -43,7 +43,8 @@ TORCHTUNE_METHODS = ("lora", "full")
 TORCHTUNE_STACKS = ((), ("checkpoint",))
 # ft-prog settings no baseline has (the optimizer's moments in another dtype, its step in the backward, fused
 # projections, activation offloading): cases with them are compared with the baseline's case without them.
-FTPROG_ONLY_STACKS = ("fp32-state", "int8-state", "fp8-state", "int4-state", "in-backward", "fuse", "offload")
+FTPROG_ONLY_STACKS = ("fp32-state", "int8-state", "fp8-state", "int4-state", "in-backward", "fuse", "offload",
+                      "stochastic-rounding")
 # Baselines ft-prog is compared against, in table order; ftprog-base: an earlier ft-prog (--ftprog-baseline);
 # trl: TRL's DPOTrainer (the dpo cases).
 BASELINES = ("hf", "torchtune", "trl", "ftprog-base")
@@ -125,7 +126,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
                          ("ftprog", "full", ("checkpoint",)), ("hf", "full", ("checkpoint",)),
                          ("ftprog", "dora", ()), ("hf", "dora", ()), ("ftprog", "qlora", ()), ("hf", "qlora", ()),
                          ("ftprog", "lora", ("compile",)), ("hf", "lora", ("compile",)),
-                         ("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("in-backward", "int8-state")),
+                         ("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("stochastic-rounding",)),
+                         ("ftprog", "full", ("in-backward", "int8-state")),
                          ("ftprog", "full", ("checkpoint", "in-backward", "int8-state")),
                          ("ftprog", "full", ("checkpoint", "in-backward", "int4-state"))],
                  sft=dict(n=96, seed=0, seq_len=512, median=160, sigma=0.6, min_len=16, prompt_frac=0.4, batch=4,
@@ -143,7 +145,8 @@ def preset_cases(name: str, args: argparse.Namespace) -> tuple[dict[str, Any], l
     elif name == "cpu-250m":  # issue 20: a shape closer to what people fine-tune (254M), the fixed-shape train cases
         s = dict(shape="cpu-250m", device="cpu", dtypes=["bf16"], threads=[2], batch=2, seq=256, rank=8,
                  targets=["q_proj", "v_proj"], warmup=1, steps=4, rounds=1, methods=["lora", "full"],
-                 extras=[("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("in-backward", "int8-state")),
+                 extras=[("ftprog", "full", ("fp32-state",)), ("ftprog", "full", ("stochastic-rounding",)),
+                         ("ftprog", "full", ("in-backward", "int8-state")),
                          ("ftprog", "full", ("in-backward", "fp8-state")),
                          ("ftprog", "lora", ("checkpoint",)), ("hf", "lora", ("checkpoint",)),
                          ("ftprog", "full", ("checkpoint",)), ("hf", "full", ("checkpoint",)),

@@ -4,9 +4,10 @@
     python -m benchmarks.optim_bench --states fp32,bf16,int8,fp8 [--shape cpu-default] [--dtype bf16] [--threads 1]
                                      [--sft-step]
 
-``--states``: ft-prog's AdamW update on a preset's parameters (``--shape``) with each moment dtype, every
-one in a fresh interpreter: the first update (for int8 / fp8 / int4 it compiles the step; pass a fresh
-``TORCHINDUCTOR_CACHE_DIR`` for a cold compile) and the median of the next ``--steps``. ``--sft-step``
+``--states``: ft-prog's AdamW update on a preset's parameters (``--shape``) with each moment dtype (a ``+sr``
+suffix, e.g. ``bf16+sr``: with ``stochastic_rounding``), every one in a fresh interpreter: the first update
+(for int8 / fp8 / int4 it compiles the step; pass a fresh ``TORCHINDUCTOR_CACHE_DIR`` for a cold compile) and
+the median of the next ``--steps``. ``--sft-step``
 adds the whole full fine-tuning step of that model (forward, backward, clipping, in-place update) on
 random 4 x 256 token batches.
 
@@ -76,7 +77,8 @@ def one_state(state: str, shape: str, device: torch.device, dtype: torch.dtype, 
     params = model.trainable_params()
     gen = torch.Generator().manual_seed(0)
     grads = {k: (torch.randn(v.shape, generator=gen) * 1e-3).to(device, dtype) for k, v in params.items()}
-    opt = adamw(1e-4, weight_decay=0.01, state_dtype=STATES[state])
+    name, _, rounding = state.partition("+")
+    opt = adamw(1e-4, weight_decay=0.01, state_dtype=STATES[name], stochastic_rounding=rounding == "sr")
     state_ = opt.init(params)
     times = []
     for _ in range(steps + 1):
@@ -131,11 +133,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--states", help="comma-separated moment dtypes (fp32, bf16, int8, fp8, int4): the --shape table")
+    ap.add_argument("--states", help="comma-separated moment dtypes (fp32, bf16, int8, fp8, int4; +sr: stochastic "
+                                     "rounding, e.g. bf16+sr): the --shape table")
     ap.add_argument("--shape", default="cpu-default", help="preset whose parameters --states updates")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sft-step", action="store_true", help="--states also times the whole training step")
-    ap.add_argument("--one-state", choices=sorted(STATES), help=argparse.SUPPRESS)
+    ap.add_argument("--one-state", choices=sorted([*STATES, *(f"{k}+sr" for k in STATES)]), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one_state:

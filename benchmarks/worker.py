@@ -237,8 +237,8 @@ LOW_BIT_STACKS = {"int8-state": "int8", "fp8-state": "fp8", "int4-state": "int4"
 def optimizer_state_dtype(case: dict[str, Any]):
     """ft-prog's AdamW moments: for full fine-tuning in the params' dtype, as ``torch.optim.AdamW`` keeps them
     for the baseline's bf16 params (identical work; stack ``fp32-state`` keeps fp32 moments instead, ``int8-state``
-    / ``fp8-state`` / ``int4-state`` torchao's quantized ones); LoRA adapters are fp32 in both systems, and so are
-    their moments."""
+    / ``fp8-state`` / ``int4-state`` torchao's quantized ones; ``stochastic-rounding``, ft-prog's default, rounds the
+    bf16 params and moments stochastically); LoRA adapters are fp32 in both systems, and so are their moments."""
     stack = case.get("stack", [])
     low_bit = [LOW_BIT_STACKS[x] for x in stack if x in LOW_BIT_STACKS]
     if low_bit:
@@ -258,6 +258,7 @@ def plan_summary(case: dict[str, Any], cfg: dict[str, Any], *, batch: int, seq: 
                  checkpoint="checkpoint" in case.get("stack", []), mask=mask,
                  fuse_projections="fuse" in case.get("stack", []),
                  in_backward="in-backward" in case.get("stack", []),
+                 stochastic_rounding="stochastic-rounding" in case.get("stack", []),
                  device=case["device"], max_grad_norm=MAX_GRAD_NORM)
     return {"peak": p.peak, "tensor_peak": p.tensor_peak, "overhead": p.overhead, "phase": p.peak_phase,
             "phases": p.phases, "weights": p.weights, "adapters": p.adapters, "gradients": p.gradients,
@@ -406,7 +407,8 @@ def run_train(case: dict[str, Any]) -> dict[str, Any]:
         model = state["model"]
         out["params"] = model.num_params()
         out["trainable_params"] = sum(t.numel() for t in model.trainable_params().values())
-        opt = optim.adamw(LR, state_dtype=optimizer_state_dtype(case))
+        opt = optim.adamw(LR, state_dtype=optimizer_state_dtype(case),
+                          stochastic_rounding="stochastic-rounding" in case.get("stack", []))
         state["opt"] = opt.init(model.trainable_params())
 
         def loss_fn(m, tok, tgt):

@@ -51,9 +51,12 @@ every step, bit for bit; compared with ``torch.optim.AdamW`` on bf16 params
 accurate. The upcast happens in pieces of at most ``_UPCAST_NUMEL`` elements
 (large tensors are cut into flat ranges), so the transient fp32 copies stay
 under 2 x 4 MiB whatever the model size. Updates smaller than half a bf16
-ulp of a weight are lost, as they always are without master weights: use
-fp32 params (or LoRA, whose adapter weights are usually fp32) when that
-matters.
+ulp of a weight are lost, as they always are without master weights, unless
+``stochastic_rounding=True``: the fp32 result is then rounded to the bf16
+neighbour above or below at random, with the probabilities that keep it
+right on average (bf16 moments are upcast for the step and rounded the same
+way), at no extra memory beyond the pieces; fp32 params (or LoRA, whose
+adapter weights are usually fp32) need none.
 
 Schedules
 ---------
@@ -74,6 +77,7 @@ import functools
 import math
 import os
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, Union
 
@@ -222,6 +226,12 @@ def _check_state_dtype(dtype: Any, low_bit: bool = False) -> torch.dtype | str |
     return dtype
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _zeros(params: Params, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Zero state buffers like the params (sharded like them when they are DTensors)."""
     return {k: torch.zeros_like(p, dtype=_state_dtype(p.dtype, dtype), memory_format=torch.contiguous_format)
@@ -286,8 +296,11 @@ Kernel = Callable[[list[Tensor], list[Tensor], list[list[Tensor]], bool], list[T
 
 
 def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list[Tensor]],
-           inplace: bool) -> list[Tensor]:
+           inplace: bool, dither: list[int] | None = None) -> list[Tensor]:
     """Run ``kernel`` bucket by bucket, upcasting low-precision params and grads to the state dtype.
+
+    ``dither``: one seed per param for stochastic rounding (:func:`_round_stochastic`): bf16 params and bf16
+    states are then upcast to fp32 too and written back rounded stochastically.
 
     Sharded (DTensor) params, grads and states are updated shard by shard: the
     update is elementwise, so each rank runs it on its local shards (which
@@ -295,7 +308,7 @@ def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list
     """
     if any(is_dtensor(t) for t in ps):
         local = lambda ts: [t.to_local() if is_dtensor(t) else t for t in ts]  # noqa: E731
-        new = _apply(kernel, local(ps), local(gs), [local(s) for s in states], inplace)
+        new = _apply(kernel, local(ps), local(gs), [local(s) for s in states], inplace, dither)
         return [type(p).from_local(n, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
                 if is_dtensor(p) else n for n, p in zip(new, ps)]
     out: list[Tensor | None] = [None] * len(ps)
@@ -304,7 +317,11 @@ def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list
         if g0.device != p0.device:
             raise ValueError(f"grads on {g0.device} but params on {p0.device}")
         compute = states[0][idx[0]].dtype if states else _state_dtype(p0.dtype)
-        if p0.dtype == compute and g0.dtype == compute:  # the kernel works on the tensors themselves
+        rounded = dither is not None and torch.bfloat16 in (p0.dtype, compute)
+        if rounded:  # the step in fp32, every bf16 result rounded stochastically
+            compute = torch.float32
+        if p0.dtype == compute and g0.dtype == compute and (not states or states[0][idx[0]].dtype == compute):
+            # the kernel works on the tensors themselves
             for bucket in _buckets(idx, [ps], _BUCKET_NUMEL, split=False):
                 ids = [i for i, _ in bucket]
                 res = kernel([ps[i] for i in ids], [gs[i] for i in ids], [[s[i] for i in ids] for s in states],
@@ -321,16 +338,74 @@ def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list
             s_v = [[_piece(s[i], sl) for i, sl in bucket] for s in states]
             g_v = [_piece(gs[i], sl) for i, sl in bucket]
             g_c = g_v if g0.dtype == compute else _clone(g_v, compute)
+            s_c = [sv if not sv or sv[0].dtype == compute else _clone(sv, compute) for sv in s_v]
             if p0.dtype == compute:
                 if not inplace:
                     torch._foreach_copy_(r_v, p_v)
-                kernel(r_v, g_c, s_v, True)
+                kernel(r_v, g_c, s_c, True)
             else:
                 p_c = _clone(p_v, compute)
-                kernel(p_c, g_c, s_v, True)
-                torch._foreach_copy_(r_v, p_c)  # one rounding to the param dtype
-            del g_c
+                kernel(p_c, g_c, s_c, True)
+                if rounded:
+                    _round_stochastic(r_v, p_c, _piece_seeds(dither, bucket, 0))  # type: ignore[arg-type]
+                else:
+                    torch._foreach_copy_(r_v, p_c)  # one rounding to the param dtype
+            for j, (sv, sc) in enumerate(zip(s_v, s_c)):
+                if sc is not sv:  # upcast bf16 states (stochastic rounding only)
+                    _round_stochastic(sv, sc, _piece_seeds(dither, bucket, j + 1))  # type: ignore[arg-type]
+            del g_c, s_c
     return out  # type: ignore[return-value]
+
+
+@functools.cache
+def _dither_noise(device: torch.device) -> Tensor:
+    """``2 * _UPCAST_NUMEL`` fixed random 16-bit values (int32) on ``device``, made once per process from a
+    fixed seed: each rounding takes the window of them at an offset its seed picks (one of about a million)."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(0, 1 << 16, (2 * _UPCAST_NUMEL,), dtype=torch.int32, generator=generator).to(device)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a 64-bit integer hash, so nearby seeds give unrelated noise."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _dither_seeds(keys: list[str], count: int) -> list[int]:
+    """One stochastic-rounding seed per param: a hash of its name and the update's number, so the noise is the
+    same in a resumed run (nothing to checkpoint) and differs between params and between steps."""
+    return [_mix64(_mix64(count) ^ zlib.crc32(k.encode())) for k in keys]
+
+
+def _piece_seeds(dither: list[int], bucket: list[Piece], which: int) -> list[int]:
+    """Seeds of a bucket's pieces: their param's seed, the piece's start and which tensor (0: the param, 1...:
+    the states) mixed in, so the noise does not depend on how params are bucketed."""
+    return [_mix64(dither[i] ^ _mix64(((sl.start if sl is not None else 0) << 4) | which)) for i, sl in bucket]
+
+
+def _round_stochastic(dst: list[Tensor], src: list[Tensor], seeds: list[int]) -> None:
+    """``dst`` (bf16) <- ``src`` (fp32) rounded stochastically: to the bf16 neighbour above or below in
+    magnitude, with probabilities that make the result equal ``src`` in expectation (updates smaller than half
+    a bf16 step then still move a weight on average, where rounding to nearest drops them every time).
+    ``src`` is overwritten. Adding 16 random bits under bf16's mantissa and truncating is that rounding; the
+    carry into the exponent and into inf is what rounding up does."""
+    noise = _dither_noise(src[0].device) if src else None
+    for d, x, seed in zip(dst, src, seeds):
+        n = x.numel()
+        if n > _UPCAST_NUMEL:  # a lone tensor that could not be cut: noise of its own
+            generator = torch.Generator(x.device).manual_seed(seed & (2**63 - 1))
+            r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device)
+        else:
+            offset = seed % (_UPCAST_NUMEL + 1)
+            r = noise[offset:offset + n].view(x.shape)  # type: ignore[index]
+        bits = x.view(torch.int32)
+        bits.add_(r).bitwise_and_(-65536)  # -65536: 0xFFFF0000, the 16 bits bf16 keeps
+        d.copy_(x)
 
 
 # --------------------------------------------------------------------------- AdamW
@@ -369,6 +444,7 @@ class AdamW:
     weight_decay: float = 0.0
     fused: bool | None = None
     state_dtype: torch.dtype | str | None = None
+    stochastic_rounding: bool = False
 
     def init(self, params: Params) -> AdamWState:
         """Zero moments shaped like ``params`` (fp32, or ``state_dtype``; torchao's quantized ones for
@@ -394,7 +470,8 @@ class AdamW:
         beta1, beta2 = self.betas
         wd, eps = self.weight_decay, self.eps
         if isinstance(self.state_dtype, str):
-            new = _low_bit_adamw(ps, gs, ms, vs, lr=lr, betas=self.betas, eps=eps, wd=wd, t=t, inplace=inplace)
+            new = _low_bit_adamw(ps, gs, ms, vs, lr=lr, betas=self.betas, eps=eps, wd=wd, t=t, inplace=inplace,
+                                 stochastic_rounding=self.stochastic_rounding)
             return dict(zip(keys, new)), AdamWState(t, dict(state.exp_avg), dict(state.exp_avg_sq))
         fused_devices = _fused_devices()
         steps: dict[torch.device, Tensor] = {}
@@ -420,7 +497,8 @@ class AdamW:
             return _adamw_foreach(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd, t=t,
                                   inplace=in_place)
 
-        new = _apply(kernel, ps, gs, [ms, vs], inplace)
+        dither = _dither_seeds(keys, state.count) if self.stochastic_rounding else None
+        new = _apply(kernel, ps, gs, [ms, vs], inplace, dither)
         return dict(zip(keys, new)), AdamWState(t, dict(state.exp_avg), dict(state.exp_avg_sq))
 
 
@@ -573,11 +651,13 @@ def _run_piece(quantized: bool, args: tuple) -> None:
 
 
 def _low_bit_adamw(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
-                   betas: tuple[float, float], eps: float, wd: float, t: int, inplace: bool) -> list[Tensor]:
+                   betas: tuple[float, float], eps: float, wd: float, t: int, inplace: bool,
+                   stochastic_rounding: bool = False) -> list[Tensor]:
     """torchao's AdamW step (``torchao.optim.adam.single_param_adam``, compiled) on each param, in flat pieces of
     a few fixed sizes (see :func:`_low_bit_cuts`) so the compiled kernels are reused and its fp32 temporaries
     stay small. The math is elementwise and the quantization block-wise, so the pieces give what one call on
-    the whole tensor gives."""
+    the whole tensor gives. ``stochastic_rounding``: torchao's own for bf16 params (``bf16_stochastic_round``,
+    random bits drawn from torch's generator, which a checkpoint saves)."""
     lr_t = torch.tensor(lr, dtype=torch.float32)  # as torchao keeps them (tensors): no recompile when they change
     step = torch.tensor(float(t))
     out = []
@@ -587,7 +667,8 @@ def _low_bit_adamw(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: lis
         quantized = _is_quantized_state(m)
         for sl in _low_bit_cuts(q.numel(), m.block_size if quantized else 0):
             _run_piece(quantized, (q.view(-1)[sl], g.view(-1)[sl], step, _state_piece(m, sl), _state_piece(v, sl),
-                                   None, lr_t, betas[0], betas[1], wd, eps, True, False))
+                                   None, lr_t, betas[0], betas[1], wd, eps, True,
+                                   stochastic_rounding and q.dtype == torch.bfloat16))
         if inplace and q is not p:
             p.copy_(q)
             q = p
@@ -597,7 +678,7 @@ def _low_bit_adamw(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: lis
 
 def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 0.0, fused: bool | None = None,
-          state_dtype: torch.dtype | str | None = None) -> AdamW:
+          state_dtype: torch.dtype | str | None = None, stochastic_rounding: bool = False) -> AdamW:
     """AdamW with decoupled weight decay (``p *= 1 - lr * weight_decay`` before the Adam step).
 
     ``lr`` is a float or a schedule ``step -> lr``. ``fused=None`` uses torch's
@@ -619,6 +700,12 @@ def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: f
     the optimizer memory of a bf16 model (4 instead of 8 bytes per parameter) and lets the fused kernel work
     on the params directly: it then equals ``torch.optim.AdamW(fused=True)`` on bf16 params bit for bit (each
     element computed in fp32, stored rounded).
+
+    ``stochastic_rounding``: bf16 params (and bf16 moments) get each update computed in fp32 and rounded to
+    bf16 stochastically instead of to nearest (:func:`_round_stochastic`), so updates smaller than half a
+    bf16 step still move a weight on average instead of being lost. The random bits come from the update's
+    number and the param's name (a resumed run draws the same ones); with int8 / fp8 / int4 moments torchao's
+    ``bf16_stochastic_round`` does it. fp32 params and fp32 moments are unaffected.
     """
     lr = _check_lr(lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -629,7 +716,8 @@ def adamw(lr: LearningRate, *, betas: tuple[float, float] = (0.9, 0.999), eps: f
     weight_decay = _check_number("weight_decay", weight_decay)
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None, True or False, got {fused!r}")
-    return AdamW(lr, (b1, b2), eps, weight_decay, fused, _check_state_dtype(state_dtype, low_bit=True))
+    return AdamW(lr, (b1, b2), eps, weight_decay, fused, _check_state_dtype(state_dtype, low_bit=True),
+                 _check_bool("stochastic_rounding", stochastic_rounding))
 
 
 # --------------------------------------------------------------------------- SGD
@@ -655,6 +743,7 @@ class SGD:
     weight_decay: float = 0.0
     nesterov: bool = False
     state_dtype: torch.dtype | None = None
+    stochastic_rounding: bool = False
 
     def init(self, params: Params) -> SGDState:
         """Zero fp32 momentum buffers (none when ``momentum == 0``), count 0.
@@ -689,22 +778,25 @@ class SGD:
                 return p
             return torch._foreach_add(p, d, alpha=-lr)
 
-        new = _apply(kernel, ps, gs, [bufs] if bufs is not None else [], inplace)
+        dither = _dither_seeds(keys, state.count) if self.stochastic_rounding else None
+        new = _apply(kernel, ps, gs, [bufs] if bufs is not None else [], inplace, dither)
         return dict(zip(keys, new)), SGDState(state.count + 1, dict(state.momentum))
 
 
 def sgd(lr: LearningRate, *, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-        state_dtype: torch.dtype | str | None = None) -> SGD:
+        state_dtype: torch.dtype | str | None = None, stochastic_rounding: bool = False) -> SGD:
     """Stochastic gradient descent; ``weight_decay`` is L2 (added to the gradient), as in ``torch.optim.SGD``.
 
     ``state_dtype``: dtype of the momentum buffers (default fp32, fp64 for fp64 params).
+    ``stochastic_rounding``: as for :func:`adamw`.
     """
     lr = _check_lr(lr)
     momentum = _check_number("momentum", momentum, low=0.0, high=1.0, high_open=False)
     weight_decay = _check_number("weight_decay", weight_decay)
     if nesterov and momentum == 0:
         raise ValueError("nesterov=True needs momentum > 0")
-    return SGD(lr, momentum, weight_decay, bool(nesterov), _check_state_dtype(state_dtype))
+    return SGD(lr, momentum, weight_decay, bool(nesterov), _check_state_dtype(state_dtype),
+               _check_bool("stochastic_rounding", stochastic_rounding))
 
 
 # --------------------------------------------------------------------------- gradient clipping

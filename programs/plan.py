@@ -80,7 +80,7 @@ from ..core._optim import _LOW_BIT_PIECE, _UPCAST_NUMEL  # the optimizer's upcas
 from ..transforms import checkpoint, fuse_projections, lora, param_bytes, quantize, trainable
 from . import demo_assets
 from .config import load_config
-from .sft_config import SFTConfig
+from .sft_config import SFTConfig, optimizer_state_dtype
 
 # Bytes of one element of each training dtype.
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -105,9 +105,13 @@ grad, both moments dequantized, the squared grad, the denominator, the update), 
 ``single_param_adam``; an upper bound for the compiled step (int8: 2, the new moments in fp32; fp8: none; int4
 not measured)."""
 
-LOW_BIT_COMPILE_OVERHEAD = 80 * 2**20
-"""Host memory the compiled low-bit AdamW step (``state_dtype`` int8 / fp8 / int4) adds on CPU: inductor and the
-compiled kernels, measured as +78-84 MiB of resident set over the eager step (cpu-default, torch 2.13)."""
+LOW_BIT_COMPILE_OVERHEAD = 20 * 2**20
+"""Host memory the compiled low-bit AdamW step (``state_dtype`` int8 / fp8 / int4) adds to a CPU run's peak beyond
+torchao's import: inductor and the compiled kernels. Alone, they grow the resident set by 78-84 MiB over the eager
+step (cpu-default, torch 2.13), but much of that lands in heap the run already holds: in the benchmark harness's
+cases (AMD EPYC, mimalloc, cpu-default 1 + 3 steps and ``cpu-250m`` 1 step, two runs) the low-bit cases' peaks
+exceed their planned tensor peaks by 85-117 MiB more than the other full and LoRA cases' do, torchao's import
+(:data:`QUANTIZE_IMPORT_OVERHEAD`) included."""
 
 HOST_ALLOCATOR_SLACK = 0.4
 """cpu: host memory the allocator holds beyond the live tensors over a whole run, as a fraction of the tensor
@@ -562,6 +566,7 @@ def estimate(
     state_dtype: str = "fp32",
     max_grad_norm: float = 1.0,
     in_backward: bool = False,
+    stochastic_rounding: bool = False,
     inplace_update: bool = True,
     device: str = "cpu",
     memory: int | str | None = None,
@@ -587,7 +592,8 @@ def estimate(
       gradients + the upcast pieces of params narrower than the optimizer state (+ the new trainable params
       of a functional update). ``state_dtype``: the optimizer moments' dtype (int8 / fp8 / int4: torchao's
       quantized ones, their step's fp32 pieces). ``in_backward``: the optimizer runs in the backward, so no phase holds
-      all gradients (see :func:`ftprog.programs.training.in_backward_step`)
+      all gradients (see :func:`ftprog.programs.training.in_backward_step`). ``stochastic_rounding``: bf16 params
+      and moments are upcast to fp32 pieces for the step, beside the rounding's fixed noise table
     """
     config = model_config(config)
     if setup is None:
@@ -665,6 +671,9 @@ def estimate(
     else:
         state_bytes = DTYPE_BYTES[state_dtype]
         upcast = pieces * state_bytes * 2 if trainable_bytes < trainable * state_bytes else 0
+        if stochastic_rounding and (trainable_bytes < trainable * 4 or state_bytes < 4):
+            # params and grads, and bf16 moments too, in fp32 pieces; the noise table (int32)
+            upcast = pieces * 4 * (2 + 2 * (state_bytes < 4)) + 2 * _UPCAST_NUMEL * 4
     norm_pieces = pieces * 4 if trainable_bytes < trainable * 4 else 0
     phases = {
         "forward": static + activations + loss_chunk + accum,
@@ -753,7 +762,8 @@ def plan(config_name_or_path: str, overrides: Iterable[str] | Mapping[str, Any] 
                   checkpoint=cfg.activation_checkpointing, mask=True, fuse_projections=cfg.fuse_projections)
     opt = cfg.optimizer
     result = estimate(raw, setup, nproc=nproc, grad_accum=cfg.grad_accum, optimizer=opt.name,
-                      momentum=opt.momentum, state_dtype=opt.state_dtype, max_grad_norm=opt.max_grad_norm,
+                      momentum=opt.momentum, state_dtype=optimizer_state_dtype(cfg), max_grad_norm=opt.max_grad_norm,
+                      stochastic_rounding=opt.stochastic_rounding,
                       in_backward=opt.in_backward, device=device, memory=memory,
                       model_name=source)
     notes = (note,) if note else ()

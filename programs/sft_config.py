@@ -79,12 +79,17 @@ class OptimizerSection:
     """Linear warmup from 0; longer than the run, it is cut to the run's length (a note says so)."""
     max_grad_norm: float = attrs.field(default=1.0, validator=in_range(0))
     """Clip gradients to this global norm; 0 disables clipping."""
-    state_dtype: Literal["fp32", "bf16", "int8", "fp8", "int4"] = "fp32"
-    """Dtype of the optimizer moments: bf16 halves their memory (what torch.optim keeps for bf16 params; its
-    second moment stops moving once 0.001 x grad**2 is under half a bf16 step of it, so fp32 stays the default);
-    int8 and fp8 (adamw only, one process) keep them block-quantized by torchao, a quarter of fp32's, int4 an
-    eighth, updated by torchao's step compiled (on 54M params, 1 thread: int8 2.7 s, fp8 0.37 s, fp32 0.19 s per
-    update; the first update compiles)."""
+    state_dtype: Literal["auto", "fp32", "bf16", "int8", "fp8", "int4"] = "auto"
+    """Dtype of the optimizer moments. auto: bf16 for full fine-tuning with ``dtype = "bf16"`` (what torch.optim
+    keeps for bf16 params, half of fp32's memory; with ``stochastic_rounding`` they keep moving where rounding to
+    nearest stalls them), fp32 otherwise (LoRA adapters, fp32 params). int8 and fp8 (adamw only, one process) keep
+    them block-quantized by torchao, a quarter of fp32's, int4 an eighth, updated by torchao's step compiled (on
+    54M params, 1 thread: int8 2.7 s, fp8 0.37 s, fp32 0.19 s per update; the first update compiles)."""
+    stochastic_rounding: bool = True
+    """Round bf16 params (and bf16 moments) stochastically after each update instead of to nearest: updates under
+    half a bf16 step of a weight (most at fine-tuning learning rates) then move it on average instead of being
+    lost. The step is computed in fp32 pieces; the random bits come from the step number and the parameter's
+    name, so a resumed run continues bitwise. fp32 params and moments: no effect."""
     in_backward: bool = False
     """Update each parameter as soon as its gradient is complete in the backward, and free that gradient: full
     fine-tuning then never holds all gradients at once. Needs grad_accum = 1 and max_grad_norm = 0 (the update
@@ -148,6 +153,15 @@ class TrainingConfig:
     eval_every: int = attrs.field(default=0, validator=in_range(0))
     """Validation metrics every N steps (0: only at the end, if there is validation data)."""
     max_new_tokens: int = attrs.field(default=32, validator=in_range(1))
+
+
+def optimizer_state_dtype(cfg: TrainingConfig) -> str:
+    """``optimizer.state_dtype`` with ``auto`` resolved: ``"bf16"`` for full fine-tuning of bf16 params, ``"fp32"``
+    otherwise."""
+    dtype = cfg.optimizer.state_dtype
+    if dtype != "auto":
+        return dtype
+    return "bf16" if cfg.dtype == "bf16" and cfg.peft.method == "none" else "fp32"
 
 
 @attrs.frozen

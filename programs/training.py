@@ -37,6 +37,7 @@ from .config import to_toml
 from .demo_assets import resolve
 from .host_memory import allocator_note
 from .metrics import MetricsLog, plot_losses
+from .sft_config import optimizer_state_dtype
 
 
 def setup_process(cfg: Any, dist: distributed.DistInfo) -> tuple[torch.device, Callable[..., None]]:
@@ -130,6 +131,7 @@ def build_optimizer(cfg: Any, total_steps: int, say=print) -> Any:
         say(f"note: optimizer.warmup_steps={o.warmup_steps} is longer than the run ({total_steps} steps); warming "
             f"up over all {total_steps} steps instead", flush=True)
     schedule = optim.schedule_by_name(o.schedule, o.lr, total_steps, warmup)
+    state_dtype = optimizer_state_dtype(cfg)
     if o.state_dtype in optim.LOW_BIT_STATES:
         if o.name != "adamw":
             raise ConfigError(f"optimizer.state_dtype={o.state_dtype!r} (torchao's quantized moments) needs "
@@ -139,9 +141,10 @@ def build_optimizer(cfg: Any, total_steps: int, say=print) -> Any:
                               "are not supported); use bf16 or fp32 with several processes",
                               key="optimizer.state_dtype")
     if o.name == "sgd":
-        return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay, state_dtype=o.state_dtype)
+        return optim.sgd(schedule, momentum=o.momentum, weight_decay=o.weight_decay, state_dtype=state_dtype,
+                         stochastic_rounding=o.stochastic_rounding)
     return optim.adamw(schedule, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                       state_dtype=o.state_dtype)
+                       state_dtype=state_dtype, stochastic_rounding=o.stochastic_rounding)
 
 
 # ------------------------------------------------------------------------------------------- start and resume

@@ -613,3 +613,19 @@ def test_gpu_preset_measures_fused_projections_offloading_and_in_backward(tmp_pa
     assert sp["against"] == "base" and sp["speedup"] == 2
     with pytest.raises(RuntimeError, match="unavailable: activation offloading runs on CUDA only"):
         worker.run_train({**common, "stack": ["checkpoint", "offload"]})
+
+
+def test_rounding_benchmark_shows_stochastic_rounding_keeping_small_updates(tmp_path):
+    """benchmarks.rounding: at lr 1e-4, bf16 params and moments rounded to nearest lose most updates, and the
+    held-out loss stalls above the stochastically rounded run's."""
+    from benchmarks import rounding
+
+    out = tmp_path / "curves.json"
+    curves = rounding.main(["--steps", "200", "--lrs", "1e-4", "--out", str(out),
+                            "--variants", "bf16/bf16/nearest,bf16/bf16/stochastic"])["1e-4"]
+    nearest, stochastic = curves["bf16/bf16/nearest"], curves["bf16/bf16/stochastic"]
+    assert len(nearest) == len(stochastic) == 5
+    assert stochastic[-1] < nearest[-1] - 0.08, curves
+    assert json.loads(out.read_text())["curves"]["1e-4"] == curves
+    with pytest.raises(SystemExit):
+        rounding.main(["--variants", "bf16/int8/nearest"])

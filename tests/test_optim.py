@@ -322,12 +322,101 @@ def test_schedule_errors():
         constant(1e-3, -1)
 
 
+def test_stochastic_rounding_moves_small_updates_on_average():
+    """An update under half a bf16 step: rounding to nearest drops it every time; stochastic rounding lands on
+    one of the two bf16 neighbours with the probabilities that give the update in expectation."""
+    n = 1 << 16
+    params = {"a.weight": torch.ones(n, dtype=torch.bfloat16), "b.weight": torch.ones(n, dtype=torch.bfloat16)}
+    grads = {k: torch.ones(n, dtype=torch.bfloat16) for k in params}
+    lr = 1e-3  # bf16 steps below 1.0 are 2**-8: a 1e-3 update is a quarter of one
+    nearest, _ = sgd(lr).update(grads, sgd(lr).init(params), params)
+    assert all(torch.equal(v, params[k]) for k, v in nearest.items())
+    opt = sgd(lr, stochastic_rounding=True)
+    new, _ = opt.update(grads, opt.init(params), params)
+    for v in new.values():
+        assert set(v.float().unique().tolist()) == {1.0, 1.0 - 2**-8}
+        assert v.float().mean().item() == pytest.approx(1.0 - lr, abs=5e-5)  # ~9 standard errors
+    assert not torch.equal(new["a.weight"], new["b.weight"])  # each param draws its own bits
+    again, _ = opt.update(grads, opt.init(params), params)
+    assert_bitwise(again, new)  # the bits come from the step's number and the names: repeatable
+    later, _ = opt.update(grads, SGDState(1, {}), params)
+    assert not torch.equal(later["a.weight"], new["a.weight"])  # and change from step to step
+    f32 = {k: v.float() for k, v in params.items()}
+    assert_bitwise(opt.update({k: g.float() for k, g in grads.items()}, opt.init(f32), f32)[0],
+                   sgd(lr).update({k: g.float() for k, g in grads.items()}, opt.init(f32), f32)[0])  # fp32: as is
+
+
+def test_stochastic_rounding_keeps_bf16_moments_moving():
+    """bf16 second moments rounded to nearest stop growing at 0.25 when fed grad = 1 (0.001 x 1 is under half a
+    bf16 step of them); rounded stochastically they follow the fp32 value, 1 - 0.999**1000 = 0.632."""
+    n = 1 << 14
+    params = {"w": torch.zeros(n, dtype=torch.bfloat16)}
+    grads = {"w": torch.ones(n, dtype=torch.bfloat16)}
+    moments = {}
+    for rounding in (False, True):
+        opt = adamw(0.0, state_dtype="bfloat16", stochastic_rounding=rounding)
+        state = opt.init(params)
+        for _ in range(1000):
+            _, state = opt.update(grads, state, params)
+        moments[rounding] = state.exp_avg_sq["w"].float().mean().item()
+    assert moments[False] == 0.25
+    assert moments[True] == pytest.approx(1 - 0.999**1000, abs=0.01)
+
+
+def test_stochastic_rounding_tracks_fp32_training():
+    """AdamW on bf16 params at a small learning rate, gradients of one sign: params rounded to nearest lose most
+    of the drift that the same run on fp32 params makes; rounded stochastically they keep it on average."""
+    params = make_params(torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    grads = [{k: torch.rand(v.shape, generator=g).to(torch.bfloat16) for k, v in params.items()} for _ in range(30)]
+
+    def drift(opt, ps):
+        state = opt.init(ps)
+        start = ps
+        for gr in grads:
+            ps, state = opt.update(gr, state, ps)
+        return sum((ps[k].float() - start[k].float()).sum().item() for k in ps)
+
+    truth = drift(adamw(1e-4), {k: v.float() for k, v in params.items()})
+    assert truth == pytest.approx(-30e-4 * sum(v.numel() for v in params.values()), rel=0.2)  # ~lr a step
+    assert abs(drift(adamw(1e-4), params) / truth - 1) > 0.5
+    assert drift(adamw(1e-4, stochastic_rounding=True), params) / truth == pytest.approx(1, abs=0.05)
+
+
+def test_stochastic_rounding_config_key_reaches_the_optimizer():
+    from ftprog.programs.sft_config import OptimizerSection, SFTConfig
+    from ftprog.programs.training import build_optimizer
+
+    for name in ("adamw", "sgd"):
+        for on in (False, True):
+            cfg = SFTConfig(optimizer=OptimizerSection(name=name, stochastic_rounding=on))
+            assert build_optimizer(cfg, 10).stochastic_rounding is on
+    with pytest.raises(ValueError, match="stochastic_rounding must be True or False"):
+        adamw(1e-3, stochastic_rounding=1)
+
+
+def test_default_moments_are_bf16_for_full_bf16_fine_tuning_only():
+    from ftprog.programs.sft_config import OptimizerSection, PeftSection, SFTConfig, optimizer_state_dtype
+    from ftprog.programs.training import build_optimizer
+
+    full = PeftSection(method="none")
+    assert SFTConfig().optimizer.state_dtype == "auto" and SFTConfig().optimizer.stochastic_rounding
+    assert optimizer_state_dtype(SFTConfig(peft=full, dtype="bf16")) == "bf16"
+    assert build_optimizer(SFTConfig(peft=full, dtype="bf16"), 10).state_dtype == torch.bfloat16
+    assert optimizer_state_dtype(SFTConfig(peft=full, dtype="fp32")) == "fp32"
+    assert optimizer_state_dtype(SFTConfig(dtype="bf16")) == "fp32"  # LoRA: fp32 adapters, fp32 moments
+    explicit = SFTConfig(peft=full, dtype="bf16", optimizer=OptimizerSection(state_dtype="fp32"))
+    assert optimizer_state_dtype(explicit) == "fp32"
+
+
 # --------------------------------------------------------------------------- checkpointing
 
 
 @pytest.mark.parametrize("make_opt", [lambda: adamw(cosine(1e-2, 8, 2), weight_decay=0.1),
                                       lambda: adamw(1e-2, fused=False),
+                                      lambda: adamw(1e-2, state_dtype="bfloat16", stochastic_rounding=True),
                                       lambda: sgd(linear(0.05, 8), momentum=0.9, nesterov=True),
+                                      lambda: sgd(0.05, momentum=0.9, stochastic_rounding=True),
                                       lambda: sgd(0.05)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_round_trip_resumes_bitwise(make_opt, dtype):
@@ -469,23 +558,28 @@ def _low_bit_grads(step, dtype, w_shape=(64, 128)):
     return _low_bit_params(dtype, seed=50 + step, w_shape=w_shape)
 
 
-def _run_against_torchao(kind, dtype, steps=3, w_shape=(64, 128)):
+def _run_against_torchao(kind, dtype, steps=3, w_shape=(64, 128), stochastic_rounding=False):
     """Our update and torchao's ``AdamW8bit`` / ``AdamWFp8`` / ``AdamW4bit`` side by side: (our params, state,
-    their params, state)."""
+    their params, state). Each run draws torch's random bits (stochastic rounding) from the same seed."""
     from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
 
     params = _low_bit_params(dtype, w_shape=w_shape)
     ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
-    opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind)
+    opt = adamw(1e-2, weight_decay=0.1, state_dtype=kind, stochastic_rounding=stochastic_rounding)
     state = opt.init(params)
-    theirs = {"int8": AdamW8bit, "fp8": AdamWFp8, "int4": AdamW4bit}[kind](list(ref.values()), lr=1e-2,
-                                                                         weight_decay=0.1)
-    for step in range(steps):
-        grads = _low_bit_grads(step, dtype, w_shape)
-        params, state = opt.update(grads, state, params, inplace=step % 2 == 0)
-        for k, p in ref.items():
-            p.grad = grads[k].clone()
-        theirs.step()
+    theirs = {"int8": AdamW8bit, "fp8": AdamWFp8, "int4": AdamW4bit}[kind](
+        list(ref.values()), lr=1e-2, weight_decay=0.1, bf16_stochastic_round=stochastic_rounding)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        for step in range(steps):
+            params, state = opt.update(_low_bit_grads(step, dtype, w_shape), state, params, inplace=step % 2 == 0)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        for step in range(steps):
+            grads = _low_bit_grads(step, dtype, w_shape)
+            for k, p in ref.items():
+                p.grad = grads[k].clone()
+            theirs.step()
     return params, state, {k: p.detach() for k, p in ref.items()}, {k: theirs.state[p] for k, p in ref.items()}
 
 
@@ -517,6 +611,19 @@ def test_eager_low_bit_adamw_equals_eager_torchao(monkeypatch, kind, dtype):
     assert type(ours[1].exp_avg["w"]).__name__ == {"int8": "OptimState8bit", "fp8": "OptimStateFp8",
                                                    "int4": "OptimState4bit"}[kind]
     _assert_same_as_torchao(*ours)
+
+
+def test_eager_low_bit_stochastic_rounding_is_torchaos(monkeypatch):
+    """stochastic_rounding with int8 moments on bf16 params is torchao's ``bf16_stochastic_round``: equal to
+    AdamW8bit's bit for bit from the same random seed, and it moves the params differently than rounding to
+    nearest does."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setenv("FTPROG_COMPILE_OPTIMIZER", "0")
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        ours = _run_against_torchao("int8", torch.bfloat16, stochastic_rounding=True)
+        nearest = _run_against_torchao("int8", torch.bfloat16)
+    _assert_same_as_torchao(*ours)
+    assert not torch.equal(ours[0]["w"], nearest[0]["w"])
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int4"])

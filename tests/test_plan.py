@@ -13,8 +13,8 @@ from ftprog.core import (
     CPU_MATMUL_UPCAST_ENV, flatten, from_config, optim, param_shapes, token_loss_sum, value_and_grad,
 )
 from ftprog.programs.plan import (
-    HOST_ALLOCATOR_SLACK, QUANTIZE_IMPORT_OVERHEAD, PlanError, Setup, estimate, format_plan, measure, model_builder,
-    model_config, parse_memory, plan,
+    HOST_ALLOCATOR_SLACK, LOW_BIT_COMPILE_OVERHEAD, QUANTIZE_IMPORT_OVERHEAD, PlanError, Setup, estimate, format_plan,
+    measure, model_builder, model_config, parse_memory, plan,
 )
 from ftprog.transforms import checkpoint, lora, param_bytes, quantize, trainable
 
@@ -438,6 +438,19 @@ def test_moe_footprint_counts_dense_and_sparse_layers():
         2 * 8 * 3 * 8 * (128 + 128)  # 2 sparse layers x 8 experts x 3 projections x rank 8 x (in + out)
 
 
+def test_stochastic_rounding_plans_its_fp32_pieces():
+    """bf16 params and moments rounded stochastically: the update holds fp32 pieces of the params, grads and both
+    moments, and the noise table."""
+    from ftprog.core._optim import _UPCAST_NUMEL
+
+    kw = dict(method="full", dtype="bf16", batch_size=1, seq_len=64, device="cpu", state_dtype="bf16")
+    plain, rounded = estimate("tiny", **kw), estimate("tiny", stochastic_rounding=True, **kw)
+    pieces = min(plain.trainable_params, _UPCAST_NUMEL)
+    assert rounded.phases["update"] - plain.phases["update"] == pieces * 4 * 4 + 2 * _UPCAST_NUMEL * 4
+    assert estimate("tiny", **{**kw, "dtype": "fp32", "state_dtype": "fp32"}, stochastic_rounding=True).phases == \
+        estimate("tiny", **{**kw, "dtype": "fp32", "state_dtype": "fp32"}).phases  # nothing to round
+
+
 def test_torchao_import_is_planned_and_checkpointing_imports_nothing():
     """On the CPU torchao's import (QLoRA, low-bit moments) is planned as host memory, with or without
     checkpointing; checkpointing alone plans none (it never imports the compiler: tests/test_recompute.py)."""
@@ -448,5 +461,7 @@ def test_torchao_import_is_planned_and_checkpointing_imports_nothing():
     full = dict(method="full", in_backward=True, max_grad_norm=0.0)
     assert imports(checkpoint=True, **full) == pytest.approx(imports(**full), abs=1)
     assert imports(method="qlora") - imports(method="lora") == pytest.approx(QUANTIZE_IMPORT_OVERHEAD, abs=1)
+    assert imports(state_dtype="int8", **full) - imports(**full) == pytest.approx(
+        QUANTIZE_IMPORT_OVERHEAD + LOW_BIT_COMPILE_OVERHEAD, abs=1)
     for kw in ({**full, "state_dtype": "int8"}, {"method": "qlora"}):
         assert imports(checkpoint=True, **kw) == pytest.approx(imports(**kw), abs=1), kw

@@ -221,6 +221,9 @@ METHODS_RESUMED = {
     "techniques": ["peft.method=none", "optimizer.in_backward=true", "optimizer.max_grad_norm=0",
                    "optimizer.state_dtype=int8", "optimizer.lr=1e-3", "activation_checkpointing=true",
                    "fuse_projections=true", "activation_offloading=true"],
+    # bf16 params and moments rounded stochastically: the random bits come from the step and the names
+    "bf16-stochastic-rounding": ["peft.method=none", "dtype=bf16", "optimizer.state_dtype=bf16",
+                                 "optimizer.stochastic_rounding=true", "optimizer.lr=1e-3"],
 }
 
 
