@@ -358,11 +358,11 @@ def _apply(kernel: Kernel, ps: list[Tensor], gs: list[Tensor], states: list[list
 
 
 @functools.cache
-def _dither_noise(device: torch.device) -> Tensor:
-    """``2 * _UPCAST_NUMEL`` fixed random 16-bit values (int32) on ``device``, made once per process from a
-    fixed seed: each rounding takes the window of them at an offset its seed picks (one of about a million)."""
+def _dither_noise(device: torch.device, size: int) -> Tensor:
+    """``size`` fixed random 16-bit values (int32) on ``device``, made once per process from a fixed seed: each
+    rounding takes the window of them at an offset its seed picks."""
     generator = torch.Generator().manual_seed(0x5EED)
-    return torch.randint(0, 1 << 16, (2 * _UPCAST_NUMEL,), dtype=torch.int32, generator=generator).to(device)
+    return torch.randint(0, 1 << 16, (size,), dtype=torch.int32, generator=generator).to(device)
 
 
 _MASK64 = (1 << 64) - 1
@@ -393,9 +393,13 @@ def _round_stochastic(dst: list[Tensor], src: list[Tensor], seeds: list[int]) ->
     magnitude, with probabilities that make the result equal ``src`` in expectation (updates smaller than half
     a bf16 step then still move a weight on average, where rounding to nearest drops them every time).
     ``src`` is overwritten. Adding 16 random bits under bf16's mantissa and truncating is that rounding; the
-    carry into the exponent and into inf is what rounding up does."""
-    noise = _dither_noise(src[0].device) if src else None
+    carry into the exponent and into inf is what rounding up does. A ``dst`` of another dtype (fp16) is
+    rounded to nearest."""
+    noise = _dither_noise(src[0].device, 2 * _UPCAST_NUMEL) if src else None
     for d, x, seed in zip(dst, src, seeds):
+        if d.dtype != torch.bfloat16:
+            d.copy_(x)
+            continue
         n = x.numel()
         if n > _UPCAST_NUMEL:  # a lone tensor that could not be cut: noise of its own
             generator = torch.Generator(x.device).manual_seed(seed & (2**63 - 1))

@@ -344,6 +344,9 @@ def test_stochastic_rounding_moves_small_updates_on_average():
     f32 = {k: v.float() for k, v in params.items()}
     assert_bitwise(opt.update({k: g.float() for k, g in grads.items()}, opt.init(f32), f32)[0],
                    sgd(lr).update({k: g.float() for k, g in grads.items()}, opt.init(f32), f32)[0])  # fp32: as is
+    f16 = {k: v.half() for k, v in params.items()}  # fp16: rounded to nearest (the bit trick is bf16's)
+    g16 = {k: g.half() for k, g in grads.items()}
+    assert_bitwise(opt.update(g16, opt.init(f16), f16)[0], sgd(lr).update(g16, opt.init(f16), f16)[0])
 
 
 def test_stochastic_rounding_keeps_bf16_moments_moving():
